@@ -1,0 +1,192 @@
+"""Settings: defaults < dq.toml < DQ_* environment < CLI flags.
+
+`Settings` is frozen; build one with `load_settings()`. Every field can be set in the
+TOML file under its own name, in the environment as `DQ_<NAME>` (upper case; lists are
+comma-separated), or by the caller's overrides (the CLI's flags).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from dq.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a dq process needs to know, read once at start (and on reload)."""
+
+    # TCP server
+    host: str = "0.0.0.0"
+    port: int = 6789
+    servers: int = 1
+    max_connections: int = 2000
+    idle_timeout: float = 300.0
+    max_frame: int = 9999  # bytes of JSON in one frame; the 4-digit prefix caps it at 9999
+    # storage
+    redis: tuple[str, ...] = ()  # shard URLs; empty = embedded redis-server
+    db: str = ""  # SQLAlchemy URL; empty = SQLite in the data dir
+    data_dir: str = "./var"
+    prefix: str = "dq:"
+    buckets: int = 8  # delay zsets per shard; timers share them out
+    # delivery
+    timers: int = 2
+    consumers: int = 2
+    concurrency: int = 64  # callbacks in flight per consumer
+    retry_unit: float = 60.0  # seconds; attempt n is retried at +(2n+1) units
+    max_attempts: int = 10
+    lease: float = 60.0  # seconds a claimed job may stay in flight before it is requeued
+    priority_weights: tuple[int, ...] = (5, 3, 2)
+    timer_tick: float = 1.0  # longest a timer sleeps when nothing is due
+    timezone: str = ""  # zone of `fix_time`; empty = this machine's local zone
+    registry_refresh: float = 2.0  # seconds between registry polls in workers
+    # web console
+    web_host: str = ""  # empty = 0.0.0.0 with a password, 127.0.0.1 without
+    web_port: int = 8088
+    web: bool = True
+    web_password: str = ""
+    metrics_public: bool = False
+    # supervision and logs
+    grace: float = 30.0
+    heartbeat_timeout: float = 30.0
+    checker_interval: float = 1.0
+    shard_down_after: float = 10.0
+    log_dir: str = ""
+    log_format: str = "text"  # text | json
+    log_level: str = "INFO"
+    daemon: bool = False
+    pid_file: str = ""
+    config_file: str = field(default="", compare=False)
+
+    @property
+    def zone(self) -> ZoneInfo | None:
+        """The zone `fix_time` is read in; None means the local zone."""
+        if not self.timezone:
+            return None
+        return ZoneInfo(self.timezone)
+
+    @property
+    def embedded(self) -> bool:
+        return not self.redis
+
+    def db_url(self) -> str:
+        if self.db:
+            return self.db
+        return f"sqlite:///{Path(self.data_dir).resolve() / 'dq.sqlite3'}"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+_HINTS = get_type_hints(Settings)
+_FIELDS = {f.name for f in fields(Settings)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a TOML or environment value into the field's type, or say what is wrong."""
+    hint = _HINTS[name]
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(value)
+        if hint is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+        if hint == tuple[str, ...]:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(v).strip() for v in items if str(v).strip())
+        if hint == tuple[int, ...]:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(int(v) for v in items)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"setting {name!r}: {value!r} is not a valid {getattr(hint, '__name__', hint)}"
+        ) from None
+    raise ConfigError(f"setting {name!r} has an unsupported type")  # pragma: no cover
+
+
+def _validate(s: Settings) -> Settings:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(0 <= s.port <= 65535, f"port {s.port} is out of range 0..65535")
+    need(0 <= s.web_port <= 65535, f"web_port {s.web_port} is out of range 0..65535")
+    for name in ("servers", "timers", "consumers", "concurrency", "buckets", "max_attempts"):
+        need(getattr(s, name) >= 1, f"{name} must be at least 1 (got {getattr(s, name)})")
+    need(s.retry_unit > 0, "retry_unit must be a positive number of seconds")
+    need(s.lease > 0, "lease must be a positive number of seconds")
+    need(64 <= s.max_frame <= 9999, "max_frame must be between 64 and 9999 bytes")
+    need(len(s.priority_weights) == 3 and all(w >= 0 for w in s.priority_weights)
+         and sum(s.priority_weights) > 0,
+         "priority_weights takes three non-negative numbers for priorities 1,2,3, e.g. 5,3,2")
+    need(s.log_format in ("text", "json"), "log_format is 'text' or 'json'")
+    for url in s.redis:
+        need(url.split("://", 1)[0] in ("redis", "rediss", "unix"),
+             f"redis shard {url!r} must be a redis://, rediss:// or unix:// URL")
+    if s.timezone:
+        try:
+            ZoneInfo(s.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"timezone {s.timezone!r} is not a known IANA zone, "
+                              "e.g. Asia/Shanghai or UTC") from None
+    return s
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    config_file: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read the layers in order and return validated settings.
+
+    `overrides` are the CLI's flags (None values are ignored). The config file is
+    `config_file`, else `DQ_CONFIG`, else `./dq.toml` when it exists.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = config_file or env.get("DQ_CONFIG") or ("dq.toml" if Path("dq.toml").is_file() else "")
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        data = data.get("dq", data)
+        for key, value in data.items():
+            if key not in _FIELDS:
+                raise ConfigError(f"config file {path}: unknown setting {key!r}")
+            values[key] = _coerce(key, value)
+    for name in _FIELDS:
+        raw = env.get("DQ_" + name.upper())
+        if raw is not None:
+            values[name] = _coerce(name, raw)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown setting {key!r}")
+        values[key] = _coerce(key, value)
+    values["config_file"] = path
+    return _validate(Settings(**values))

@@ -1,0 +1,115 @@
+"""Real parts for tests: redis-server processes on free ports, a MariaDB database per run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisProcess:
+    """A redis-server on a free loopback port, with its own data dir (AOF on)."""
+
+    def __init__(self, tmp: Path, *, appendonly: bool = True) -> None:
+        self.port = free_port()
+        self.dir = tmp / f"redis-{self.port}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisProcess:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server must be on PATH for the tests"
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
+             "--dir", str(self.dir), "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[callable]:  # type: ignore[valid-type]
+    started: list[RedisProcess] = []
+
+    def make(*, appendonly: bool = True) -> RedisProcess:
+        r = RedisProcess(tmp_path, appendonly=appendonly).start()
+        started.append(r)
+        return r
+
+    yield make
+    for r in started:
+        r.stop()
+
+
+@pytest.fixture
+def redis_server(redis_factory: callable) -> RedisProcess:  # type: ignore[valid-type]
+    return redis_factory()  # type: ignore[no-any-return]
+
+
+MARIADB_URL = os.environ.get("DQ_TEST_MYSQL", "mysql+pymysql://root:@127.0.0.1:3306")
+
+
+@pytest.fixture
+def mariadb_url() -> Iterator[str]:
+    """A uniquely named MariaDB database for this test, dropped afterwards."""
+    import sqlalchemy as sa
+
+    name = f"dq_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(MARIADB_URL + "/", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
+    try:
+        yield f"{MARIADB_URL}/{name}?charset=utf8mb4"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "mariadb"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each registry test runs on SQLite and on MariaDB."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'dq.sqlite3'}"
+    url: str = request.getfixturevalue("mariadb_url")
+    return url
