@@ -1,0 +1,21 @@
+-- requeue_expired: jobs whose consumer lease ran out (the consumer died or hung) go back to
+-- the head of their ready list, so they are delivered again (at-least-once).
+-- KEYS[1] jobs hash   KEYS[2] inflight zset   KEYS[3] ready:1   KEYS[4] ready:2   KEYS[5] ready:3
+-- ARGV[1] most jobs to requeue
+-- Returns the number requeued.
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local tids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+local n = 0
+for _, tid in ipairs(tids) do
+  redis.call('ZREM', KEYS[2], tid)
+  local payload = redis.call('HGET', KEYS[1], tid)
+  if payload then
+    local v, p = string.match(payload, '^{"v":"(%x+)","p":(%d)')
+    p = tonumber(p) or 2
+    if p < 1 or p > 3 then p = 2 end
+    redis.call('LPUSH', KEYS[2 + p], (v or '0') .. '|' .. tid)
+    n = n + 1
+  end
+end
+return n

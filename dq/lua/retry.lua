@@ -1,0 +1,30 @@
+-- retry: a delivery failed with attempts left. Store the new payload (next attempt number,
+-- new version) and schedule it after the back-off, unless the job changed meanwhile.
+-- KEYS[1] jobs hash   KEYS[2] inflight zset   KEYS[3] delay zset (the tid's bucket)
+-- KEYS[4] wake list of that bucket   KEYS[5] topic stat hash   KEYS[6] minute stat hash
+-- ARGV[1] tid   ARGV[2] version delivered   ARGV[3] new payload   ARGV[4] back-off ms
+-- ARGV[5] day YYYYMMDD   ARGV[6] minute-stat ttl s
+-- Returns {1, due ms} when rescheduled, {0, 0} when the job had been replaced or deleted.
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local tid = ARGV[1]
+for _, f in ipairs({'notifies', 'fail', 'retries'}) do
+  redis.call('HINCRBY', KEYS[5], f, 1)
+  redis.call('HINCRBY', KEYS[5], f .. ':' .. ARGV[5], 1)
+end
+redis.call('HINCRBY', KEYS[6], 'fail', 1)
+redis.call('EXPIRE', KEYS[6], tonumber(ARGV[6]))
+local payload = redis.call('HGET', KEYS[1], tid)
+if not (payload and string.match(payload, '^{"v":"(%x+)"') == ARGV[2]) then
+  return {0, 0}
+end
+local due = now + tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], tid, ARGV[3])
+redis.call('ZREM', KEYS[2], tid)
+redis.call('ZADD', KEYS[3], due, tid)
+local first = redis.call('ZRANGE', KEYS[3], 0, 0)
+if first[1] == tid then
+  redis.call('RPUSH', KEYS[4], 1)
+  redis.call('LTRIM', KEYS[4], -1, -1)
+end
+return {1, due}

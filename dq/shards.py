@@ -1,0 +1,169 @@
+"""Redis shards: connections, auto-pipelining, Lua script loading, rendezvous routing.
+
+Every call a process makes to a shard goes through `Shard.call`, which queues it; one
+flusher task per shard sends everything queued since the last round trip as one pipeline.
+So a server with 50 busy connections talks to each shard in batches, not one command per
+round trip, and callers never hold a pooled connection each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError
+
+from dq.errors import UNAVAILABLE, DqError
+
+log = logging.getLogger(__name__)
+
+SCRIPT_NAMES = (
+    "add", "delete", "move_due", "claim", "ack", "retry", "bury", "requeue_expired", "redrive",
+)
+
+
+def _load_scripts() -> dict[str, tuple[str, str]]:
+    """name -> (sha1, source) for every dq/lua/*.lua script."""
+    out = {}
+    for name in SCRIPT_NAMES:
+        src = resources.files("dq").joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
+        out[name] = (hashlib.sha1(src.encode()).hexdigest(), src)
+    return out
+
+
+SCRIPTS = _load_scripts()
+
+
+def _weight(name: str, key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{name}\0{key}".encode(), digest_size=8).digest(), "big")
+
+
+class Shard:
+    """One Redis server: a client, its batched command queue and its health."""
+
+    def __init__(self, name: str, url: str, *, connect_timeout: float = 1.0,
+                 command_timeout: float = 5.0) -> None:
+        self.name = name
+        self.url = url
+        self.client: aioredis.Redis = aioredis.Redis.from_url(
+            url, socket_connect_timeout=connect_timeout, socket_timeout=command_timeout,
+            socket_keepalive=True, health_check_interval=0, max_connections=64,
+        )
+        self.up = True
+        self.down_since = 0.0
+        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.failures = 0
+
+    def __repr__(self) -> str:
+        return f"<Shard {self.name} {'up' if self.up else 'down'}>"
+
+    async def call(self, *args: Any) -> Any:
+        """Queue one command for the next pipelined round trip and wait for its reply."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((args, fut))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        return await fut
+
+    async def script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run a dq/lua script by name (EVALSHA, batched; reloaded when Redis lost it)."""
+        sha = SCRIPTS[name][0]
+        try:
+            return await self.call("EVALSHA", sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self.load_scripts()
+            return await self.call("EVALSHA", sha, len(keys), *keys, *args)
+
+    async def load_scripts(self) -> None:
+        for _sha, src in SCRIPTS.values():
+            await self.client.script_load(src)
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                pipe = self.client.pipeline(transaction=False)
+                for args, _ in batch:
+                    pipe.execute_command(*args)
+                try:
+                    results = await pipe.execute(raise_on_error=False)
+                except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                    self._mark_failure(exc)
+                    err = DqError(UNAVAILABLE, f"redis shard {self.name} is unavailable "
+                                  f"({exc.__class__.__name__}: {exc}); retry shortly")
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(err)
+                    continue
+                self.failures = 0
+                for (_, fut), res in zip(batch, results, strict=True):
+                    if fut.done():
+                        continue
+                    if isinstance(res, Exception):
+                        fut.set_exception(res)
+                    else:
+                        fut.set_result(res)
+        finally:
+            self._flusher = None
+
+    def _mark_failure(self, exc: BaseException) -> None:
+        self.failures += 1
+        if self.failures == 1:
+            log.warning("redis shard %s failed: %s", self.name, exc)
+
+    def mark(self, up: bool) -> None:
+        if up != self.up:
+            self.up = up
+            self.down_since = 0.0 if up else time.time()
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class ShardSet:
+    """The configured shards and the rendezvous order of each tid over their names."""
+
+    def __init__(self, shards: Sequence[Shard]) -> None:
+        if not shards:
+            raise ValueError("at least one redis shard is needed")
+        self.shards = list(shards)
+        self.by_name = {s.name: s for s in self.shards}
+
+    @classmethod
+    def from_urls(cls, urls: Iterable[str] | Iterable[tuple[str, str]], **kw: Any) -> ShardSet:
+        """Shards from URLs (each named by its URL) or (name, url) pairs."""
+        shards = []
+        for item in urls:
+            name, url = (item, item) if isinstance(item, str) else item
+            shards.append(Shard(name, url, **kw))
+        return cls(shards)
+
+    def order(self, tid: str) -> list[Shard]:
+        """All shards, the tid's owner first (rendezvous hashing over shard names)."""
+        if len(self.shards) == 1:
+            return self.shards
+        return sorted(self.shards, key=lambda s: _weight(s.name, tid), reverse=True)
+
+    def owner(self, tid: str) -> Shard:
+        return self.order(tid)[0]
+
+    def writable(self, tid: str) -> Shard:
+        """The shard an add goes to: the owner, or the next healthy one while it is down."""
+        order = self.order(tid)
+        for shard in order:
+            if shard.up:
+                return shard
+        return order[0]
+
+    async def load_scripts(self) -> None:
+        await asyncio.gather(*(s.load_scripts() for s in self.shards), return_exceptions=True)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.close() for s in self.shards), return_exceptions=True)

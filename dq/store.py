@@ -1,0 +1,386 @@
+"""The job state machine: the Python face of dq/lua/*.lua.
+
+Only this module knows Redis key names. Every state change of a job is one Lua script on
+the job's shard (see DESIGN.md section 2); this module builds the keys and arguments,
+routes each tid to its shard and decodes what the scripts return.
+
+A job's payload is JSON whose first two members are always the version `v` and the
+priority `p`: the scripts read them with a prefix match instead of decoding the body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from dq.errors import UNAVAILABLE, DqError
+from dq.shards import Shard, ShardSet
+
+MINUTE_TTL = 2 * 3600  # per-minute counters feed the console's last-hour chart
+STAT_FIELDS = ("writes", "notifies", "ok", "fail", "retries", "dead", "dels")
+STATES = ("delayed", "ready", "inflight", "dead")
+
+
+def make_tid(topic: str, job_id: str) -> str:
+    return f"{topic}:{job_id}"
+
+
+def split_tid(tid: str) -> tuple[str, str]:
+    topic, _, job_id = tid.partition(":")
+    return topic, job_id
+
+
+def new_version() -> str:
+    return secrets.token_hex(8)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A job leased to a consumer: deliver it, then ack, retry or bury it."""
+
+    shard: Shard
+    tid: str
+    topic: str
+    id: str
+    version: str
+    priority: int
+    attempt: int  # failed attempts before this one (0 on the first delivery)
+    due_ms: int
+    set_ms: int
+    body: dict[str, Any]
+    claimed_ms: int  # shard clock at claim
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """What the console shows of one job."""
+
+    shard: str
+    topic: str
+    id: str
+    state: str  # delayed | ready | inflight | dead
+    due_ms: int
+    attempt: int
+    priority: int
+    body: dict[str, Any]
+    error: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class AddResult:
+    replaced: bool
+    due_ms: int
+    shard: str
+
+
+class Store:
+    """Job operations over a ShardSet, with keys under one prefix."""
+
+    def __init__(self, shards: ShardSet, *, prefix: str = "dq:", buckets: int = 8,
+                 zone: ZoneInfo | None = None) -> None:
+        self.shards = shards
+        self.prefix = prefix
+        self.buckets = buckets
+        self.zone = zone
+        self.k_jobs = prefix + "jobs"
+        self.k_inflight = prefix + "inflight"
+        self.k_dead = prefix + "dead"
+        self.k_dead_err = prefix + "dead:err"
+        self.k_ready = tuple(f"{prefix}ready:{p}" for p in (1, 2, 3))
+        self.k_delay = tuple(f"{prefix}delay:{b}" for b in range(buckets))
+        self.k_wake = tuple(f"{prefix}wake:{b}" for b in range(buckets))
+        self._day = ("", 0)
+
+    # keys -------------------------------------------------------------------------------
+    def bucket(self, tid: str) -> int:
+        return zlib.crc32(tid.encode()) % self.buckets
+
+    def k_stat(self, topic: str) -> str:
+        return f"{self.prefix}stat:{topic}"
+
+    def k_minute(self, epoch_min: int | None = None) -> str:
+        if epoch_min is None:
+            epoch_min = int(time.time() // 60)
+        return f"{self.prefix}statm:{epoch_min}"
+
+    def day(self) -> str:
+        """Today as YYYYMMDD in the configured zone (cached for a second)."""
+        now = int(time.time())
+        if self._day[1] != now:
+            self._day = (datetime.fromtimestamp(now, self.zone).strftime("%Y%m%d"), now)
+        return self._day[0]
+
+    def fmt_time(self, epoch_ms: int) -> str:
+        return datetime.fromtimestamp(epoch_ms / 1000, self.zone).strftime("%Y-%m-%d %H:%M:%S")
+
+    # payloads ---------------------------------------------------------------------------
+    @staticmethod
+    def payload(*, version: str, priority: int, topic: str, job_id: str, due_ms: int,
+                attempt: int, set_ms: int, body: dict[str, Any]) -> str:
+        return dumps({"v": version, "p": priority, "topic": topic, "id": job_id,
+                      "due": due_ms, "n": attempt, "set": set_ms, "body": body})
+
+    # client operations ------------------------------------------------------------------
+    async def add(self, topic: str, job_id: str, body: dict[str, Any], *, priority: int = 2,
+                  due_ms: int | None = None, delay_ms: int | None = None) -> AddResult:
+        """Store or replace a job; it falls due at due_ms, else delay_ms from now."""
+        tid = make_tid(topic, job_id)
+        now_ms = int(time.time() * 1000)
+        if due_ms is None:
+            delay_ms = max(0, delay_ms or 0)
+            est_due = now_ms + delay_ms
+        else:
+            est_due = due_ms
+        body = dict(body)
+        # The original adds these two fields to the body the callback receives.
+        body["notify_time"] = self.fmt_time(est_due)
+        body.setdefault("dq_set_time", self.fmt_time(now_ms))
+        payload = self.payload(version=new_version(), priority=priority, topic=topic,
+                               job_id=job_id, due_ms=est_due, attempt=0, set_ms=now_ms, body=body)
+        b = self.bucket(tid)
+        shard = self.shards.writable(tid)
+        res = await shard.script(
+            "add",
+            (self.k_jobs, self.k_delay[b], self.k_wake[b], self.k_inflight, self.k_dead,
+             self.k_dead_err, self.k_stat(topic), self.k_minute()),
+            (tid, payload, "" if due_ms is None else due_ms, delay_ms or 0, self.day(),
+             MINUTE_TTL),
+        )
+        return AddResult(replaced=bool(res[0]), due_ms=int(res[1]), shard=shard.name)
+
+    async def _find(self, tid: str) -> tuple[Shard, bytes] | None:
+        """The shard holding tid and its payload: the owner first, then every other shard."""
+        order = self.shards.order(tid)
+        failed: list[BaseException] = []
+        try:
+            raw = await order[0].call("HGET", self.k_jobs, tid)
+            if raw is not None:
+                return order[0], raw
+        except DqError as exc:
+            failed.append(exc)
+        rest = order[1:]
+        if rest:
+            found = await asyncio.gather(*(s.call("HGET", self.k_jobs, tid) for s in rest),
+                                         return_exceptions=True)
+            for shard, raw in zip(rest, found, strict=True):
+                if isinstance(raw, BaseException):
+                    failed.append(raw)
+                elif raw is not None:
+                    return shard, raw
+        if failed:
+            raise DqError(UNAVAILABLE, f"job {tid} not found on the reachable shards and "
+                          f"{len(failed)} shard(s) did not answer; retry shortly")
+        return None
+
+    async def get(self, topic: str, job_id: str) -> dict[str, Any] | None:
+        """The job's body (with notify_time and dq_set_time), or None."""
+        found = await self._find(make_tid(topic, job_id))
+        if found is None:
+            return None
+        body: dict[str, Any] = json.loads(found[1])["body"]
+        return body
+
+    async def delete(self, topic: str, job_id: str) -> bool:
+        """Remove the job from every shard that has it; True when one was removed."""
+        tid = make_tid(topic, job_id)
+        b = self.bucket(tid)
+        keys = (self.k_jobs, self.k_delay[b], self.k_inflight, self.k_dead, self.k_dead_err,
+                self.k_stat(topic))
+        args = (tid, self.day())
+        order = self.shards.order(tid)
+        failed = 0
+        try:
+            if await order[0].script("delete", keys, args):
+                return True
+        except DqError:
+            failed += 1
+        deleted = False
+        for shard in order[1:]:
+            try:
+                deleted = bool(await shard.script("delete", keys, args)) or deleted
+            except DqError:
+                failed += 1
+        if not deleted and failed:
+            raise DqError(UNAVAILABLE, f"job {tid} not found on the reachable shards and "
+                          f"{failed} shard(s) did not answer; retry shortly")
+        return deleted
+
+    async def lookup(self, topic: str, job_id: str) -> JobInfo | None:
+        """A job's state for the console (not a hot path)."""
+        tid = make_tid(topic, job_id)
+        found = await self._find(tid)
+        if found is None:
+            return None
+        shard, raw = found
+        data = json.loads(raw)
+        b = self.bucket(tid)
+        delay_score, inflight, dead, err = await asyncio.gather(
+            shard.call("ZSCORE", self.k_delay[b], tid),
+            shard.call("ZSCORE", self.k_inflight, tid),
+            shard.call("ZSCORE", self.k_dead, tid),
+            shard.call("HGET", self.k_dead_err, tid),
+        )
+        due = int(data.get("due", 0))
+        if dead is not None:
+            state = "dead"
+        elif inflight is not None:
+            state = "inflight"
+        elif delay_score is not None:
+            state, due = "delayed", int(float(delay_score))
+        else:
+            state = "ready"
+        return JobInfo(shard=shard.name, topic=topic, id=job_id, state=state, due_ms=due,
+                       attempt=int(data.get("n", 0)), priority=int(data.get("p", 2)),
+                       body=data.get("body", {}), error=json.loads(err) if err else None)
+
+    # timer ------------------------------------------------------------------------------
+    async def move_due(self, shard: Shard, buckets: Sequence[int],
+                       limit: int = 1000) -> tuple[int, int | None, int]:
+        """Move due jobs of these buckets to the ready lists.
+
+        Returns (moved, next due ms or None, shard now ms)."""
+        keys = (self.k_jobs, *self.k_ready, *(self.k_delay[b] for b in buckets))
+        moved, nxt, now = await shard.script("move_due", keys, (limit,))
+        return int(moved), (None if int(nxt) < 0 else int(nxt)), int(now)
+
+    async def requeue_expired(self, shard: Shard, limit: int = 1000) -> int:
+        keys = (self.k_jobs, self.k_inflight, *self.k_ready)
+        return int(await shard.script("requeue_expired", keys, (limit,)))
+
+    def wake_keys(self, buckets: Sequence[int]) -> list[str]:
+        return [self.k_wake[b] for b in buckets]
+
+    # consumer ---------------------------------------------------------------------------
+    async def claim(self, shard: Shard, n: int, order: Sequence[int],
+                    lease_ms: int) -> list[Claimed]:
+        """Lease up to n ready jobs, trying the ready lists in `order` (priorities 1..3)."""
+        keys = (self.k_jobs, self.k_inflight, *(self.k_ready[p - 1] for p in order))
+        flat = await shard.script("claim", keys, (n, lease_ms))
+        now = int(flat[-1])
+        out = []
+        for i in range(0, len(flat) - 1, 2):
+            tid = flat[i].decode()
+            data = json.loads(flat[i + 1])
+            out.append(Claimed(
+                shard=shard, tid=tid, topic=data["topic"], id=data["id"], version=data["v"],
+                priority=int(data["p"]), attempt=int(data.get("n", 0)),
+                due_ms=int(data.get("due", now)), set_ms=int(data.get("set", now)),
+                body=data.get("body", {}), claimed_ms=now,
+            ))
+        return out
+
+    async def ack(self, c: Claimed) -> bool:
+        keys = (self.k_jobs, self.k_inflight, self.k_stat(c.topic), self.k_minute())
+        return bool(await c.shard.script("ack", keys, (c.tid, c.version, self.day(), MINUTE_TTL)))
+
+    async def retry(self, c: Claimed, delay_ms: int) -> bool:
+        """Reschedule after a failed attempt; False when the job changed meanwhile."""
+        b = self.bucket(c.tid)
+        payload = self.payload(version=new_version(), priority=c.priority, topic=c.topic,
+                               job_id=c.id, due_ms=int(time.time() * 1000) + delay_ms,
+                               attempt=c.attempt + 1, set_ms=c.set_ms, body=c.body)
+        keys = (self.k_jobs, self.k_inflight, self.k_delay[b], self.k_wake[b],
+                self.k_stat(c.topic), self.k_minute())
+        res = await c.shard.script(
+            "retry", keys, (c.tid, c.version, payload, delay_ms, self.day(), MINUTE_TTL))
+        return bool(res[0])
+
+    async def bury(self, c: Claimed, error: dict[str, Any], *, called: bool = True) -> bool:
+        keys = (self.k_jobs, self.k_inflight, self.k_dead, self.k_dead_err,
+                self.k_stat(c.topic), self.k_minute())
+        args = (c.tid, c.version, dumps(error), self.day(), MINUTE_TTL, 1 if called else 0)
+        return bool(await c.shard.script("bury", keys, args))
+
+    # dead letters -----------------------------------------------------------------------
+    async def dead_letters(self, topic: str | None = None, limit: int = 100) -> list[JobInfo]:
+        """Dead letters on every shard, newest first, optionally of one topic."""
+        out: list[JobInfo] = []
+        for shard in self.shards.shards:
+            tids = await shard.call("ZREVRANGE", self.k_dead, 0, -1 if topic else limit - 1)
+            for raw_tid in tids:
+                t, job_id = split_tid(raw_tid.decode())
+                if topic and t != topic:
+                    continue
+                info = await self.lookup(t, job_id)
+                if info is not None:
+                    out.append(info)
+                if len(out) >= limit:
+                    return out
+        return out
+
+    async def redrive(self, topic: str, job_id: str) -> bool:
+        """Give a dead letter fresh attempts and make it due now."""
+        tid = make_tid(topic, job_id)
+        found = await self._find(tid)
+        if found is None:
+            return False
+        shard, raw = found
+        data = json.loads(raw)
+        b = self.bucket(tid)
+        now_ms = int(time.time() * 1000)
+        payload = self.payload(version=new_version(), priority=int(data.get("p", 2)),
+                               topic=topic, job_id=job_id, due_ms=now_ms, attempt=0,
+                               set_ms=int(data.get("set", now_ms)), body=data.get("body", {}))
+        keys = (self.k_jobs, self.k_dead, self.k_dead_err, self.k_delay[b], self.k_wake[b])
+        return bool(await shard.script("redrive", keys, (tid, payload)))
+
+    # statistics -------------------------------------------------------------------------
+    async def topic_stats(self, topic: str) -> dict[str, int]:
+        """Counters of one topic summed over the reachable shards (totals and per day)."""
+        total: dict[str, int] = {}
+        for shard in self.shards.shards:
+            try:
+                raw = await shard.call("HGETALL", self.k_stat(topic))
+            except DqError:
+                continue
+            for k, v in raw.items():
+                key = k.decode()
+                total[key] = total.get(key, 0) + int(v)
+        return total
+
+    async def minute_stats(self, minutes: int = 60) -> list[tuple[int, dict[str, int]]]:
+        """(epoch minute, counters) for the last `minutes` minutes, summed over shards."""
+        now_min = int(time.time() // 60)
+        mins = list(range(now_min - minutes + 1, now_min + 1))
+        out = {m: {"writes": 0, "ok": 0, "fail": 0} for m in mins}
+        for shard in self.shards.shards:
+            try:
+                rows = await asyncio.gather(*(shard.call("HGETALL", self.k_minute(m))
+                                              for m in mins))
+            except DqError:
+                continue
+            for m, row in zip(mins, rows, strict=True):
+                for k, v in row.items():
+                    key = k.decode()
+                    out[m][key] = out[m].get(key, 0) + int(v)
+        return [(m, out[m]) for m in mins]
+
+    async def depths(self, shard: Shard) -> dict[str, int]:
+        """How many jobs a shard holds in each state."""
+        counts = await asyncio.gather(
+            shard.call("HLEN", self.k_jobs),
+            *(shard.call("ZCARD", k) for k in self.k_delay),
+            *(shard.call("LLEN", k) for k in self.k_ready),
+            shard.call("ZCARD", self.k_inflight),
+            shard.call("ZCARD", self.k_dead),
+        )
+        nb = self.buckets
+        return {
+            "jobs": int(counts[0]),
+            "delayed": sum(int(c) for c in counts[1:1 + nb]),
+            "ready": sum(int(c) for c in counts[1 + nb:4 + nb]),
+            "inflight": int(counts[4 + nb]),
+            "dead": int(counts[5 + nb]),
+        }

@@ -1,0 +1,180 @@
+"""The job state machine against real redis-server processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from dq.shards import ShardSet
+from dq.store import Store, make_tid
+from tests.conftest import RedisProcess
+
+
+@pytest.fixture
+async def store(redis_server: RedisProcess) -> AsyncIterator[Store]:
+    s = Store(ShardSet.from_urls([redis_server.url]), buckets=4)
+    yield s
+    await s.shards.close()
+
+
+async def test_add_get_delete_roundtrip(store: Store) -> None:
+    res = await store.add("order", "42", {"a": 1}, delay_ms=60_000)
+    assert not res.replaced
+    body = await store.get("order", "42")
+    assert body is not None and body["a"] == 1
+    assert set(body) == {"a", "notify_time", "dq_set_time"}
+    assert await store.delete("order", "42") is True
+    assert await store.get("order", "42") is None
+    assert await store.delete("order", "42") is False
+    stats = await store.topic_stats("order")
+    assert stats["writes"] == 1 and stats["dels"] == 1
+
+
+async def test_readd_replaces_body_and_due(store: Store) -> None:
+    r1 = await store.add("t", "1", {"x": 1}, delay_ms=60_000)
+    r2 = await store.add("t", "1", {"x": 2}, delay_ms=1_000)
+    assert r2.replaced and r2.due_ms < r1.due_ms
+    body = await store.get("t", "1")
+    assert body is not None and body["x"] == 2
+    shard = store.shards.shards[0]
+    assert await shard.client.zcard(store.k_delay[store.bucket("t:1")]) == 1
+
+
+async def test_due_jobs_move_claim_ack(store: Store) -> None:
+    shard = store.shards.shards[0]
+    await store.add("t", "a", {"n": 1}, delay_ms=0, priority=1)
+    await store.add("t", "b", {"n": 2}, delay_ms=0, priority=3)
+    await store.add("t", "later", {"n": 3}, delay_ms=60_000)
+    moved, nxt, now = await store.move_due(shard, range(store.buckets))
+    assert moved == 2
+    assert nxt is not None and nxt > now + 50_000
+    claimed = await store.claim(shard, 10, [3, 2, 1], 30_000)
+    assert [c.id for c in claimed] == ["b", "a"]  # order follows the lists asked
+    assert await shard.client.zcard(store.k_inflight) == 2
+    for c in claimed:
+        assert await store.ack(c)
+    assert await shard.client.zcard(store.k_inflight) == 0
+    assert await store.get("t", "a") is None
+    assert (await store.topic_stats("t"))["ok"] == 2
+
+
+async def test_deleted_or_replaced_ready_job_is_not_claimed(store: Store) -> None:
+    shard = store.shards.shards[0]
+    await store.add("t", "gone", {}, delay_ms=0)
+    await store.add("t", "moved", {}, delay_ms=0)
+    await store.move_due(shard, range(store.buckets))
+    await store.delete("t", "gone")
+    await store.add("t", "moved", {"new": True}, delay_ms=60_000)  # re-added while ready
+    assert await store.claim(shard, 10, [1, 2, 3], 30_000) == []
+
+
+async def test_readd_during_delivery_not_clobbered_by_old_ack(store: Store) -> None:
+    shard = store.shards.shards[0]
+    await store.add("t", "1", {"gen": 1}, delay_ms=0)
+    await store.move_due(shard, range(store.buckets))
+    [c] = await store.claim(shard, 1, [1, 2, 3], 30_000)
+    await store.add("t", "1", {"gen": 2}, delay_ms=60_000)
+    assert await store.ack(c) is False
+    body = await store.get("t", "1")
+    assert body is not None and body["gen"] == 2
+    assert not await store.retry(c, 1000)
+    assert not await store.bury(c, {"error": "x"})
+
+
+async def test_retry_then_bury_and_redrive(store: Store) -> None:
+    shard = store.shards.shards[0]
+    await store.add("t", "1", {}, delay_ms=0)
+    await store.move_due(shard, range(store.buckets))
+    [c] = await store.claim(shard, 1, [1, 2, 3], 30_000)
+    assert await store.retry(c, 200)
+    info = await store.lookup("t", "1")
+    assert info is not None and info.state == "delayed" and info.attempt == 1
+    await asyncio.sleep(0.25)
+    await store.move_due(shard, range(store.buckets))
+    [c2] = await store.claim(shard, 1, [1, 2, 3], 30_000)
+    assert c2.attempt == 1 and c2.version != c.version
+    assert await store.bury(c2, {"status": 500})
+    info = await store.lookup("t", "1")
+    assert info is not None and info.state == "dead" and info.error == {"status": 500}
+    dead = await store.dead_letters("t")
+    assert [d.id for d in dead] == ["1"]
+    assert await store.redrive("t", "1")
+    info = await store.lookup("t", "1")
+    assert info is not None and info.state == "delayed" and info.attempt == 0
+    stats = await store.topic_stats("t")
+    assert stats["retries"] == 1 and stats["dead"] == 1 and stats["fail"] == 2
+
+
+async def test_expired_lease_requeues(store: Store) -> None:
+    shard = store.shards.shards[0]
+    await store.add("t", "1", {}, delay_ms=0)
+    await store.move_due(shard, range(store.buckets))
+    [c] = await store.claim(shard, 1, [1, 2, 3], 50)
+    assert await store.requeue_expired(shard) == 0
+    await asyncio.sleep(0.1)
+    assert await store.requeue_expired(shard) == 1
+    [again] = await store.claim(shard, 1, [1, 2, 3], 30_000)
+    assert again.tid == c.tid
+
+
+async def test_add_wakes_timer_only_for_new_earliest(store: Store) -> None:
+    shard = store.shards.shards[0]
+    tid = make_tid("t", "x")
+    wake = store.k_wake[store.bucket(tid)]
+    await store.add("t", "x", {}, delay_ms=10_000)
+    assert await shard.client.llen(wake) == 1
+    await shard.client.delete(wake)
+    await store.add("t", "x", {}, delay_ms=20_000)  # still the earliest (only one)
+    assert await shard.client.llen(wake) == 1
+
+
+async def test_body_with_empty_list_survives_delivery(store: Store) -> None:
+    shard = store.shards.shards[0]
+    await store.add("t", "1", {"items": [], "m": {}, "u": "héllo"}, delay_ms=0)
+    await store.move_due(shard, range(store.buckets))
+    [c] = await store.claim(shard, 1, [1, 2, 3], 30_000)
+    assert c.body["items"] == [] and c.body["m"] == {} and c.body["u"] == "héllo"
+
+
+@pytest.mark.parametrize("nshards", [2, 3])
+async def test_adding_a_shard_keeps_jobs_reachable(
+    redis_factory: Callable[[], RedisProcess], nshards: int
+) -> None:
+    servers = [redis_factory() for _ in range(nshards + 1)]
+    named = [(f"s{i}", r.url) for i, r in enumerate(servers)]
+    before = Store(ShardSet.from_urls(named[:nshards]))
+    ids = [str(i) for i in range(200)]
+    for i in ids:
+        await before.add("t", i, {"i": i}, delay_ms=60_000)
+    per_shard = [await s.client.hlen(before.k_jobs) for s in before.shards.shards]
+    assert all(n > 0 for n in per_shard) and sum(per_shard) == 200
+    # each job is on the shard routing picks
+    for i in ids[:20]:
+        owner = before.shards.owner(make_tid("t", i))
+        assert await owner.client.hexists(before.k_jobs, make_tid("t", i))
+    await before.shards.close()
+
+    after = Store(ShardSet.from_urls(named))
+    owners_moved = sum(after.shards.owner(make_tid("t", i)).name == f"s{nshards}" for i in ids)
+    assert 0 < owners_moved < 200 * 2 / (nshards + 1)  # only the new shard's share moves
+    for i in ids:
+        body = await after.get("t", i)
+        assert body is not None and body["i"] == i
+    for i in ids[:100]:
+        assert await after.delete("t", i)
+    assert all([await after.get("t", i) is None for i in ids[:100]])
+    await after.shards.close()
+
+
+async def test_payload_prefix_is_version_then_priority(store: Store) -> None:
+    shard = store.shards.shards[0]
+    await store.add("t", "1", {"v": "nested"}, delay_ms=1000, priority=3)
+    raw = await shard.client.hget(store.k_jobs, "t:1")
+    data: dict[str, Any] = json.loads(raw)
+    assert list(data)[:2] == ["v", "p"] and data["p"] == 3
+    assert abs(data["due"] - (time.time() * 1000 + 1000)) < 2000
