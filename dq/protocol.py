@@ -1,0 +1,352 @@
+"""The wire protocol: frame codec, request validation and PHP-compatible replies.
+
+A frame is 4 ASCII decimal digits giving the byte length of a UTF-8 JSON text, then that
+text (DESIGN.md section 4). Replies are encoded as PHP's json_encode would, byte for byte,
+so the original PHP and Java clients see exactly what the PHP server sent them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ClassVar, Final, TypeAlias
+from zoneinfo import ZoneInfo
+
+from dq.errors import BAD_REQUEST, TOO_LARGE, UNAVAILABLE, DqError
+
+MAX_FRAME: Final = 9999  # the most 4 decimal digits can declare
+MAX_DEPTH: Final = 100  # JSON nesting we accept, so anything decoded can be re-encoded anywhere
+MAX_TOPIC: Final = 255
+MAX_ID: Final = 200
+MAX_DUE_MS: Final = 253_402_300_799_999  # 9999-12-31 23:59:59.999 UTC
+COMMANDS: Final = ("add", "get", "del", "ping")
+
+Frame: TypeAlias = dict[str, Any]  # a decoded request object, not yet validated
+
+
+@dataclass(frozen=True, slots=True)
+class FrameError:
+    """A frame that could not be decoded. `fatal` means frame boundaries are lost:
+    reply with `error_reply(it)`, then close the connection."""
+
+    err: str
+    msg: str
+    fatal: bool = False
+
+
+_EXAMPLE = '{"cmd":"ping"}'
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _too_deep(obj: Any, limit: int) -> bool:
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
+_TOO_DEEP = FrameError(BAD_REQUEST, f"the JSON is nested more than {MAX_DEPTH} levels deep; "
+                       "send a flatter body")
+
+
+def decode_payload(payload: bytes | bytearray) -> Frame | FrameError:
+    """Decode one frame's JSON text into a request object, or say what is wrong with it."""
+    try:
+        # Decode UTF-8 ourselves: json.loads on bytes would also accept UTF-16 and UTF-32.
+        obj = _decoder.decode(payload.decode("utf-8"))
+    except RecursionError:
+        return _TOO_DEEP
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN, huge ints
+        return FrameError(BAD_REQUEST, f"the frame is not valid UTF-8 JSON ({exc}); "
+                          f"send one JSON object, e.g. {_EXAMPLE}")
+    if not isinstance(obj, dict):
+        return FrameError(BAD_REQUEST, f"the frame must hold a JSON object, e.g. {_EXAMPLE}, "
+                          f"not a JSON {type(obj).__name__}")
+    # The bracket count bounds the depth, so the walk runs only for unusual frames.
+    if payload.count(b"[") + payload.count(b"{") > MAX_DEPTH and _too_deep(obj, MAX_DEPTH):
+        return _TOO_DEEP
+    return obj
+
+
+class FrameDecoder:
+    """Incremental frame splitter for one connection: feed it what the socket gives.
+
+    `feed` returns, in order, each complete frame's request object or a FrameError.
+    Bytes of an oversized frame are dropped as they arrive, never buffered.
+    """
+
+    __slots__ = ("_buf", "_closed", "max_frame", "skipping")
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        if not 1 <= max_frame <= MAX_FRAME:
+            raise ValueError(f"max_frame must be between 1 and {MAX_FRAME}")
+        self.max_frame = max_frame
+        self.skipping = 0  # bytes of an oversized frame still to drop
+        self._buf = bytearray()
+        self._closed = False
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes buffered of a frame not yet complete (0 between frames)."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Frame | FrameError]:
+        out: list[Frame | FrameError] = []
+        if self._closed:
+            return out
+        if self.skipping:
+            if len(data) <= self.skipping:
+                self.skipping -= len(data)
+                return out
+            data = data[self.skipping:]
+            self.skipping = 0
+        buf = self._buf
+        work: bytes | bytearray = data
+        if buf:
+            buf += data
+            work = buf
+        pos, end, limit = 0, len(work), self.max_frame
+        while end - pos >= 4:
+            head = work[pos:pos + 4]
+            if not head.isdigit():  # bytes.isdigit is ASCII-only
+                out.append(FrameError(
+                    BAD_REQUEST, f"a frame must start with 4 ASCII digits giving the JSON "
+                    f"length, e.g. 0014{_EXAMPLE}; got {bytes(head)!r}, so the connection "
+                    "is closed", fatal=True))
+                self._closed = True
+                buf.clear()
+                return out
+            size = int(head)
+            start = pos + 4
+            stop = start + size
+            if size > limit:
+                out.append(FrameError(TOO_LARGE, f"the frame declares {size} bytes of JSON, "
+                                      f"more than the {limit} this server accepts; "
+                                      "send a smaller body"))
+                if stop > end:
+                    self.skipping = stop - end
+                    pos = end
+                    break
+                pos = stop
+            elif size == 0:
+                out.append(FrameError(BAD_REQUEST, "the frame is empty (length 0000); "
+                                      f"send a JSON object, e.g. 0014{_EXAMPLE}"))
+                pos = start
+            elif stop > end:
+                break
+            else:
+                out.append(decode_payload(work[start:stop]))
+                pos = stop
+        if work is buf:
+            del buf[:pos]
+        elif pos < end:
+            buf += work[pos:]
+        return out
+
+
+# -- requests ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class AddRequest:
+    """Store or replace job (topic, id). At most one of due_ms (epoch ms) and delay_ms is
+    set; neither means the topic's own delay."""
+
+    cmd: ClassVar[str] = "add"
+    topic: str
+    id: str
+    body: dict[str, Any]
+    due_ms: int | None = None
+    delay_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GetRequest:
+    cmd: ClassVar[str] = "get"
+    topic: str
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DelRequest:
+    cmd: ClassVar[str] = "del"
+    topic: str
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class PingRequest:
+    cmd: ClassVar[str] = "ping"
+
+
+Request: TypeAlias = AddRequest | GetRequest | DelRequest | PingRequest
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_FIX_TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2})", re.ASCII)
+_FIX_TIME_HELP = "fix_time must be a real date and time as 'YYYY-MM-DD HH:MM:SS', e.g. " \
+                 "'2030-01-31 08:00:00'"
+
+
+def _bad(msg: str) -> DqError:
+    return DqError(BAD_REQUEST, msg)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _topic(obj: Frame) -> str:
+    topic = obj.get("topic")
+    if not isinstance(topic, str) or not 0 < len(topic) <= MAX_TOPIC:
+        raise _bad(f"topic must be a registered topic's name: a string of 1 to {MAX_TOPIC} "
+                   f"characters, e.g. \"order\" (got {_show(topic)})")
+    if ":" in topic or _CONTROL.search(topic):
+        raise _bad(f"topic must not contain ':' or control characters (the job key is "
+                   f"topic:id); send the registered topic's name (got {_show(topic)})")
+    return topic
+
+
+def _id(obj: Frame) -> str:
+    job_id = obj.get("id")
+    if isinstance(job_id, int) and not isinstance(job_id, bool):
+        job_id = str(job_id)
+    if not isinstance(job_id, str) or not 0 < len(job_id) <= MAX_ID:
+        raise _bad(f"id must be a string of 1 to {MAX_ID} characters or an integer, "
+                   f"e.g. \"42\" (got {_show(job_id)})")
+    if _CONTROL.search(job_id):
+        raise _bad(f"id must not contain control characters (got {_show(job_id)})")
+    return job_id
+
+
+def _body(obj: Frame) -> dict[str, Any]:
+    body = obj.get("body")
+    if isinstance(body, dict):
+        return body
+    if body is None or body == []:  # PHP encodes an empty array as []
+        return {}
+    raise _bad(f'body must be a JSON object, e.g. {{"order_id":42}} (got {_show(body)})')
+
+
+def _fix_time_ms(value: Any, tz: ZoneInfo | None) -> int:
+    match = _FIX_TIME.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise _bad(f"{_FIX_TIME_HELP} (got {_show(value)})")
+    try:
+        year, month, day, hour, minute, second = map(int, match.groups())
+        local = datetime(year, month, day, hour, minute, second)
+        # A naive datetime's timestamp() reads it in this machine's zone.
+        stamp = (local if tz is None else local.replace(tzinfo=tz)).timestamp()
+    except (ValueError, OverflowError, OSError):
+        raise _bad(f"{_FIX_TIME_HELP} (got {_show(value)})") from None
+    return min(max(0, int(stamp) * 1000), MAX_DUE_MS)
+
+
+def _when(obj: Frame, now_ms: int | None, tz: ZoneInfo | None) -> tuple[int | None, int | None]:
+    """(due_ms, delay_ms) from fix_time, due_ms or delay; (None, None) for the topic's delay."""
+    given = [k for k in ("fix_time", "delay", "due_ms") if obj.get(k) is not None]
+    if not given:
+        return None, None
+    if len(given) > 1:
+        raise _bad(f"give at most one of fix_time, delay and due_ms (got {', '.join(given)})")
+    if given[0] == "fix_time":
+        return _fix_time_ms(obj["fix_time"], tz), None
+    if given[0] == "due_ms":
+        due = obj["due_ms"]
+        if type(due) is not int or not 0 <= due <= MAX_DUE_MS:
+            raise _bad(f"due_ms must be an integer of epoch milliseconds, e.g. 1893456000000 "
+                       f"(got {_show(due)})")
+        return due, None
+    delay = obj["delay"]
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    longest = (MAX_DUE_MS - now) / 1000
+    # The comparison also refuses NaN and infinities.
+    if type(delay) not in (int, float) or not 0 <= delay <= longest:
+        raise _bad(f"delay must be a number of seconds from 0 up to year 9999, e.g. 30 or 1.5 "
+                   f"(got {_show(delay)})")
+    return None, round(delay * 1000)
+
+
+def _parse_add(obj: Frame, now_ms: int | None, tz: ZoneInfo | None) -> AddRequest:
+    topic, job_id, body = _topic(obj), _id(obj), _body(obj)
+    due_ms, delay_ms = _when(obj, now_ms, tz)
+    return AddRequest(topic, job_id, body, due_ms, delay_ms)
+
+
+def parse_request(obj: Frame, *, now_ms: int | None = None,
+                  tz: ZoneInfo | None = None) -> Request:
+    """Validate a decoded request. `tz` is the zone of fix_time (None: local); `now_ms`
+    (default: the clock) only bounds `delay`. Raises DqError('bad_request', msg)."""
+    cmd = obj.get("cmd")
+    if cmd == "add":
+        return _parse_add(obj, now_ms, tz)
+    if cmd == "get":
+        return GetRequest(_topic(obj), _id(obj))
+    if cmd == "del":
+        return DelRequest(_topic(obj), _id(obj))
+    if cmd == "ping":
+        return PingRequest()
+    raise _bad(f"cmd must be one of {', '.join(COMMANDS)} (got {_show(cmd)})")
+
+
+# -- replies ----------------------------------------------------------------------------
+
+_encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+
+
+def _payload(obj: Any) -> bytes:
+    # PHP's json_encode escapes "/" and, like ensure_ascii, writes \uXXXX in lower case.
+    # Python never escapes "/", so every "/" in the text is a literal one.
+    return _encode(obj).replace("/", "\\/").encode("ascii")
+
+
+def encode_frame(obj: Any) -> bytes:
+    """Frame `obj` as PHP would; DqError('too_large') when it exceeds 9999 bytes."""
+    payload = _payload(obj)
+    if len(payload) > MAX_FRAME:
+        raise DqError(TOO_LARGE, f"the message is {len(payload)} bytes of JSON, more than "
+                      f"the {MAX_FRAME} a frame can carry; make the body smaller")
+    return b"%04d" % len(payload) + payload
+
+
+OK_EMPTY: Final = encode_frame({"code": 1, "msg": "succ", "data": []})
+
+
+def error_reply(error: DqError | FrameError | tuple[str, str]) -> bytes:
+    """A failure frame: {"code":0,"msg":...,"err":...,"data":[]}."""
+    err, msg = error if isinstance(error, tuple) else (error.err, error.msg)
+    return encode_frame({"code": 0, "msg": msg, "err": err, "data": []})
+
+
+def ok_reply(data: Any = None) -> bytes:
+    """A success frame; data None is PHP's empty array. A reply too big for one frame
+    becomes a too_large failure."""
+    if data is None:
+        return OK_EMPTY
+    payload = _payload({"code": 1, "msg": "succ", "data": data})
+    if len(payload) > MAX_FRAME:
+        return error_reply((TOO_LARGE, f"the reply would be {len(payload)} bytes of JSON, more "
+                            f"than the {MAX_FRAME} a frame can carry, so the job's body "
+                            "cannot be returned over this protocol"))
+    return b"%04d" % len(payload) + payload
+
+
+def decode_reply(obj: Frame) -> Any:
+    """For clients: the data of a success reply; raise DqError for a failure."""
+    if obj.get("code") == 1:
+        return obj.get("data")
+    msg = obj.get("msg")
+    raise DqError(str(obj.get("err") or UNAVAILABLE),
+                  msg if isinstance(msg, str) and msg else "the server reported a failure")
