@@ -60,6 +60,7 @@ class Shard:
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self.failures = 0
+        self._loading: asyncio.Future[Any] | None = None
 
     def __repr__(self) -> str:
         return f"<Shard {self.name} {'up' if self.up else 'down'}>"
@@ -82,8 +83,19 @@ class Shard:
             return await self.call("EVALSHA", sha, len(keys), *keys, *args)
 
     async def load_scripts(self) -> None:
-        for _sha, src in SCRIPTS.values():
-            await self.client.script_load(src)
+        """Load every script (after a restart Redis has none). Concurrent callers share
+        one load instead of each sending its own."""
+        if self._loading is None:
+            loads = [self.call("SCRIPT", "LOAD", src) for _sha, src in SCRIPTS.values()]
+            fut: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*loads))
+            fut.add_done_callback(self._loaded)
+            self._loading = fut
+        await asyncio.shield(self._loading)
+
+    def _loaded(self, fut: asyncio.Future[Any]) -> None:
+        self._loading = None
+        if not fut.cancelled():
+            fut.exception()  # retrieved here; the awaiting callers see it too
 
     async def _flush(self) -> None:
         try:
@@ -94,7 +106,7 @@ class Shard:
                     pipe.execute_command(*args)
                 try:
                     results = await pipe.execute(raise_on_error=False)
-                except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, RedisError, OSError) as exc:
                     self._mark_failure(exc)
                     err = DqError(UNAVAILABLE, f"redis shard {self.name} is unavailable "
                                   f"({exc.__class__.__name__}: {exc}); retry shortly")

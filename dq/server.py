@@ -1,0 +1,316 @@
+"""The TCP server: the original's framing, add / get / del / ping, many clients at once.
+
+Each connection is an asyncio Protocol. Requests on one connection are handled
+concurrently and answered in order (clients may pipeline); every Redis call goes through
+the shard's batching queue, so requests from many connections share round trips. A
+connection that sends garbage, stalls inside a frame, never reads its replies or idles
+too long is answered or closed on its own; it never holds up the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+import time
+from typing import Any
+
+from dq import protocol
+from dq.errors import (
+    BAD_REQUEST,
+    NOT_FOUND,
+    TOO_MANY_CONNECTIONS,
+    TOPIC_OFFLINE,
+    UNAVAILABLE,
+    UNKNOWN_TOPIC,
+    DqError,
+)
+from dq.protocol import AddRequest, DelRequest, FrameDecoder, FrameError, GetRequest
+from dq.registry import Registry, Topic, TopicCache
+from dq.store import Store
+from dq.worker import Context, open_store
+
+log = logging.getLogger(__name__)
+request_log = logging.getLogger("dq.request")
+
+MAX_OUTSTANDING = 256  # requests in progress per connection before reading pauses
+WRITE_HIGH = 256 * 1024  # reply bytes buffered for a slow reader before reading pauses
+FRAME_TIMEOUT = 10.0  # seconds a started frame may take to arrive in full
+
+
+class Handler:
+    """What a request does, shared by every connection of one server process."""
+
+    def __init__(self, store: Store, topics: TopicCache, ctx: Context) -> None:
+        self.store = store
+        self.topics = topics
+        self.settings = ctx.settings
+        self.stats = collections.Counter[str]()
+
+    def topic(self, key: str) -> Topic:
+        topic = self.topics.get_nowait(key)
+        if topic is None:
+            raise DqError(UNKNOWN_TOPIC, f"topic {key!r} is not registered; register it in the "
+                          "console (or the dq_topic table) before adding jobs to it")
+        if not topic.online:
+            raise DqError(TOPIC_OFFLINE, f"topic {key!r} is offline; set it online in the "
+                          "console to accept jobs again")
+        return topic
+
+    async def handle(self, obj: protocol.Frame) -> bytes:
+        try:
+            req = protocol.parse_request(obj, tz=self.settings.zone)
+            if isinstance(req, AddRequest):
+                topic = self.topic(req.topic)
+                due_ms, delay_ms = req.due_ms, req.delay_ms
+                if due_ms is None and delay_ms is None:
+                    delay_ms = topic.delay * 1000
+                await self.store.add(req.topic, req.id, req.body, priority=topic.priority,
+                                     due_ms=due_ms, delay_ms=delay_ms)
+                self.stats["add"] += 1
+                request_log.info("add topic=%s id=%s", req.topic, req.id)
+                return protocol.OK_EMPTY
+            if isinstance(req, GetRequest):
+                body = await self.store.get(req.topic, req.id)
+                self.stats["get"] += 1
+                if body is None:
+                    raise DqError(NOT_FOUND, f"no job {req.id!r} in topic {req.topic!r}: it was "
+                                  "never added, was deleted, or has been delivered")
+                return protocol.ok_reply(body)
+            if isinstance(req, DelRequest):
+                deleted = await self.store.delete(req.topic, req.id)
+                self.stats["del"] += 1
+                request_log.info("del topic=%s id=%s deleted=%s", req.topic, req.id, deleted)
+                if not deleted:
+                    raise DqError(NOT_FOUND, f"no job {req.id!r} in topic {req.topic!r} to "
+                                  "delete: it was never added, was deleted, or was delivered")
+                return protocol.OK_EMPTY
+            return protocol.OK_EMPTY  # ping
+        except DqError as exc:
+            self.stats["fail"] += 1
+            return protocol.error_reply(exc)
+        except Exception as exc:
+            self.stats["fail"] += 1
+            log.exception("request failed: %r", obj)
+            return protocol.error_reply((UNAVAILABLE, f"the server could not complete the "
+                                         f"request ({exc.__class__.__name__}); retry shortly"))
+
+
+class Connection(asyncio.Protocol):
+    """One client: frames in, replies out in request order."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.decoder = FrameDecoder(server.settings.max_frame)
+        self.transport: asyncio.Transport | None = None
+        self.replies: collections.deque[asyncio.Future[bytes] | bytes] = collections.deque()
+        self.paused_writing = False
+        self.reading = True
+        self.closing = False
+        self.last_active = time.monotonic()
+        self.frame_started = 0.0
+
+    # asyncio callbacks -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if len(self.server.connections) >= self.server.settings.max_connections:
+            transport.write(protocol.error_reply((
+                TOO_MANY_CONNECTIONS, f"the server already has {len(self.server.connections)} "
+                "connections, its limit; retry later or use another dq server")))
+            transport.close()
+            self.server.refused += 1
+            return
+        self.server.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.closing = True
+        for item in self.replies:
+            if isinstance(item, asyncio.Future):
+                item.cancel()
+        self.replies.clear()
+
+    def pause_writing(self) -> None:
+        self.paused_writing = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.paused_writing = False
+        self._update_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        handler = self.server.handler
+        for item in self.decoder.feed(data):
+            if isinstance(item, FrameError):
+                self._queue(protocol.error_reply(item))
+                if item.fatal:
+                    self._close_after_replies()
+                    return
+            elif item.get("cmd") == "ping":
+                self._queue(protocol.OK_EMPTY)
+            else:
+                self._queue(asyncio.ensure_future(handler.handle(item)))
+        self.frame_started = self.last_active if self.decoder.pending_bytes else 0.0
+        self._update_reading()
+
+    # replies ---------------------------------------------------------------------------
+    def _queue(self, reply: asyncio.Future[bytes] | bytes) -> None:
+        if isinstance(reply, bytes) and not self.replies:
+            assert self.transport is not None
+            self.transport.write(reply)
+            return
+        self.replies.append(reply)
+        if isinstance(reply, asyncio.Future):
+            reply.add_done_callback(self._flush)
+        else:
+            self._flush()
+
+    def _flush(self, _: object = None) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        out = []
+        replies = self.replies
+        while replies:
+            head = replies[0]
+            if isinstance(head, asyncio.Future):
+                if not head.done():
+                    break
+                if head.cancelled():
+                    replies.popleft()
+                    continue
+                out.append(head.result())
+            else:
+                out.append(head)
+            replies.popleft()
+        if out:
+            self.transport.write(b"".join(out))
+        if self.closing and not replies:
+            self.transport.close()
+        self._update_reading()
+
+    def _close_after_replies(self) -> None:
+        self.closing = True
+        self._flush()
+
+    def _update_reading(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        want = not self.paused_writing and len(self.replies) < MAX_OUTSTANDING
+        if want != self.reading:
+            self.reading = want
+            if want:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.replies)
+
+
+class Server:
+    """A server role: accept on the master's socket (or its own), serve until stopping."""
+
+    def __init__(self, ctx: Context, store: Store, topics: TopicCache) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.handler = Handler(store, topics, ctx)
+        self.connections: set[Connection] = set()
+        self.refused = 0
+        self.aserver: asyncio.Server | None = None
+
+    async def start(self) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        if self.ctx.listen_sock is not None:
+            self.aserver = await loop.create_server(lambda: Connection(self),
+                                                    sock=self.ctx.listen_sock, backlog=1024)
+        else:
+            self.aserver = await loop.create_server(
+                lambda: Connection(self), self.settings.host, self.settings.port,
+                reuse_address=True, backlog=1024)
+        return self.aserver
+
+    @property
+    def port(self) -> int:
+        assert self.aserver is not None
+        return int(self.aserver.sockets[0].getsockname()[1])
+
+    async def reap(self) -> None:
+        """Close connections that idle too long or stall inside a frame."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                stalled = conn.frame_started and now - conn.frame_started > FRAME_TIMEOUT
+                idle = not conn.busy and now - conn.last_active > self.settings.idle_timeout
+                if (stalled or idle) and conn.transport is not None:
+                    if stalled:
+                        conn.transport.write(protocol.error_reply((
+                            BAD_REQUEST, f"the frame did not arrive in full within "
+                            f"{FRAME_TIMEOUT:g}s; the connection is closed")))
+                    conn.transport.close()
+
+    async def drain(self) -> None:
+        """Stop accepting, answer every request already read, then close connections."""
+        if self.aserver is not None:
+            self.aserver.close()
+        try:
+            async with asyncio.timeout(self.settings.grace):
+                while any(c.busy for c in self.connections):
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            log.warning("server: %d connections still busy after %.0fs grace",
+                        sum(c.busy for c in self.connections), self.settings.grace)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+
+
+async def refresh_topics(topics: TopicCache, every: float) -> None:
+    while True:
+        await topics.refresh()
+        await asyncio.sleep(every)
+
+
+async def run(ctx: Context, store: Store | None = None, topics: TopicCache | None = None,
+              ready: asyncio.Future[Any] | None = None) -> None:
+    """The server role: serve until ctx.stopping is set, then drain."""
+    settings = ctx.settings
+    own_store = store is None
+    registry = None
+    if topics is None:
+        registry = Registry(settings.db_url())
+        topics = TopicCache(registry, refresh=settings.registry_refresh)
+    if store is None:
+        extra = [(s.name or s.url, s.url) for s in registry.shards() if s.enabled] \
+            if registry else []
+        store = open_store(settings, extra)
+    await topics.refresh(force=True)
+    server = Server(ctx, store, topics)
+    await server.start()
+    log.info("%s serving on port %d (%d shards)", ctx.name, server.port,
+             len(store.shards.shards))
+    if ready is not None:
+        ready.set_result(server)
+    tasks = [asyncio.create_task(server.reap()),
+             asyncio.create_task(refresh_topics(topics, settings.registry_refresh))]
+    try:
+        await ctx.stopping.wait()
+        await server.drain()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if own_store:
+            await store.shards.close()
+        if registry is not None:
+            registry.close()
+        s = server.handler.stats
+        log.info("%s stopped: add=%d get=%d del=%d fail=%d refused=%d", ctx.name, s["add"],
+                 s["get"], s["del"], s["fail"], server.refused)

@@ -1,0 +1,260 @@
+"""The TCP server and the Python clients, against real redis-server processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dq.client import AsyncDqClient, DqClient
+from dq.config import Settings
+from dq.errors import DqError
+from dq.registry import Registry, Topic, TopicCache
+from dq.server import Server, run
+from dq.shards import ShardSet
+from dq.store import Store
+from dq.worker import Context
+from tests.conftest import RedisProcess
+
+
+def make_topic(key: str, **kw: Any) -> Topic:
+    fields: dict[str, Any] = dict(
+        id=0, topic=key, name=key, delay=60, callback="http://127.0.0.1:9/cb", method="POST",
+        timeout_ms=3000, emails=(), retry_when="", priority=2, online=True, max_attempts=0,
+        secret="", body_format="form", creator="test")
+    fields.update(kw)
+    return Topic(**fields)
+
+
+@dataclass
+class Running:
+    port: int
+    store: Store
+    registry: Registry
+    server: Server
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+async def start_server(tmp: Path, urls: list[str], **settings: Any) -> tuple[Running, Context,
+                                                                          asyncio.Task[None]]:
+    registry = Registry(f"sqlite:///{tmp / 'reg.sqlite3'}")
+    registry.save_topic(make_topic("order"))
+    registry.save_topic(make_topic("off", online=False))
+    s = Settings(port=0, host="127.0.0.1", redis=tuple(urls), **settings)
+    store = Store(ShardSet.from_urls(urls), buckets=s.buckets)
+    ctx = Context(s, "server")
+    ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run(ctx, store, TopicCache(registry, refresh=0.2), ready))
+    server = await asyncio.wait_for(ready, 10)
+    return Running(server.port, store, registry, server), ctx, task
+
+
+@pytest.fixture
+async def dq(tmp_path: Path, redis_server: RedisProcess) -> AsyncIterator[Running]:
+    running, ctx, task = await start_server(tmp_path, [redis_server.url], max_frame=4096)
+    yield running
+    ctx.stopping.set()
+    await asyncio.wait_for(task, 10)
+    await running.store.shards.close()
+    running.registry.close()
+
+
+def raw_exchange(port: int, data: bytes, *, read: int = 1, timeout: float = 3.0) -> list[Any]:
+    """Send raw bytes, read `read` reply frames (or until the server closes)."""
+    out: list[Any] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        buf = b""
+        while len(out) < read:
+            while len(buf) < 4 or len(buf) < 4 + int(buf[:4]):
+                chunk = s.recv(65536)
+                if not chunk:
+                    return out
+                buf += chunk
+            n = int(buf[:4])
+            out.append(json.loads(buf[4:4 + n]))
+            buf = buf[4 + n:]
+    return out
+
+
+def frame(obj: Any) -> bytes:
+    text = json.dumps(obj).encode()
+    return b"%04d" % len(text) + text
+
+
+async def test_add_get_del_over_tcp(dq: Running) -> None:
+    client = DqClient([dq.addr])
+    await asyncio.to_thread(client.add, "order", "42", {"a": 1}, delay=30)
+    body = await asyncio.to_thread(client.get, "order", "42")
+    assert body is not None and body["a"] == 1
+    assert "notify_time" in body and "dq_set_time" in body
+    # the job sits on the shard routing picks, due ~30 s from now
+    info = await dq.store.lookup("order", "42")
+    assert info is not None and info.state == "delayed"
+    assert abs(info.due_ms - (time.time() + 30) * 1000) < 2000
+    await asyncio.to_thread(client.add, "order", "42", {"a": 2}, delay=5)
+    body = await asyncio.to_thread(client.get, "order", "42")
+    assert body is not None and body["a"] == 2
+    info = await dq.store.lookup("order", "42")
+    assert info is not None and abs(info.due_ms - (time.time() + 5) * 1000) < 2000
+    assert await asyncio.to_thread(client.delete, "order", "42") is True
+    assert await asyncio.to_thread(client.get, "order", "42") is None
+    assert await asyncio.to_thread(client.delete, "order", "42") is False
+    client.close()
+
+
+async def test_fix_time_sets_due_and_notify_time(dq: Running) -> None:
+    client = AsyncDqClient([dq.addr])
+    fix = datetime.fromtimestamp(time.time() + 3600).strftime("%Y-%m-%d %H:%M:%S")
+    await client.add("order", "f1", {"x": 1}, fix_time=fix)
+    body = await client.get("order", "f1")
+    assert body is not None and body["notify_time"] == fix
+    info = await dq.store.lookup("order", "f1")
+    assert info is not None
+    assert info.due_ms == int(datetime.strptime(fix, "%Y-%m-%d %H:%M:%S").timestamp() * 1000)
+    await client.close()
+
+
+async def test_php_client_byte_compatible(dq: Running) -> None:
+    """demo.php's add/get/del sequence, as the PHP client frames it."""
+    add = {"id": "5f1a", "body": {"a": 1, "b": 2, "c": 3, "ext": "a" * 64}, "cmd": "add",
+           "topic": "order"}
+    text = json.dumps(add, separators=(",", ":")).encode()
+
+    def php_add() -> bytes:
+        with socket.create_connection(("127.0.0.1", dq.port), timeout=3) as s:
+            s.sendall(b"%04d" % len(text) + text)
+            return s.recv(100)
+
+    assert await asyncio.to_thread(php_add) == b'0033{"code":1,"msg":"succ","data":[]}'
+    [reply] = await asyncio.to_thread(
+        raw_exchange, dq.port, frame({"cmd": "get", "topic": "order", "id": "5f1a"}))
+    assert reply["code"] == 1 and reply["msg"] == "succ" and reply["data"]["ext"] == "a" * 64
+    [reply] = await asyncio.to_thread(
+        raw_exchange, dq.port, frame({"cmd": "del", "topic": "order", "id": "5f1a"}))
+    assert reply == {"code": 1, "msg": "succ", "data": []}
+
+
+BAD_INPUT = [
+    (frame({"cmd": "add", "id": "1", "body": {}}), "bad_request", "topic"),
+    (frame({"cmd": "add", "topic": "", "id": "1"}), "bad_request", "topic"),
+    (frame({"cmd": "add", "topic": "order", "body": {}}), "bad_request", "id"),
+    (frame({"cmd": "add", "topic": "order", "id": ""}), "bad_request", "id"),
+    (frame({"cmd": "add", "topic": "order", "id": "1", "body": "str"}), "bad_request", "body"),
+    (frame({"cmd": "add", "topic": "order", "id": "1", "fix_time": "tomorrow"}), "bad_request",
+     "fix_time"),
+    (frame({"cmd": "add", "topic": "order", "id": "1", "fix_time": "2026-02-30 10:00:00"}),
+     "bad_request", "fix_time"),
+    (frame({"cmd": "frobnicate"}), "bad_request", "cmd"),
+    (frame({"cmd": "add", "topic": "nope", "id": "1"}), "unknown_topic", "register"),
+    (frame({"cmd": "add", "topic": "off", "id": "1"}), "topic_offline", "offline"),
+    (frame([1, 2, 3]), "bad_request", "object"),
+    (b"0005{bad}", "bad_request", "JSON"),
+    (b"9000" + b"x" * 9000, "too_large", "smaller"),
+]
+
+
+@pytest.mark.parametrize(("data", "err", "word"), BAD_INPUT,
+                         ids=[f"{i}-{e}" for i, (_, e, _) in enumerate(BAD_INPUT)])
+async def test_bad_input_gets_clear_error_and_stores_nothing(
+        dq: Running, data: bytes, err: str, word: str) -> None:
+    [reply] = await asyncio.to_thread(raw_exchange, dq.port, data + frame({"cmd": "ping"}), read=1)
+    assert reply["code"] == 0 and reply["err"] == err
+    assert word.lower() in reply["msg"].lower()
+    shard = dq.store.shards.shards[0]
+    assert await shard.client.hlen(dq.store.k_jobs) == 0
+    # the same connection and the server keep serving
+    [pong] = await asyncio.to_thread(raw_exchange, dq.port, frame({"cmd": "ping"}))
+    assert pong["code"] == 1
+
+
+async def test_garbage_prefix_closes_connection_others_unaffected(dq: Running) -> None:
+    replies = await asyncio.to_thread(raw_exchange, dq.port, b"hello world\r\n", read=2)
+    assert len(replies) == 1 and replies[0]["err"] == "bad_request"
+    assert "4 ASCII digits" in replies[0]["msg"]
+    client = AsyncDqClient([dq.addr])
+    await client.add("order", "after", {}, delay=60)
+    assert await client.get("order", "after") is not None
+    await client.close()
+
+
+async def test_prefix_longer_than_data_waits_without_stalling_others(dq: Running) -> None:
+    stalled = socket.create_connection(("127.0.0.1", dq.port))
+    stalled.sendall(b"0100{\"cmd\":")
+    client = AsyncDqClient([dq.addr])
+    t0 = time.monotonic()
+    for i in range(50):
+        await client.add("order", f"s{i}", {}, delay=60)
+    assert time.monotonic() - t0 < 5
+    stalled.close()
+    await client.close()
+
+
+async def test_pipelined_requests_answered_in_order(dq: Running) -> None:
+    client = AsyncDqClient([dq.addr])
+    jobs = [{"topic": "order", "id": str(i), "body": {"i": i}, "delay": 60} for i in range(300)]
+    jobs.insert(150, {"topic": "nope", "id": "x"})
+    res = await client.add_many(jobs)
+    assert res[150] is not None and res[150].err == "unknown_topic"
+    assert all(r is None for i, r in enumerate(res) if i != 150)
+    for i in (0, 149, 299):
+        body = await client.get("order", str(i))
+        assert body is not None and body["i"] == i
+    await client.close()
+
+
+async def test_connection_limit_refuses_excess_with_clear_error(
+        tmp_path: Path, redis_server: RedisProcess) -> None:
+    running, ctx, task = await start_server(tmp_path, [redis_server.url], max_connections=3)
+    held = [socket.create_connection(("127.0.0.1", running.port)) for _ in range(3)]
+    await asyncio.sleep(0.2)
+    [reply] = await asyncio.to_thread(raw_exchange, running.port, b"", read=1)
+    assert reply["err"] == "too_many_connections"
+    for s in held:
+        s.close()
+    await asyncio.sleep(0.2)
+    [pong] = await asyncio.to_thread(raw_exchange, running.port, frame({"cmd": "ping"}))
+    assert pong["code"] == 1
+    ctx.stopping.set()
+    await task
+    await running.store.shards.close()
+
+
+async def test_client_fails_over_to_live_server(dq: Running) -> None:
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_addr = f"127.0.0.1:{dead.getsockname()[1]}"
+    dead.close()  # nothing listens there now
+    client = DqClient([dead_addr, dq.addr])
+    for i in range(5):
+        await asyncio.to_thread(client.add, "order", f"fo{i}", {}, delay=60)
+    assert await asyncio.to_thread(client.get, "order", "fo4") is not None
+    with pytest.raises(DqError) as info:
+        await asyncio.to_thread(DqClient([dead_addr]).ping)
+    assert info.value.err == "unavailable"
+
+
+async def test_server_answers_unavailable_when_shard_is_down(
+        tmp_path: Path, redis_server: RedisProcess) -> None:
+    running, ctx, task = await start_server(tmp_path, [redis_server.url])
+    redis_server.stop()
+    client = AsyncDqClient([running.addr])
+    with pytest.raises(DqError) as info:
+        await client.add("order", "x", {}, delay=1)
+    assert info.value.err == "unavailable" and "retry" in info.value.msg
+    assert await client.ping()
+    await client.close()
+    ctx.stopping.set()
+    await task
+    await running.store.shards.close()
