@@ -1,0 +1,516 @@
+"""The registry: topics, Redis shards, alert settings and counters, kept in SQL.
+
+Tables and columns are php-delayqueue's (`dq_topic`, `dq_redis`, `dq_alert`, `dq_stat`)
+plus added columns that all have defaults, so an existing php-delayqueue database keeps
+working and its console may keep writing rows. Only this module knows SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import reduce
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+log = logging.getLogger(__name__)
+
+RETRY_PLACEHOLDER = "重试标记"  # the original's column default; it means "no expression"
+OFFLINE = 2  # what the original console writes for an offline topic
+_MYSQL = ("mysql", "mariadb")
+_TABLE_ARGS = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"}
+_TINYINT = sa.SmallInteger().with_variant(mysql.TINYINT(), *_MYSQL)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _str(length: int, default: str = "") -> sa.orm.MappedColumn[Any]:
+    # Both defaults: the server one for rows other programs insert, the Python one for ours.
+    return mapped_column(sa.String(length), nullable=False, default=default,
+                         server_default=default)
+
+
+def _int(default: int, type_: Any = sa.Integer) -> sa.orm.MappedColumn[Any]:
+    return mapped_column(type_, nullable=False, default=default, server_default=str(default))
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class TopicRow(Base):
+    __tablename__ = "dq_topic"
+    # Only tables we create get the unique key; old ones may hold duplicates (highest id wins).
+    __table_args__ = (sa.UniqueConstraint("topic", name="uk_topic"), _TABLE_ARGS)
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    t_name: Mapped[str] = _str(1024)
+    delay: Mapped[int] = _int(0)
+    callback: Mapped[str] = _str(1024)
+    timeout: Mapped[int] = _int(3000)
+    email: Mapped[str] = _str(1024)
+    # Binary collation on MySQL so topic keys compare case-sensitively, as on SQLite.
+    topic: Mapped[str] = mapped_column(
+        sa.String(255).with_variant(mysql.VARCHAR(255, collation="utf8mb4_bin"), *_MYSQL),
+        nullable=False, default="", server_default="")
+    re_notify_flag: Mapped[str] = _str(1024, RETRY_PLACEHOLDER)
+    createor: Mapped[str] = _str(1024)
+    status: Mapped[int] = _int(1, _TINYINT)
+    method: Mapped[str] = _str(32, "GET")
+    priority: Mapped[int] = _int(2)
+    max_attempts: Mapped[int] = _int(10)
+    secret: Mapped[str] = _str(255)
+    body_format: Mapped[str] = _str(16, "form")
+    updated_at: Mapped[datetime | None] = mapped_column(sa.DateTime, nullable=True)  # UTC
+
+
+class RedisRow(Base):
+    __tablename__ = "dq_redis"
+    __table_args__ = _TABLE_ARGS
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    t_name: Mapped[str] = _str(200)
+    t_content: Mapped[str] = _str(2048)
+    status: Mapped[int] = _int(1, _TINYINT)
+
+
+class AlertRow(Base):
+    __tablename__ = "dq_alert"
+    __table_args__ = _TABLE_ARGS
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    host: Mapped[str] = _str(255)
+    port: Mapped[int] = _int(0)
+    user: Mapped[str] = _str(255)
+    pwd: Mapped[str] = _str(255)
+    ext: Mapped[str] = _str(2048)
+    tls: Mapped[str] = _str(16)
+    sender: Mapped[str] = _str(255)
+    redis_emails: Mapped[str] = _str(1024)
+
+
+class StatRow(Base):
+    __tablename__ = "dq_stat"
+    __table_args__ = (sa.UniqueConstraint("u_key", name="u_key"), _TABLE_ARGS)
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    u_key: Mapped[str] = _str(255)
+    num: Mapped[int] = _int(0)
+    # The original's '0000-00-00' default is refused by strict MySQL modes; now() is not.
+    create_time: Mapped[datetime] = mapped_column(
+        sa.TIMESTAMP, nullable=False, server_default=sa.func.current_timestamp())
+    update_time: Mapped[datetime] = mapped_column(
+        sa.TIMESTAMP, nullable=False, server_default=sa.func.current_timestamp())
+
+
+def _split_list(value: str | Iterable[str]) -> tuple[str, ...]:
+    """Comma (or semicolon / blank) separated addresses as a tuple, blanks dropped."""
+    items = [value] if isinstance(value, str) else value
+    return tuple(p for item in items for p in re.split(r"[,;\s]+", item) if p)
+
+
+@dataclass(frozen=True)
+class Topic:
+    """A registered topic as workers see it: plain normalised values, no ORM session.
+
+    Building one normalises it: method is 'GET' or 'POST', priority 1..3 (else 2),
+    body_format 'form' or 'json', and the original's placeholder retry flag becomes ''.
+    """
+
+    id: int = 0
+    topic: str = ""
+    name: str = ""
+    delay: int = 0  # seconds
+    callback: str = ""
+    method: str = "GET"
+    timeout_ms: int = 3000
+    emails: tuple[str, ...] = ()
+    retry_when: str = ""  # '' = no expression
+    priority: int = 2
+    online: bool = True
+    max_attempts: int = 0  # 0 = the server's default
+    secret: str = ""
+    body_format: str = "form"
+    creator: str = ""
+
+    def __post_init__(self) -> None:
+        def fix(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        fix("method", "POST" if self.method.strip().upper() == "POST" else "GET")
+        fix("priority", self.priority if self.priority in (1, 2, 3) else 2)
+        retry = self.retry_when.strip()
+        fix("retry_when", "" if retry == RETRY_PLACEHOLDER else retry)
+        fmt = self.body_format.strip().lower()
+        fix("body_format", fmt if fmt in ("form", "json") else "form")
+        fix("emails", _split_list(self.emails))
+        fix("callback", self.callback.strip())
+        fix("delay", max(0, self.delay))
+        fix("timeout_ms", self.timeout_ms if self.timeout_ms > 0 else 3000)
+        fix("max_attempts", max(0, self.max_attempts))
+
+
+@dataclass(frozen=True)
+class ShardConf:
+    """One `dq_redis` row; `url` is always a redis://, rediss:// or unix:// URL."""
+
+    id: int
+    name: str
+    url: str
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class AlertConf:
+    """SMTP settings for alert mail; `tls` is '', 'starttls' or 'ssl'."""
+
+    host: str = ""
+    port: int = 0
+    user: str = ""
+    password: str = ""
+    tls: str = ""
+    sender: str = ""
+    redis_emails: tuple[str, ...] = ()  # who hears that a Redis shard is down
+    ext: str = ""
+
+
+def normalise_redis_url(text: str) -> str:
+    """A shard URL from either a URL or the original's `host:port[:auth][,slave...]` form.
+
+    The slave part of the original form is ignored. Raises ValueError for text that is
+    neither.
+    """
+    text = text.strip()
+    if "://" in text:
+        return text
+    host, _, rest = text.split(",", 1)[0].strip().partition(":")
+    port, _, auth = rest.partition(":")
+    host, port, auth = host.strip(), port.strip() or "6379", auth.strip()
+    if not host or not port.isdigit():
+        raise ValueError(f"{text!r} is not a redis URL nor host:port[:password]")
+    cred = f":{quote(auth, safe='')}@" if auth else ""
+    return f"redis://{cred}{host}:{port}/0"
+
+
+def _topic_of(row: TopicRow) -> Topic:
+    return Topic(
+        id=row.id, topic=row.topic, name=row.t_name, delay=row.delay, callback=row.callback,
+        method=row.method, timeout_ms=row.timeout, emails=_split_list(row.email),
+        retry_when=row.re_notify_flag, priority=row.priority, online=row.status == 1,
+        max_attempts=row.max_attempts, secret=row.secret, body_format=row.body_format,
+        creator=row.createor,
+    )
+
+
+def _fill_topic(row: TopicRow, t: Topic) -> None:
+    row.topic, row.t_name, row.delay, row.callback = t.topic, t.name, t.delay, t.callback
+    row.method, row.timeout, row.email = t.method, t.timeout_ms, ",".join(t.emails)
+    row.re_notify_flag, row.priority = t.retry_when, t.priority
+    row.status = 1 if t.online else OFFLINE
+    row.max_attempts, row.secret, row.body_format = t.max_attempts, t.secret, t.body_format
+    row.createor, row.updated_at = t.creator, _now()
+
+
+def make_engine(url: str) -> sa.Engine:
+    """An engine for a SQLite or MySQL/MariaDB URL, tuned for many short transactions."""
+    u = sa.make_url(url)
+    backend = u.get_backend_name()
+    if backend == "sqlite":
+        if u.database and u.database != ":memory:":
+            Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(u, connect_args={"check_same_thread": False, "timeout": 10})
+
+        @sa.event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # MySQL has CRC32() built in; fingerprint() needs it on SQLite too.
+            dbapi_conn.create_function(
+                "crc32", 1, lambda t: None if t is None else zlib.crc32(t.encode()),
+                deterministic=True)
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=10000")
+            cur.close()
+
+        return engine
+    if backend in _MYSQL:
+        if "+" not in u.drivername:
+            u = u.set(drivername=f"{backend}+pymysql")
+        if "charset" not in u.query:
+            u = u.update_query_dict({"charset": "utf8mb4"})
+        return sa.create_engine(u, pool_pre_ping=True, pool_recycle=3600)
+    raise ValueError(f"registry URL {u.render_as_string()!r}: use sqlite:///path or "
+                     "mysql+pymysql://user:password@host/db")
+
+
+def _add_missing_columns(engine: sa.Engine) -> None:
+    inspector = sa.inspect(engine)
+    prep = engine.dialect.identifier_preparer
+    with engine.begin() as conn:
+        for table in Base.metadata.sorted_tables:
+            have = {c["name"].lower() for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name.lower() in have:
+                    continue
+                spec = sa.schema.CreateColumn(column).compile(dialect=engine.dialect)
+                log.warning("registry: adding column %s.%s to an older table",
+                            table.name, column.name)
+                # DDL takes no bound parameters; every name here is one of our constants.
+                conn.exec_driver_sql(f"ALTER TABLE {prep.format_table(table)} ADD COLUMN {spec}")
+
+
+def create_tables(engine: sa.Engine) -> None:
+    """Create missing tables and add our columns to older php-delayqueue tables.
+
+    Idempotent, and safe when several processes start at once.
+    """
+    for attempt in range(3):
+        try:
+            Base.metadata.create_all(engine)
+            _add_missing_columns(engine)
+            return
+        except sa.exc.DBAPIError:
+            # Another process may have created the table or column between check and DDL.
+            if attempt == 2:
+                raise
+            log.info("registry: schema update raced another process; retrying")
+            time.sleep(0.2 * (attempt + 1))
+
+
+_R = TypeVar("_R", TopicRow, RedisRow)
+
+
+def _latest(s: sa.orm.Session, model: type[_R], column: Any, value: str) -> list[_R]:
+    """Rows whose `column` is exactly `value`, highest id first.
+
+    The exact re-check matters on old MySQL tables, whose collation is case-insensitive.
+    """
+    rows = s.scalars(sa.select(model).where(column == value).order_by(model.id.desc()))
+    return [r for r in rows if getattr(r, column.key) == value]
+
+
+class Registry:
+    """Synchronous access to the registry tables; workers call it via asyncio.to_thread."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        create_tables(self.engine)
+        self._session = sa.orm.sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # topics
+
+    def topics(self) -> dict[str, Topic]:
+        """Every topic by key; of rows sharing a key the highest id wins."""
+        with self._session() as s:
+            rows = s.scalars(sa.select(TopicRow).order_by(TopicRow.id))
+            return {row.topic: _topic_of(row) for row in rows}
+
+    def get_topic(self, key: str) -> Topic | None:
+        with self._session() as s:
+            rows = _latest(s, TopicRow, TopicRow.topic, key)
+            return _topic_of(rows[0]) if rows else None
+
+    def save_topic(self, topic: Topic) -> Topic:
+        """Insert the topic, or update the row holding its key; returns it as saved."""
+        if not topic.topic.strip():
+            raise ValueError("a topic needs a non-empty topic key")
+        with self._session.begin() as s:
+            rows = _latest(s, TopicRow, TopicRow.topic, topic.topic)
+            row = rows[0] if rows else TopicRow()
+            _fill_topic(row, topic)
+            s.add(row)
+            s.flush()
+            return _topic_of(row)
+
+    def delete_topic(self, key: str) -> bool:
+        """Delete every row with this key; False when there was none."""
+        with self._session.begin() as s:
+            rows = _latest(s, TopicRow, TopicRow.topic, key)
+            for row in rows:
+                s.delete(row)
+            return bool(rows)
+
+    def fingerprint(self) -> str:
+        """A value that changes whenever any topic row is added, changed or deleted.
+
+        One aggregate query, so rows written by the original console (which never sets
+        updated_at) are noticed too.
+        """
+        t = TopicRow
+        sep = sa.literal("\x1f", sa.String)
+        # Casting every column, text too, gives MySQL one charset to concatenate even when
+        # an old utf8 table gained utf8mb4 columns.
+        cols: list[sa.ColumnElement[str]] = [
+            sa.cast(c, sa.String) for c in t.__table__.c if c.name != "updated_at"]
+        row_text = reduce(lambda a, b: a + sep + b, cols)
+        query = sa.select(sa.func.count(), sa.func.max(t.id), sa.func.sum(sa.func.crc32(row_text)))
+        with self.engine.connect() as conn:
+            count, max_id, checksum = conn.execute(query).one()
+        return f"{count}:{max_id or 0}:{checksum or 0}"
+
+    # shards
+
+    def shards(self) -> list[ShardConf]:
+        """Every shard row by id, enabled or not; rows with unusable content are skipped."""
+        out = []
+        with self._session() as s:
+            for row in s.scalars(sa.select(RedisRow).order_by(RedisRow.id)):
+                try:
+                    url = normalise_redis_url(row.t_content)
+                except ValueError:
+                    log.warning("registry: dq_redis row %d (%r) has no usable address; "
+                                "skipped", row.id, row.t_name)
+                    continue
+                out.append(ShardConf(row.id, row.t_name, url, row.status == 1))
+        return out
+
+    def save_shard(self, name: str, url: str, *, enabled: bool = True) -> ShardConf:
+        """Insert a shard, or update the one with this name; `url` is stored as given."""
+        if not name.strip():
+            raise ValueError("a shard needs a name")
+        normalised = normalise_redis_url(url)
+        with self._session.begin() as s:
+            rows = _latest(s, RedisRow, RedisRow.t_name, name)
+            row = rows[0] if rows else RedisRow(t_name=name)
+            row.t_content, row.status = url.strip(), 1 if enabled else 0
+            s.add(row)
+            s.flush()
+            return ShardConf(row.id, row.t_name, normalised, enabled)
+
+    def delete_shard(self, id: int) -> bool:
+        with self._session.begin() as s:
+            row = s.get(RedisRow, id)
+            if row is None:
+                return False
+            s.delete(row)
+            return True
+
+    # alert settings: the highest-id row, as the original's mailer reads it
+
+    def alert(self) -> AlertConf:
+        """The alert settings; empty ones when none are stored."""
+        with self._session() as s:
+            row = s.scalars(sa.select(AlertRow).order_by(AlertRow.id.desc()).limit(1)).first()
+            if row is None:
+                return AlertConf()
+            redis_emails = _split_list(row.redis_emails) or _ext_redis_emails(row.ext)
+            tls = row.tls.strip().lower()
+            return AlertConf(host=row.host, port=row.port, user=row.user, password=row.pwd,
+                             tls=tls if tls in ("starttls", "ssl") else "",
+                             sender=row.sender, redis_emails=redis_emails, ext=row.ext)
+
+    def save_alert(self, conf: AlertConf) -> None:
+        if conf.tls not in ("", "starttls", "ssl"):
+            raise ValueError("tls is '', 'starttls' or 'ssl'")
+        with self._session.begin() as s:
+            row = s.scalars(sa.select(AlertRow).order_by(AlertRow.id.desc()).limit(1)).first()
+            row = row or AlertRow()
+            row.host, row.port, row.user, row.pwd = conf.host, conf.port, conf.user, conf.password
+            row.tls, row.sender, row.ext = conf.tls, conf.sender, conf.ext
+            row.redis_emails = ",".join(_split_list(conf.redis_emails))
+            s.add(row)
+
+    # counters
+
+    def stat_incr(self, key: str, n: int = 1) -> None:
+        """Add n to the counter `key`, creating it at n."""
+        now = _now()
+        values = {"u_key": key, "num": n, "create_time": now, "update_time": now}
+        stmt: Any
+        if self.engine.dialect.name in _MYSQL:
+            stmt = mysql_insert(StatRow).values(values)
+            stmt = stmt.on_duplicate_key_update(num=StatRow.num + n, update_time=now)
+        else:
+            stmt = sqlite_insert(StatRow).values(values).on_conflict_do_update(
+                index_elements=[StatRow.u_key], set_={"num": StatRow.num + n, "update_time": now})
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
+    def stat_get(self, key: str) -> int:
+        with self.engine.connect() as conn:
+            num = conn.scalar(sa.select(StatRow.num).where(StatRow.u_key == key))
+        return int(num or 0)
+
+
+def _ext_redis_emails(ext: str) -> tuple[str, ...]:
+    """The original keeps Redis-down recipients in ext as JSON: {"redis": "a@x,b@y"}."""
+    try:
+        value = json.loads(ext).get("redis", "")
+    except (ValueError, AttributeError):  # not JSON, or not an object
+        return ()
+    return _split_list(value) if isinstance(value, str) else ()
+
+
+class TopicCache:
+    """Workers' view of the topics: answers from memory and re-reads the registry at most
+    every `refresh` seconds, fully only when its fingerprint changed.
+
+    A failed refresh is logged and the previous topics are kept.
+    """
+
+    def __init__(self, registry: Registry, *, refresh: float = 2.0) -> None:
+        self._registry = registry
+        self._interval = refresh
+        self._topics: dict[str, Topic] = {}
+        self._fingerprint: str | None = None
+        self._checked: float | None = None  # monotonic time of the last check
+        self._lock = asyncio.Lock()  # binds to a loop on first use, not here
+
+    def _due(self) -> bool:
+        return self._checked is None or time.monotonic() - self._checked >= self._interval
+
+    async def get(self, key: str) -> Topic | None:
+        if self._due():
+            await self._refresh(force=False, if_due=True)
+        return self._topics.get(key)
+
+    def get_nowait(self, key: str) -> Topic | None:
+        return self._topics.get(key)
+
+    async def refresh(self, force: bool = False) -> None:
+        """Check the fingerprint now; reload all topics when it changed, or always if `force`."""
+        await self._refresh(force=force, if_due=False)
+
+    async def _refresh(self, *, force: bool, if_due: bool) -> None:
+        async with self._lock:
+            if if_due and not self._due():
+                return  # another task refreshed while this one waited for the lock
+            known = None if force else self._fingerprint
+            try:
+                fp, topics = await asyncio.to_thread(self._load, known)
+            except Exception:
+                log.warning("registry refresh failed; keeping %d cached topics",
+                            len(self._topics), exc_info=True)
+            else:
+                self._fingerprint = fp
+                if topics is not None:
+                    self._topics = topics
+                    log.info("registry: loaded %d topics", len(topics))
+            finally:
+                # Also after a failure: a dead database is retried per interval, not per get.
+                self._checked = time.monotonic()
+
+    def _load(self, known: str | None) -> tuple[str, dict[str, Topic] | None]:
+        # Fingerprint first: a change landing between the two reads is seen next time.
+        fp = self._registry.fingerprint()
+        if fp == known:
+            return fp, None
+        return fp, self._registry.topics()

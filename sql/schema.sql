@@ -1,0 +1,79 @@
+-- dq registry schema for MySQL / MariaDB.
+--
+-- A column superset of php-delayqueue's dq.sql: same tables, same columns and defaults,
+-- plus new columns that all have defaults, so the original console and dq can share one
+-- database. dq runs the equivalent of this file itself on first start (dq/registry.py,
+-- create_tables), so running it by hand is optional.
+--
+-- Differences from the original, for new databases only:
+--   * utf8mb4 everywhere;
+--   * dq_topic.topic compares case-sensitively (utf8mb4_bin) and is a UNIQUE key;
+--   * dq_stat.create_time defaults to CURRENT_TIMESTAMP, because strict SQL modes refuse
+--     the original's '0000-00-00 00:00:00'.
+
+CREATE TABLE IF NOT EXISTS `dq_alert` (
+  `id` int(11) NOT NULL AUTO_INCREMENT,
+  `host` varchar(255) NOT NULL DEFAULT '',
+  `port` int(11) NOT NULL DEFAULT '0',
+  `user` varchar(255) NOT NULL DEFAULT '',
+  `pwd` varchar(255) NOT NULL DEFAULT '',
+  `ext` varchar(2048) NOT NULL DEFAULT '',
+  `tls` varchar(16) NOT NULL DEFAULT '' COMMENT 'empty, starttls or ssl',
+  `sender` varchar(255) NOT NULL DEFAULT '' COMMENT 'From address; empty = user',
+  `redis_emails` varchar(1024) NOT NULL DEFAULT '' COMMENT 'comma separated; Redis-down alerts',
+  PRIMARY KEY (`id`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+CREATE TABLE IF NOT EXISTS `dq_redis` (
+  `id` int(11) NOT NULL AUTO_INCREMENT,
+  `t_name` varchar(200) NOT NULL DEFAULT '',
+  `t_content` varchar(2048) NOT NULL DEFAULT '' COMMENT 'host:port[:auth] or redis://, rediss://, unix:// URL',
+  `status` tinyint(4) NOT NULL DEFAULT '1' COMMENT '1 = enabled',
+  PRIMARY KEY (`id`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+CREATE TABLE IF NOT EXISTS `dq_topic` (
+  `id` int(11) NOT NULL AUTO_INCREMENT,
+  `t_name` varchar(1024) NOT NULL DEFAULT '',
+  `delay` int(11) NOT NULL DEFAULT '0' COMMENT 'seconds',
+  `callback` varchar(1024) NOT NULL DEFAULT '',
+  `timeout` int(11) NOT NULL DEFAULT '3000' COMMENT 'ms',
+  `email` varchar(1024) NOT NULL DEFAULT '' COMMENT 'comma separated',
+  `topic` varchar(255) COLLATE utf8mb4_bin NOT NULL DEFAULT '',
+  `re_notify_flag` varchar(1024) NOT NULL DEFAULT '重试标记' COMMENT 'retry_when expression',
+  `createor` varchar(1024) NOT NULL DEFAULT '',
+  `status` tinyint(4) NOT NULL DEFAULT '1' COMMENT '1 = online, else offline',
+  `method` varchar(32) NOT NULL DEFAULT 'GET',
+  `priority` int(11) NOT NULL DEFAULT '2' COMMENT '1 high, 2 normal, 3 low',
+  `max_attempts` int(11) NOT NULL DEFAULT '10' COMMENT '0 = the server default',
+  `secret` varchar(255) NOT NULL DEFAULT '' COMMENT 'callback signing key',
+  `body_format` varchar(16) NOT NULL DEFAULT 'form' COMMENT 'form|json',
+  `updated_at` datetime DEFAULT NULL COMMENT 'set by dq; NULL for rows the original wrote',
+  PRIMARY KEY (`id`),
+  UNIQUE KEY `uk_topic` (`topic`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+CREATE TABLE IF NOT EXISTS `dq_stat` (
+  `id` int(11) NOT NULL AUTO_INCREMENT,
+  `u_key` varchar(255) NOT NULL DEFAULT '',
+  `num` int(11) NOT NULL DEFAULT '0',
+  `create_time` timestamp NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  `update_time` timestamp NOT NULL DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP,
+  PRIMARY KEY (`id`),
+  UNIQUE KEY `u_key` (`u_key`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+-- Upgrading an existing php-delayqueue database. dq adds these columns by itself on
+-- first start when its database user may ALTER; otherwise run them by hand. The
+-- original console keeps working afterwards (it never names these columns). No unique
+-- key is added to dq_topic.topic: old databases may hold duplicate topics, and dq reads
+-- the row with the highest id.
+--
+-- ALTER TABLE `dq_topic` ADD COLUMN `max_attempts` int(11) NOT NULL DEFAULT '10';
+-- ALTER TABLE `dq_topic` ADD COLUMN `secret` varchar(255) NOT NULL DEFAULT '';
+-- ALTER TABLE `dq_topic` ADD COLUMN `body_format` varchar(16) NOT NULL DEFAULT 'form';
+-- ALTER TABLE `dq_topic` ADD COLUMN `updated_at` datetime DEFAULT NULL;
+-- ALTER TABLE `dq_redis` ADD COLUMN `status` tinyint(4) NOT NULL DEFAULT '1';
+-- ALTER TABLE `dq_alert` ADD COLUMN `tls` varchar(16) NOT NULL DEFAULT '';
+-- ALTER TABLE `dq_alert` ADD COLUMN `sender` varchar(255) NOT NULL DEFAULT '';
+-- ALTER TABLE `dq_alert` ADD COLUMN `redis_emails` varchar(1024) NOT NULL DEFAULT '';

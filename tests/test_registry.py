@@ -1,0 +1,382 @@
+"""Registry and TopicCache on real SQLite and real MariaDB (the `db_url` fixture runs both)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from dq.registry import (
+    AlertConf,
+    Base,
+    Registry,
+    ShardConf,
+    Topic,
+    TopicCache,
+    create_tables,
+    make_engine,
+    normalise_redis_url,
+)
+
+SCHEMA_SQL = Path(__file__).parent.parent / "sql" / "schema.sql"
+
+# php-delayqueue's dq.sql, verbatim apart from the database line.
+ORIGINAL_MYSQL = """
+CREATE TABLE `dq_alert` (
+  `id` int(11) NOT NULL AUTO_INCREMENT,
+  `host` varchar(255) NOT NULL DEFAULT '',
+  `port` int(11) NOT NULL DEFAULT '0',
+  `user` varchar(255) NOT NULL DEFAULT '',
+  `pwd` varchar(255) NOT NULL DEFAULT '',
+  `ext` varchar(2048) NOT NULL DEFAULT '',
+  PRIMARY KEY (`id`)
+) ENGINE=InnoDB AUTO_INCREMENT=2 DEFAULT CHARSET=utf8;
+CREATE TABLE `dq_redis` (
+  `id` int(11) NOT NULL AUTO_INCREMENT,
+  `t_name` varchar(200) NOT NULL DEFAULT '',
+  `t_content` varchar(2048) NOT NULL DEFAULT '',
+  PRIMARY KEY (`id`)
+) ENGINE=InnoDB AUTO_INCREMENT=14 DEFAULT CHARSET=utf8;
+CREATE TABLE `dq_topic` (
+ `id` int(11) NOT NULL AUTO_INCREMENT,
+ `t_name` varchar(1024) NOT NULL DEFAULT '',
+ `delay` int(11) NOT NULL DEFAULT '0',
+ `callback` varchar(1024) NOT NULL DEFAULT '',
+ `timeout` int(11) NOT NULL DEFAULT '3000',
+ `email` varchar(1024) NOT NULL DEFAULT '',
+ `topic` varchar(255) NOT NULL DEFAULT '',
+ `re_notify_flag` varchar(1024) NOT NULL DEFAULT '重试标记',
+ `createor` varchar(1024) NOT NULL DEFAULT '',
+ `status` tinyint(4) NOT NULL DEFAULT '1',
+ `method` varchar(32) NOT NULL DEFAULT 'GET',
+ `priority` int(11) NOT NULL DEFAULT '2',
+ PRIMARY KEY (`id`)
+) ENGINE=InnoDB AUTO_INCREMENT=0 DEFAULT CHARSET=utf8;
+CREATE TABLE `dq_stat` (
+ `id` int(11) NOT NULL AUTO_INCREMENT,
+ `u_key` varchar(255) NOT NULL DEFAULT '',
+ `num` int(11) NOT NULL DEFAULT '0',
+ `create_time` timestamp NOT NULL DEFAULT '0000-00-00 00:00:00',
+ `update_time` timestamp NOT NULL DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP,
+ PRIMARY KEY (`id`),
+ UNIQUE KEY `u_key` (`u_key`)
+) ENGINE=InnoDB AUTO_INCREMENT=0 DEFAULT CHARSET=utf8;
+"""
+
+# The same tables as SQLite can spell them.
+ORIGINAL_SQLITE = """
+CREATE TABLE dq_alert (
+  id INTEGER PRIMARY KEY, host varchar(255) NOT NULL DEFAULT '',
+  port int NOT NULL DEFAULT '0', user varchar(255) NOT NULL DEFAULT '',
+  pwd varchar(255) NOT NULL DEFAULT '', ext varchar(2048) NOT NULL DEFAULT '');
+CREATE TABLE dq_redis (
+  id INTEGER PRIMARY KEY, t_name varchar(200) NOT NULL DEFAULT '',
+  t_content varchar(2048) NOT NULL DEFAULT '');
+CREATE TABLE dq_topic (
+  id INTEGER PRIMARY KEY, t_name varchar(1024) NOT NULL DEFAULT '',
+  delay int NOT NULL DEFAULT '0', callback varchar(1024) NOT NULL DEFAULT '',
+  timeout int NOT NULL DEFAULT '3000', email varchar(1024) NOT NULL DEFAULT '',
+  topic varchar(255) NOT NULL DEFAULT '',
+  re_notify_flag varchar(1024) NOT NULL DEFAULT '重试标记',
+  createor varchar(1024) NOT NULL DEFAULT '', status tinyint NOT NULL DEFAULT '1',
+  method varchar(32) NOT NULL DEFAULT 'GET', priority int NOT NULL DEFAULT '2');
+CREATE TABLE dq_stat (
+  id INTEGER PRIMARY KEY, u_key varchar(255) NOT NULL DEFAULT '' UNIQUE,
+  num int NOT NULL DEFAULT '0', create_time timestamp NOT NULL DEFAULT '0000-00-00 00:00:00',
+  update_time timestamp NOT NULL DEFAULT CURRENT_TIMESTAMP);
+"""
+
+# Only the original's columns, as the PHP console writes them.
+OLD_ROW = sa.text(
+    "INSERT INTO dq_topic (t_name, delay, callback, timeout, email, topic, createor, "
+    "status, method, priority) VALUES ('订单取消', 1800, 'http://127.0.0.1/cb', 5000, "
+    "'a@example.com, b@example.com', :topic, 'alice', 1, 'post', 1)"
+)
+
+
+def run_script(engine: sa.Engine, script: str) -> None:
+    """Run a ;-separated SQL script, skipping `--` comment lines."""
+    body = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("--"))
+    with engine.begin() as conn:
+        for stmt in body.split(";\n"):
+            if stmt.strip():
+                conn.exec_driver_sql(stmt.strip().rstrip(";"))
+
+
+def raw(engine: sa.Engine, sql: str, **params: object) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text(sql), params)
+
+
+@pytest.fixture
+def registry(db_url: str) -> Iterator[Registry]:
+    reg = Registry(db_url)
+    yield reg
+    reg.close()
+
+
+def topic(key: str = "order", **kw: object) -> Topic:
+    values: dict[str, object] = {"topic": key, "name": "cancel order", "delay": 30,
+                                 "callback": "http://127.0.0.1:9/cb"}
+    values.update(kw)
+    return Topic(**values)  # type: ignore[arg-type]
+
+
+def test_topic_crud(registry: Registry) -> None:
+    assert registry.get_topic("order") is None
+    saved = registry.save_topic(topic(method="post", emails=("a@x.com, b@x.com",), priority=9,
+                                      retry_when=" code != 200 ", body_format="JSON",
+                                      timeout_ms=1500, max_attempts=4, secret="k",
+                                      creator="bob", online=False))
+    assert saved.id > 0
+    assert saved == Topic(id=saved.id, topic="order", name="cancel order", delay=30,
+                          callback="http://127.0.0.1:9/cb", method="POST", timeout_ms=1500,
+                          emails=("a@x.com", "b@x.com"), retry_when="code != 200", priority=2,
+                          online=False, max_attempts=4, secret="k", body_format="json",
+                          creator="bob")
+    assert registry.get_topic("order") == saved
+    assert registry.topics() == {"order": saved}
+
+    updated = registry.save_topic(topic(callback="http://127.0.0.1:9/v2", online=True))
+    assert updated.id == saved.id
+    assert registry.get_topic("order") == updated
+    assert updated.callback.endswith("/v2") and updated.online and updated.priority == 2
+
+    other = registry.save_topic(topic("Order"))  # keys are case-sensitive on both databases
+    assert other.id != saved.id
+    assert set(registry.topics()) == {"order", "Order"}
+
+    assert registry.delete_topic("order") is True
+    assert registry.delete_topic("order") is False
+    assert registry.get_topic("order") is None
+    assert registry.get_topic("Order") == other
+    with pytest.raises(ValueError):
+        registry.save_topic(topic(" "))
+
+
+def test_old_style_row_gets_defaults(registry: Registry) -> None:
+    raw(registry.engine, OLD_ROW.text, topic="legacy")
+    t = registry.get_topic("legacy")
+    assert t is not None
+    assert (t.name, t.delay, t.callback, t.timeout_ms) == ("订单取消", 1800, "http://127.0.0.1/cb",
+                                                           5000)
+    assert t.emails == ("a@example.com", "b@example.com")
+    assert t.method == "POST" and t.priority == 1 and t.online and t.creator == "alice"
+    assert t.retry_when == ""  # the column default '重试标记' means "no expression"
+    assert (t.max_attempts, t.secret, t.body_format) == (10, "", "form")
+
+
+def test_new_database_has_unique_topic_key(registry: Registry) -> None:
+    raw(registry.engine, OLD_ROW.text, topic="dup")
+    with pytest.raises(sa.exc.IntegrityError):
+        raw(registry.engine, OLD_ROW.text, topic="dup")
+
+
+@pytest.mark.parametrize("flavour", ["sqlite", "mariadb"])
+def test_upgrade_old_php_delayqueue_tables(flavour: str, request: pytest.FixtureRequest,
+                                           tmp_path: Path) -> None:
+    if flavour == "sqlite":
+        url, ddl = f"sqlite:///{tmp_path / 'old.sqlite3'}", ORIGINAL_SQLITE
+    else:
+        url, ddl = request.getfixturevalue("mariadb_url"), ORIGINAL_MYSQL
+    engine = make_engine(url)
+    run_script(engine, ddl)
+    raw(engine, OLD_ROW.text, topic="order")
+    raw(engine, OLD_ROW.text, topic="order")  # old databases may hold duplicates
+    raw(engine, "UPDATE dq_topic SET callback = 'http://127.0.0.1/newest' WHERE id = 2")
+    raw(engine, "INSERT INTO dq_redis (t_name, t_content) VALUES ('r1', '10.0.0.1:6380:pw')")
+    raw(engine, "INSERT INTO dq_alert (host, port, user, pwd, ext) VALUES "
+                "('smtp.example.com', 465, 'dq@example.com', 'pw', :ext)",
+        ext='{"redis": "ops@example.com, dba@example.com"}')
+    raw(engine, "INSERT INTO dq_stat (u_key, num) VALUES ('1_tw', 5)")
+
+    create_tables(engine)
+    create_tables(engine)  # idempotent
+    columns = {c["name"] for c in sa.inspect(engine).get_columns("dq_topic")}
+    assert {"max_attempts", "secret", "body_format", "updated_at"} <= columns
+
+    reg = Registry(url)
+    try:
+        t = reg.get_topic("order")
+        assert t is not None and t.id == 2 and t.callback == "http://127.0.0.1/newest"
+        assert reg.topics()["order"] == t
+        assert (t.retry_when, t.max_attempts, t.body_format) == ("", 10, "form")
+        [shard] = reg.shards()
+        assert (shard.name, shard.url, shard.enabled) == ("r1", "redis://:pw@10.0.0.1:6380/0", True)
+        alert = reg.alert()
+        assert (alert.host, alert.port, alert.user, alert.password) == (
+            "smtp.example.com", 465, "dq@example.com", "pw")
+        assert alert.redis_emails == ("ops@example.com", "dba@example.com")
+        reg.stat_incr("1_tw", 2)
+        assert reg.stat_get("1_tw") == 7
+
+        fp = reg.fingerprint()
+        assert reg.save_topic(topic("order", delay=5)).id == 2  # the row workers read
+        assert reg.fingerprint() != fp
+        assert reg.delete_topic("order") is True
+        assert reg.topics() == {}
+    finally:
+        reg.close()
+        engine.dispose()
+
+
+def test_schema_sql_is_the_models_and_upgrades_the_original(mariadb_url: str) -> None:
+    engine = make_engine(mariadb_url)
+    try:
+        run_script(engine, SCHEMA_SQL.read_text())
+        insp = sa.inspect(engine)
+        for table in Base.metadata.sorted_tables:
+            assert {c["name"] for c in insp.get_columns(table.name)} == set(table.c.keys())
+        # The commented ALTERs turn the original tables into the same column sets.
+        with engine.begin() as conn:
+            for table in Base.metadata.sorted_tables:
+                conn.exec_driver_sql(f"DROP TABLE {table.name}")
+        run_script(engine, ORIGINAL_MYSQL)
+        alters = re.findall(r"^-- (ALTER TABLE .*);$", SCHEMA_SQL.read_text(), re.M)
+        run_script(engine, ";\n".join(alters))
+        insp = sa.inspect(engine)
+        for table in Base.metadata.sorted_tables:
+            assert {c["name"] for c in insp.get_columns(table.name)} == set(table.c.keys())
+    finally:
+        engine.dispose()
+
+
+def test_concurrent_create_tables(db_url: str) -> None:
+    engine = make_engine(db_url)
+    errors: list[BaseException] = []
+
+    def boot() -> None:
+        try:
+            create_tables(engine)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=boot) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    engine.dispose()
+    assert errors == []
+
+
+def test_fingerprint_sees_raw_changes(registry: Registry) -> None:
+    empty = registry.fingerprint()
+    assert registry.fingerprint() == empty
+    registry.save_topic(topic("a", callback="http://h/a"))
+    registry.save_topic(topic("b", callback="http://h/b"))
+    seen = {empty, registry.fingerprint()}
+    for sql in (
+        "UPDATE dq_topic SET callback = 'http://h/x' WHERE topic = 'a'",  # same length
+        "UPDATE dq_topic SET status = 2 WHERE topic = 'a'",
+        "UPDATE dq_topic SET topic = 'c' WHERE topic = 'a'",
+        "UPDATE dq_topic SET max_attempts = 3 WHERE topic = 'b'",
+        "DELETE FROM dq_topic WHERE topic = 'b'",
+    ):
+        raw(registry.engine, sql)
+        fp = registry.fingerprint()
+        assert fp not in seen, sql
+        seen.add(fp)
+
+
+async def test_topic_cache_follows_the_database(registry: Registry) -> None:
+    registry.save_topic(topic("order", delay=10))
+    cache = TopicCache(registry, refresh=0.2)
+    assert cache.get_nowait("order") is None  # nothing is read before the first get
+    first = await cache.get("order")
+    assert first is not None and first.delay == 10
+    assert cache.get_nowait("order") is first
+    await asyncio.sleep(0.3)
+    assert await cache.get("order") is first  # fingerprint unchanged: no reload
+
+    raw(registry.engine, "UPDATE dq_topic SET delay = 99 WHERE topic = 'order'")
+    raw(registry.engine, OLD_ROW.text, topic="fresh")
+    start = time.monotonic()
+    while (t := await cache.get("order")) is not None and t.delay != 99:
+        assert time.monotonic() - start < 2, "cache did not see the raw UPDATE"
+        await asyncio.sleep(0.05)
+    assert time.monotonic() - start < 0.2 + 0.5
+    assert cache.get_nowait("fresh") is not None
+
+    raw(registry.engine, "DELETE FROM dq_topic WHERE topic = 'fresh'")
+    await cache.refresh(force=True)
+    assert cache.get_nowait("fresh") is None
+
+
+async def test_topic_cache_keeps_topics_when_the_database_fails(
+        registry: Registry, caplog: pytest.LogCaptureFixture) -> None:
+    registry.save_topic(topic("order"))
+    cache = TopicCache(registry, refresh=0.1)
+    assert await cache.get("order") is not None
+    raw(registry.engine, "ALTER TABLE dq_topic RENAME TO dq_topic_away")
+    try:
+        await asyncio.sleep(0.15)
+        assert (await cache.get("order")) is not None
+        assert "registry refresh failed" in caplog.text
+    finally:
+        raw(registry.engine, "ALTER TABLE dq_topic_away RENAME TO dq_topic")
+    registry.save_topic(topic("later"))
+    await asyncio.sleep(0.15)
+    assert await cache.get("later") is not None  # recovered on the next interval
+
+
+@pytest.mark.parametrize(("text", "url"), [
+    ("127.0.0.1:6379:secret", "redis://:secret@127.0.0.1:6379/0"),
+    (" 127.0.0.1:6379 ", "redis://127.0.0.1:6379/0"),
+    ("10.0.0.1:6380:p@ss/w:rd,10.0.0.2:6380:x", "redis://:p%40ss%2Fw%3Ard@10.0.0.1:6380/0"),
+    ("redis-host", "redis://redis-host:6379/0"),
+    ("rediss://:pw@h:6380/2", "rediss://:pw@h:6380/2"),
+    ("unix:///tmp/redis.sock", "unix:///tmp/redis.sock"),
+])
+def test_normalise_redis_url(text: str, url: str) -> None:
+    assert normalise_redis_url(text) == url
+
+
+@pytest.mark.parametrize("bad", ["", ":6379", "host:port"])
+def test_normalise_redis_url_refuses_garbage(bad: str) -> None:
+    with pytest.raises(ValueError):
+        normalise_redis_url(bad)
+
+
+def test_shards(registry: Registry) -> None:
+    assert registry.shards() == []
+    s1 = registry.save_shard("s1", "127.0.0.1:6379:secret")
+    assert s1 == ShardConf(s1.id, "s1", "redis://:secret@127.0.0.1:6379/0", True)
+    s2 = registry.save_shard("s2", "redis://127.0.0.1:6380/0", enabled=False)
+    raw(registry.engine, "INSERT INTO dq_redis (t_name, t_content) VALUES ('bad', '')")
+    assert registry.shards() == [s1, s2]  # the unusable row is skipped
+    again = registry.save_shard("s1", "redis://127.0.0.1:6381/0")
+    assert again.id == s1.id and registry.shards()[0].url == "redis://127.0.0.1:6381/0"
+    with pytest.raises(ValueError):
+        registry.save_shard("s3", "not a url:x")
+    assert registry.delete_shard(s2.id) is True
+    assert registry.delete_shard(s2.id) is False
+    assert [s.name for s in registry.shards()] == ["s1"]
+
+
+def test_alert_round_trip(registry: Registry) -> None:
+    assert registry.alert() == AlertConf()
+    conf = AlertConf(host="127.0.0.1", port=2525, user="u", password="p", tls="starttls",
+                     sender="dq@example.com", redis_emails=("ops@example.com",), ext="{}")
+    registry.save_alert(conf)
+    assert registry.alert() == conf
+    registry.save_alert(AlertConf(host="smtp2", port=465, tls="ssl"))
+    assert registry.alert() == AlertConf(host="smtp2", port=465, tls="ssl")
+    with registry.engine.connect() as conn:
+        assert conn.scalar(sa.text("SELECT COUNT(*) FROM dq_alert")) == 1
+    with pytest.raises(ValueError):
+        registry.save_alert(AlertConf(tls="tls"))
+
+
+def test_stats(registry: Registry) -> None:
+    assert registry.stat_get("k") == 0
+    registry.stat_incr("k", 3)
+    registry.stat_incr("k")
+    registry.stat_incr("other", 1)
+    assert (registry.stat_get("k"), registry.stat_get("other")) == (4, 1)
