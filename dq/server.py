@@ -14,7 +14,7 @@ import collections
 import logging
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 
 from dq import protocol
 from dq.errors import (
@@ -28,6 +28,7 @@ from dq.errors import (
 )
 from dq.protocol import AddRequest, DelRequest, FrameDecoder, FrameError, GetRequest
 from dq.registry import Registry, Topic, TopicCache
+from dq.shards import Shard
 from dq.store import Store
 from dq.worker import Context, open_store
 
@@ -37,6 +38,11 @@ request_log = logging.getLogger("dq.request")
 MAX_OUTSTANDING = 256  # requests in progress per connection before reading pauses
 WRITE_HIGH = 256 * 1024  # reply bytes buffered for a slow reader before reading pauses
 FRAME_TIMEOUT = 10.0  # seconds a started frame may take to arrive in full
+
+
+def _resolve(reply: asyncio.Future[bytes], task: asyncio.Future[bytes]) -> None:
+    if not reply.done() and not task.cancelled():
+        reply.set_result(task.result())
 
 
 class Handler:
@@ -58,19 +64,70 @@ class Handler:
                           "console to accept jobs again")
         return topic
 
+    def fast(self, obj: protocol.Frame) -> bytes | asyncio.Future[bytes]:
+        """Answer a request, without a coroutine when it is an add on an open connection
+        (the hot path): the reply future resolves when the shard answers."""
+        if obj.get("cmd") != "add":
+            return asyncio.ensure_future(self.handle(obj))
+        try:
+            req = protocol.parse_request(obj, tz=self.settings.zone)
+            assert isinstance(req, AddRequest)
+            shard, args = self._add_call(req)
+        except DqError as exc:
+            self.stats["fail"] += 1
+            return protocol.error_reply(exc)
+        if not shard.conn.connected:
+            return asyncio.ensure_future(self.handle(obj))
+        reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        sent = shard.conn.call_nowait("EVALSHA", *args)
+        sent.add_done_callback(lambda f: self._added(f, reply, req, shard, args))
+        return reply
+
+    def _added(self, sent: asyncio.Future[Any], reply: asyncio.Future[bytes], req: AddRequest,
+               shard: Shard, args: tuple[Any, ...]) -> None:
+        if reply.done():  # the connection went away meanwhile
+            return
+        exc = None if sent.cancelled() else sent.exception()
+        if exc is None and not sent.cancelled():
+            self.stats["add"] += 1
+            request_log.info("add topic=%s id=%s", req.topic, req.id)
+            reply.set_result(protocol.OK_EMPTY)
+            return
+        # scripts not loaded yet, or an error: the ordinary path retries or explains
+        task = asyncio.ensure_future(self._add_slow(shard, args, req))
+        task.add_done_callback(lambda t: _resolve(reply, t))
+
+    async def _add_slow(self, shard: Shard, args: tuple[Any, ...], req: AddRequest) -> bytes:
+        try:
+            await shard.evalsha(args)
+        except DqError as exc:
+            self.stats["fail"] += 1
+            return protocol.error_reply(exc)
+        except Exception as exc:
+            return self._unexpected(req, exc)
+        self.stats["add"] += 1
+        request_log.info("add topic=%s id=%s", req.topic, req.id)
+        return protocol.OK_EMPTY
+
+    def _add_call(self, req: AddRequest) -> tuple[Shard, tuple[Any, ...]]:
+        topic = self.topic(req.topic)
+        due_ms, delay_ms = req.due_ms, req.delay_ms
+        if due_ms is None and delay_ms is None:
+            delay_ms = topic.delay * 1000
+        return self.store.add_call(req.topic, req.id, req.body, priority=topic.priority,
+                                   due_ms=due_ms, delay_ms=delay_ms)
+
+    def _unexpected(self, obj: object, exc: Exception) -> bytes:
+        self.stats["fail"] += 1
+        log.error("request failed: %r", obj, exc_info=exc)
+        return protocol.error_reply((UNAVAILABLE, f"the server could not complete the "
+                                     f"request ({exc.__class__.__name__}); retry shortly"))
+
     async def handle(self, obj: protocol.Frame) -> bytes:
         try:
             req = protocol.parse_request(obj, tz=self.settings.zone)
             if isinstance(req, AddRequest):
-                topic = self.topic(req.topic)
-                due_ms, delay_ms = req.due_ms, req.delay_ms
-                if due_ms is None and delay_ms is None:
-                    delay_ms = topic.delay * 1000
-                await self.store.add(req.topic, req.id, req.body, priority=topic.priority,
-                                     due_ms=due_ms, delay_ms=delay_ms)
-                self.stats["add"] += 1
-                request_log.info("add topic=%s id=%s", req.topic, req.id)
-                return protocol.OK_EMPTY
+                return await self._add_slow(*self._add_call(req), req)
             if isinstance(req, GetRequest):
                 body = await self.store.get(req.topic, req.id)
                 self.stats["get"] += 1
@@ -91,10 +148,7 @@ class Handler:
             self.stats["fail"] += 1
             return protocol.error_reply(exc)
         except Exception as exc:
-            self.stats["fail"] += 1
-            log.exception("request failed: %r", obj)
-            return protocol.error_reply((UNAVAILABLE, f"the server could not complete the "
-                                         f"request ({exc.__class__.__name__}); retry shortly"))
+            return self._unexpected(obj, exc)
 
 
 class Connection(asyncio.Protocol):
@@ -113,10 +167,9 @@ class Connection(asyncio.Protocol):
 
     # asyncio callbacks -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         if len(self.server.connections) >= self.server.settings.max_connections:
-            transport.write(protocol.error_reply((
+            self.transport.write(protocol.error_reply((
                 TOO_MANY_CONNECTIONS, f"the server already has {len(self.server.connections)} "
                 "connections, its limit; retry later or use another dq server")))
             transport.close()
@@ -155,7 +208,7 @@ class Connection(asyncio.Protocol):
             elif item.get("cmd") == "ping":
                 self._queue(protocol.OK_EMPTY)
             else:
-                self._queue(asyncio.ensure_future(handler.handle(item)))
+                self._queue(handler.fast(item))
         self.frame_started = self.last_active if self.decoder.pending_bytes else 0.0
         self._update_reading()
 

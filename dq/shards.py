@@ -1,9 +1,9 @@
 """Redis shards: connections, auto-pipelining, Lua script loading, rendezvous routing.
 
-Every call a process makes to a shard goes through `Shard.call`, which queues it; one
-flusher task per shard sends everything queued since the last round trip as one pipeline.
+Every call a process makes to a shard goes through `Shard.call` on one pipelined
+connection (dq/resp.py): what is queued in one event-loop turn goes out in one write.
 So a server with 50 busy connections talks to each shard in batches, not one command per
-round trip, and callers never hold a pooled connection each.
+round trip. `Shard.client` (redis-py) is kept for blocking and admin commands.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
-from dq.errors import UNAVAILABLE, DqError
+from dq.errors import DqError
+from dq.resp import RespConnection
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,9 @@ class Shard:
             url, socket_connect_timeout=connect_timeout, socket_timeout=command_timeout,
             socket_keepalive=True, health_check_interval=0, max_connections=64,
         )
+        self.conn = RespConnection(url, name=name, connect_timeout=connect_timeout)
         self.up = True
         self.down_since = 0.0
-        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
-        self._flusher: asyncio.Task[None] | None = None
         self.failures = 0
         self._loading: asyncio.Future[Any] | None = None
 
@@ -66,21 +66,26 @@ class Shard:
         return f"<Shard {self.name} {'up' if self.up else 'down'}>"
 
     async def call(self, *args: Any) -> Any:
-        """Queue one command for the next pipelined round trip and wait for its reply."""
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((args, fut))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush())
-        return await fut
+        """Send one command on the shard's pipelined connection and wait for its reply."""
+        try:
+            res = await self.conn.call(*args)
+        except DqError as exc:
+            self._mark_failure(exc)
+            raise
+        self.failures = 0
+        return res
 
     async def script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run a dq/lua script by name (EVALSHA, batched; reloaded when Redis lost it)."""
-        sha = SCRIPTS[name][0]
+        return await self.evalsha((SCRIPTS[name][0], len(keys), *keys, *args))
+
+    async def evalsha(self, args: tuple[Any, ...]) -> Any:
+        """EVALSHA sha numkeys keys... args...; scripts are reloaded when Redis lost them."""
         try:
-            return await self.call("EVALSHA", sha, len(keys), *keys, *args)
+            return await self.call("EVALSHA", *args)
         except NoScriptError:
             await self.load_scripts()
-            return await self.call("EVALSHA", sha, len(keys), *keys, *args)
+            return await self.call("EVALSHA", *args)
 
     async def load_scripts(self) -> None:
         """Load every script (after a restart Redis has none). Concurrent callers share
@@ -97,34 +102,6 @@ class Shard:
         if not fut.cancelled():
             fut.exception()  # retrieved here; the awaiting callers see it too
 
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                pipe = self.client.pipeline(transaction=False)
-                for args, _ in batch:
-                    pipe.execute_command(*args)
-                try:
-                    results = await pipe.execute(raise_on_error=False)
-                except (TimeoutError, RedisError, OSError) as exc:
-                    self._mark_failure(exc)
-                    err = DqError(UNAVAILABLE, f"redis shard {self.name} is unavailable "
-                                  f"({exc.__class__.__name__}: {exc}); retry shortly")
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(err)
-                    continue
-                self.failures = 0
-                for (_, fut), res in zip(batch, results, strict=True):
-                    if fut.done():
-                        continue
-                    if isinstance(res, Exception):
-                        fut.set_exception(res)
-                    else:
-                        fut.set_result(res)
-        finally:
-            self._flusher = None
-
     def _mark_failure(self, exc: BaseException) -> None:
         self.failures += 1
         if self.failures == 1:
@@ -136,6 +113,7 @@ class Shard:
             self.down_since = 0.0 if up else time.time()
 
     async def close(self) -> None:
+        self.conn.close()
         await self.client.aclose()
 
 

@@ -11,6 +11,7 @@ priority `p`: the scripts read them with a prefix match instead of decoding the 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import secrets
 import time
@@ -22,7 +23,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from dq.errors import UNAVAILABLE, DqError
-from dq.shards import Shard, ShardSet
+from dq.shards import SCRIPTS, Shard, ShardSet
 
 MINUTE_TTL = 2 * 3600  # per-minute counters feed the console's last-hour chart
 STAT_FIELDS = ("writes", "notifies", "ok", "fail", "retries", "dead", "dels")
@@ -38,8 +39,18 @@ def split_tid(tid: str) -> tuple[str, str]:
     return topic, job_id
 
 
+_VERSION_PREFIX = secrets.token_hex(5)
+_version_seq = itertools.count(1)
+
+
 def new_version() -> str:
-    return secrets.token_hex(8)
+    """A version no other add will produce: a random per-process prefix and a counter."""
+    return f"{_VERSION_PREFIX}{next(_version_seq):x}"
+
+
+def _pairs(flat: list[bytes]) -> list[tuple[str, bytes]]:
+    """HGETALL's flat [field, value, ...] reply as (field, value) pairs."""
+    return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat) - 1, 2)]
 
 
 def dumps(obj: Any) -> str:
@@ -102,6 +113,7 @@ class Store:
         self.k_delay = tuple(f"{prefix}delay:{b}" for b in range(buckets))
         self.k_wake = tuple(f"{prefix}wake:{b}" for b in range(buckets))
         self._day = ("", 0)
+        self._times: dict[int, str] = {}
 
     # keys -------------------------------------------------------------------------------
     def bucket(self, tid: str) -> int:
@@ -123,7 +135,15 @@ class Store:
         return self._day[0]
 
     def fmt_time(self, epoch_ms: int) -> str:
-        return datetime.fromtimestamp(epoch_ms / 1000, self.zone).strftime("%Y-%m-%d %H:%M:%S")
+        """'Y-m-d H:i:s' in the configured zone (memoised per second: the hot path)."""
+        sec = epoch_ms // 1000
+        text = self._times.get(sec)
+        if text is None:
+            if len(self._times) > 4096:
+                self._times.clear()
+            text = datetime.fromtimestamp(sec, self.zone).strftime("%Y-%m-%d %H:%M:%S")
+            self._times[sec] = text
+        return text
 
     # payloads ---------------------------------------------------------------------------
     @staticmethod
@@ -133,9 +153,11 @@ class Store:
                       "due": due_ms, "n": attempt, "set": set_ms, "body": body})
 
     # client operations ------------------------------------------------------------------
-    async def add(self, topic: str, job_id: str, body: dict[str, Any], *, priority: int = 2,
-                  due_ms: int | None = None, delay_ms: int | None = None) -> AddResult:
-        """Store or replace a job; it falls due at due_ms, else delay_ms from now."""
+    def add_call(self, topic: str, job_id: str, body: dict[str, Any], *, priority: int = 2,
+                 due_ms: int | None = None, delay_ms: int | None = None,
+                 ) -> tuple[Shard, tuple[Any, ...]]:
+        """The shard and EVALSHA arguments of an add (so the server can send it without a
+        coroutine per request)."""
         tid = make_tid(topic, job_id)
         now_ms = int(time.time() * 1000)
         if due_ms is None:
@@ -151,13 +173,17 @@ class Store:
                                job_id=job_id, due_ms=est_due, attempt=0, set_ms=now_ms, body=body)
         b = self.bucket(tid)
         shard = self.shards.writable(tid)
-        res = await shard.script(
-            "add",
-            (self.k_jobs, self.k_delay[b], self.k_wake[b], self.k_inflight, self.k_dead,
-             self.k_dead_err, self.k_stat(topic), self.k_minute()),
-            (tid, payload, "" if due_ms is None else due_ms, delay_ms or 0, self.day(),
-             MINUTE_TTL),
-        )
+        return shard, (SCRIPTS["add"][0], 8, self.k_jobs, self.k_delay[b], self.k_wake[b],
+                       self.k_inflight, self.k_dead, self.k_dead_err, self.k_stat(topic),
+                       self.k_minute(), tid, payload, "" if due_ms is None else due_ms,
+                       delay_ms or 0, self.day(), MINUTE_TTL)
+
+    async def add(self, topic: str, job_id: str, body: dict[str, Any], *, priority: int = 2,
+                  due_ms: int | None = None, delay_ms: int | None = None) -> AddResult:
+        """Store or replace a job; it falls due at due_ms, else delay_ms from now."""
+        shard, args = self.add_call(topic, job_id, body, priority=priority, due_ms=due_ms,
+                                    delay_ms=delay_ms)
+        res = await shard.evalsha(args)
         return AddResult(replaced=bool(res[0]), due_ms=int(res[1]), shard=shard.name)
 
     async def _find(self, tid: str) -> tuple[Shard, bytes] | None:
@@ -345,9 +371,8 @@ class Store:
                 raw = await shard.call("HGETALL", self.k_stat(topic))
             except DqError:
                 continue
-            for k, v in raw.items():
-                key = k.decode()
-                total[key] = total.get(key, 0) + int(v)
+            for k, v in _pairs(raw):
+                total[k] = total.get(k, 0) + int(v)
         return total
 
     async def minute_stats(self, minutes: int = 60) -> list[tuple[int, dict[str, int]]]:
@@ -362,9 +387,8 @@ class Store:
             except DqError:
                 continue
             for m, row in zip(mins, rows, strict=True):
-                for k, v in row.items():
-                    key = k.decode()
-                    out[m][key] = out[m].get(key, 0) + int(v)
+                for k, v in _pairs(row):
+                    out[m][k] = out[m].get(k, 0) + int(v)
         return [(m, out[m]) for m in mins]
 
     async def depths(self, shard: Shard) -> dict[str, int]:

@@ -1,0 +1,164 @@
+"""A lean auto-pipelining Redis connection for the hot path.
+
+Every command a process sends to a shard in one event-loop turn is packed by hand (RESP),
+written with one `transport.write`, and its reply matched in order by hiredis. That is
+what the server, timers and consumers need per request: no pool, no per-command timeout
+object, no per-command task. redis-py is still used for blocking and admin commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from typing import Any, cast
+from urllib.parse import unquote, urlparse
+
+import hiredis
+from redis.exceptions import NoScriptError, ResponseError
+
+from dq.errors import UNAVAILABLE, DqError
+
+
+def _encode(arg: Any) -> bytes:
+    if isinstance(arg, bytes):
+        return arg
+    if isinstance(arg, str):
+        return arg.encode()
+    if isinstance(arg, int | float):
+        return repr(arg).encode()
+    raise TypeError(f"cannot send {type(arg).__name__} to redis")
+
+
+def pack(args: tuple[Any, ...]) -> bytes:
+    """One command in RESP: *<n> then $<len> <bytes> per argument."""
+    parts = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = _encode(a)
+        parts.append(b"$%d\r\n%b\r\n" % (len(b), b))
+    return b"".join(parts)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, conn: RespConnection) -> None:
+        self.conn = conn
+        self.reader = hiredis.Reader()
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        waiting = self.conn.waiting
+        while True:
+            reply = self.reader.gets()
+            if reply is False:
+                return
+            if not waiting:  # unsolicited; cannot happen without pub/sub
+                continue
+            fut = waiting.popleft()
+            if fut.done():
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                msg = str(reply)
+                fut.set_exception(NoScriptError(msg) if msg.startswith("NOSCRIPT")
+                                  else ResponseError(msg))
+            else:
+                fut.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.lost(exc)
+
+
+class RespConnection:
+    """One connection to one Redis, (re)connected on demand, commands pipelined."""
+
+    def __init__(self, url: str, *, name: str, connect_timeout: float = 1.0) -> None:
+        self.url = url
+        self.name = name
+        self.connect_timeout = connect_timeout
+        self.transport: asyncio.Transport | None = None
+        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._connecting: asyncio.Future[None] | None = None
+
+    def _unavailable(self, why: object) -> DqError:
+        return DqError(UNAVAILABLE, f"redis shard {self.name} is unavailable ({why}); "
+                       "retry shortly")
+
+    async def _open(self) -> None:
+        u = urlparse(self.url)
+        loop = asyncio.get_running_loop()
+        if u.scheme == "unix":
+            make = loop.create_unix_connection(lambda: _Protocol(self), unquote(u.path))
+        else:
+            ctx = ssl.create_default_context() if u.scheme == "rediss" else None
+            make = loop.create_connection(lambda: _Protocol(self), u.hostname or "127.0.0.1",
+                                          u.port or 6379, ssl=ctx)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                transport, _ = await make
+        except (OSError, TimeoutError) as exc:
+            raise self._unavailable(exc or "connect timed out") from None
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        hello: list[tuple[Any, ...]] = []
+        if u.password:
+            user = unquote(u.username) if u.username else None
+            hello.append(("AUTH", user, unquote(u.password)) if user
+                         else ("AUTH", unquote(u.password)))
+        db = (u.path or "/0").strip("/") if u.scheme != "unix" else ""
+        if db and db != "0":
+            hello.append(("SELECT", db))
+        for cmd in hello:
+            await self.call(*cmd)
+
+    async def connect(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            return
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+        fut = self._connecting
+        try:
+            await asyncio.shield(fut)
+        finally:
+            if fut.done():
+                self._connecting = None
+
+    @property
+    def connected(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def call_nowait(self, *args: Any) -> asyncio.Future[Any]:
+        """Queue a command on an open connection; its reply resolves the future."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        if self.transport is None or self.transport.is_closing():
+            fut.set_exception(self._unavailable("not connected"))
+            return fut
+        self._out.append(pack(args))
+        self.waiting.append(fut)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return fut
+
+    async def call(self, *args: Any) -> Any:
+        if self.transport is None or self.transport.is_closing():
+            await self.connect()
+        return await self.call_nowait(*args)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self._out))
+        self._out.clear()
+
+    def lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        err = self._unavailable(exc or "connection closed")
+        while self.waiting:
+            fut = self.waiting.popleft()
+            if not fut.done():
+                fut.set_exception(err)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
