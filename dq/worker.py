@@ -9,11 +9,23 @@ Context and calls it; tests call the same function in-process.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
+import importlib
+import logging
+import os
+import signal
 import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
+
+import setproctitle
 
 from dq.config import Settings
+from dq.errors import EXIT_BOOT, EXIT_ORPHAN
+from dq.logs import setup_logging
 from dq.shards import ShardSet
 from dq.store import Store
 
@@ -27,6 +39,10 @@ class Context:
     index: int = 0
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     listen_sock: socket.socket | None = None  # the master's TCP socket, for servers
+    # A role may set this once it serves; otherwise it counts as booted after BOOT_WINDOW
+    # seconds without failing. The master retires an old generation only when the new one
+    # is ready, and a role that fails before it is ready exits with EXIT_BOOT.
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def name(self) -> str:
@@ -59,3 +75,189 @@ def open_store(settings: Settings, extra_shards: list[tuple[str, str]] | None = 
     """A Store over every shard. Connections are made lazily, inside the running loop."""
     shards = ShardSet.from_urls(shard_urls(settings, extra_shards))
     return Store(shards, prefix=settings.prefix, buckets=settings.buckets, zone=settings.zone)
+
+
+# ---------------------------------------------------------------------------------------
+# Child machinery: what runs in a child between the master's fork and its exit.
+
+BOOT_WINDOW = 2.0  # a role that runs this long without failing counts as booted
+HEARTBEAT_EVERY = 1.0
+STOP_MARGIN = 1.0  # past settings.grace, the child cancels a role that will not return
+_IGNORED = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU,
+            signal.SIGWINCH)
+_DEFAULT = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGALRM)
+
+log = logging.getLogger(__name__)
+
+
+def write_status(path: Path, status: str) -> None:
+    """Tell the master how boot went: 'ready' or 'boot-failed: <why>' (one line)."""
+    try:
+        path.write_text(status.replace("\n", " ")[:500] + "\n", encoding="utf-8")
+    except OSError:
+        pass
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def load_role(path: str) -> Callable[[Context], Awaitable[None]]:
+    """The role function named 'module:function', imported now (after fork)."""
+    module_name, _, func = path.partition(":")
+    module = importlib.import_module(module_name)
+    fn: Callable[[Context], Awaitable[None]] = getattr(module, func or "run")
+    return fn
+
+
+def _post_fork(name: str, settings: Settings, close_fds: Iterable[int]) -> None:
+    """Make a freshly forked child its own process: signals, title, fds, logs."""
+    for sig in _IGNORED:
+        signal.signal(sig, signal.SIG_IGN)
+    for sig in _DEFAULT:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the master blocked them over fork
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    # Our own process group: a terminal's ^C reaches only the master, which then stops
+    # the children once, gracefully (a second signal would make them exit at once).
+    os.setpgid(0, 0)
+    setproctitle.setproctitle(name)
+    setup_logging(settings, name)
+    faulthandler.enable(all_threads=True)  # a SIGABRT from the master dumps the stack
+
+
+class _Child:
+    """Signal flags, heartbeat and parent-death check of one child's event loop."""
+
+    def __init__(self, ctx: Context, heartbeat: Path, master_pid: int) -> None:
+        self.ctx = ctx
+        self.heartbeat = heartbeat
+        self.master_pid = master_pid
+        self.signals = 0
+        self.orphaned = False
+        self.booted = False
+
+    def install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.graceful, sig)
+        loop.add_signal_handler(signal.SIGQUIT, self.fast)
+
+    def graceful(self, sig: int) -> None:
+        self.signals += 1
+        if self.signals > 1:
+            log.warning("%s: second %s; exiting now", self.ctx.name, signal.Signals(sig).name)
+            _exit_now(1)
+        log.info("%s: %s received; stopping gracefully", self.ctx.name,
+                 signal.Signals(sig).name)
+        self.ctx.stopping.set()
+
+    def fast(self) -> None:
+        log.info("%s: SIGQUIT received; exiting now", self.ctx.name)
+        _exit_now(0)
+
+    async def beat(self) -> None:
+        """Prove liveness from inside the loop; stop when the master is gone."""
+        while True:
+            try:
+                os.utime(self.heartbeat)
+            except OSError:
+                pass
+            if os.getppid() != self.master_pid and not self.orphaned:
+                self.orphaned = True
+                log.warning("%s: master (pid %d) went away; stopping", self.ctx.name,
+                            self.master_pid)
+                self.ctx.stopping.set()
+            await asyncio.sleep(HEARTBEAT_EVERY)
+
+    async def wait_booted(self, task: asyncio.Task[None]) -> None:
+        """Until the role is ready (it said so, or survived BOOT_WINDOW) or has ended."""
+        ready = asyncio.ensure_future(self.ctx.ready.wait())
+        await asyncio.wait({task, ready}, timeout=BOOT_WINDOW,
+                           return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if not task.done() or (not task.cancelled() and task.exception() is None):
+            self.booted = True
+            write_status(self.heartbeat, "ready")
+
+    async def wait_done(self, task: asyncio.Task[None]) -> None:
+        """Until the role returns; once stopping, at most grace + a margin, then cancel."""
+        stop = asyncio.ensure_future(self.ctx.stopping.wait())
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        limit = self.ctx.settings.grace + STOP_MARGIN
+        done, _ = await asyncio.wait({task}, timeout=limit)
+        if not done:
+            log.warning("%s did not stop within %.0f s; cancelling it", self.ctx.name, limit)
+            task.cancel()
+            await asyncio.wait({task}, timeout=5)
+
+    def exit_code(self, task: asyncio.Task[None]) -> int:
+        exc = None if not task.done() or task.cancelled() else task.exception()
+        if exc is not None:
+            log.error("%s failed: %s", self.ctx.name, _reason(exc), exc_info=exc)
+            if not self.booted:
+                write_status(self.heartbeat, "boot-failed: " + _reason(exc))
+                return EXIT_BOOT
+            return 1
+        if self.orphaned:
+            return EXIT_ORPHAN
+        if not self.ctx.stopping.is_set():
+            log.error("%s returned without being asked to stop", self.ctx.name)
+            return 1
+        return 0
+
+
+async def _supervise(ctx: Context, role: Callable[[Context], Awaitable[None]],
+                     heartbeat: Path, master_pid: int) -> int:
+    child = _Child(ctx, heartbeat, master_pid)
+    child.install_signals()
+    beat = asyncio.create_task(child.beat())
+    task = asyncio.ensure_future(role(ctx))
+    try:
+        await child.wait_booted(task)
+        await child.wait_done(task)
+    finally:
+        beat.cancel()
+    return child.exit_code(task)
+
+
+def _exit_now(code: int) -> NoReturn:
+    logging.shutdown()
+    os._exit(code)
+
+
+def run_child(settings: Settings, role: str, index: int, *, role_path: str, heartbeat: str,
+              master_pid: int, listen_sock: socket.socket | None = None,
+              close_fds: Iterable[int] = ()) -> NoReturn:
+    """Run one role in a just-forked child and exit with its code; never returns.
+
+    Exit codes: 0 after a clean stop, EXIT_BOOT when the role cannot start (import error,
+    Redis unreachable, ... before it is ready), EXIT_ORPHAN when the master went away,
+    1 when it crashed after booting.
+    """
+    code = EXIT_BOOT
+    hb = Path(heartbeat)
+    started = time.monotonic()
+    ctx = Context(settings, role, index, listen_sock=listen_sock)
+    try:
+        _post_fork(ctx.name, settings, close_fds)
+        log.debug("%s started (pid %d, role %s)", ctx.name, os.getpid(), role_path)
+        try:
+            fn = load_role(role_path)
+        except Exception as exc:
+            log.error("%s cannot load %s: %s", ctx.name, role_path, _reason(exc))
+            write_status(hb, "boot-failed: " + _reason(exc))
+            _exit_now(EXIT_BOOT)
+        code = asyncio.run(_supervise(ctx, fn, hb, master_pid))
+        log.debug("%s exiting with code %d after %.1f s", ctx.name, code,
+                 time.monotonic() - started)
+    except BaseException as exc:  # a forked child must never return into the master's code
+        log.exception("%s: unexpected failure", ctx.name)
+        write_status(hb, "boot-failed: " + _reason(exc))
+    finally:
+        _exit_now(code)

@@ -1,0 +1,284 @@
+"""The arbiter: dq-master forks the roles, supervises them and answers signals.
+
+Modelled on gunicorn's arbiter. Signal handlers only queue the signal and write to a
+wakeup pipe; the main loop dispatches `handle_<name>()`. The master does no business
+work, imports no redis, httpx or SQLAlchemy and runs no event loop: each child imports
+its role after fork (dq.worker.run_child).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, ClassVar, NoReturn
+
+import setproctitle
+
+from dq.config import Settings, load_settings
+from dq.embedded import EmbeddedError, EmbeddedRedis, find_binary
+from dq.errors import EXIT_BOOT, ConfigError
+from dq.logs import setup_logging
+from dq.pool import SIGNALS, STOP_MARGIN, WorkerPool
+from dq.supervise import (
+    BootError,
+    anchor_paths,
+    bind_listener,
+    check_pid_file,
+    remove_pid_file,
+    write_pid_file,
+)
+
+log = logging.getLogger(__name__)
+
+FAST_STOP = 3.0  # how long QUIT waits before SIGKILL
+
+
+class Halt(Exception):
+    """Leaves the main loop with an exit status."""
+
+    def __init__(self, code: int = 0) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class Arbiter(WorkerPool):
+    """Keeps the configured children running; a reload replaces them by generation."""
+
+    SIG_NAMES: ClassVar[dict[int, str]] = {sig: sig.name[3:].lower() for sig in SIGNALS}
+
+    def __init__(self, settings: Settings, *, overrides: dict[str, Any] | None = None,
+                 cwd: Path | None = None) -> None:
+        self.cwd = cwd or Path.cwd()
+        super().__init__(anchor_paths(settings, self.cwd))
+        self.overrides = dict(overrides or {})
+        self.config_file = (str(self.cwd / settings.config_file) if settings.config_file
+                            else "")
+        self.sig_queue: list[int] = []
+        self.started = time.monotonic()
+
+    # start and stop
+
+    def prepare(self) -> None:
+        """What can fail before daemonizing, so errors reach the terminal: BootError."""
+        check_pid_file(self.cfg.pid_file)
+        try:
+            Path(self.cfg.data_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BootError(f"cannot create data dir {self.cfg.data_dir}: {exc.strerror}") \
+                from None
+        self.listener = bind_listener(self.cfg.host, self.cfg.port)
+        if self.cfg.embedded:
+            try:
+                self.redis = EmbeddedRedis(self.cfg)
+                self.redis.lock()
+                find_binary()
+            except EmbeddedError as exc:
+                raise BootError(str(exc)) from None
+
+    def start(self) -> None:
+        self.pid = os.getpid()
+        setproctitle.setproctitle("dq-master")
+        write_pid_file(self.cfg.pid_file)
+        self.pipe = os.pipe()
+        for fd in self.pipe:
+            os.set_blocking(fd, False)
+        for sig in SIGNALS:
+            signal.signal(sig, self.signal)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        self.hb_dir = Path(tempfile.mkdtemp(prefix="dq-master-"))
+        assert self.listener is not None
+        host, port = self.listener.getsockname()[:2]
+        log.info("dq-master started (pid %d) on %s:%d: %s", self.pid, host, port, self.summary())
+        if self.redis is not None:
+            self.start_redis()
+
+    def summary(self) -> str:
+        redis = "embedded redis" if self.cfg.embedded else f"{len(self.cfg.redis)} shard(s)"
+        web = f"web :{self.cfg.web_port}" if self.cfg.web else "no web"
+        return (f"{self.cfg.servers} server(s), {self.cfg.timers} timer(s), "
+                f"{self.num_consumers} consumer(s), {web}, {redis}")
+
+    def run(self) -> int:
+        """The main loop; returns the master's exit status."""
+        try:
+            self.start()
+            self.manage_workers()
+            while True:
+                sig = self.sig_queue.pop(0) if self.sig_queue else None
+                if sig is None:
+                    self.sleep()
+                    self.reap_workers()
+                    self.note_ready()
+                    self.murder_workers()
+                    self.manage_workers()
+                    continue
+                getattr(self, "handle_" + self.SIG_NAMES[sig])()
+        except Halt as halt:
+            return halt.code
+        except BootError as exc:
+            log.error("%s", exc)
+            self.stop(graceful=False)
+            return EXIT_BOOT
+        except Exception:
+            log.exception("unhandled error in dq-master; stopping")
+            self.stop(graceful=True)
+            return 1
+        finally:
+            self.cleanup()
+
+    def cleanup(self) -> None:
+        c = self.counters
+        log.info("dq-master stopped after %.0f s: spawned=%d restarts=%d reloads=%d "
+                 "murdered=%d", time.monotonic() - self.started, c.spawned, c.restarts,
+                 c.reloads, c.murdered)
+        remove_pid_file(self.cfg.pid_file)
+        if self.hb_dir != Path():
+            shutil.rmtree(self.hb_dir, ignore_errors=True)
+        if self.redis is not None:
+            self.redis.unlock()
+
+    def stop(self, graceful: bool = True) -> None:
+        """Stop every child (TERM, or QUIT when fast), then KILL stragglers, then Redis."""
+        self.stopping = True
+        if self.listener is not None:
+            self.listener.close()
+        self.kill_workers(signal.SIGTERM if graceful else signal.SIGQUIT)
+        limit = self.cfg.grace + STOP_MARGIN if graceful else FAST_STOP
+        deadline = time.monotonic() + limit
+        while self.workers and time.monotonic() < deadline:
+            self.reap_workers()
+            if graceful and self.escalated():
+                log.info("second stop signal: fast stop")
+                graceful = False
+                self.kill_workers(signal.SIGQUIT)
+                deadline = min(deadline, time.monotonic() + FAST_STOP)
+            time.sleep(0.05)
+        if self.workers:
+            log.warning("%d children still running %.0f s after the stop signal; killing "
+                        "them", len(self.workers), limit)
+            self.kill_workers(signal.SIGKILL)
+            deadline = time.monotonic() + 2
+            while self.workers and time.monotonic() < deadline:
+                self.reap_workers()
+                time.sleep(0.02)
+        if self.redis is not None:
+            self.redis.stop()
+
+    def escalated(self) -> bool:
+        stops = {signal.SIGINT, signal.SIGTERM, signal.SIGQUIT}
+        hit = any(sig in stops for sig in self.sig_queue)
+        self.sig_queue.clear()
+        return hit
+
+    # signals
+
+    def signal(self, sig: int, frame: Any) -> None:
+        """Only record the signal and wake the loop: no logging, no I/O, no kill here."""
+        if not (sig == signal.SIGCHLD and sig in self.sig_queue):
+            self.sig_queue.append(sig)
+        self.wakeup()
+
+    def wakeup(self) -> None:
+        try:
+            os.write(self.pipe[1], b".")
+        except OSError:
+            pass
+
+    def sleep(self) -> None:
+        """Wait for a signal, at most a second (less while a child boots or a respawn is due)."""
+        timeout = 1.0
+        if any(not w.ready for w in self.workers.values()):
+            timeout = 0.1
+        now = time.monotonic()
+        due = [s.next_at for s in (*self.slots.values(), self.redis_slot) if s.next_at > now]
+        if due:
+            timeout = min(timeout, max(0.01, min(due) - now))
+        try:
+            ready, _, _ = select.select([self.pipe[0]], [], [], timeout)
+            if ready:
+                while os.read(self.pipe[0], 512):
+                    pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def handle_chld(self) -> None:
+        self.reap_workers()
+
+    def handle_term(self) -> NoReturn:
+        log.info("SIGTERM: stopping gracefully")
+        self.stop(graceful=True)
+        raise Halt(0)
+
+    def handle_int(self) -> NoReturn:
+        log.info("SIGINT: stopping gracefully")
+        self.stop(graceful=True)
+        raise Halt(0)
+
+    def handle_quit(self) -> NoReturn:
+        log.info("SIGQUIT: fast stop")
+        self.stop(graceful=False)
+        raise Halt(0)
+
+    def handle_hup(self) -> None:
+        log.info("SIGHUP: reloading")
+        self.reload()
+
+    def handle_usr2(self) -> None:
+        log.info("SIGUSR2: reloading")
+        self.reload()
+
+    def handle_ttin(self) -> None:
+        self.num_consumers += 1
+        log.info("SIGTTIN: consumers %d -> %d", self.num_consumers - 1, self.num_consumers)
+        self.manage_workers()
+
+    def handle_ttou(self) -> None:
+        if self.num_consumers <= 1:
+            log.info("SIGTTOU: already down to one consumer")
+            return
+        self.num_consumers -= 1
+        log.info("SIGTTOU: consumers %d -> %d", self.num_consumers + 1, self.num_consumers)
+        self.manage_workers()
+
+    # reload
+
+    def reload(self) -> None:
+        """Re-read the config, start a new generation; the old one retires once it is up."""
+        try:
+            cfg = anchor_paths(load_settings(self.overrides, config_file=self.reload_config()),
+                               self.cwd)
+            setup_logging(cfg, "dq-master")
+        except ConfigError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            return
+        if (cfg.host, cfg.port) != (self.cfg.host, self.cfg.port):
+            try:
+                listener = bind_listener(cfg.host, cfg.port)
+            except BootError as exc:
+                log.error("reload refused, the running configuration stays: %s", exc)
+                return
+            assert self.listener is not None
+            self.listener.close()  # the old generation keeps its copies until it exits
+            self.listener = listener
+        if cfg.embedded and self.redis is None:
+            log.warning("reload: embedded Redis is only started at master start; restart "
+                        "dq-master to use it")
+        self.cfg = cfg
+        self.num_consumers = cfg.consumers
+        self.generation += 1
+        self.counters.reloads += 1
+        self.slots.clear()
+        log.info("reload: starting generation %d: %s", self.generation, self.summary())
+        self.manage_workers()
+
+    def reload_config(self) -> str | None:
+        if self.config_file:
+            return self.config_file
+        found = self.cwd / "dq.toml"
+        return str(found) if found.is_file() else None

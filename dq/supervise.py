@@ -1,0 +1,193 @@
+"""The master's bookkeeping: children, restart backoff, the listen socket, pid file, daemon.
+
+Plain synchronous code with no third-party imports: the master imports this, never the
+roles, redis-py, httpx or SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from dq.config import Settings
+
+# The role functions, imported by the child after fork (so a missing or broken module
+# fails only that child, and a reload's new generation runs the code on disk now).
+ROLE_PATHS = {
+    "server": "dq.server:run",
+    "timer": "dq.timer:run",
+    "consumer": "dq.consumer:run",
+    "checker": "dq.checker:run",
+    "web": "web.app:run",
+}
+ROLE_ORDER = tuple(ROLE_PATHS)
+
+BACKOFF_MIN = 0.1  # first restart delay of a slot; doubles per quick death
+BACKOFF_MAX = 10.0
+BACKOFF_RESET = 30.0  # a child that ran this long restarts after BACKOFF_MIN again
+BOOT_STREAK = 3  # boot failures in a row after which the master says so and slows down
+
+
+class BootError(Exception):
+    """The master cannot start (port taken, data dir locked, ...); the message says why."""
+
+
+def child_name(role: str, index: int) -> str:
+    """The process title of a child, as `ps` shows it."""
+    return f"dq-{role}" if role in ("checker", "web") else f"dq-{role}-{index}"
+
+
+@dataclass
+class Worker:
+    """One forked child as the master sees it."""
+
+    pid: int
+    role: str
+    index: int
+    generation: int
+    heartbeat: Path
+    started: float  # time.monotonic() at fork
+    ready: bool = False
+    retiring_at: float = 0.0  # monotonic time the master sent it TERM, 0 = not retiring
+    aborted_at: float = 0.0  # monotonic time of SIGABRT/SIGKILL, 0 = never
+
+    @property
+    def name(self) -> str:
+        return child_name(self.role, self.index)
+
+    def status(self) -> str:
+        """What the child wrote in its heartbeat file: '', 'ready' or 'boot-failed: ...'."""
+        try:
+            return self.heartbeat.read_text(encoding="utf-8").strip()
+        except OSError:
+            return ""
+
+
+@dataclass
+class Slot:
+    """Restart backoff of one (role, index) slot: no fork storm while Redis is down."""
+
+    delay: float = 0.0
+    next_at: float = 0.0  # monotonic time before which the slot is not respawned
+    boot_failures: int = 0  # EXIT_BOOT exits in a row
+
+    def died(self, ran: float, now: float, *, boot_failed: bool) -> float:
+        """Record a death after `ran` seconds of life; returns the delay before respawn."""
+        if ran >= BACKOFF_RESET:
+            self.delay = BACKOFF_MIN
+        else:
+            self.delay = min(max(self.delay * 2, BACKOFF_MIN), BACKOFF_MAX)
+        self.boot_failures = self.boot_failures + 1 if boot_failed else 0
+        if self.boot_failures >= BOOT_STREAK:
+            self.delay = BACKOFF_MAX
+        self.next_at = now + self.delay
+        return self.delay
+
+
+def describe_exit(code: int) -> str:
+    """An exit code from os.waitstatus_to_exitcode in words."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+@dataclass
+class Counters:
+    """What the master's summary line reports at stop."""
+
+    spawned: int = 0
+    restarts: int = 0
+    reloads: int = 0
+    murdered: int = 0
+
+
+def anchor_paths(settings: Settings, cwd: Path) -> Settings:
+    """Settings with relative paths made absolute against `cwd` (a daemon runs in /).
+
+    A daemon has no terminal, so without a log dir it logs to `<data_dir>/log`.
+    """
+    def fix(path: str) -> str:
+        return str(cwd / path) if path and not os.path.isabs(path) else path
+
+    log_dir = settings.log_dir
+    if settings.daemon and not log_dir:
+        log_dir = os.path.join(settings.data_dir, "log")
+    return settings.replace(data_dir=fix(settings.data_dir), log_dir=fix(log_dir),
+                            pid_file=fix(settings.pid_file))
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The TCP listen socket every dq-server shares; opened once, never closed on reload."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # before bind
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise BootError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def check_pid_file(path: str) -> None:
+    """Refuse to start when the pid file names a live process other than us."""
+    if not path:
+        return
+    try:
+        pid = int(Path(path).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return
+    if pid <= 0 or pid == os.getpid():
+        return
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        pass
+    raise BootError(f"dq-master already runs as pid {pid} (pid file {path}); "
+                    "stop it first or use another --pid-file")
+
+
+def write_pid_file(path: str) -> None:
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    Path(tmp).write_text(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def remove_pid_file(path: str) -> None:
+    """Remove the pid file if it still names this process."""
+    if not path:
+        return
+    try:
+        if Path(path).read_text().strip() == str(os.getpid()):
+            os.unlink(path)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+
+
+def daemonize() -> None:
+    """Double fork into the background: new session, cwd /, stdio on /dev/null."""
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
