@@ -1,0 +1,200 @@
+"""The dq-web role: the console and admin API as one FastAPI app, served by uvicorn.
+
+`create_app` builds the app (tests call it directly); `run(ctx)` serves it until the
+process is asked to stop. uvicorn's own signal handling stays off: dq's child machinery
+owns the process's signals and sets `ctx.stopping`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Final
+from urllib.parse import urlsplit
+
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from fastapi.staticfiles import StaticFiles
+
+from dq.config import Settings
+from dq.registry import Registry
+from dq.store import Store
+from dq.worker import Context, open_store
+from web import api, errors, metrics, pages, pages_ops
+from web.auth import SESSION_COOKIE, SESSION_TTL, Keys
+from web.errors import FORBIDDEN, ApiError
+from web.state import WebState
+from web.views import HERE, make_templates
+
+log = logging.getLogger(__name__)
+
+SECURITY_HEADERS: Final = {
+    "Content-Security-Policy": "default-src 'self'; base-uri 'self'; form-action 'self'; "
+                               "frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+_SAFE_METHODS: Final = ("GET", "HEAD", "OPTIONS")
+_LOOPBACK: Final = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def bind_host(settings: Settings) -> str:
+    """Where to listen: web_host, else everywhere with a password and loopback without."""
+    if settings.web_host:
+        return settings.web_host
+    return "0.0.0.0" if settings.web_password else "127.0.0.1"
+
+
+def allowed_hosts(settings: Settings) -> tuple[str, ...] | None:
+    """Host names a console without a password answers to (None: any).
+
+    Without a password the console trusts whoever reaches it, so it answers only to
+    loopback names: a web page cannot then reach it through DNS rebinding. Binding to a
+    wildcard address without a password is an explicit choice to trust the network.
+    """
+    if settings.web_password or settings.web_host in ("0.0.0.0", "::"):
+        return None
+    return (*_LOOPBACK, settings.web_host.lower()) if settings.web_host else _LOOPBACK
+
+
+def _refusal(request: Request, hosts: tuple[str, ...] | None) -> str:
+    """Why a request must be refused before routing ('' when it may go on): a host name
+    not allowed, or a state-changing request sent by another site's page."""
+    host_header = (request.headers.get("host") or "").lower()
+    host = host_header.partition("]")[0] + "]" if host_header.startswith("[") \
+        else host_header.rsplit(":", 1)[0]
+    if hosts is not None and host not in hosts:
+        return f"this console has no password, so it only answers to 127.0.0.1 (not {host!r})"
+    origin = request.headers.get("origin")
+    if request.method not in _SAFE_METHODS and origin is not None and (
+            origin == "null" or urlsplit(origin).netloc.lower() != host_header):
+        return "cross-site requests are refused; use the console itself or the API"
+    return ""
+
+
+def create_app(settings: Settings, *, registry: Registry | None = None,
+               store: Store | None = None) -> FastAPI:
+    """The console and API over `registry` and `store` (opened from settings when None;
+    then they are closed with the app)."""
+    own_registry, own_store = registry is None, store is None
+    if registry is None:
+        registry = Registry(settings.db_url())
+    if store is None:
+        extra = [(s.name or s.url, s.url) for s in registry.shards() if s.enabled]
+        store = open_store(settings, extra)
+    st = WebState(settings=settings, registry=registry, store=store,
+                  templates=make_templates(settings.zone), keys=Keys(settings.web_password),
+                  own_store=own_store, own_registry=own_registry)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if st.own_store:
+            await st.store.shards.close()
+        if st.own_registry:
+            st.registry.close()
+
+    app = FastAPI(title="dq admin API", version="1", lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url=None,
+                  description="Topics, shards, alert settings, jobs and dead letters of a dq "
+                  "delay queue. Authenticate with HTTP Basic (any user name, the console "
+                  "password) or `Authorization: Bearer <password>`.")
+    app.state.dq = st
+    hosts = allowed_hosts(settings)
+    errors.install(app)
+    app.include_router(metrics.router)
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    app.include_router(pages_ops.router)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+
+    @app.middleware("http")
+    async def guard(request: Request,
+                    call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        st.counters["requests"] += 1
+        why = _refusal(request, hosts)
+        if why:
+            response: Response = errors.json_error(ApiError(403, FORBIDDEN, why))
+        else:
+            response = await call_next(request)
+        if response.status_code >= 500:
+            st.counters["errors"] += 1
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        if not request.url.path.startswith("/static/"):
+            response.headers.setdefault("Cache-Control", "no-store")
+        new = getattr(request.state, "set_session", None)
+        if new is not None:
+            response.set_cookie(SESSION_COOKIE, new.cookie, max_age=SESSION_TTL, path="/",
+                                httponly=True, samesite="lax",
+                                secure=request.url.scheme == "https")
+        return response
+
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers: the process's signals belong to dq."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    def install_signal_handlers(self) -> None:  # uvicorn < 0.29 calls this instead
+        return None
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+async def run(ctx: Context) -> None:
+    """Serve the console until ctx.stopping is set, then finish open requests and stop."""
+    settings = ctx.settings
+    host = bind_host(settings)
+    if not settings.web_password and not settings.web_host:
+        log.warning("no web_password: console bound to 127.0.0.1 only")
+    registry = await asyncio.to_thread(Registry, settings.db_url())
+    confs = await asyncio.to_thread(registry.shards)
+    store = open_store(settings, [(s.name or s.url, s.url) for s in confs if s.enabled])
+    app = create_app(settings, registry=registry, store=store)
+    try:
+        sock = listen_socket(host, settings.web_port)
+    except OSError as exc:
+        await store.shards.close()
+        registry.close()
+        raise OSError(exc.errno, f"dq-web cannot listen on {host}:{settings.web_port}: "
+                      f"{exc.strerror}; set web_port or web_host") from exc
+    config = uvicorn.Config(app, log_config=None, access_log=False, server_header=False,
+                            lifespan="off", timeout_graceful_shutdown=int(settings.grace))
+    server = _Server(config)
+    port = sock.getsockname()[1]
+    log.info("%s serving the console on http://%s:%d/", ctx.name, host, port)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    stop = asyncio.create_task(ctx.stopping.wait())
+    try:
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True
+        await task
+    finally:
+        stop.cancel()
+        sock.close()
+        await store.shards.close()
+        registry.close()
+        st = app.state.dq
+        log.info("%s stopped: requests=%d errors=%d", ctx.name, st.counters["requests"],
+                 st.counters["errors"])

@@ -1,0 +1,122 @@
+"""Read-outs both the pages and the API show: shard health, topic counters, job views."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
+
+from redis.exceptions import RedisError
+
+from dq.errors import DqError
+from dq.registry import Topic
+from dq.shards import Shard
+from dq.store import STAT_FIELDS, JobInfo, Store
+from web.forms import mask_url
+from web.state import WebState, db
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT: Final = 3.0
+
+
+@dataclass
+class ShardView:
+    """One shard as the console shows it, with what a live probe found."""
+
+    id: int | None  # the registry row; None for shards from the config file
+    name: str
+    url: str  # password masked
+    source: str  # config | embedded | console
+    enabled: bool
+    in_use: bool  # this process already uses it (workers pick up console shards on reload)
+    up: bool = False
+    error: str = ""
+    version: str = ""
+    memory: str = ""
+    depths: dict[str, int] = field(default_factory=dict)
+
+    def json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def probe(store: Store, shard: Shard, view: ShardView) -> None:
+    """Fill in liveness (PING), version, used memory and job counts."""
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            await shard.call("PING")
+            info, depths = await asyncio.gather(shard.call("INFO"), store.depths(shard))
+    except (DqError, RedisError, OSError, TimeoutError) as exc:
+        view.error = str(exc) or exc.__class__.__name__
+        if isinstance(exc, TimeoutError):
+            view.error = f"no answer within {PROBE_TIMEOUT:g} s"
+        return
+    view.up = True
+    view.depths = depths
+    if isinstance(info, dict):
+        view.version = str(info.get("redis_version", ""))
+        view.memory = str(info.get("used_memory_human", ""))
+
+
+async def shard_views(st: WebState) -> list[ShardView]:
+    """Every shard this process uses plus every shard stored in the registry, probed."""
+    confs = await db(st.registry.shards)
+    active = {s.url: s for s in st.store.shards.shards}
+    stored = {c.url for c in confs}
+    views: list[tuple[ShardView, Shard, bool]] = []
+    for s in st.store.shards.shards:
+        if s.url in stored:
+            continue
+        source = "config" if s.url in st.settings.redis else "embedded"
+        name = mask_url(s.name) if "://" in s.name else s.name  # config shards are named by URL
+        views.append((ShardView(None, name, mask_url(s.url), source, True, True), s, False))
+    for c in confs:
+        shard = active.get(c.url)
+        temp = shard is None
+        if shard is None:
+            shard = Shard(c.name, c.url, connect_timeout=1.0, command_timeout=PROBE_TIMEOUT)
+        views.append((ShardView(c.id, c.name, mask_url(c.url), "console", c.enabled,
+                                not temp), shard, temp))
+    try:
+        await asyncio.gather(*(probe(st.store, shard, v) for v, shard, _ in views))
+    finally:
+        await asyncio.gather(*(shard.close() for _, shard, temp in views if temp),
+                             return_exceptions=True)
+    return [v for v, _, _ in views]
+
+
+async def topic_counters(store: Store, topics: list[Topic]) -> list[dict[str, Any]]:
+    """Per topic: today's and all-time writes, notifies, ok, fail, retries, dead, dels."""
+    stats = await asyncio.gather(*(store.topic_stats(t.topic) for t in topics))
+    day = store.day()
+    return [{"topic": t.topic, "name": t.name, "online": t.online,
+             "today": {f: s.get(f"{f}:{day}", 0) for f in STAT_FIELDS},
+             "total": {f: s.get(f, 0) for f in STAT_FIELDS}}
+            for t, s in zip(topics, stats, strict=True)]
+
+
+def job_json(store: Store, info: JobInfo) -> dict[str, Any]:
+    return {"topic": info.topic, "id": info.id, "shard": info.shard, "state": info.state,
+            "due_ms": info.due_ms, "due": store.fmt_time(info.due_ms),
+            "attempts": info.attempt, "priority": info.priority, "body": info.body,
+            "error": info.error}
+
+
+def search_topics(topics: dict[str, Topic], q: str) -> list[Topic]:
+    """Topics whose key or name contains q (case-insensitive), by key."""
+    needle = q.strip().lower()
+    found = [t for t in topics.values()
+             if not needle or needle in t.topic.lower() or needle in t.name.lower()]
+    return sorted(found, key=lambda t: t.topic)
+
+
+async def redrive_all(store: Store, topic: str | None, limit: int = 10_000) -> int:
+    """Redrive every dead letter (of one topic); returns how many were redriven."""
+    dead = await store.dead_letters(topic or None, limit=limit)
+    done = 0
+    for i in range(0, len(dead), 100):
+        chunk = dead[i:i + 100]
+        results = await asyncio.gather(*(store.redrive(j.topic, j.id) for j in chunk))
+        done += sum(results)
+    return done

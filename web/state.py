@@ -1,0 +1,45 @@
+"""What every web route shares: settings, registry, store, templates and session keys.
+
+Registry calls are synchronous SQL; routes run them in a worker thread through `db()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.templating import Jinja2Templates
+
+from dq.config import Settings
+from dq.registry import Registry
+from dq.store import Store
+from web.auth import Keys
+
+R = TypeVar("R")
+
+
+@dataclass
+class WebState:
+    """One console instance: its settings, the registry and store it uses, and counters."""
+
+    settings: Settings
+    registry: Registry
+    store: Store
+    templates: Jinja2Templates
+    keys: Keys
+    own_store: bool = False
+    own_registry: bool = False
+    counters: dict[str, int] = field(default_factory=lambda: {"requests": 0, "errors": 0})
+
+
+def state(request: Request) -> WebState:
+    st: WebState = request.app.state.dq
+    return st
+
+
+async def db(fn: Callable[..., R], *args: Any) -> R:
+    """Run a registry call off the event loop."""
+    return await asyncio.to_thread(fn, *args)
