@@ -147,10 +147,11 @@ class Store:
 
     # payloads ---------------------------------------------------------------------------
     @staticmethod
-    def payload(*, version: str, priority: int, topic: str, job_id: str, due_ms: int,
-                attempt: int, set_ms: int, body: dict[str, Any]) -> str:
-        return dumps({"v": version, "p": priority, "topic": topic, "id": job_id,
-                      "due": due_ms, "n": attempt, "set": set_ms, "body": body})
+    def payload(*, version: str, priority: int, due_ms: int, attempt: int, set_ms: int,
+                body: dict[str, Any]) -> str:
+        """The stored JSON. Topic and id are not repeated: the hash field (tid) has them."""
+        return dumps({"v": version, "p": priority, "due": due_ms, "n": attempt,
+                      "set": set_ms, "body": body})
 
     # client operations ------------------------------------------------------------------
     def add_call(self, topic: str, job_id: str, body: dict[str, Any], *, priority: int = 2,
@@ -169,8 +170,8 @@ class Store:
         # The original adds these two fields to the body the callback receives.
         body["notify_time"] = self.fmt_time(est_due)
         body.setdefault("dq_set_time", self.fmt_time(now_ms))
-        payload = self.payload(version=new_version(), priority=priority, topic=topic,
-                               job_id=job_id, due_ms=est_due, attempt=0, set_ms=now_ms, body=body)
+        payload = self.payload(version=new_version(), priority=priority, due_ms=est_due,
+                               attempt=0, set_ms=now_ms, body=body)
         b = self.bucket(tid)
         shard = self.shards.writable(tid)
         return shard, (SCRIPTS["add"][0], 8, self.k_jobs, self.k_delay[b], self.k_wake[b],
@@ -298,9 +299,10 @@ class Store:
         out = []
         for i in range(0, len(flat) - 1, 2):
             tid = flat[i].decode()
+            topic, job_id = split_tid(tid)
             data = json.loads(flat[i + 1])
             out.append(Claimed(
-                shard=shard, tid=tid, topic=data["topic"], id=data["id"], version=data["v"],
+                shard=shard, tid=tid, topic=topic, id=job_id, version=data["v"],
                 priority=int(data["p"]), attempt=int(data.get("n", 0)),
                 due_ms=int(data.get("due", now)), set_ms=int(data.get("set", now)),
                 body=data.get("body", {}), claimed_ms=now,
@@ -314,8 +316,8 @@ class Store:
     async def retry(self, c: Claimed, delay_ms: int) -> bool:
         """Reschedule after a failed attempt; False when the job changed meanwhile."""
         b = self.bucket(c.tid)
-        payload = self.payload(version=new_version(), priority=c.priority, topic=c.topic,
-                               job_id=c.id, due_ms=int(time.time() * 1000) + delay_ms,
+        payload = self.payload(version=new_version(), priority=c.priority,
+                               due_ms=int(time.time() * 1000) + delay_ms,
                                attempt=c.attempt + 1, set_ms=c.set_ms, body=c.body)
         keys = (self.k_jobs, self.k_inflight, self.k_delay[b], self.k_wake[b],
                 self.k_stat(c.topic), self.k_minute())
@@ -357,7 +359,7 @@ class Store:
         b = self.bucket(tid)
         now_ms = int(time.time() * 1000)
         payload = self.payload(version=new_version(), priority=int(data.get("p", 2)),
-                               topic=topic, job_id=job_id, due_ms=now_ms, attempt=0,
+                               due_ms=now_ms, attempt=0,
                                set_ms=int(data.get("set", now_ms)), body=data.get("body", {}))
         keys = (self.k_jobs, self.k_dead, self.k_dead_err, self.k_delay[b], self.k_wake[b])
         return bool(await shard.script("redrive", keys, (tid, payload)))

@@ -1,0 +1,127 @@
+"""Add throughput: N connections with one request in flight each (the original's bench
+shape), or pipelined add_many from one client; with the CPU dq-server and redis-server
+processes spent per add.
+
+    python bench/add.py --client dqload --conns 50 --n 2000 --servers 1
+    python bench/add.py --client python --conns 50 --n 400
+    python bench/add.py --client pipelined --n 200000
+
+Starts its own redis-servers (two shards, like the original's measurement) and dq-master.
+Last line: RESULT mode=... qps=... p50_ms=... p99_ms=... server_us_per_add=...
+redis_us_per_add=...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    cpu_us,
+    dq_master,
+    dqload_binary,
+    free_port,
+    percentile,
+    pids_titled,
+    redis_servers,
+    register,
+    tempdir,
+)
+from dq.client import AsyncDqClient
+
+
+async def python_closed_loop(port: int, conns: int, n: int) -> tuple[int, list[float]]:
+    lat: list[float] = []
+    fails = 0
+
+    async def one(c: int) -> None:
+        nonlocal fails
+        client = AsyncDqClient([f"127.0.0.1:{port}"])
+        body = {"seq": "", "pad": "x" * 40}
+        for i in range(n):
+            t0 = time.perf_counter()
+            try:
+                await client.add("bench", f"py-{c}-{i}", body, delay=86400)
+            except Exception:
+                fails += 1
+            lat.append((time.perf_counter() - t0) * 1000)
+        await client.close()
+
+    await asyncio.gather(*(one(c) for c in range(conns)))
+    return fails, lat
+
+
+async def python_pipelined(port: int, n: int) -> tuple[int, list[float]]:
+    client = AsyncDqClient([f"127.0.0.1:{port}"], timeout=30)
+    jobs = [{"topic": "bench", "id": f"pp-{i}", "body": {"seq": i}, "delay": 86400}
+            for i in range(n)]
+    t0 = time.perf_counter()
+    res = await client.add_many(jobs, chunk=2000)
+    lat = [(time.perf_counter() - t0) * 1000]
+    await client.close()
+    return sum(r is not None for r in res), lat
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--client", choices=("dqload", "python", "pipelined"), default="dqload")
+    ap.add_argument("--conns", type=int, default=50)
+    ap.add_argument("--n", type=int, default=2000, help="requests per connection "
+                    "(pipelined: in all)")
+    ap.add_argument("--servers", type=int, default=1)
+    ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--body", type=int, default=64)
+    args = ap.parse_args()
+    with tempdir() as t, redis_servers(args.shards, Path(t)) as shards:
+        tmp = Path(t)
+        db = f"sqlite:///{tmp / 'reg.sqlite3'}"
+        register(db, "bench")
+        port = free_port()
+        flags = ["--db", db, "--servers", str(args.servers), "--timers", "1",
+                 "--consumers", "1", "--no-web"]
+        for url, _ in shards:
+            flags += ["--redis", url]
+        with dq_master(flags, port, tmp):
+            time.sleep(1.0)
+            servers = pids_titled("dq-server")
+            redis_pids = [p.pid for _, p in shards]
+            s0, r0, t0 = cpu_us(servers), cpu_us(redis_pids), time.perf_counter()
+            if args.client == "dqload":
+                binary = dqload_binary()
+                if binary is None:
+                    sys.exit("dqload needs a C compiler and ../shared/tools/dqload.c")
+                out = subprocess.run(
+                    [binary, "-h", "127.0.0.1", "-p", str(port), "-t", "bench", "-c",
+                     str(args.conns), "-n", str(args.n), "-b", str(args.body), "-m", "add",
+                     "-f", "86400"], capture_output=True, text=True, check=True).stdout
+                line = out.strip().splitlines()[-1]
+                stats = dict(kv.split("=") for kv in line.split()[1:])
+                total = int(stats["ok"]) + int(stats["fail"])
+                qps, p50, p99, fails = (float(stats["qps"]), float(stats["p50_ms"]),
+                                        float(stats["p99_ms"]), int(stats["fail"]))
+            else:
+                if args.client == "python":
+                    fails, lat = asyncio.run(python_closed_loop(port, args.conns, args.n))
+                    total = args.conns * args.n
+                else:
+                    fails, lat = asyncio.run(python_pipelined(port, args.n))
+                    total = args.n
+                elapsed = time.perf_counter() - t0
+                qps = (total - fails) / elapsed
+                p50, p99 = percentile(lat, 50), percentile(lat, 99)
+            s1, r1 = cpu_us(servers), cpu_us(redis_pids)
+    print(f"RESULT mode={args.client} conns={args.conns} servers={args.servers} "
+          f"shards={args.shards} total={total} fail={fails} qps={qps:.0f} p50_ms={p50:.3f} "
+          f"p99_ms={p99:.3f} server_us_per_add={(s1 - s0) / total:.1f} "
+          f"redis_us_per_add={(r1 - r0) / total:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Shared pieces of the benchmarks: real redis-servers, a registry, a dq-master, /proc CPU."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from dq.registry import Registry, Topic
+
+ROOT = Path(__file__).resolve().parent.parent
+TICK_US = 1_000_000 / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
+
+
+def cpu_us(pids: Sequence[int]) -> float:
+    """User+system CPU microseconds the processes have used so far (from /proc)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) * TICK_US
+    return total
+
+
+def pids_titled(prefix: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            except OSError:
+                continue
+            if cmd.startswith(prefix):
+                out.append(int(d.name))
+    return out
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, int(p / 100 * (len(s) - 1) + 0.5))]
+
+
+@contextmanager
+def redis_servers(n: int, tmp: Path, *, appendonly: bool = False) -> Iterator[list[
+        tuple[str, subprocess.Popen[bytes]]]]:
+    procs = []
+    try:
+        for i in range(n):
+            port = free_port()
+            d = tmp / f"redis{i}"
+            d.mkdir()
+            p = subprocess.Popen(
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "yes" if appendonly else "no", "--dir", str(d)],
+                stdout=subprocess.DEVNULL)
+            procs.append((f"redis://127.0.0.1:{port}/0", p))
+            wait_port(port)
+        yield procs
+    finally:
+        for _, p in procs:
+            p.terminate()
+            p.wait()
+
+
+def register(db: str, topic: str, callback: str = "http://127.0.0.1:9/", **kw: object) -> None:
+    reg = Registry(db)
+    fields: dict[str, object] = dict(
+        id=0, topic=topic, name=topic, delay=3600, callback=callback, method="POST",
+        timeout_ms=3000, emails=(), retry_when="", priority=2, online=True, max_attempts=0,
+        secret="", body_format="form", creator="bench")
+    fields.update(kw)
+    reg.save_topic(Topic(**fields))  # type: ignore[arg-type]
+    reg.close()
+
+
+@contextmanager
+def dq_master(args: Sequence[str], port: int, tmp: Path) -> Iterator[subprocess.Popen[bytes]]:
+    log = open(tmp / "master.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "dq.cli", "--port", str(port),
+                             "--data-dir", str(tmp / "var"), *args],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+    try:
+        wait_port(port)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def dqload_binary() -> str | None:
+    """Build ../shared/tools/dqload.c into bench/dqload when a C compiler is there."""
+    out = ROOT / "bench" / "dqload"
+    if out.exists():
+        return str(out)
+    src = ROOT.parent / "shared" / "tools" / "dqload.c"
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if not src.exists() or not cc:
+        return None
+    subprocess.run([cc, "-O2", "-o", str(out), str(src)], check=True)
+    return str(out)
+
+
+def tempdir() -> tempfile.TemporaryDirectory[str]:
+    return tempfile.TemporaryDirectory(prefix="dqbench-")

@@ -1,0 +1,99 @@
+"""Scale: 1,000,000 pending jobs. Redis bytes per job, add latency and timer throughput with
+1M pending versus an empty store.
+
+    python bench/scale.py --pending 1000000
+
+Starts its own redis-server. "Bytes beyond the body" is Redis's used_memory growth per
+job minus the length of the client's JSON body. Last line:
+RESULT pending=... bytes_per_job=... bytes_beyond_body=... add_p50_us_empty=...
+add_p50_us_full=... add_p99_us_empty=... add_p99_us_full=... move_per_s_empty=...
+move_per_s_full=...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import percentile, redis_servers, tempdir
+from dq.shards import ShardSet
+from dq.store import Store
+
+BODY = {"order_id": 1234567, "user": "u-42", "action": "cancel"}
+
+
+async def used_memory(store: Store) -> int:
+    info = await store.shards.shards[0].client.info("memory")
+    return int(info["used_memory"])
+
+
+async def add_latency(store: Store, n: int, tag: str) -> tuple[float, float]:
+    """Closed loop, one add at a time: p50 and p99 in microseconds."""
+    lat = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        await store.add("scale", f"lat-{tag}-{i}", BODY, delay_ms=86_400_000)
+        lat.append((time.perf_counter() - t0) * 1e6)
+    return percentile(lat, 50), percentile(lat, 99)
+
+
+async def fill(store: Store, n: int, prefix: str, delay_ms: int, chunk: int = 2000) -> None:
+    for start in range(0, n, chunk):
+        await asyncio.gather(*(store.add("scale", f"{prefix}-{i}", BODY, delay_ms=delay_ms)
+                               for i in range(start, min(n, start + chunk))))
+
+
+async def move_rate(store: Store, n: int, tag: str) -> float:
+    """Jobs per second the timer script moves to ready, with n jobs due now."""
+    shard = store.shards.shards[0]
+    await fill(store, n, f"due-{tag}", 0)
+    t0 = time.perf_counter()
+    moved = 0
+    while moved < n:
+        got, _, _ = await store.move_due(shard, range(store.buckets), limit=1000)
+        moved += got
+        if got == 0:
+            break
+    rate = moved / (time.perf_counter() - t0)
+    for key in store.k_ready:  # drain, so the next phase starts clean
+        await shard.call("DEL", key)
+    return rate
+
+
+async def run(pending: int) -> None:
+    with tempdir() as t, redis_servers(1, Path(t)) as shards:
+        store = Store(ShardSet.from_urls([shards[0][0]]))
+        body_len = len(json.dumps(BODY, separators=(",", ":")))
+        empty_p50, empty_p99 = await add_latency(store, 5000, "empty")
+        empty_move = await move_rate(store, 20_000, "empty")
+        base = await used_memory(store)
+        t0 = time.perf_counter()
+        await fill(store, pending, "pending", 86_400_000)
+        fill_s = time.perf_counter() - t0
+        per_job = (await used_memory(store) - base) / pending
+        full_p50, full_p99 = await add_latency(store, 5000, "full")
+        full_move = await move_rate(store, 20_000, "full")
+        await store.shards.close()
+    print(f"filled {pending} jobs in {fill_s:.1f}s ({pending / fill_s:.0f}/s in-process)")
+    print(f"RESULT pending={pending} bytes_per_job={per_job:.0f} "
+          f"bytes_beyond_body={per_job - body_len:.0f} add_p50_us_empty={empty_p50:.0f} "
+          f"add_p50_us_full={full_p50:.0f} add_p99_us_empty={empty_p99:.0f} "
+          f"add_p99_us_full={full_p99:.0f} move_per_s_empty={empty_move:.0f} "
+          f"move_per_s_full={full_move:.0f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pending", type=int, default=1_000_000)
+    asyncio.run(run(ap.parse_args().pending))
+
+
+if __name__ == "__main__":
+    main()
