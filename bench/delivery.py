@@ -1,0 +1,204 @@
+"""Delivery benchmark: N jobs due at one instant, how fast and how late are they called back?
+
+Starts its own redis-server (free port, temp dir, no persistence), a lean HTTP receiver in
+a child process, and timer and consumer roles as child processes (the real `dq.timer.run`
+and `dq.consumer.run`); adds N jobs, pipelined through the Store, all due at the same
+instant `--ahead` seconds from the start, and waits until the receiver has seen every one.
+
+    python bench/delivery.py --n 2000
+    python bench/delivery.py --n 20000 --consumers 2 --timers 1
+
+The last line is `RESULT delivered=... seconds=... per_s=... late_p50_ms=... late_p99_ms=...
+late_max_ms=...`: `seconds` runs from the due instant to the last arrival, and lateness is
+each job's arrival at the receiver minus its due time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event as MpEvent
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import free_port, percentile, redis_servers, register, tempdir
+from dq import consumer, timer
+from dq.config import Settings
+from dq.worker import Context, open_store
+
+REPLY = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nContent-Type: application/json\r\n\r\n" \
+        b'{"code":0}'
+
+
+# receiver (child process) ---------------------------------------------------------------
+class _Http(asyncio.Protocol):
+    """Just enough HTTP/1.1 for httpx: keep-alive, Content-Length bodies, 200 to all."""
+
+    def __init__(self, arrivals: dict[str, float], count: Any) -> None:
+        self.arrivals, self.count, self.buf = arrivals, count, b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+            head = self.buf[:end].lower()
+            length = 0
+            job = ""
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"x-dq-id":
+                    job = value.strip().decode()
+            if len(self.buf) < end + 4 + length:
+                return
+            self.buf = self.buf[end + 4 + length:]
+            now = time.time()
+            if job in self.arrivals:
+                self.arrivals[f"dup:{job}:{now}"] = now
+            else:
+                self.arrivals[job] = now
+            self.count.value += 1
+            assert self.transport is not None
+            self.transport.write(REPLY)
+
+
+def _receiver_main(port: int, count: Any, ready: MpEvent, stop: MpEvent,
+                   out: Connection) -> None:
+    arrivals: dict[str, float] = {}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _Http(arrivals, count), "127.0.0.1", port,
+                                          backlog=2048)
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        server.close()
+
+    asyncio.run(main())
+    out.send(arrivals)
+
+
+# dq roles (child processes) -------------------------------------------------------------
+def _role_main(role: str, index: int, settings: Settings, stop: MpEvent) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"  [{role}-{index}] %(message)s")
+    for quiet in ("httpx", "dq.notify", "dq.registry"):
+        logging.getLogger(quiet).setLevel(logging.WARNING)
+
+    async def main() -> None:
+        ctx = Context(settings, role, index)
+
+        async def watch() -> None:
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+            ctx.stopping.set()
+
+        watcher = asyncio.create_task(watch())
+        await (timer.run(ctx) if role == "timer" else consumer.run(ctx))
+        watcher.cancel()
+
+    asyncio.run(main())
+
+
+def _start_roles(ctx: Any, settings: Settings, stop: MpEvent) -> list[Any]:
+    roles = [ctx.Process(target=_role_main, args=("timer", i, settings, stop))
+             for i in range(settings.timers)]
+    roles += [ctx.Process(target=_role_main, args=("consumer", i, settings, stop))
+              for i in range(settings.consumers)]
+    for p in roles:
+        p.start()
+    return roles
+
+
+# the bench ------------------------------------------------------------------------------
+async def _add_jobs(settings: Settings, n: int, due_ms: int, chunk: int = 2000) -> float:
+    """Add n jobs due at due_ms, pipelined through the Store; seconds it took."""
+    store = open_store(settings)
+    t0 = time.monotonic()
+    try:
+        for start in range(0, n, chunk):
+            await asyncio.gather(*(store.add("bench", str(i), {"i": i}, due_ms=due_ms)
+                                   for i in range(start, min(n, start + chunk))))
+    finally:
+        await store.shards.close()
+    return time.monotonic() - t0
+
+
+def _report(arrivals: dict[str, float], n: int, due_ms: int) -> None:
+    dups = sum(1 for k in arrivals if k.startswith("dup:"))
+    got = {k: v for k, v in arrivals.items() if not k.startswith("dup:")}
+    late = sorted(t * 1000 - due_ms for t in got.values())
+    seconds = max(0.001, (max(got.values()) * 1000 - due_ms) / 1000) if got else float("nan")
+    if dups or len(got) != n:
+        print(f"WARNING: {len(got)} of {n} jobs delivered, {dups} duplicates")
+    early = sum(1 for x in late if x < 0)
+    if early:
+        print(f"WARNING: {early} jobs arrived before their due time")
+    print(f"RESULT delivered={len(got)} seconds={seconds:.3f} per_s={len(got) / seconds:.0f} "
+          f"late_p50_ms={percentile(late, 50):.0f} late_p99_ms={percentile(late, 99):.0f} "
+          f"late_max_ms={late[-1] if late else float('nan'):.0f}")
+
+
+def _run(ctx: Any, settings: Settings, args: argparse.Namespace, port: int) -> None:
+    """Receiver and roles up, jobs in, wait for every delivery, roles down, report."""
+    count, ready, stop, roles_stop = ctx.Value("i", 0), ctx.Event(), ctx.Event(), ctx.Event()
+    rx, tx = ctx.Pipe(duplex=False)
+    receiver = ctx.Process(target=_receiver_main, args=(port, count, ready, stop, tx))
+    receiver.start()
+    ready.wait(10)
+    roles = _start_roles(ctx, settings, roles_stop)
+    due_ms = int((time.time() + args.ahead) * 1000)
+    try:
+        took = asyncio.run(_add_jobs(settings, args.n, due_ms))
+        print(f"added {args.n} jobs in {took:.2f}s ({args.n / took:.0f}/s); due in "
+              f"{due_ms / 1000 - time.time():.2f}s; {args.timers} timer(s), "
+              f"{args.consumers} consumer(s) x {args.concurrency}, {os.cpu_count()} cpus")
+        deadline = time.monotonic() + args.timeout
+        while count.value < args.n and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        roles_stop.set()
+        for p in roles:
+            p.join(30)
+        stop.set()
+        arrivals = rx.recv() if rx.poll(10) else {}
+        receiver.join(5)
+    _report(arrivals, args.n, due_ms)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--consumers", type=int, default=2)
+    ap.add_argument("--timers", type=int, default=1)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--ahead", type=float, default=2.0, help="seconds until the jobs are due")
+    ap.add_argument("--timeout", type=float, default=300.0)
+    args = ap.parse_args()
+
+    ctx = mp.get_context("fork")  # children start before this process runs any event loop
+    with tempdir() as tmpdir, redis_servers(1, Path(tmpdir)) as [(url, _proc)]:
+        settings = Settings(redis=(url,), db=f"sqlite:///{Path(tmpdir) / 'dq.sqlite3'}",
+                            timers=args.timers, consumers=args.consumers,
+                            concurrency=args.concurrency, lease=60.0, retry_unit=1.0)
+        port = free_port()
+        register(settings.db, "bench", callback=f"http://127.0.0.1:{port}/cb",
+                 timeout_ms=10_000)
+        _run(ctx, settings, args, port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""Consumer role: claim ready jobs, call their topic's callback, then ack, retry or bury.
+
+Per shard one claim loop leases up to the free slots (`settings.concurrency` callbacks in
+flight per consumer process), trying the ready lists in a weighted random priority order,
+and backs off from 5 to 50 ms while nothing is ready. Each claimed job runs as its own task:
+
+- success (see dq/callback.py for the request, its signature and what counts as success):
+  ack; the job is gone.
+- failure with attempts left (attempt n, 0-based, of max_attempts = the topic's, else the
+  settings'): retry at +(2n+1) retry units.
+- failure on the last attempt: bury as a dead letter with the last status, error and reply
+  excerpt, and mail the topic's alert addresses (in the background; a mail failure is
+  only logged).
+- a topic that is unknown or offline: the job is parked, not called, not counted as an
+  attempt and not lost. Nothing is written: its lease runs out and a timer puts it back at
+  the head of its ready list, so it is looked at again every `lease` seconds until the
+  topic is online (or the job is deleted).
+- anything unexpected while calling counts as a failed attempt; a write that fails leaves
+  the lease to expire, so the job is delivered again (at-least-once).
+- a callback never runs longer than 90% of the lease (a topic timeout beyond that is cut,
+  with one warning), so a job is not delivered a second time while its first call runs.
+
+Stopping: when `ctx.stopping` is set the claim loops stop, callbacks in flight get
+`settings.grace` seconds to finish, the rest are cancelled (their leases expire and timers
+requeue them), and the final ack/retry/bury writes are shielded from that cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+import httpx
+from redis.exceptions import RedisError
+
+from dq.alert import dead_letter_mail, send_alert
+from dq.callback import EXCERPT, ExprCache, Outcome, build_request, judge, read_reply
+from dq.config import Settings
+from dq.errors import DqError
+from dq.registry import Registry, Topic, TopicCache
+from dq.shards import Shard
+from dq.store import Claimed, Store
+from dq.worker import Context, open_store
+
+log = logging.getLogger(__name__)
+notify_log = logging.getLogger("dq.notify")
+
+IDLE_MIN = 0.005
+IDLE_MAX = 0.05
+BACKOFF_MIN = 0.5
+BACKOFF_MAX = 5.0
+LEASE_SHARE = 0.9  # of the lease a callback may take at most
+ALERT_WAIT = 12.0  # at stop, how long mails still being sent may take
+SHARD_ERRORS = (DqError, RedisError, OSError, asyncio.TimeoutError)
+_RNG = random.Random()
+
+
+def priority_order(weights: Sequence[int], rng: random.Random | None = None) -> list[int]:
+    """Priorities 1..3 in a weighted random order: the first drawn by weight, then the next
+    by weight among the rest; zero-weight priorities come last."""
+    rng = rng or _RNG
+    left = [(p, max(0, int(w))) for p, w in zip((1, 2, 3), weights, strict=False)]
+    out: list[int] = []
+    while left:
+        if sum(w for _, w in left) <= 0:
+            out.extend(p for p, _ in left)
+            break
+        [i] = rng.choices(range(len(left)), weights=[w for _, w in left])
+        out.append(left.pop(i)[0])
+    return out
+
+
+def max_attempts(topic: Topic, settings: Settings) -> int:
+    return topic.max_attempts or settings.max_attempts
+
+
+def retry_delay_ms(attempt: int, unit: float) -> int:
+    """Back-off after failed attempt `attempt` (0-based): (2n+1) units."""
+    return int((2 * attempt + 1) * unit * 1000)
+
+
+class Slots:
+    """Free callback slots, taken in bulk by claim loops and given back one by one."""
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self.freed = asyncio.Event()
+
+    async def take(self, stopping: asyncio.Event) -> int:
+        """All free slots (at least one), or 0 once stopping is set."""
+        while self.free == 0 and not stopping.is_set():
+            self.freed.clear()
+            await self.freed.wait()
+        if stopping.is_set():
+            return 0
+        n, self.free = self.free, 0
+        return n
+
+    def give(self, n: int = 1) -> None:
+        if n > 0:
+            self.free += n
+            self.freed.set()
+
+
+class Consumer:
+    """One consumer process's work over all shards, with its counters."""
+
+    def __init__(self, ctx: Context, store: Store, topics: TopicCache,
+                 registry: Registry | None, *, owns_registry: bool = False) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.store = store
+        self.topics = topics
+        self.registry = registry
+        self.owns_registry = owns_registry  # close it at the end
+        self.exprs = ExprCache()
+        self.capped: set[str] = set()  # topics whose timeout was cut to fit the lease
+        self.slots = Slots(ctx.settings.concurrency)
+        self.lease_ms = int(ctx.settings.lease * 1000)
+        self.client: httpx.AsyncClient | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.writes: set[asyncio.Task[Any]] = set()
+        self.alerts: set[asyncio.Task[None]] = set()
+        self.delivered = self.retried = self.dead = self.failed = self.parked = 0
+
+    # the loop ---------------------------------------------------------------------------
+    async def serve(self) -> None:
+        limits = httpx.Limits(max_connections=self.settings.concurrency,
+                              max_keepalive_connections=self.settings.concurrency)
+        loops: list[asyncio.Task[None]] = []
+        async with httpx.AsyncClient(limits=limits, follow_redirects=False,
+                                     trust_env=False) as client:
+            self.client = client
+            try:
+                loops = [asyncio.create_task(self._claim_loop(s), name=f"claim:{s.name}")
+                         for s in self.store.shards.shards]
+                await self.ctx.stopping.wait()
+                self.slots.freed.set()  # wake claim loops waiting for a slot
+                await asyncio.gather(*loops)
+                await self._drain()
+            finally:
+                # Reached early only when this task is cancelled (a hard kill): no drain.
+                for t in (*loops, *self.tasks):
+                    t.cancel()
+                await asyncio.gather(*loops, *self.tasks, *self.writes, return_exceptions=True)
+        await self._wait_alerts()
+
+    async def _drain(self) -> None:
+        grace = self.settings.grace
+        if self.tasks:
+            log.info("%s: waiting up to %.1fs for %d callbacks in flight", self.ctx.name,
+                     grace, len(self.tasks))
+            _done, pending = await asyncio.wait(set(self.tasks), timeout=grace)
+            if pending:
+                log.warning("%s: %d callbacks still running after %.1fs are cancelled; their "
+                            "leases expire and the jobs are delivered again", self.ctx.name,
+                            len(pending), grace)
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        if self.writes:
+            await asyncio.gather(*self.writes, return_exceptions=True)
+
+    async def _wait_alerts(self) -> None:
+        if self.alerts:
+            _done, pending = await asyncio.wait(set(self.alerts), timeout=ALERT_WAIT)
+            for t in pending:
+                t.cancel()
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self.ctx.stopping.wait()
+
+    async def _claim_loop(self, shard: Shard) -> None:
+        idle, backoff = IDLE_MIN, BACKOFF_MIN
+        weights = self.settings.priority_weights
+        while not self.ctx.stopping.is_set():
+            n = await self.slots.take(self.ctx.stopping)
+            if n == 0:
+                break
+            try:
+                jobs = await self.store.claim(shard, n, priority_order(weights), self.lease_ms)
+            except Exception as exc:
+                self.slots.give(n)
+                if isinstance(exc, SHARD_ERRORS):
+                    log.warning("%s: claim on shard %s failed (%s: %s); retrying in %.1fs",
+                                self.ctx.name, shard.name, exc.__class__.__name__, exc, backoff)
+                else:
+                    log.exception("%s: claim on shard %s failed", self.ctx.name, shard.name)
+                await self._pause(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            backoff = BACKOFF_MIN
+            self.slots.give(n - len(jobs))
+            for c in jobs:
+                task = asyncio.create_task(self._deliver(c))
+                self.tasks.add(task)
+                task.add_done_callback(self._delivered)
+            if jobs:
+                idle = IDLE_MIN
+            else:
+                await self._pause(idle)
+                idle = min(idle * 2, IDLE_MAX)
+
+    def _delivered(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.slots.give(1)
+
+    # one job ----------------------------------------------------------------------------
+    async def _deliver(self, c: Claimed) -> None:
+        try:
+            topic = await self.topics.get(c.topic)
+        except Exception:
+            log.exception("%s: topic lookup for %s failed; job parked", self.ctx.name, c.tid)
+            topic = None
+        if topic is None or not topic.online:
+            self.parked += 1
+            log.debug("%s: %s parked: topic %s", self.ctx.name, c.tid,
+                      "unknown" if topic is None else "offline")
+            return
+        out = await self._call(topic, c)
+        notify_log.info("topic=%s id=%s attempt=%d status=%d ms=%d%s", c.topic, c.id,
+                        c.attempt + 1, out.status, out.ms, "" if out.ok else f" error={out.error}")
+        try:
+            await self._shielded(self._settle(topic, c, out))
+        except SHARD_ERRORS as exc:
+            self.failed += 1
+            log.warning("%s: could not record the outcome of %s (%s: %s); it is delivered "
+                        "again after its lease", self.ctx.name, c.tid, exc.__class__.__name__,
+                        exc)
+
+    async def _call(self, topic: Topic, c: Claimed) -> Outcome:
+        assert self.client is not None
+        timeout = self._timeout(topic)
+        t0 = time.monotonic()
+
+        def ms() -> int:
+            return int((time.monotonic() - t0) * 1000)
+
+        try:
+            req = build_request(self.client, topic, c, time.time(), timeout=timeout)
+            async with asyncio.timeout(timeout):
+                resp = await self.client.send(req, stream=True)
+                try:
+                    reply = await read_reply(resp)
+                finally:
+                    await resp.aclose()
+        except (TimeoutError, httpx.TimeoutException):
+            return Outcome(False, 0, f"timed out after {topic.timeout_ms} ms", "", ms())
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            return Outcome(False, 0, f"{exc.__class__.__name__}: {exc}", "", ms())
+        except Exception as exc:
+            log.exception("%s: calling %s for %s failed unexpectedly", self.ctx.name,
+                          topic.callback, c.tid)
+            return Outcome(False, 0, f"{exc.__class__.__name__}: {exc}", "", ms())
+        return judge(self.exprs, topic, resp.status_code, reply, ms())
+
+    def _timeout(self, topic: Topic) -> float:
+        """The topic's timeout, capped below the lease so no job is delivered twice at once."""
+        cap = self.settings.lease * LEASE_SHARE
+        if topic.timeout_ms / 1000 <= cap:
+            return topic.timeout_ms / 1000
+        if topic.topic not in self.capped:
+            self.capped.add(topic.topic)
+            log.warning("topic %s: timeout %d ms is not below the lease (%.1fs); callbacks "
+                        "are cut off after %.1fs", topic.topic, topic.timeout_ms,
+                        self.settings.lease, cap)
+        return cap
+
+    async def _shielded(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a final write to completion even if this delivery is cancelled meanwhile."""
+        task = asyncio.ensure_future(coro)
+        self.writes.add(task)
+        task.add_done_callback(self.writes.discard)
+        await asyncio.shield(task)
+
+    async def _settle(self, topic: Topic, c: Claimed, out: Outcome) -> None:
+        if out.ok:
+            await self.store.ack(c)
+            self.delivered += 1
+            return
+        if c.attempt + 1 < max_attempts(topic, self.settings):
+            await self.store.retry(c, retry_delay_ms(c.attempt, self.settings.retry_unit))
+            self.retried += 1
+            return
+        error = {"status": out.status, "error": out.error, "reply": out.reply[:EXCERPT],
+                 "attempts": c.attempt + 1, "at": int(time.time() * 1000)}
+        if await self.store.bury(c, error):
+            self.dead += 1
+            log.warning("%s: %s is a dead letter after %d attempts: %s", self.ctx.name, c.tid,
+                        c.attempt + 1, out.error)
+            task = asyncio.create_task(self._alert(topic, c, error))
+            self.alerts.add(task)
+            task.add_done_callback(self.alerts.discard)
+
+    async def _alert(self, topic: Topic, c: Claimed, error: dict[str, Any]) -> None:
+        try:
+            if self.registry is None:
+                self.registry = await asyncio.to_thread(Registry, self.settings.db_url())
+                self.owns_registry = True
+            conf = await asyncio.to_thread(self.registry.alert)
+            subject, text = dead_letter_mail(topic, c, error)
+            await send_alert(conf, topic.emails, subject, text)
+        except Exception:
+            log.exception("%s: alert for dead letter %s failed", self.ctx.name, c.tid)
+
+
+async def run(ctx: Context, store: Store | None = None, topics: TopicCache | None = None,
+              *, registry: Registry | None = None) -> None:
+    """Run consumer `ctx.index` until `ctx.stopping` is set and its callbacks are drained.
+
+    Opens (and then closes) the store and registry it is not given. Alert settings come
+    from `registry`, else from a registry opened on `settings.db_url()` when first needed.
+    """
+    settings = ctx.settings
+    own_store, own_registry = store is None, False
+    if store is None:
+        store = open_store(settings)
+    if topics is None:
+        if registry is None:
+            registry, own_registry = await asyncio.to_thread(Registry, settings.db_url()), True
+        topics = TopicCache(registry, refresh=settings.registry_refresh)
+    consumer = Consumer(ctx, store, topics, registry, owns_registry=own_registry)
+    started = time.monotonic()
+    log.info("%s started: %d shard(s), concurrency %d, lease %.1fs, retry unit %.1fs",
+             ctx.name, len(store.shards.shards), settings.concurrency, settings.lease,
+             settings.retry_unit)
+    try:
+        await consumer.serve()
+    finally:
+        log.info("%s stopped after %.0fs: delivered=%d retried=%d dead=%d failed=%d parked=%d",
+                 ctx.name, time.monotonic() - started, consumer.delivered, consumer.retried,
+                 consumer.dead, consumer.failed, consumer.parked)
+        if own_store:
+            await store.shards.close()
+        if consumer.owns_registry and consumer.registry is not None:
+            consumer.registry.close()

@@ -1,0 +1,395 @@
+"""Delivery end to end: timers and consumers in-process against a real redis-server, a real
+HTTP receiver, a real SMTP server and a SQLite registry."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from dq import consumer, timer
+from dq.config import Settings
+from dq.consumer import priority_order, retry_delay_ms
+from dq.registry import AlertConf, Registry, Topic
+from dq.store import Store
+from dq.worker import Context, open_store
+from tests.conftest import RedisProcess, free_port
+from tests.receiver import Receiver, Reply, Request
+
+
+class Roles:
+    """Timers and consumers running as tasks of this loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.running: list[tuple[Context, asyncio.Task[None]]] = []
+
+    def start(self, role: str, index: int = 0, **changes: Any) -> tuple[Context,
+                                                                        asyncio.Task[None]]:
+        ctx = Context(self.settings.replace(**changes), role, index)
+        fn = timer.run if role == "timer" else consumer.run
+        task = asyncio.create_task(fn(ctx), name=ctx.name)
+        self.running.append((ctx, task))
+        return ctx, task
+
+    def kill(self, task: asyncio.Task[None]) -> None:
+        """Like kill -9: no drain, no final writes."""
+        task.cancel()
+
+    async def stop(self) -> None:
+        for ctx, _ in self.running:
+            ctx.stopping.set()
+        tasks = [t for _, t in self.running]
+        async with asyncio.timeout(15):
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+
+
+class Mailbox:
+    def __init__(self) -> None:
+        self.messages: list[tuple[list[str], str]] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append((list(envelope.rcpt_tos), envelope.content.decode("utf-8", "replace")))
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[Mailbox, int]]:
+    box = Mailbox()
+    port = free_port()
+    ctl = Controller(box, hostname="127.0.0.1", port=port)
+    ctl.start()
+    yield box, port
+    ctl.stop()
+
+
+@pytest.fixture
+def settings(redis_server: RedisProcess, tmp_path: Path) -> Settings:
+    return Settings(redis=(redis_server.url,), db=f"sqlite:///{tmp_path / 'dq.sqlite3'}",
+                    buckets=4, timers=1, concurrency=64, retry_unit=1.0, lease=5.0,
+                    timer_tick=0.2, grace=5.0, registry_refresh=0.2, max_attempts=5)
+
+
+@pytest.fixture
+def registry(settings: Settings) -> Iterator[Registry]:
+    reg = Registry(settings.db)
+    yield reg
+    reg.close()
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[Store]:
+    s = open_store(settings)
+    yield s
+    await s.shards.close()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    async with Receiver() as r:
+        yield r
+
+
+@pytest.fixture
+async def roles(settings: Settings) -> AsyncIterator[Roles]:
+    r = Roles(settings)
+    yield r
+    await r.stop()
+
+
+@pytest.fixture
+def topic(registry: Registry, receiver: Receiver) -> Callable[..., Topic]:
+    def make(key: str, **kw: Any) -> Topic:
+        kw.setdefault("callback", receiver.url(f"/{key}"))
+        kw.setdefault("method", "POST")
+        return registry.save_topic(Topic(topic=key, name=key, **kw))
+    return make
+
+
+def after(n: int, replies: list[Reply], then: Reply = (200, b'{"code":0}')) -> Callable[
+        [Request], Reply]:
+    """A handler answering replies[i] to the i-th call, then `then`."""
+    count = Counter[str]()
+
+    def handle(req: Request) -> Reply:
+        i = count[req.job_id]
+        count[req.job_id] += 1
+        return replies[i] if i < len(replies) else then
+    return handle
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+# --------------------------------------------------------------------------------------
+def test_priority_order_is_weighted() -> None:
+    rng = random.Random(7)
+    firsts = Counter(priority_order((5, 3, 2), rng)[0] for _ in range(20000))
+    assert abs(firsts[1] / 20000 - 0.5) < 0.02
+    assert abs(firsts[2] / 20000 - 0.3) < 0.02
+    assert all(sorted(priority_order((5, 3, 2), rng)) == [1, 2, 3] for _ in range(100))
+    assert all(priority_order((0, 1, 0), rng)[0] == 2 for _ in range(100))
+    assert retry_delay_ms(0, 60) == 60_000 and retry_delay_ms(2, 1.5) == 7_500
+
+
+async def test_thousand_jobs_each_once_never_early(
+        store: Store, receiver: Receiver, roles: Roles, topic: Callable[..., Topic],
+        settings: Settings) -> None:
+    topic("bulk")
+    for i in range(2):
+        roles.start("timer", i, timers=2)
+        roles.start("consumer", i)
+    now_ms = int(time.time() * 1000)
+    due = {str(i): now_ms + 300 + random.randint(0, 4700) for i in range(1000)}
+    await asyncio.gather(*(store.add("bulk", i, {"i": i}, due_ms=d) for i, d in due.items()))
+    calls = await receiver.wait_calls(1000, path="/bulk", timeout=20)
+    await asyncio.sleep(0.5)  # a duplicate would show up now
+    calls = receiver.calls(path="/bulk")
+    ids = Counter(c.job_id for c in calls)
+    assert len(calls) == 1000 and set(ids) == set(due) and max(ids.values()) == 1
+    late = [c.at * 1000 - due[c.job_id] for c in calls]
+    assert min(late) >= 0, f"a job arrived {-min(late):.1f} ms before its due time"
+    print(f"\nlateness of 1000 jobs: p50={percentile(late, .5):.1f} ms "
+          f"p99={percentile(late, .99):.1f} ms max={max(late):.1f} ms")
+    assert (await store.depths(store.shards.shards[0]))["jobs"] == 0
+
+
+async def test_retry_schedule_then_dead_letter_and_one_mail(
+        store: Store, receiver: Receiver, roles: Roles, topic: Callable[..., Topic],
+        registry: Registry, smtp: tuple[Mailbox, int]) -> None:
+    box, port = smtp
+    registry.save_alert(AlertConf(host="127.0.0.1", port=port, sender="dq@example.test"))
+    topic("flaky")
+    topic("broken", max_attempts=3, emails=("ops@example.test", "dev@example.test"))
+    receiver.routes["/flaky"] = after(2, [(500, b"oops"), (500, b"oops")])
+    receiver.routes["/broken"] = lambda req: (503, b"down for maintenance " * 50)
+    roles.start("timer")
+    roles.start("consumer")
+    await store.add("flaky", "f1", {"x": 1}, delay_ms=0)
+    await store.add("broken", "b1", {"x": 1}, delay_ms=0)
+
+    flaky = await receiver.wait_calls(3, job_id="f1", timeout=10)
+    assert [c.attempt for c in flaky] == [1, 2, 3]
+    gaps = [flaky[1].at - flaky[0].at, flaky[2].at - flaky[1].at]
+    assert abs(gaps[0] - 1) < 0.6 and abs(gaps[1] - 3) < 0.6, gaps
+    broken = await receiver.wait_calls(3, job_id="b1", timeout=5)
+    assert [c.attempt for c in broken] == [1, 2, 3]
+
+    async with asyncio.timeout(5):
+        while not box.messages:
+            await asyncio.sleep(0.02)
+    await asyncio.sleep(0.5)
+    assert len(receiver.calls(job_id="b1")) == 3
+    assert await store.get("flaky", "f1") is None
+    [dead] = await store.dead_letters("broken")
+    assert dead.id == "b1" and dead.error is not None
+    assert dead.error["status"] == 503 and dead.error["attempts"] == 3
+    assert len(dead.error["reply"]) == 500
+    [(rcpt, mail)] = box.messages
+    assert sorted(rcpt) == ["dev@example.test", "ops@example.test"]
+    assert "broken" in mail and "b1" in mail and "503" in mail
+
+
+async def test_retry_when_turns_a_200_into_a_retry(
+        store: Store, receiver: Receiver, roles: Roles, topic: Callable[..., Topic]) -> None:
+    topic("rw", retry_when="{res.code}!=0")
+    receiver.routes["/rw"] = after(1, [(200, b'{"code":7,"msg":"busy"}')])
+    roles.start("timer", retry_unit=0.3)
+    roles.start("consumer", retry_unit=0.3)
+    await store.add("rw", "1", {}, delay_ms=0)
+    calls = await receiver.wait_calls(2, job_id="1", timeout=5)
+    assert [c.attempt for c in calls] == [1, 2]
+    assert calls[1].at - calls[0].at >= 0.3
+    async with asyncio.timeout(2):
+        while await store.get("rw", "1") is not None:
+            await asyncio.sleep(0.02)
+    assert (await store.topic_stats("rw"))["ok"] == 1
+
+
+async def test_killed_consumer_job_redelivered_after_lease(
+        store: Store, receiver: Receiver, roles: Roles, topic: Callable[..., Topic]) -> None:
+    topic("hang", timeout_ms=30_000)
+    hang = asyncio.Event()
+
+    async def first_hangs(req: Request) -> Reply:
+        if len(receiver.calls(job_id=req.job_id)) == 1:
+            await hang.wait()
+        return 200, b"ok"
+    receiver.routes["/hang"] = first_hangs
+    roles.start("timer")
+    _, killed = roles.start("consumer", lease=1.0)
+    await store.add("hang", "k", {}, delay_ms=0)
+    await receiver.wait_calls(1, job_id="k")
+    roles.kill(killed)
+    await asyncio.gather(killed, return_exceptions=True)
+    t_kill = time.monotonic()
+    roles.start("consumer", 1, lease=1.0)
+    calls = await receiver.wait_calls(2, job_id="k", timeout=5)
+    assert time.monotonic() - t_kill > 0.5  # only after the lease ran out
+    assert calls[1].attempt == 1  # an expired lease is not a failed attempt
+    async with asyncio.timeout(2):
+        while await store.get("hang", "k") is not None:
+            await asyncio.sleep(0.02)
+    hang.set()
+
+
+async def test_del_of_ready_job_prevents_delivery(
+        store: Store, receiver: Receiver, roles: Roles, topic: Callable[..., Topic]) -> None:
+    topic("d")
+    roles.start("timer")
+    await store.add("d", "gone", {}, delay_ms=0)
+    async with asyncio.timeout(3):
+        while (info := await store.lookup("d", "gone")) is None or info.state != "ready":
+            await asyncio.sleep(0.01)
+    assert await store.delete("d", "gone")
+    await store.add("d", "control", {}, delay_ms=0)
+    roles.start("consumer")
+    await receiver.wait_calls(1, job_id="control")
+    await asyncio.sleep(0.2)
+    assert receiver.calls(job_id="gone") == []
+
+
+async def test_del_in_flight_then_no_retry(
+        store: Store, receiver: Receiver, roles: Roles, topic: Callable[..., Topic]) -> None:
+    topic("d")
+    release = asyncio.Event()
+
+    async def held(req: Request) -> Reply:
+        await release.wait()
+        return 500, b"failed"
+    receiver.routes["/d"] = held
+    roles.start("timer", retry_unit=0.2)
+    roles.start("consumer", retry_unit=0.2)
+    await store.add("d", "x", {}, delay_ms=0)
+    await receiver.wait_calls(1, job_id="x")
+    assert await store.delete("d", "x")
+    release.set()
+    await asyncio.sleep(1.0)  # a retry would have come at +0.2 s
+    assert len(receiver.calls(job_id="x")) == 1
+    assert await store.get("d", "x") is None
+
+
+async def test_readd_during_delivery_is_not_clobbered(
+        store: Store, receiver: Receiver, roles: Roles, topic: Callable[..., Topic]) -> None:
+    topic("r")
+    release = asyncio.Event()
+
+    async def first_held(req: Request) -> Reply:
+        if req.fields()["gen"] == "1":
+            await release.wait()
+        return 200, b"ok"
+    receiver.routes["/r"] = first_held
+    roles.start("timer")
+    roles.start("consumer")
+    await store.add("r", "x", {"gen": 1}, delay_ms=0)
+    await receiver.wait_calls(1, job_id="x")
+    await store.add("r", "x", {"gen": 2}, delay_ms=300)
+    release.set()
+    calls = await receiver.wait_calls(2, job_id="x", timeout=5)
+    assert [c.fields()["gen"] for c in calls] == ["1", "2"]
+    assert calls[1].at - calls[0].at >= 0.25
+    async with asyncio.timeout(2):
+        while await store.get("r", "x") is not None:
+            await asyncio.sleep(0.02)
+
+
+BODY = {"a": "x y&z=1", "n": 5, "f": 1.5, "flag": True, "off": False, "none": None,
+        "items": [1, "two"], "obj": {"k": "v"}, "uni": "中文"}
+
+
+def _verify(req: Request, secret: str, topic_key: str, job_id: str) -> None:
+    assert req.headers["x-dq-topic"] == topic_key
+    assert unquote(req.headers["x-dq-id"]) == job_id
+    assert req.headers["x-dq-attempt"] == "1"
+    ts = req.headers["x-dq-timestamp"]
+    assert abs(int(ts) - time.time()) < 5
+    signed = req.query if req.method == "GET" else req.body
+    want = hmac.new(secret.encode(), ts.encode() + b"." + signed, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(req.headers["x-dq-signature"], want)
+
+
+async def test_formats_headers_and_signature(
+        store: Store, receiver: Receiver, roles: Roles, topic: Callable[..., Topic]) -> None:
+    topic("g", method="GET", secret="s3cret", callback=receiver.url("/g?src=dq"))
+    topic("p", method="POST", secret="s3cret")
+    topic("j", method="POST", body_format="json", secret="s3cret")
+    topic("plain", method="POST")
+    roles.start("timer")
+    roles.start("consumer")
+    for key in ("g", "p", "j", "plain"):
+        await store.add(key, "订单-1", BODY, delay_ms=0)
+    for key in ("g", "p", "j"):
+        [req] = await receiver.wait_calls(1, path=f"/{key}")
+        _verify(req, "s3cret", key, "订单-1")
+    [plain] = await receiver.wait_calls(1, path="/plain")
+    assert "x-dq-signature" not in plain.headers and "x-dq-timestamp" not in plain.headers
+
+    [g] = receiver.calls(path="/g")
+    assert g.method == "GET" and g.query.startswith(b"src=dq&") and g.body == b""
+    for req in (g, receiver.calls(path="/p")[0]):
+        f = req.fields()
+        assert f["a"] == "x y&z=1" and f["n"] == "5" and f["f"] == "1.5"
+        assert f["flag"] == "1" and f["off"] == "0" and "none" not in f
+        assert json.loads(f["items"]) == [1, "two"] and json.loads(f["obj"]) == {"k": "v"}
+        assert f["uni"] == "中文" and "notify_time" in f and "dq_set_time" in f
+    [p] = receiver.calls(path="/p")
+    assert p.headers["content-type"] == "application/x-www-form-urlencoded"
+    [j] = receiver.calls(path="/j")
+    assert j.headers["content-type"] == "application/json"
+    assert {k: v for k, v in j.json().items() if k in BODY} == BODY
+    assert "notify_time" in j.json()
+
+
+async def test_offline_topic_keeps_its_jobs(
+        store: Store, receiver: Receiver, roles: Roles, topic: Callable[..., Topic]) -> None:
+    topic("off", online=False)
+    roles.start("timer")
+    roles.start("consumer", lease=0.5)
+    await store.add("off", "1", {}, delay_ms=0)
+    await asyncio.sleep(1.2)
+    assert receiver.calls(job_id="1") == []
+    assert await store.get("off", "1") is not None
+    topic("off", online=True)
+    [req] = await receiver.wait_calls(1, job_id="1", timeout=5)
+    assert req.attempt == 1  # parking is not an attempt
+    async with asyncio.timeout(2):
+        while await store.get("off", "1") is not None:
+            await asyncio.sleep(0.02)
+
+
+async def test_graceful_stop_finishes_callback_in_flight(
+        store: Store, receiver: Receiver, roles: Roles, topic: Callable[..., Topic]) -> None:
+    topic("slow")
+
+    async def slow(req: Request) -> Reply:
+        await asyncio.sleep(1.0)
+        return 200, b"ok"
+    receiver.routes["/slow"] = slow
+    roles.start("timer")
+    ctx, task = roles.start("consumer")
+    await store.add("slow", "1", {}, delay_ms=0)
+    await receiver.wait_calls(1, job_id="1")
+    t0 = time.monotonic()
+    ctx.stopping.set()
+    async with asyncio.timeout(5):
+        await task
+    assert 0.5 < time.monotonic() - t0 < 3
+    assert await store.get("slow", "1") is None
+    assert (await store.depths(store.shards.shards[0]))["inflight"] == 0
+    assert (await store.topic_stats("slow"))["ok"] == 1
