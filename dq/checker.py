@@ -1,8 +1,17 @@
-"""The checker role: ping every Redis shard and say when one goes down or comes back.
+"""The checker role: ping every Redis shard, keep the shared health record, mail alerts.
 
-Minimal for now (issue "shard health" extends it with alerts): one PING per shard every
-`settings.checker_interval` seconds, one warning line when a shard stops answering and
-one line when it answers again.
+Every `settings.checker_interval` seconds each shard gets a PING with a short timeout. A
+shard that fails continuously for `settings.shard_down_after` seconds is marked DOWN in
+`<data_dir>/health.json` (dq/health.py), which every server, timer and consumer of this
+instance follows: adds go to the next shard in the tid's rendezvous order, and loops stop
+working the shard. It is marked UP as soon as it answers again. One log line per change.
+
+Mail goes to the registry's Redis-down recipients (`AlertConf.redis_emails`): one when a
+shard goes down and one when it comes back. Outage mails are rate-limited to one per shard
+every `mail_every` seconds; an outage that starts within that window is mailed when the
+window ends if the shard is still down (with a count of the outages in between), and a
+recovery mail is sent only to answer an outage mail. So a flapping shard sends at most two
+mails per window, and the last mail always tells the current state.
 """
 
 from __future__ import annotations
@@ -10,88 +19,246 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
+import socket
+import time
+from dataclasses import dataclass
+from datetime import datetime
 
-from redis.exceptions import RedisError
-
+from dq.alert import send_alert
 from dq.config import Settings
+from dq.errors import DqError
+from dq.health import ShardHealth, health_path, read_health, safe_name, write_health
+from dq.registry import Registry
 from dq.shards import Shard, ShardSet
 from dq.worker import Context, shard_urls
 
 log = logging.getLogger(__name__)
 
+MAIL_EVERY = 600.0  # seconds: at most one outage mail per shard this often
+PING_TIMEOUT_MAX = 1.0
 
-def safe_name(text: str) -> str:
-    """A shard name or URL with any password masked, fit for a log line."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", text)
-
-
-def _registry_shards(settings: Settings) -> list[tuple[str, str]]:
-    from dq.registry import Registry
-
-    registry = Registry(settings.db_url())
-    try:
-        return [(s.name or s.url, s.url) for s in registry.shards() if s.enabled]
-    finally:
-        registry.close()
+__all__ = ["MAIL_EVERY", "Checker", "ping", "run", "safe_name"]
 
 
 async def ping(shard: Shard, timeout: float) -> str:
-    """'' when the shard answers PING within `timeout`, else why not."""
+    """'' when the shard answers PING within `timeout`, else why not.
+
+    Pings go straight to the connection, past the shard's circuit breaker: the checker
+    must see a recovery as soon as it happens."""
     try:
         async with asyncio.timeout(timeout):
-            await shard.client.ping()
-    except (RedisError, OSError, TimeoutError) as exc:
+            await shard.conn.call("PING")
+    except DqError as exc:
+        return exc.msg
+    except TimeoutError:
+        shard.conn.close()  # a half-open or hung connection: reconnect next round
+        return f"no answer to PING within {timeout:g} s"
+    except Exception as exc:
         return f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
     return ""
 
 
-class Checker:
-    """One round of pings over every shard, remembering which are down."""
+@dataclass
+class ShardState:
+    """What the checker knows and has said about one shard."""
 
-    def __init__(self, ctx: Context, shards: ShardSet) -> None:
+    name: str  # password masked: the record's key and what logs and mails show
+    up: bool = True
+    since: float = 0.0  # epoch s of the last change
+    error: str = ""
+    failing_since: float | None = None  # monotonic s of the first failure in a row
+    mailed_up: bool = True  # the state the last mail told (none yet: up)
+    last_mail: float | None = None  # monotonic s
+    outages: int = 0  # outages since the last mail
+
+    def health(self) -> ShardHealth:
+        return ShardHealth(self.up, self.since, self.error)
+
+
+class Checker:
+    """Rounds of pings over every shard, the state machine per shard, and the mails."""
+
+    def __init__(self, ctx: Context, shards: ShardSet, *, registry: Registry | None = None,
+                 mail_every: float = MAIL_EVERY) -> None:
         self.ctx = ctx
+        self.settings = ctx.settings
         self.shards = shards
-        self.timeout = max(0.2, min(ctx.settings.checker_interval, 5.0))
-        self.rounds = 0
-        self.failures = 0
+        self.registry = registry
+        self.mail_every = mail_every
+        self.path = health_path(ctx.settings)
+        self.timeout = max(0.2, min(ctx.settings.checker_interval, PING_TIMEOUT_MAX))
+        self.states = {s.name: ShardState(safe_name(s.name), since=time.time())
+                       for s in shards.shards}
+        self.mails: set[asyncio.Task[bool]] = set()
+        self.rounds = self.failures = self.changes = self.mailed = 0
+        self._saved = False
+        self._resume()
+
+    def _resume(self) -> None:
+        """Start from the record a previous checker left, so an outage it announced is
+        neither announced again nor left without its recovery mail."""
+        try:
+            old = read_health(self.path)
+        except (OSError, ValueError) as exc:
+            log.warning("%s: ignoring unreadable %s (%s)", self.ctx.name, self.path, exc)
+            return
+        for st in self.states.values():
+            prev = old.get(st.name)
+            if prev is not None and not prev.up:
+                st.up = st.mailed_up = False
+                st.since, st.error = prev.since, prev.error
+                st.failing_since = time.monotonic()
 
     async def check(self) -> None:
-        errors = await asyncio.gather(*(ping(s, self.timeout) for s in self.shards.shards))
+        """One round: ping every shard, apply the verdicts, save and mail what changed."""
+        shards = self.shards.shards
+        errors = await asyncio.gather(*(ping(s, self.timeout) for s in shards))
         self.rounds += 1
-        for shard, error in zip(self.shards.shards, errors, strict=True):
-            if error:
-                self.failures += 1
-                if shard.up:
-                    log.warning("%s: redis shard %s is down: %s", self.ctx.name,
-                                safe_name(shard.name), error)
-            elif not shard.up:
-                log.info("%s: redis shard %s is back up", self.ctx.name, safe_name(shard.name))
-            shard.mark(not error)
+        now = time.monotonic()
+        changed = False
+        for shard, error in zip(shards, errors, strict=True):
+            changed = self.observe(self.states[shard.name], error, now) or changed
+        if changed or not self._saved:
+            self.save()
+        self.mail_due(now)
+
+    def observe(self, st: ShardState, error: str, now: float) -> bool:
+        """Apply one ping result; True when the shard's recorded state changed."""
+        if error:
+            self.failures += 1
+            st.error = error
+            if st.failing_since is None:
+                st.failing_since = now
+                log.debug("%s: redis shard %s does not answer: %s", self.ctx.name, st.name,
+                          error)
+            down_for = now - st.failing_since
+            if st.up and down_for >= self.settings.shard_down_after:
+                st.up, st.since = False, time.time()
+                st.outages += 1
+                self.changes += 1
+                log.warning("%s: redis shard %s is DOWN: no answer for %.1f s (%s); adds go "
+                            "to the other shards", self.ctx.name, st.name, down_for, error,
+                            extra={"shard": st.name, "up": False, "error": error})
+                return True
+            return False
+        st.failing_since = None
+        if st.up:
+            return False
+        down_for = time.time() - st.since
+        st.up, st.since, st.error = True, time.time(), ""
+        self.changes += 1
+        log.info("%s: redis shard %s is UP again after %.1f s down", self.ctx.name, st.name,
+                 down_for, extra={"shard": st.name, "up": True, "down_s": round(down_for, 1)})
+        return True
+
+    def save(self) -> None:
+        try:
+            write_health(self.path, {st.name: st.health() for st in self.states.values()})
+        except OSError as exc:
+            log.warning("%s: cannot write %s: %s", self.ctx.name, self.path, exc)
+            return
+        self._saved = True
+
+    # mail -------------------------------------------------------------------------------
+    def mail_due(self, now: float) -> None:
+        """Start the mails the states call for (see the module doc for the rules)."""
+        for st in self.states.values():
+            if st.up == st.mailed_up:
+                continue
+            if not st.up and st.last_mail is not None and now - st.last_mail < self.mail_every:
+                continue  # an outage mail went out lately: wait
+            subject, text = self.mail_text(st)
+            st.mailed_up, st.last_mail, st.outages = st.up, now, 0
+            task = asyncio.create_task(self._send(subject, text))
+            self.mails.add(task)
+            task.add_done_callback(self.mails.discard)
+
+    def mail_text(self, st: ShardState) -> tuple[str, str]:
+        host = socket.gethostname()
+        since = datetime.fromtimestamp(st.since).strftime("%Y-%m-%d %H:%M:%S")
+        if st.up:
+            subject = f"[dq] redis shard {st.name} is back UP"
+            lines = [f"The redis shard {st.name} answers again since {since}.",
+                     "Its jobs are being delivered again; jobs written to other shards "
+                     "while it was down stay there and are delivered from there."]
+        else:
+            subject = f"[dq] redis shard {st.name} is DOWN"
+            lines = [f"The redis shard {st.name} has not answered PING since {since} "
+                     f"(for more than {self.settings.shard_down_after:g} s).",
+                     f"Last error: {st.error}",
+                     "",
+                     "New jobs that belong to it are written to the next healthy shard; its "
+                     "own jobs wait until it is back (nothing is lost if it restarts with "
+                     "its data). Jobs due on the other shards are delivered as usual."]
+            if st.outages > 1:
+                lines.append(f"It went down {st.outages} times since the last mail.")
+        lines += ["", f"Seen by {self.ctx.name} on {host}. Another mail follows when it "
+                  "changes state again."]
+        return subject, "\n".join(lines)
+
+    async def _send(self, subject: str, text: str) -> bool:
+        if self.registry is None:
+            log.info("%s: no registry, alert not mailed: %s", self.ctx.name, subject)
+            return False
+        try:
+            conf = await asyncio.to_thread(self.registry.alert)
+        except Exception as exc:
+            log.warning("%s: cannot read alert settings (%s); not mailed: %s", self.ctx.name,
+                        exc, subject)
+            return False
+        sent = await send_alert(conf, conf.redis_emails, subject, text)
+        self.mailed += int(sent)
+        return sent
+
+    async def wait_mails(self, timeout: float) -> None:
+        if self.mails:
+            _done, pending = await asyncio.wait(set(self.mails), timeout=timeout)
+            for t in pending:
+                t.cancel()
 
 
-async def run(ctx: Context) -> None:
+def _open_registry(settings: Settings) -> tuple[Registry, list[tuple[str, str]]]:
+    registry = Registry(settings.db_url())
+    try:
+        return registry, [(s.name or s.url, s.url) for s in registry.shards() if s.enabled]
+    except Exception:
+        registry.close()
+        raise
+
+
+async def run(ctx: Context, *, registry: Registry | None = None,
+              mail_every: float = MAIL_EVERY) -> None:
     """Ping every shard every checker_interval seconds until ctx.stopping is set."""
     settings = ctx.settings
+    own_registry = registry is None
+    extra: list[tuple[str, str]] = []
     try:
-        extra = await asyncio.to_thread(_registry_shards, settings)
+        if registry is None:
+            registry, extra = await asyncio.to_thread(_open_registry, settings)
+        else:
+            extra = [(s.name or s.url, s.url)
+                     for s in await asyncio.to_thread(registry.shards) if s.enabled]
     except Exception as exc:
-        log.warning("%s: cannot read shards from the registry (%s); checking the configured "
-                    "ones", ctx.name, exc)
-        extra = []
-    shards = ShardSet.from_urls(shard_urls(settings, extra), connect_timeout=1.0,
-                                command_timeout=2.0)
-    checker = Checker(ctx, shards)
-    log.info("%s started: %d shard(s), every %.1f s", ctx.name, len(shards.shards),
-             settings.checker_interval)
+        log.warning("%s: cannot read the registry (%s); checking the configured shards, "
+                    "without alert mail", ctx.name, exc)
+    shards = ShardSet.from_urls(shard_urls(settings, extra), command_timeout=2.0)
+    checker = Checker(ctx, shards, registry=registry, mail_every=mail_every)
+    log.info("%s started: %d shard(s), every %.1f s, down after %.1f s, record %s", ctx.name,
+             len(shards.shards), settings.checker_interval, settings.shard_down_after,
+             checker.path)
     try:
         while not ctx.stopping.is_set():
+            started = time.monotonic()
             await checker.check()
             ctx.ready.set()
+            wait = max(0.0, settings.checker_interval - (time.monotonic() - started))
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(settings.checker_interval):
+                async with asyncio.timeout(wait):
                     await ctx.stopping.wait()
     finally:
+        await checker.wait_mails(12.0)
         await shards.close()
-        log.info("%s stopped: rounds=%d failures=%d", ctx.name, checker.rounds,
-                 checker.failures)
+        if own_registry and registry is not None:
+            registry.close()
+        log.info("%s stopped: rounds=%d failures=%d changes=%d mailed=%d", ctx.name,
+                 checker.rounds, checker.failures, checker.changes, checker.mailed)

@@ -25,6 +25,7 @@ import setproctitle
 
 from dq.config import Settings
 from dq.errors import EXIT_BOOT, EXIT_ORPHAN
+from dq.health import HealthReader, health_path
 from dq.logs import setup_logging
 from dq.shards import ShardSet
 from dq.store import Store
@@ -72,8 +73,10 @@ def shard_urls(settings: Settings, extra: list[tuple[str, str]] | None = None) -
 
 
 def open_store(settings: Settings, extra_shards: list[tuple[str, str]] | None = None) -> Store:
-    """A Store over every shard. Connections are made lazily, inside the running loop."""
+    """A Store over every shard. Connections are made lazily, inside the running loop.
+    The shards follow the checker's shared health record (dq/health.py)."""
     shards = ShardSet.from_urls(shard_urls(settings, extra_shards))
+    shards.attach_health(HealthReader(health_path(settings)))
     return Store(shards, prefix=settings.prefix, buckets=settings.buckets, zone=settings.zone)
 
 
@@ -99,7 +102,9 @@ def write_status(path: Path, status: str) -> None:
 
 
 def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    """The exception in one line (SQLAlchemy appends a second line with a URL)."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def load_role(path: str) -> Callable[[Context], Awaitable[None]]:
