@@ -187,6 +187,10 @@ async def run(ctx: Context) -> None:
     task = asyncio.create_task(server.serve(sockets=[sock]))
     stop = asyncio.create_task(ctx.stopping.wait())
     try:
+        while not server.started and not task.done():
+            await asyncio.sleep(0.02)
+        if server.started:
+            ctx.ready.set()
         await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
         server.should_exit = True
         await task

@@ -148,7 +148,7 @@ def require_docs(request: Request) -> None:
     if sess is not None and sess.auth:
         request.state.session = sess
         return
-    if request.headers.get("authorization"):
+    if request.headers.get("authorization") or request.url.path.endswith(".json"):
         require_api(request)
         return
     require_page(request)

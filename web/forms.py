@@ -177,7 +177,7 @@ def validate_topic(data: Mapping[str, Any], *, existing: Topic | None = None,
     if problem := check_retry_when(retry_when):
         f.fail("retry_when", problem)
     secret = f.text("secret", limit=255)
-    if not secret and existing is not None and not f.flag("clear_secret"):
+    if not secret and existing is not None and not Fields(data).flag("clear_secret"):
         secret = existing.secret
     result = Topic(
         id=existing.id if existing else 0, topic=topic, name=name or topic,

@@ -1,19 +1,35 @@
 """/healthz (always open) and /metrics in Prometheus text format (open when
-settings.metrics_public, else behind the API password)."""
+settings.metrics_public, else behind the API password).
+
+Every number comes from Redis (counters and histograms are bumped by the Lua scripts), so
+every console instance shows the same values.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from redis.exceptions import RedisError
 
+from dq.errors import DqError
+from dq.registry import Topic
+from dq.shards import Shard
+from dq.store import Store
 from web import schemas as s
 from web.auth import require_api
-from web.ops import shard_views, topic_counters
-from web.state import db, state
+from web.forms import mask_url
+from web.ops import PROBE_TIMEOUT, shard_views, topic_counters
+from web.state import WebState, db, state
 
 router = APIRouter()
 
@@ -36,7 +52,8 @@ class _Snapshot:
 
 @router.get("/metrics", tags=["health"], response_class=Response)
 async def metrics(request: Request) -> Response:
-    """Per-topic event counters and per-shard job counts, for Prometheus."""
+    """Per-topic event counters and delivery histograms, per-shard job counts, memory and
+    liveness, for Prometheus."""
     st = state(request)
     if not st.settings.metrics_public:
         require_api(request)
@@ -53,6 +70,54 @@ async def metrics(request: Request) -> Response:
         up.add_metric([view.name], 1 if view.up else 0)
         for state_name, n in view.depths.items():
             jobs.add_metric([view.name, state_name], n)
+    families = [events, up, jobs, await shard_memory(st),
+                *await delivery_histograms(st.store, topics)]
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot([events, up, jobs]))
+    registry.register(_Snapshot(families))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _shard_label(shard: Shard) -> str:
+    """The shard's name as dq_shard_up shows it (config shards are named by their URL)."""
+    return mask_url(shard.name) if "://" in shard.name else shard.name
+
+
+async def _used_memory(shard: Shard) -> int | None:
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            info = await shard.call("INFO", "memory")
+    except (DqError, RedisError, OSError, TimeoutError):
+        return None
+    text = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key == "used_memory" and value.strip().isdigit():
+            return int(value)
+    return None
+
+
+async def shard_memory(st: WebState) -> GaugeMetricFamily:
+    """Used memory of every shard this console uses (absent when it does not answer)."""
+    shards = st.store.shards.shards
+    gauge = GaugeMetricFamily("dq_shard_used_memory_bytes", "Memory the shard's Redis uses",
+                              labels=["shard"])
+    used = await asyncio.gather(*(_used_memory(sh) for sh in shards))
+    for shard, n in zip(shards, used, strict=True):
+        if n is not None:
+            gauge.add_metric([_shard_label(shard)], n)
+    return gauge
+
+
+async def delivery_histograms(store: Store, topics: list[Topic]) -> list[Metric]:
+    """Per topic: how late callbacks were made (due time -> call) and how long they took,
+    over every callback attempt, summed over the shards."""
+    late = HistogramMetricFamily("dq_delivery_lateness_seconds", "Time from a job's due time "
+                                 "to its callback, per attempt", labels=["topic"])
+    took = HistogramMetricFamily("dq_callback_duration_seconds", "Duration of callback "
+                                 "requests, per attempt", labels=["topic"])
+    found = await asyncio.gather(*(store.histograms(t.topic) for t in topics))
+    for topic, hists in zip(topics, found, strict=True):
+        for family, name in ((late, "late"), (took, "cb")):
+            h = hists[name]
+            family.add_metric([topic.topic], buckets=h.buckets, sum_value=h.sum)
+    return [late, took]

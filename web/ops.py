@@ -54,9 +54,22 @@ async def probe(store: Store, shard: Shard, view: ShardView) -> None:
         return
     view.up = True
     view.depths = depths
+    fields = parse_info(info)
+    view.version = fields.get("redis_version", "")
+    view.memory = fields.get("used_memory_human", "")
+
+
+def parse_info(info: Any) -> dict[str, str]:
+    """INFO's reply as field -> value, whether it arrives raw or already parsed."""
     if isinstance(info, dict):
-        view.version = str(info.get("redis_version", ""))
-        view.memory = str(info.get("used_memory_human", ""))
+        return {str(k): str(v) for k, v in info.items()}
+    text = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and not key.startswith("#"):
+            out[key.strip()] = value.strip()
+    return out
 
 
 async def shard_views(st: WebState) -> list[ShardView]:
