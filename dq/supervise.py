@@ -154,6 +154,11 @@ def check_pid_file(path: str) -> None:
         return
     except PermissionError:
         pass
+    try:  # a reused pid: the process there now is not a dq-master
+        if not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"dq-master"):
+            return
+    except OSError:
+        pass
     raise BootError(f"dq-master already runs as pid {pid} (pid file {path}); "
                     "stop it first or use another --pid-file")
 

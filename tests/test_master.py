@@ -248,6 +248,19 @@ def test_titles_restart_heartbeat_and_term(
     assert "dq-master stopped" in m.output()
 
 
+def test_children_stop_when_the_master_is_killed(
+        redis_server: RedisProcess, master: Callable[..., Master]) -> None:
+    m = master(redis=redis_server)
+    kids = set(m.wait_titles(expected_titles()))
+    m.proc.kill()
+    m.proc.wait()
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in kids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in kids if alive(pid)]
+    assert "went away; stopping" in m.output()
+
+
 def ping_loop(port: int, stop: threading.Event, stats: dict[str, int]) -> None:
     """Connect, ping, close, again and again; count what happens."""
     while not stop.is_set():
@@ -286,7 +299,7 @@ def test_usr2_replaces_every_child_while_the_port_stays_open(
     assert "reload: starting generation 1" in m.output()
 
 
-def test_ttin_ttou_change_the_consumer_count(
+def test_ttin_ttou_and_a_reload_that_rereads_the_config(
         redis_server: RedisProcess, master: Callable[..., Master]) -> None:
     m = master("--consumers", "2", redis=redis_server)
 
@@ -304,6 +317,19 @@ def test_ttin_ttou_change_the_consumer_count(
     m.kill(signal.SIGTTOU)
     m.wait("the refusal", lambda: "already down to one consumer" in m.output())
     assert consumers() == ["dq-consumer-0"]
+
+    # A reload re-reads ./dq.toml: a bad one is refused, a good one applies (flags still
+    # win, so the consumers go back to the --consumers 2 given at start).
+    before = set(m.workers())
+    (m.home / "dq.toml").write_text('servers = "lots"\n')
+    m.kill(signal.SIGUSR2)
+    m.wait("the refused reload", lambda: "reload refused" in m.output())
+    assert set(m.workers()) == before
+    (m.home / "dq.toml").write_text("servers = 2\n")
+    m.kill(signal.SIGUSR2)
+    want = expected_titles(servers=2, consumers=2)
+    m.wait("the new config", lambda: m.titles() == want and not before & set(m.workers()),
+           timeout=30)
 
 
 @pytest.mark.skipif(not have("dq.server"), reason="needs dq.server")
