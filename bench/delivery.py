@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import free_port, percentile, redis_servers, register, tempdir
+from bench.common import cpu_us, free_port, percentile, redis_servers, register, tempdir
 from dq import consumer, timer
 from dq.config import Settings
 from dq.worker import Context, open_store
@@ -166,9 +166,13 @@ def _run(ctx: Any, settings: Settings, args: argparse.Namespace, port: int) -> N
         print(f"added {args.n} jobs in {took:.2f}s ({args.n / took:.0f}/s); due in "
               f"{due_ms / 1000 - time.time():.2f}s; {args.timers} timer(s), "
               f"{args.consumers} consumer(s) x {args.concurrency}, {os.cpu_count()} cpus")
+        cpu0 = cpu_us([p.pid for p in roles if p.pid])
         deadline = time.monotonic() + args.timeout
         while count.value < args.n and time.monotonic() < deadline:
             time.sleep(0.01)
+        used = cpu_us([p.pid for p in roles if p.pid]) - cpu0
+        print(f"timer+consumer CPU: {used / 1e6:.2f}s, {used / max(1, count.value):.0f} us "
+              f"per delivered job")
     finally:
         roles_stop.set()
         for p in roles:
