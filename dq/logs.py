@@ -108,7 +108,8 @@ class DailyFileHandler(logging.FileHandler):
         super().emit(record)
 
 
-def _handlers(settings: Settings) -> list[logging.Handler]:
+def make_handlers(settings: Settings) -> list[logging.Handler]:
+    """The handlers `settings` asks for: stderr unless daemon, daily files with a log dir."""
     formatter: logging.Formatter = (
         JsonFormatter() if settings.log_format == "json" else TextFormatter())
     out: list[logging.Handler] = []
@@ -146,7 +147,7 @@ def setup_logging(settings: Settings, role: str) -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
         old.close()
-    for handler in _handlers(settings):
+    for handler in make_handlers(settings):
         root.addHandler(handler)
     root.setLevel(level)
     # httpx logs every request at INFO; consumers make thousands.

@@ -211,6 +211,43 @@ def test_restart_backoff_doubles_resets_and_slows_after_boot_streak() -> None:
     assert delays[-1] == 10.0 and slot.boot_failures == BOOT_STREAK
 
 
+def test_log_files_route_by_logger_and_roll_at_midnight(tmp_path: Path) -> None:
+    import logging
+
+    from dq.config import Settings
+    from dq.logs import make_handlers
+
+    handlers = make_handlers(Settings(log_dir=str(tmp_path), log_format="json", daemon=True))
+    today = time.time()
+
+    def emit(name: str, level: int, msg: str, at: float = today, **extra: Any) -> None:
+        record = logging.makeLogRecord({"name": name, "levelno": level, "msg": msg,
+                                        "levelname": logging.getLevelName(level),
+                                        "created": at, **extra})
+        for h in handlers:
+            if record.levelno >= h.level:
+                h.handle(record)
+
+    emit("dq.request", logging.INFO, "add order:1", tid="order:1")
+    emit("dq.notify", logging.INFO, "called")
+    emit("dq.consumer", logging.WARNING, "slow callback")
+    emit("dq.timer", logging.INFO, "tomorrow", at=today + 86400)
+    for h in handlers:
+        h.close()
+
+    def read(stem: str, at: float = today) -> list[dict[str, Any]]:
+        day = time.strftime("%Y%m%d", time.localtime(at))
+        path = tmp_path / f"{stem}_{day}.log"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    assert [r["msg"] for r in read("request")] == ["add order:1"]
+    assert read("request")[0]["tid"] == "order:1"  # `extra` fields become JSON members
+    assert [r["msg"] for r in read("notify")] == ["called"]
+    assert [r["msg"] for r in read("error")] == ["slow callback"]
+    assert [r["msg"] for r in read("dq")] == ["slow callback"]
+    assert [r["msg"] for r in read("dq", today + 86400)] == ["tomorrow"]
+
+
 # --------------------------------------------------------------------------------------
 # Supervision
 
