@@ -1,0 +1,239 @@
+"""The console's forms end to end over ASGI: topics, shards, alerts, jobs, dead letters."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+
+from tests.conftest import RedisProcess, free_port
+from tests.test_web_api import Mailbox, Web, bury, make_topic, open_web, smtp
+from tests.test_web_pages import flash, follow, login
+
+__all__ = ["smtp"]  # the SMTP fixture, used by name
+
+TOPIC_FORM = {"topic": "order_timeout", "name": "Cancel unpaid orders", "delay": "1800",
+              "callback": "https://shop.example.com/hook", "method": "POST", "timeout_ms": "3000",
+              "body_format": "json", "priority": "2", "max_attempts": "0", "status": "online",
+              "retry_when": "", "emails": "ops@example.com", "secret": "hush", "creator": "ann"}
+
+
+@pytest.fixture(name="web")
+async def web_fixture(redis_server: RedisProcess, db_url: str) -> AsyncIterator[Web]:
+    async with open_web(redis_server.url, db_url) as w:
+        yield w
+
+
+async def test_topic_form(web: Web) -> None:
+    token = await login(web.anon)
+    client = web.anon
+    r = await client.get("/topics/new")
+    assert r.status_code == 200 and "Create topic" in r.text
+
+    bad = {**TOPIC_FORM, "csrf": token, "callback": "ftp://nope", "timeout_ms": "0",
+           "retry_when": "{res.code} =="}
+    r = await client.post("/topics/new", data=bad)
+    assert r.status_code == 422
+    assert "callback must start with http:// or https://" in r.text
+    assert "timeout_ms must be a whole number from 1 to 60000" in r.text
+    assert "at position 13" in html.unescape(r.text)
+    assert 'value="ftp://nope"' in r.text  # what was typed stays in the form
+    assert "hush" not in r.text  # a secret is never echoed back
+    assert web.registry.topics() == {}
+
+    r = await client.post("/topics/new", data={**TOPIC_FORM, "csrf": token})
+    page = await follow(client, r)
+    assert flash(page) == "Topic order_timeout created."
+    assert "order_timeout" in page.text and "shop.example.com/hook" in page.text
+    stored = web.registry.get_topic("order_timeout")
+    assert stored is not None and stored.secret == "hush" and stored.creator == "ann"
+    assert stored.emails == ("ops@example.com",) and stored.body_format == "json"
+
+    r = await client.post("/topics/new", data={**TOPIC_FORM, "csrf": token})
+    assert r.status_code == 422 and "already exists" in r.text
+
+    r = await client.post("/topics/order_timeout/toggle",
+                          data={"csrf": token, "back": "/topics?q=order"})
+    assert r.headers["location"] == "/topics?q=order"
+    page = await follow(client, r)
+    assert flash(page) == "Topic order_timeout is now offline." and "Put online" in page.text
+    r = await client.post("/topics/order_timeout/toggle",
+                          data={"csrf": token, "back": "https://evil.example/"})
+    assert r.headers["location"] == "/"
+
+    r = await client.get("/topics/order_timeout/edit")
+    assert r.status_code == 200 and "leave empty to keep it" in r.text and "hush" not in r.text
+    edit = {**TOPIC_FORM, "csrf": token, "secret": "", "delay": "60", "topic": "ignored"}
+    page = await follow(client, await client.post("/topics/order_timeout/edit", data=edit))
+    assert flash(page) == "Topic order_timeout saved."
+    stored = web.registry.get_topic("order_timeout")
+    assert stored is not None and stored.secret == "hush" and stored.delay == 60
+    r = await client.post("/topics/order_timeout/edit", data={**edit, "priority": "5"})
+    assert r.status_code == 422 and "priority must be a whole number from 1 to 3" in r.text
+    await client.post("/topics/order_timeout/edit", data={**edit, "clear_secret": "1"})
+    assert (web.registry.get_topic("order_timeout") or stored).secret == ""
+
+    r = await client.get("/topics/missing/edit")
+    assert r.status_code == 303
+    page = await follow(client, await client.post("/topics/order_timeout/delete",
+                                                  data={"csrf": token}))
+    assert flash(page) == "Topic order_timeout deleted." and web.registry.topics() == {}
+
+
+async def test_topics_search_and_paging(web: Web) -> None:
+    for i in range(30):
+        await make_topic(web, topic=f"t{i:02d}", name=f"Topic number {i}")
+    await login(web.anon)
+    r = await web.anon.get("/topics")
+    assert "t00" in r.text and "t24" in r.text and "t25" not in r.text and "Page 1 of 2" in r.text
+    r = await web.anon.get("/topics?page=2")
+    assert "t25" in r.text and "t00" not in r.text
+    r = await web.anon.get("/topics?q=NUMBER 7")
+    assert "t07" in r.text and "t08" not in r.text and "1 topic" in r.text
+    r = await web.anon.get("/topics?q=zzz")
+    assert "No topic matches" in r.text
+
+
+async def test_user_text_is_escaped(web: Web) -> None:
+    evil = "<script>alert(1)</script>"
+    await make_topic(web, topic="xss", name=evil, creator=evil,
+                     callback='https://h.example/"><img%20src=x%20onerror=alert(1)>')
+    await web.store.add("xss", evil, {"k": evil}, delay_ms=60_000)
+    await login(web.anon)
+    for path in ("/topics", "/", "/topics/xss/edit", f"/jobs?topic=xss&id={evil}"):
+        r = await web.anon.get(path)
+        assert r.status_code == 200
+        assert "<script>alert(1)" not in r.text and "<img%20src" not in r.text, path
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in r.text, path
+
+
+async def test_shards_page(web: Web, redis_factory: object) -> None:
+    token = await login(web.anon)
+    client = web.anon
+    r = await client.get("/shards")
+    assert r.status_code == 200 and "after a reload" in r.text and "from the config file" in r.text
+    r = await client.post("/shards", data={"csrf": token, "name": "", "url": "http://x"})
+    assert r.status_code == 422 and "name is required" in r.text and "url must be" in r.text
+
+    other: RedisProcess = redis_factory()  # type: ignore[operator]
+    with redis.Redis(port=other.port) as admin:
+        admin.config_set("requirepass", "pa55word")
+    url = f"redis://:pa55word@127.0.0.1:{other.port}/0"
+    page = await follow(client, await client.post("/shards", data={"csrf": token,
+                                                                   "name": "redis-2", "url": url}))
+    assert "Workers start using it after a reload" in flash(page)
+    assert "pending reload" in page.text and "pa55word" not in page.text
+    [conf] = web.registry.shards()
+
+    r = await client.get(f"/shards?edit={conf.id}")
+    assert "Edit shard redis-2" in r.text and "pa55word" not in r.text
+    masked = f"redis://:***@127.0.0.1:{other.port}/0"
+    assert masked in r.text
+    page = await follow(client, await client.post(
+        f"/shards/{conf.id}/edit", data={"csrf": token, "name": "redis-two", "url": masked}))
+    assert "saved" in flash(page)
+    [renamed] = web.registry.shards()
+    assert renamed.name == "redis-two" and renamed.url == url  # the password was kept
+    r = await client.post(f"/shards/{renamed.id}/edit", data={"csrf": token, "name": "x",
+                                                                "url": "nope nope"})
+    assert r.status_code == 422
+    page = await follow(client, await client.post(f"/shards/{renamed.id}/delete",
+                                                  data={"csrf": token}))
+    assert "Shard removed" in flash(page) and web.registry.shards() == []
+    page = await follow(client, await client.post(f"/shards/{renamed.id}/delete",
+                                                  data={"csrf": token}))
+    assert "already removed" in flash(page)
+
+
+async def test_alert_page(web: Web, smtp: tuple[Mailbox, int]) -> None:
+    box, port = smtp
+    token = await login(web.anon)
+    client = web.anon
+    r = await client.post("/alert", data={"csrf": token, "host": "127.0.0.1", "port": "99999",
+                                          "tls": "none", "sender": "bad"})
+    assert r.status_code == 422 and "port must be a whole number" in r.text
+    assert "sender must be an email address" in r.text
+    form = {"csrf": token, "host": "127.0.0.1", "port": str(port), "tls": "none", "user": "",
+            "password": "mailpw", "sender": "dq@example.com", "redis_emails": "ops@example.com"}
+    page = await follow(client, await client.post("/alert", data=form))
+    assert flash(page) == "Alert settings saved." and "mailpw" not in page.text
+    await client.post("/alert", data={**form, "password": ""})
+    assert web.registry.alert().password == "mailpw"
+
+    page = await follow(client, await client.post("/alert/test", data={"csrf": token,
+                                                                       "to": "me@example.com"}))
+    assert flash(page) == "Test mail sent to me@example.com."
+    assert box.messages[0].rcpt_tos == ["me@example.com"]
+    page = await follow(client, await client.post("/alert/test", data={"csrf": token,
+                                                                       "to": "nobody"}))
+    assert flash(page).startswith("Test mail not sent: to must be one email address")
+    await client.post("/alert", data={**form, "port": str(free_port())})
+    page = await follow(client, await client.post("/alert/test", data={"csrf": token,
+                                                                       "to": "me@example.com"}))
+    assert "did not accept the test mail" in flash(page)
+
+
+async def test_jobs_page(web: Web) -> None:
+    await make_topic(web, topic="order")
+    await web.api.post("/api/jobs", json={"topic": "order", "id": "42", "body": {"sku": "A-1"},
+                                          "delay": 600})
+    token = await login(web.anon)
+    r = await web.anon.get("/jobs?topic=order&id=42")
+    assert r.status_code == 200 and "state-delayed" in r.text and "A-1" in r.text
+    r = await web.anon.get("/jobs?topic=order&id=43")
+    assert "No job" in r.text
+    r = await web.anon.post("/jobs/delete", data={"csrf": token, "topic": "order", "id": "42"})
+    assert r.headers["location"] == "/jobs?topic=order&id=42"
+    page = await follow(web.anon, r)
+    assert flash(page) == "Job order:42 deleted." and "No job" in page.text
+    page = await follow(web.anon, await web.anon.post(
+        "/jobs/delete", data={"csrf": token, "topic": "order", "id": "42"}))
+    assert "was not found" in flash(page)
+
+
+async def test_dead_page(web: Web) -> None:
+    await make_topic(web, topic="order")
+    await make_topic(web, topic="mail")
+    for topic, job_id in (("order", "1"), ("order", "2"), ("mail", "3"), ("mail", "4")):
+        await bury(web.store, topic, job_id)
+    token = await login(web.anon)
+    r = await web.anon.get("/dead")
+    assert r.text.count("HTTP 500") == 4 and "boom" in r.text
+    r = await web.anon.get("/dead?topic=order")
+    assert "order:1" in r.text and "mail:3" not in r.text
+
+    r = await web.anon.post("/dead/redrive", data={"csrf": token, "topic": "order", "id": "1",
+                                                   "filter": "order"})
+    assert r.headers["location"] == "/dead?topic=order"
+    page = await follow(web.anon, r)
+    assert flash(page) == "Job order:1 redriven: it is due now."
+    assert (await web.store.lookup("order", "1")).state == "delayed"  # type: ignore[union-attr]
+    page = await follow(web.anon, await web.anon.post(
+        "/dead/redrive", data={"csrf": token, "topic": "order", "id": "1"}))
+    assert "no longer a dead letter" in flash(page)
+
+    page = await follow(web.anon, await web.anon.post(
+        "/dead/delete", data={"csrf": token, "topic": "order", "id": "2"}))
+    assert flash(page) == "Dead letter order:2 deleted."
+    assert await web.store.lookup("order", "2") is None
+    page = await follow(web.anon, await web.anon.post(
+        "/dead/redrive-all", data={"csrf": token, "filter": ""}))
+    assert flash(page) == "2 dead letter(s) redriven." and "No dead letters" in page.text
+
+
+async def test_dashboard_and_error_pages(web: Web) -> None:
+    await make_topic(web, topic="order")
+    await web.api.post("/api/jobs", json={"topic": "order", "id": "1", "delay": 60})
+    await bury(web.store, "order", "2")
+    await login(web.anon)
+    r = await web.anon.get("/")
+    assert r.status_code == 200
+    assert r.text.count("<polyline") == 3 and "<svg" in r.text and "<script>" not in r.text
+    assert "written 2" in r.text  # the current minute's tooltip
+    r = await web.anon.get("/no/such/page")
+    assert r.status_code == 404 and "text/html" in r.headers["content-type"]
+    assert "there is nothing at /no/such/page" in r.text
+    r = await web.anon.get("/static/app.css")
+    assert r.status_code == 200 and "cache-control" not in r.headers
