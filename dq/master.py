@@ -89,7 +89,7 @@ class Arbiter(WorkerPool):
         for fd in self.pipe:
             os.set_blocking(fd, False)
         for sig in SIGNALS:
-            signal.signal(sig, self.signal)
+            signal.signal(sig, self.on_signal)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         self.hb_dir = Path(tempfile.mkdtemp(prefix="dq-master-"))
         assert self.listener is not None
@@ -178,7 +178,7 @@ class Arbiter(WorkerPool):
 
     # signals
 
-    def signal(self, sig: int, frame: Any) -> None:
+    def on_signal(self, sig: int, frame: Any) -> None:
         """Only record the signal and wake the loop: no logging, no I/O, no kill here."""
         if not (sig == signal.SIGCHLD and sig in self.sig_queue):
             self.sig_queue.append(sig)

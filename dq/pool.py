@@ -117,8 +117,13 @@ class WorkerPool:
             if role == "web" and any(w.role == "web" for w in self.workers.values()):
                 continue  # the old dq-web still holds the port; it is retired first
             slot = self.slots.setdefault((role, index), Slot())
-            if now >= slot.next_at:
+            if now < slot.next_at:
+                continue
+            try:
                 self.spawn_worker(role, index)
+            except OSError as exc:  # EAGAIN/ENOMEM: try again later, not in a loop
+                delay = slot.died(0, now, boot_failed=False)
+                log.error("cannot fork %s: %s; retrying in %.1f s", role, exc, delay)
 
     def manage_workers(self) -> None:
         """Keep the configured numbers: respawn, retire the unwanted and the old generation."""
