@@ -153,3 +153,9 @@ def setup_logging(settings: Settings, role: str) -> None:
     # httpx logs every request at INFO; consumers make thousands.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # One line per request and per notify belongs in the log dir's own files; without a
+    # log dir they would flood stderr (and cost the hot path its formatting), so they are
+    # only kept there at DEBUG.
+    quiet = not settings.log_dir and level > logging.DEBUG
+    for name in OWN_FILES:
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.NOTSET)
