@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MAIL_EVERY = 600.0  # seconds: at most one outage mail per shard this often
 PING_TIMEOUT_MAX = 1.0
+_WHY = re.compile(r"is unavailable \((.*)\); retry shortly$")
 
 __all__ = ["MAIL_EVERY", "Checker", "ping", "run", "safe_name"]
 
@@ -49,7 +51,8 @@ async def ping(shard: Shard, timeout: float) -> str:
         async with asyncio.timeout(timeout):
             await shard.conn.call("PING")
     except DqError as exc:
-        return exc.msg
+        why = _WHY.search(exc.msg)  # the reason inside "redis shard X is unavailable (...)"
+        return why.group(1) if why else exc.msg
     except TimeoutError:
         shard.conn.close()  # a half-open or hung connection: reconnect next round
         return f"no answer to PING within {timeout:g} s"

@@ -54,6 +54,7 @@ IDLE_MIN = 0.005
 IDLE_MAX = 0.05
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 5.0
+DOWN_WAIT = 0.25  # how often a claim loop looks again at a shard that is down
 LEASE_SHARE = 0.9  # of the lease a callback may take at most
 ALERT_WAIT = 12.0  # at stop, how long mails still being sent may take
 SHARD_ERRORS = (DqError, RedisError, OSError, asyncio.TimeoutError)
@@ -181,6 +182,9 @@ class Consumer:
         idle, backoff = IDLE_MIN, BACKOFF_MIN
         weights = self.settings.priority_weights
         while not self.ctx.stopping.is_set():
+            if not shard.up:  # marked down by the checker, or its breaker is open
+                await self._pause(DOWN_WAIT)
+                continue
             n = await self.slots.take(self.ctx.stopping)
             if n == 0:
                 break
@@ -225,8 +229,14 @@ class Consumer:
                       "unknown" if topic is None else "offline")
             return
         out = await self._call(topic, c)
-        notify_log.info("topic=%s id=%s attempt=%d status=%d ms=%d%s", c.topic, c.id,
-                        c.attempt + 1, out.status, out.ms, "" if out.ok else f" error={out.error}")
+        late_ms = max(0, c.claimed_ms - c.due_ms)
+        notify_log.log(logging.INFO if out.ok else logging.WARNING,
+                       "topic=%s id=%s attempt=%d status=%d ms=%d late_ms=%d%s", c.topic, c.id,
+                       c.attempt + 1, out.status, out.ms, late_ms,
+                       "" if out.ok else f" error={out.error}",
+                       extra={"topic": c.topic, "id": c.id, "attempt": c.attempt + 1,
+                              "status": out.status, "ms": out.ms, "late_ms": late_ms,
+                              "ok": out.ok, "error": out.error})
         try:
             await self._shielded(self._settle(topic, c, out))
         except SHARD_ERRORS as exc:
@@ -282,16 +292,17 @@ class Consumer:
 
     async def _settle(self, topic: Topic, c: Claimed, out: Outcome) -> None:
         if out.ok:
-            await self.store.ack(c)
+            await self.store.ack(c, took_ms=out.ms)
             self.delivered += 1
             return
         if c.attempt + 1 < max_attempts(topic, self.settings):
-            await self.store.retry(c, retry_delay_ms(c.attempt, self.settings.retry_unit))
+            await self.store.retry(c, retry_delay_ms(c.attempt, self.settings.retry_unit),
+                                   took_ms=out.ms)
             self.retried += 1
             return
         error = {"status": out.status, "error": out.error, "reply": out.reply[:EXCERPT],
                  "attempts": c.attempt + 1, "at": int(time.time() * 1000)}
-        if await self.store.bury(c, error):
+        if await self.store.bury(c, error, took_ms=out.ms):
             self.dead += 1
             log.warning("%s: %s is a dead letter after %d attempts: %s", self.ctx.name, c.tid,
                         c.attempt + 1, out.error)

@@ -45,6 +45,21 @@ def _resolve(reply: asyncio.Future[bytes], task: asyncio.Future[bytes]) -> None:
         reply.set_result(task.result())
 
 
+def log_request(cmd: str, topic: object, job_id: object, status: str, t0: float,
+                shard: str = "", error: str = "") -> None:
+    """One "dq.request" line per request: the fields in the text and, for --log-format
+    json, as record attributes too. Failures a client cannot fix are warnings."""
+    level = logging.WARNING if status == UNAVAILABLE else logging.INFO
+    if not request_log.isEnabledFor(level):
+        return
+    ms = round((time.monotonic() - t0) * 1000, 2)
+    request_log.log(level, "%s topic=%s id=%s status=%s ms=%.2f%s%s", cmd, topic, job_id,
+                    status, ms, f" shard={shard}" if shard else "",
+                    f" error={error}" if error else "",
+                    extra={"cmd": cmd, "topic": topic, "id": job_id, "status": status,
+                           "ms": ms, "shard": shard, "error": error})
+
+
 class Handler:
     """What a request does, shared by every connection of one server process."""
 
@@ -69,53 +84,70 @@ class Handler:
         (the hot path): the reply future resolves when the shard answers."""
         if obj.get("cmd") != "add":
             return asyncio.ensure_future(self.handle(obj))
+        t0 = time.monotonic()
         try:
             req = protocol.parse_request(obj, tz=self.settings.zone)
             assert isinstance(req, AddRequest)
             shard, args = self._add_call(req)
         except DqError as exc:
             self.stats["fail"] += 1
+            log_request("add", obj.get("topic"), obj.get("id"), exc.err, t0)
             return protocol.error_reply(exc)
         if not shard.conn.connected:
             return asyncio.ensure_future(self.handle(obj))
         reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         sent = shard.conn.call_nowait("EVALSHA", *args)
-        sent.add_done_callback(lambda f: self._added(f, reply, req, shard, args))
+        sent.add_done_callback(lambda f: self._added(f, reply, req, shard, args, t0))
         return reply
 
     def _added(self, sent: asyncio.Future[Any], reply: asyncio.Future[bytes], req: AddRequest,
-               shard: Shard, args: tuple[Any, ...]) -> None:
+               shard: Shard, args: tuple[Any, ...], t0: float) -> None:
         if reply.done():  # the connection went away meanwhile
             return
         exc = None if sent.cancelled() else sent.exception()
         if exc is None and not sent.cancelled():
             self.stats["add"] += 1
-            request_log.info("add topic=%s id=%s", req.topic, req.id)
+            log_request("add", req.topic, req.id, "ok", t0, shard.name)
             reply.set_result(protocol.OK_EMPTY)
             return
         # scripts not loaded yet, or an error: the ordinary path retries or explains
-        task = asyncio.ensure_future(self._add_slow(shard, args, req))
+        task = asyncio.ensure_future(self._add_slow(shard, args, req, t0))
         task.add_done_callback(lambda t: _resolve(reply, t))
 
-    async def _add_slow(self, shard: Shard, args: tuple[Any, ...], req: AddRequest) -> bytes:
+    async def _add_slow(self, shard: Shard, args: tuple[Any, ...], req: AddRequest,
+                        t0: float) -> bytes:
         try:
-            await shard.evalsha(args)
+            try:
+                await shard.evalsha(args)
+            except DqError as exc:
+                if exc.err != UNAVAILABLE:
+                    raise
+                # Its shard is down (and maybe not yet known to be): write to the next
+                # healthy shard in the tid's order instead, once; get/del look there too.
+                failed = shard
+                shard, args = self._add_call(req, exclude=(failed.name,))
+                if shard is failed:
+                    raise
+                self.stats["failover"] += 1
+                await shard.evalsha(args)
         except DqError as exc:
             self.stats["fail"] += 1
+            log_request("add", req.topic, req.id, exc.err, t0, shard.name, exc.msg)
             return protocol.error_reply(exc)
         except Exception as exc:
             return self._unexpected(req, exc)
         self.stats["add"] += 1
-        request_log.info("add topic=%s id=%s", req.topic, req.id)
+        log_request("add", req.topic, req.id, "ok", t0, shard.name)
         return protocol.OK_EMPTY
 
-    def _add_call(self, req: AddRequest) -> tuple[Shard, tuple[Any, ...]]:
+    def _add_call(self, req: AddRequest, exclude: tuple[str, ...] = (),
+                  ) -> tuple[Shard, tuple[Any, ...]]:
         topic = self.topic(req.topic)
         due_ms, delay_ms = req.due_ms, req.delay_ms
         if due_ms is None and delay_ms is None:
             delay_ms = topic.delay * 1000
         return self.store.add_call(req.topic, req.id, req.body, priority=topic.priority,
-                                   due_ms=due_ms, delay_ms=delay_ms)
+                                   due_ms=due_ms, delay_ms=delay_ms, exclude=exclude)
 
     def _unexpected(self, obj: object, exc: Exception) -> bytes:
         self.stats["fail"] += 1
@@ -124,28 +156,32 @@ class Handler:
                                      f"request ({exc.__class__.__name__}); retry shortly"))
 
     async def handle(self, obj: protocol.Frame) -> bytes:
+        t0 = time.monotonic()
         try:
             req = protocol.parse_request(obj, tz=self.settings.zone)
             if isinstance(req, AddRequest):
-                return await self._add_slow(*self._add_call(req), req)
+                return await self._add_slow(*self._add_call(req), req, t0)
             if isinstance(req, GetRequest):
                 body = await self.store.get(req.topic, req.id)
                 self.stats["get"] += 1
                 if body is None:
                     raise DqError(NOT_FOUND, f"no job {req.id!r} in topic {req.topic!r}: it was "
                                   "never added, was deleted, or has been delivered")
+                log_request("get", req.topic, req.id, "ok", t0)
                 return protocol.ok_reply(body)
             if isinstance(req, DelRequest):
                 deleted = await self.store.delete(req.topic, req.id)
                 self.stats["del"] += 1
-                request_log.info("del topic=%s id=%s deleted=%s", req.topic, req.id, deleted)
                 if not deleted:
                     raise DqError(NOT_FOUND, f"no job {req.id!r} in topic {req.topic!r} to "
                                   "delete: it was never added, was deleted, or was delivered")
+                log_request("del", req.topic, req.id, "ok", t0)
                 return protocol.OK_EMPTY
             return protocol.OK_EMPTY  # ping
         except DqError as exc:
             self.stats["fail"] += 1
+            log_request(str(obj.get("cmd")), obj.get("topic"), obj.get("id"), exc.err, t0,
+                        error=exc.msg if exc.err == UNAVAILABLE else "")
             return protocol.error_reply(exc)
         except Exception as exc:
             return self._unexpected(obj, exc)
@@ -365,5 +401,5 @@ async def run(ctx: Context, store: Store | None = None, topics: TopicCache | Non
         if registry is not None:
             registry.close()
         s = server.handler.stats
-        log.info("%s stopped: add=%d get=%d del=%d fail=%d refused=%d", ctx.name, s["add"],
-                 s["get"], s["del"], s["fail"], server.refused)
+        log.info("%s stopped: add=%d get=%d del=%d fail=%d failover=%d refused=%d", ctx.name,
+                 s["add"], s["get"], s["del"], s["fail"], s["failover"], server.refused)

@@ -12,15 +12,18 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from dq.errors import DqError
+from dq.errors import UNAVAILABLE, DqError
 from dq.resp import RespConnection
+
+if TYPE_CHECKING:
+    from dq.health import HealthReader
 
 log = logging.getLogger(__name__)
 
@@ -40,39 +43,72 @@ def _load_scripts() -> dict[str, tuple[str, str]]:
 
 SCRIPTS = _load_scripts()
 
+# A connect that takes longer than this counts as a failure: adds must not wait on a dead
+# shard. TLS handshakes (rediss://, maybe across a WAN) get more time.
+CONNECT_TIMEOUT = 0.5
+CONNECT_TIMEOUT_TLS = 1.5
+# After an "unavailable" failure the shard's circuit opens: calls fail at once (and
+# `up` is False, so adds go to the next shard) for a cool-off that doubles on each failed
+# trial call, up to the maximum. The first success closes it.
+COOLOFF_MIN = 1.0
+COOLOFF_MAX = 5.0
+
 
 def _weight(name: str, key: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{name}\0{key}".encode(), digest_size=8).digest(), "big")
 
 
 class Shard:
-    """One Redis server: a client, its batched command queue and its health."""
+    """One Redis server: a client, its batched command queue and its health.
 
-    def __init__(self, name: str, url: str, *, connect_timeout: float = 1.0,
+    `up` is what routing asks: the shard is marked up (by the checker's shared record,
+    see dq/health.py) and its local circuit breaker is closed.
+    """
+
+    def __init__(self, name: str, url: str, *, connect_timeout: float | None = None,
                  command_timeout: float = 5.0) -> None:
         self.name = name
         self.url = url
+        if connect_timeout is None:
+            connect_timeout = CONNECT_TIMEOUT_TLS if url.startswith("rediss:") \
+                else CONNECT_TIMEOUT
         self.client: aioredis.Redis = aioredis.Redis.from_url(
             url, socket_connect_timeout=connect_timeout, socket_timeout=command_timeout,
             socket_keepalive=True, health_check_interval=0, max_connections=64,
         )
         self.conn = RespConnection(url, name=name, connect_timeout=connect_timeout)
-        self.up = True
+        self.marked_up = True
         self.down_since = 0.0
         self.failures = 0
+        self.health: HealthReader | None = None
+        self.open_until = 0.0  # monotonic; the breaker is open before this
+        self._cooloff = 0.0
+        self._broken = ""  # why the breaker is open, for the fail-fast error
         self._loading: asyncio.Future[Any] | None = None
 
     def __repr__(self) -> str:
         return f"<Shard {self.name} {'up' if self.up else 'down'}>"
 
+    @property
+    def up(self) -> bool:
+        """Marked up and the breaker closed: adds may be routed here."""
+        if self.health is not None:
+            self.health.poll()
+        return self.marked_up and (not self.open_until or time.monotonic() >= self.open_until)
+
     async def call(self, *args: Any) -> Any:
-        """Send one command on the shard's pipelined connection and wait for its reply."""
+        """Send one command on the shard's pipelined connection and wait for its reply.
+
+        Fails at once with "unavailable" while the breaker is open."""
+        if self.open_until and time.monotonic() < self.open_until:
+            raise DqError(UNAVAILABLE, self._broken)
         try:
             res = await self.conn.call(*args)
         except DqError as exc:
             self._mark_failure(exc)
             raise
-        self.failures = 0
+        if self.failures:
+            self._recovered()
         return res
 
     async def script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
@@ -102,14 +138,34 @@ class Shard:
         if not fut.cancelled():
             fut.exception()  # retrieved here; the awaiting callers see it too
 
-    def _mark_failure(self, exc: BaseException) -> None:
+    def _mark_failure(self, exc: DqError) -> None:
         self.failures += 1
-        if self.failures == 1:
-            log.warning("redis shard %s failed: %s", self.name, exc)
+        if exc.err != UNAVAILABLE:
+            return
+        now = time.monotonic()
+        if now < self.open_until:
+            return  # a call sent before the breaker opened: not a new trial
+        if now > self.open_until + COOLOFF_MAX:
+            self._cooloff = 0.0  # a new incident, not a failed trial of the last one
+        self._cooloff = min(COOLOFF_MAX, self._cooloff * 2) if self._cooloff else COOLOFF_MIN
+        self.open_until = now + self._cooloff
+        self._broken = exc.msg
+        if self._cooloff == COOLOFF_MIN:
+            log.warning("redis shard %s failed: %s; calls fail fast for %.1f s", self.name,
+                        exc, self._cooloff)
+
+    def _recovered(self) -> None:
+        if self.open_until:
+            log.info("redis shard %s answers again", self.name)
+        self.failures = 0
+        self.open_until = 0.0
+        self._cooloff = 0.0
+        self._broken = ""
 
     def mark(self, up: bool) -> None:
-        if up != self.up:
-            self.up = up
+        """Record the shared health verdict (the breaker is separate and local)."""
+        if up != self.marked_up:
+            self.marked_up = up
             self.down_since = 0.0 if up else time.time()
 
     async def close(self) -> None:
@@ -144,13 +200,23 @@ class ShardSet:
     def owner(self, tid: str) -> Shard:
         return self.order(tid)[0]
 
-    def writable(self, tid: str) -> Shard:
-        """The shard an add goes to: the owner, or the next healthy one while it is down."""
+    def writable(self, tid: str, exclude: Collection[str] = ()) -> Shard:
+        """The shard an add goes to: the owner, or the next healthy one while it is down.
+
+        Shards named in `exclude` (one just failed this add) are passed over too; when
+        none is healthy, the first one not excluded is returned (and will say why)."""
         order = self.order(tid)
         for shard in order:
-            if shard.up:
+            if shard.up and shard.name not in exclude:
+                return shard
+        for shard in order:
+            if shard.name not in exclude:
                 return shard
         return order[0]
+
+    def attach_health(self, reader: HealthReader) -> None:
+        """Let the shared health record (dq/health.py) mark these shards up and down."""
+        reader.attach(self.shards)
 
     async def load_scripts(self) -> None:
         await asyncio.gather(*(s.load_scripts() for s in self.shards), return_exceptions=True)

@@ -11,12 +11,14 @@ priority `p`: the scripts read them with a prefix match instead of decoding the 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import json
+import math
 import secrets
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -28,6 +30,11 @@ from dq.shards import SCRIPTS, Shard, ShardSet
 MINUTE_TTL = 2 * 3600  # per-minute counters feed the console's last-hour chart
 STAT_FIELDS = ("writes", "notifies", "ok", "fail", "retries", "dead", "dels")
 STATES = ("delayed", "ready", "inflight", "dead")
+# Upper bounds (seconds) of the delivery histograms' buckets; +Inf is implied.
+LATENESS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    300.0)
+CALLBACK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+HISTOGRAMS = {"late": LATENESS_BUCKETS, "cb": CALLBACK_BUCKETS}
 
 
 def make_tid(topic: str, job_id: str) -> str:
@@ -55,6 +62,43 @@ def _pairs(flat: list[bytes]) -> list[tuple[str, bytes]]:
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == math.inf else repr(bound)
+
+
+def _hist_field(name: str, ms: int) -> str:
+    """The bucket field an observation of `ms` milliseconds lands in: `<name>:<le>`."""
+    bounds = HISTOGRAMS[name]
+    i = bisect.bisect_left(bounds, ms / 1000)
+    return f"{name}:{_le(bounds[i]) if i < len(bounds) else '+Inf'}"
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """A Prometheus-style histogram: cumulative counts per upper bound, ending at +Inf."""
+
+    buckets: list[tuple[str, int]]  # (le, observations <= le), ascending
+    count: int
+    sum: float  # seconds
+
+
+def _histogram(name: str, bounds: Sequence[float], raw: dict[str, int]) -> Histogram:
+    per = {b: 0 for b in (*bounds, math.inf)}
+    prefix = name + ":"
+    for key, n in raw.items():
+        if key.startswith(prefix) and key != prefix + "sum_ms":
+            try:
+                bound = float(key[len(prefix):])
+            except ValueError:
+                continue
+            per[bound] = per.get(bound, 0) + n  # a bound no longer configured still counts
+    out, total = [], 0
+    for bound in sorted(per):
+        total += per[bound]
+        out.append((_le(bound), total))
+    return Histogram(out, total, raw.get(prefix + "sum_ms", 0) / 1000)
 
 
 @dataclass(frozen=True)
@@ -122,6 +166,9 @@ class Store:
     def k_stat(self, topic: str) -> str:
         return f"{self.prefix}stat:{topic}"
 
+    def k_hist(self, topic: str) -> str:
+        return f"{self.prefix}hist:{topic}"
+
     def k_minute(self, epoch_min: int | None = None) -> str:
         if epoch_min is None:
             epoch_min = int(time.time() // 60)
@@ -156,9 +203,11 @@ class Store:
     # client operations ------------------------------------------------------------------
     def add_call(self, topic: str, job_id: str, body: dict[str, Any], *, priority: int = 2,
                  due_ms: int | None = None, delay_ms: int | None = None,
+                 exclude: Collection[str] = (),
                  ) -> tuple[Shard, tuple[Any, ...]]:
         """The shard and EVALSHA arguments of an add (so the server can send it without a
-        coroutine per request)."""
+        coroutine per request). The shard is the tid's owner, else the next healthy one;
+        shards named in `exclude` (they just failed this add) are passed over."""
         tid = make_tid(topic, job_id)
         now_ms = int(time.time() * 1000)
         if due_ms is None:
@@ -173,7 +222,7 @@ class Store:
         payload = self.payload(version=new_version(), priority=priority, due_ms=est_due,
                                attempt=0, set_ms=now_ms, body=body)
         b = self.bucket(tid)
-        shard = self.shards.writable(tid)
+        shard = self.shards.writable(tid, exclude)
         return shard, (SCRIPTS["add"][0], 8, self.k_jobs, self.k_delay[b], self.k_wake[b],
                        self.k_inflight, self.k_dead, self.k_dead_err, self.k_stat(topic),
                        self.k_minute(), tid, payload, "" if due_ms is None else due_ms,
@@ -181,10 +230,21 @@ class Store:
 
     async def add(self, topic: str, job_id: str, body: dict[str, Any], *, priority: int = 2,
                   due_ms: int | None = None, delay_ms: int | None = None) -> AddResult:
-        """Store or replace a job; it falls due at due_ms, else delay_ms from now."""
+        """Store or replace a job; it falls due at due_ms, else delay_ms from now. When the
+        chosen shard is unavailable, the add is tried once more on the next healthy one."""
         shard, args = self.add_call(topic, job_id, body, priority=priority, due_ms=due_ms,
                                     delay_ms=delay_ms)
-        res = await shard.evalsha(args)
+        try:
+            res = await shard.evalsha(args)
+        except DqError as exc:
+            if exc.err != UNAVAILABLE:
+                raise
+            failed = shard
+            shard, args = self.add_call(topic, job_id, body, priority=priority, due_ms=due_ms,
+                                        delay_ms=delay_ms, exclude=(failed.name,))
+            if shard is failed:
+                raise
+            res = await shard.evalsha(args)
         return AddResult(replaced=bool(res[0]), due_ms=int(res[1]), shard=shard.name)
 
     async def _find(self, tid: str) -> tuple[Shard, bytes] | None:
@@ -309,26 +369,44 @@ class Store:
             ))
         return out
 
-    async def ack(self, c: Claimed) -> bool:
-        keys = (self.k_jobs, self.k_inflight, self.k_stat(c.topic), self.k_minute())
-        return bool(await c.shard.script("ack", keys, (c.tid, c.version, self.day(), MINUTE_TTL)))
+    def observe(self, c: Claimed, took_ms: int | None) -> tuple[Any, ...]:
+        """Histogram increments for one callback attempt (none when no call was made):
+        lateness = claim time on the shard's clock minus the due time, and the call's
+        duration. Each lands in one bucket field; Prometheus's cumulative `le` buckets are
+        summed up when read (`histograms`)."""
+        if took_ms is None:
+            return ()
+        late_ms = max(0, c.claimed_ms - c.due_ms)
+        took_ms = max(0, int(took_ms))
+        return (_hist_field("late", late_ms), 1, "late:sum_ms", late_ms,
+                _hist_field("cb", took_ms), 1, "cb:sum_ms", took_ms)
 
-    async def retry(self, c: Claimed, delay_ms: int) -> bool:
+    async def ack(self, c: Claimed, *, took_ms: int | None = None) -> bool:
+        """Delete a delivered job; `took_ms` (the call's duration) feeds the histograms."""
+        keys = (self.k_jobs, self.k_inflight, self.k_stat(c.topic), self.k_minute(),
+                self.k_hist(c.topic))
+        args = (c.tid, c.version, self.day(), MINUTE_TTL, *self.observe(c, took_ms))
+        return bool(await c.shard.script("ack", keys, args))
+
+    async def retry(self, c: Claimed, delay_ms: int, *, took_ms: int | None = None) -> bool:
         """Reschedule after a failed attempt; False when the job changed meanwhile."""
         b = self.bucket(c.tid)
         payload = self.payload(version=new_version(), priority=c.priority,
                                due_ms=int(time.time() * 1000) + delay_ms,
                                attempt=c.attempt + 1, set_ms=c.set_ms, body=c.body)
         keys = (self.k_jobs, self.k_inflight, self.k_delay[b], self.k_wake[b],
-                self.k_stat(c.topic), self.k_minute())
+                self.k_stat(c.topic), self.k_minute(), self.k_hist(c.topic))
         res = await c.shard.script(
-            "retry", keys, (c.tid, c.version, payload, delay_ms, self.day(), MINUTE_TTL))
+            "retry", keys, (c.tid, c.version, payload, delay_ms, self.day(), MINUTE_TTL,
+                            *self.observe(c, took_ms)))
         return bool(res[0])
 
-    async def bury(self, c: Claimed, error: dict[str, Any], *, called: bool = True) -> bool:
+    async def bury(self, c: Claimed, error: dict[str, Any], *, called: bool = True,
+                   took_ms: int | None = None) -> bool:
         keys = (self.k_jobs, self.k_inflight, self.k_dead, self.k_dead_err,
-                self.k_stat(c.topic), self.k_minute())
-        args = (c.tid, c.version, dumps(error), self.day(), MINUTE_TTL, 1 if called else 0)
+                self.k_stat(c.topic), self.k_minute(), self.k_hist(c.topic))
+        args = (c.tid, c.version, dumps(error), self.day(), MINUTE_TTL, 1 if called else 0,
+                *self.observe(c, took_ms if called else None))
         return bool(await c.shard.script("bury", keys, args))
 
     # dead letters -----------------------------------------------------------------------
@@ -376,6 +454,19 @@ class Store:
             for k, v in _pairs(raw):
                 total[k] = total.get(k, 0) + int(v)
         return total
+
+    async def histograms(self, topic: str) -> dict[str, Histogram]:
+        """The topic's delivery histograms summed over the reachable shards:
+        "late" (due -> call) and "cb" (call duration), in seconds."""
+        raw: dict[str, int] = {}
+        for shard in self.shards.shards:
+            try:
+                flat = await shard.call("HGETALL", self.k_hist(topic))
+            except DqError:
+                continue
+            for k, v in _pairs(flat):
+                raw[k] = raw.get(k, 0) + int(v)
+        return {name: _histogram(name, bounds, raw) for name, bounds in HISTOGRAMS.items()}
 
     async def minute_stats(self, minutes: int = 60) -> list[tuple[int, dict[str, int]]]:
         """(epoch minute, counters) for the last `minutes` minutes, summed over shards."""

@@ -34,6 +34,7 @@ MOVE_LIMIT = 1000
 REQUEUE_LIMIT = 1000
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 5.0
+DOWN_WAIT = 0.25  # how often a shard loop looks again at a shard that is down
 MIN_WAIT = 0.001
 REQUEUE_EVERY = 0.1  # seconds; expired leases need no finer check than this
 SHARD_ERRORS = (DqError, RedisError, OSError, asyncio.TimeoutError)
@@ -90,6 +91,9 @@ class Timer:
         stopping = self.ctx.stopping
         try:
             while not stopping.is_set():
+                if not shard.up:  # marked down by the checker, or its breaker is open
+                    await _sleep_unless(stopping, DOWN_WAIT)
+                    continue
                 wake.clear()  # before the sweep: a wake landing during it is not lost
                 try:
                     wait = await self._sweep(shard)
