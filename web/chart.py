@@ -10,10 +10,10 @@ from datetime import datetime
 from typing import Final
 from zoneinfo import ZoneInfo
 
-WIDTH: Final = 720
-HEIGHT: Final = 220
-LEFT: Final = 44
-RIGHT: Final = 12
+WIDTH: Final = 1100  # about the width it is drawn at, so text keeps its size
+HEIGHT: Final = 240
+LEFT: Final = 48
+RIGHT: Final = 16
 TOP: Final = 12
 BOTTOM: Final = 26
 SERIES: Final = (("writes", "Written"), ("ok", "Delivered"), ("fail", "Failed"))
@@ -23,6 +23,7 @@ SERIES: Final = (("writes", "Written"), ("ok", "Delivered"), ("fail", "Failed"))
 class Tick:
     pos: float
     label: str
+    anchor: str = "middle"  # SVG text-anchor
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,9 @@ def build(minutes: list[tuple[int, dict[str, int]]], zone: ZoneInfo | None = Non
              sum(row.get(key, 0) for _, row in minutes))
         for key, label in SERIES)
     y_ticks = tuple(Tick(y(top_value * k // 4), f"{top_value * k // 4:,}") for k in range(5))
-    x_ticks = tuple(Tick(x(i), hhmm(m)) for i, (m, _) in enumerate(minutes)
-                    if i % 10 == 0 or i == len(minutes) - 1)
+    last = len(minutes) - 1
+    x_ticks = tuple(Tick(x(i), hhmm(m), "end" if i == last else "start" if i == 0 else "middle")
+                    for i, (m, _) in enumerate(minutes) if i % 10 == 0 or i == last)
     step = plot_w / (n - 1)
     columns = tuple(
         Column(round(x(i) - step / 2, 1), round(step, 1),

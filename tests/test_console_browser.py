@@ -1,0 +1,311 @@
+"""The console in a real headless Chromium, driven over W3C WebDriver (Debian's chromedriver,
+spoken to with httpx: no extra package). The app runs under uvicorn via `web.app.run`.
+
+Screenshots of the dashboard and the topic form land in tests/artifacts/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+from dq.config import Settings
+from dq.store import Store
+from dq.worker import Context, open_store
+from tests.conftest import ARTIFACTS, RedisProcess, free_port
+from web.app import run
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+PW = "browser-pw"
+T = TypeVar("T")
+
+pytestmark = pytest.mark.slow
+
+
+class WebDriverError(Exception):
+    pass
+
+
+class Browser:
+    """Just enough of W3C WebDriver: navigate, find, type, click, read, screenshot."""
+
+    def __init__(self, driver: str) -> None:
+        self.http = httpx.Client(base_url=driver, timeout=30)
+        self.user_data = tempfile.mkdtemp(prefix="dq-chromium-")
+        caps = {"browserName": "chrome", "goog:loggingPrefs": {"browser": "ALL"},
+                "unhandledPromptBehavior": "ignore",
+                "goog:chromeOptions": {"binary": CHROMIUM, "args": [
+                    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                    f"--user-data-dir={self.user_data}", "--window-size=1360,1000"]}}
+        value = self.send("POST", "/session", {"capabilities": {"alwaysMatch": caps}})
+        self.path = f"/session/{value['sessionId']}"
+        self.clicked_on = ""  # the page (its <html> element) the last click was made on
+
+    def send(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        r = self.http.request(method, path, json=body if method == "POST" else None)
+        value = r.json().get("value")
+        if r.status_code != 200:
+            raise WebDriverError(f"{method} {path}: {value}")
+        return value
+
+    def cmd(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        return self.send(method, self.path + path, body if body is not None else {})
+
+    def close(self) -> None:
+        try:
+            self.send("DELETE", self.path)
+        finally:
+            self.http.close()
+            shutil.rmtree(self.user_data, ignore_errors=True)
+
+    def go(self, url: str) -> None:
+        self.cmd("POST", "/url", {"url": url})
+
+    def find(self, css: str) -> str:
+        found = self.cmd("POST", "/element", {"using": "css selector", "value": css})
+        return str(next(iter(found.values())))
+
+    def count(self, css: str) -> int:
+        return len(self.cmd("POST", "/elements", {"using": "css selector", "value": css}))
+
+    def fill(self, css: str, text: str) -> None:
+        el = self.find(css)
+        self.cmd("POST", f"/element/{el}/clear")
+        self.cmd("POST", f"/element/{el}/value", {"text": text})
+
+    def click(self, css: str) -> None:
+        """Click, and when that loads a new page (a link, a form), wait for it."""
+        self.clicked_on = self.find("html")
+        self.cmd("POST", f"/element/{self.find(css)}/click")
+        self.wait_for_load(self.clicked_on)
+
+    def wait_for_load(self, old_page: str, timeout: float = 2.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.find("html") != old_page and self.cmd(
+                        "POST", "/execute/sync",
+                        {"script": "return document.readyState", "args": []}) == "complete":
+                    return
+            except WebDriverError as exc:
+                if "unexpected alert" in str(exc):
+                    return  # a confirm dialog holds the page; the caller answers it
+            time.sleep(0.05)
+
+    def accept_confirm(self, expect: str) -> None:
+        text = wait(lambda: self.cmd("GET", "/alert/text"), what="a confirm dialog")
+        assert expect in text, text
+        self.cmd("POST", "/alert/accept")
+        self.wait_for_load(self.clicked_on, timeout=10)
+
+    def no_dialog(self) -> bool:
+        try:
+            self.cmd("GET", "/alert/text")
+        except WebDriverError as exc:
+            return "no such alert" in str(exc)
+        return False
+
+    def text(self, css: str = "body") -> str:
+        return str(self.cmd("GET", f"/element/{self.find(css)}/text"))
+
+    def url(self) -> str:
+        return str(self.cmd("GET", "/url"))
+
+    def screenshot(self, name: str) -> Path:
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / name
+        path.write_bytes(base64.b64decode(self.cmd("GET", "/screenshot")))
+        return path
+
+    def console_log(self) -> list[dict[str, Any]]:
+        try:
+            entries: list[dict[str, Any]] = self.cmd("POST", "/se/log", {"type": "browser"})
+        except WebDriverError:
+            return []
+        return entries
+
+
+def wait(probe: Callable[[], T], *, what: str, timeout: float = 10) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = probe()
+            if result:
+                return result
+        except (WebDriverError, httpx.HTTPError):
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium and chromium-driver "
+                    "(apt-get install chromium chromium-driver) to run the console tests")
+    if not os.path.exists(CHROMEDRIVER):
+        pytest.fail("chromedriver is missing: apt-get install chromium-driver")
+    port = free_port()
+    proc = subprocess.Popen([CHROMEDRIVER, f"--port={port}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    driver = f"http://127.0.0.1:{port}"
+    wait(lambda: httpx.get(driver + "/status").json()["value"]["ready"], what="chromedriver")
+    b = Browser(driver)
+    try:
+        yield b
+    finally:
+        b.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+class LiveConsole:
+    """web.app.run(ctx) on a free port, in a thread with its own event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.ctx = Context(settings, "web")
+        self.url = f"http://127.0.0.1:{settings.web_port}"
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_until_complete,
+                                       args=(run(self.ctx),), daemon=True)
+
+    def __enter__(self) -> LiveConsole:
+        self.thread.start()
+        wait(lambda: httpx.get(self.url + "/healthz").status_code == 200, what="the console")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.ctx.stopping.set)
+        self.thread.join(15)
+        assert not self.thread.is_alive(), "the console did not stop"
+        self.loop.close()
+
+
+async def with_store(settings: Settings, fn: Callable[[Store], Any]) -> None:
+    store = open_store(settings)
+    try:
+        await fn(store)
+    finally:
+        await store.shards.close()
+
+
+async def bury(store: Store) -> None:
+    await store.add("order_timeout", "dead-1", {"order": 7}, priority=2, delay_ms=0)
+    shard = store.shards.shards[0]
+    await store.move_due(shard, range(store.buckets))
+    for c in await store.claim(shard, 10, [1, 2, 3], 30000):
+        await store.bury(c, {"status": 500, "error": "boom"})
+
+
+async def seed_history(store: Store) -> None:
+    """Per-minute counters for the last hour, so the chart has something to draw."""
+    shard = store.shards.shards[0]
+    now = int(time.time() // 60)
+    for i in range(60):
+        m = now - 59 + i
+        writes = round(40 + 25 * math.sin(i / 9) + 6 * math.sin(i * 1.7))
+        ok = max(0, round(writes * 0.9 + 4 * math.sin(i / 3)))
+        fail = round(3 + 3 * math.sin(i / 5)) if 25 <= i <= 40 else i % 7 == 0
+        await shard.call("HSET", store.k_minute(m), "writes", writes, "ok", ok, "fail", int(fail))
+        await shard.call("EXPIRE", store.k_minute(m), 3600)
+
+
+def test_console_in_a_browser(browser: Browser, redis_server: RedisProcess,
+                              tmp_path: Path) -> None:
+    settings = Settings(redis=(redis_server.url,), web_port=free_port(), web_host="127.0.0.1",
+                        web_password=PW, db=f"sqlite:///{tmp_path / 'dq.sqlite3'}")
+    with LiveConsole(settings) as console:
+        api = httpx.Client(base_url=console.url, auth=("admin", PW))
+        b = browser
+
+        # log in
+        b.go(console.url + "/")
+        assert "/login" in b.url()
+        b.fill("#f-password", "wrong")
+        b.click("button[type=submit]")
+        assert "Wrong password." in b.text(".error")
+        b.fill("#f-password", PW)
+        b.click("button[type=submit]")
+        assert b.text("h1") == "Dashboard"
+
+        # create a topic: first with a bad URL, then fixed
+        b.click("a[href='/topics/new']")
+        b.fill("#f-topic", "order_timeout")
+        b.fill("#f-name", "Cancel unpaid orders")
+        b.fill("#f-callback", "shop.example.com/hook")
+        b.fill("#f-emails", "ops@example.com")
+        b.fill("#f-retry_when", "{res.code} != 200 &&")
+        b.click("button.primary")
+        assert "callback must start with http:// or https://" in b.text("#e-callback")
+        assert "at position" in b.text("#e-retry_when")
+        b.screenshot("topic_form.png")
+        b.fill("#f-callback", "https://shop.example.com/hooks/order-timeout")
+        b.fill("#f-retry_when", "{res.code} != 200")
+        b.click("button.primary")
+        assert b.text(".flash") == "Topic order_timeout created."
+        assert "order_timeout" in b.text("table")
+
+        # XSS: a hostile topic name is shown as text, never run
+        api.post("/api/topics", json={"topic": "xss", "name": "<script>alert(1)</script>",
+                                      "callback": "http://h.example/"}).raise_for_status()
+        b.go(console.url + "/topics")
+        assert "<script>alert(1)</script>" in b.text("table")
+        assert b.count("td script") == 0 and b.no_dialog()
+
+        # add a job over the API, find it on the jobs page, delete it
+        r = api.post("/api/jobs", json={"topic": "order_timeout", "id": "42",
+                                        "body": {"order": 42}, "delay": 600})
+        assert r.status_code == 201, r.text
+        b.click("a[href='/jobs']")
+        b.fill("input[name=topic]", "order_timeout")
+        b.fill("input[name=id]", "42")
+        b.click("button.primary")
+        assert "delayed" in b.text(".badge") and '"order": 42' in b.text("#job")
+        b.click("#job button.danger")
+        b.accept_confirm("Delete job order_timeout:42?")
+        wait(lambda: "deleted" in b.text(".flash"), what="the deletion message")
+        assert api.get("/api/jobs/order_timeout/42").status_code == 404
+
+        # redrive a dead letter
+        asyncio.run(with_store(settings, bury))
+        b.click("a[href='/dead']")
+        assert "order_timeout:dead-1" in b.text("table") and "HTTP 500" in b.text("table")
+        b.screenshot("dead.png")
+        b.click("form[action='/dead/redrive'] button")
+        assert b.text(".flash") == "Job order_timeout:dead-1 redriven: it is due now."
+        assert api.get("/api/jobs/order_timeout/dead-1").json()["state"] == "delayed"
+
+        # the dashboard, with an hour of traffic for the chart
+        asyncio.run(with_store(settings, seed_history))
+        b.click("a.brand")
+        assert b.count("svg.chart polyline") == 3
+        assert "order_timeout" in b.text("table")
+        b.screenshot("dashboard.png")
+        for page in ("topics", "jobs", "shards", "alert", "docs"):
+            b.click(f"header nav a[href='/{page}']")
+            assert b.count("header nav a.active") == 1, page
+            b.screenshot(f"{page}.png")
+
+        # No CSP violation and no script error (4xx answers to the bad forms are expected).
+        refused = [e for e in b.console_log() if (e.get("source") != "network"
+                   and e.get("level") == "SEVERE") or "Refused" in str(e.get("message"))]
+        assert refused == [], refused
+        api.close()
