@@ -33,6 +33,7 @@ log = logging.getLogger("dq.master")
 
 STOP_MARGIN = 5.0  # past settings.grace, a child that has not exited gets SIGKILL
 ABORT_GRACE = 5.0  # between SIGABRT and SIGKILL for a child without heartbeat
+BOOT_TIMEOUT = 60.0  # a booting child (imports, first connections) may be silent this long
 REDIS_READY = 10.0  # seconds the embedded redis-server has to answer PING at start
 SIGNALS = (signal.SIGHUP, signal.SIGQUIT, signal.SIGINT, signal.SIGTERM, signal.SIGTTIN,
            signal.SIGTTOU, signal.SIGUSR2, signal.SIGCHLD)
@@ -45,6 +46,7 @@ class WorkerPool:
         self.cfg = cfg
         self.num_consumers = cfg.consumers
         self.generation = 0
+        self.up_generation = -1  # the last generation logged as fully up
         self.workers: dict[int, Worker] = {}
         self.slots: dict[tuple[str, int], Slot] = {}
         self.seq = 0
@@ -179,6 +181,12 @@ class WorkerPool:
                 if slot is not None and slot.boot_failures:
                     log.info("%s booted after %d failed attempts", w.name, slot.boot_failures)
                     slot.boot_failures = 0
+        if self.up_generation != self.generation and all(
+                self.role_ready(role) for role in ROLE_ORDER):
+            self.up_generation = self.generation
+            log.info("generation %d is up: %s", self.generation, ", ".join(
+                sorted(w.name for w in self.workers.values()
+                       if w.generation == self.generation and not w.retiring_at)))
 
     def reap_workers(self) -> None:
         """Collect every exited child and decide what its exit means."""
@@ -225,7 +233,8 @@ class WorkerPool:
             log.debug("%s could not boot again: %s", w.name, why)
 
     def murder_workers(self) -> None:
-        """SIGABRT a child without heartbeat for heartbeat_timeout, SIGKILL it 5 s later."""
+        """SIGABRT a child without heartbeat for heartbeat_timeout (BOOT_TIMEOUT while it
+        boots), SIGKILL it 5 s later."""
         now, wall = time.monotonic(), time.time()
         for w in list(self.workers.values()):
             if w.aborted_at:
@@ -242,7 +251,9 @@ class WorkerPool:
                 silent = wall - w.heartbeat.stat().st_mtime
             except OSError:
                 continue
-            if silent > self.cfg.heartbeat_timeout:
+            limit = self.cfg.heartbeat_timeout if w.ready else max(
+                self.cfg.heartbeat_timeout, BOOT_TIMEOUT)
+            if silent > limit:
                 log.error("%s (pid %d) sent no heartbeat for %.0f s; aborting it", w.name,
                           w.pid, silent)
                 self.counters.murdered += 1

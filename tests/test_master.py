@@ -261,6 +261,15 @@ def test_titles_restart_heartbeat_and_term(
     ps = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
     assert re.search(rf"^\s*{m.pid}\s+\d+\s+dq-master\s*$", ps, re.M)
 
+    # A child whose loop stops (SIGSTOP) sends no heartbeat: SIGABRT, then a new one.
+    m.wait("every child booted", lambda: "generation 0 is up" in m.output())
+    stuck = m.pid_of("dq-checker")
+    os.kill(stuck, signal.SIGSTOP)
+    m.wait("the heartbeat murder", lambda: "sent no heartbeat" in m.output(), timeout=10)
+    os.kill(stuck, signal.SIGCONT)
+    m.wait("a new dq-checker", lambda: stuck not in m.workers() and
+           "dq-checker" in m.titles(), timeout=8)
+
     for title in want:  # kill -9 of any child: a replacement within 2 s
         old = m.pid_of(title)
         os.kill(old, signal.SIGKILL)
@@ -269,14 +278,6 @@ def test_titles_restart_heartbeat_and_term(
             v == t and p != o for p, v in m.workers().items()), timeout=2.0)
         assert time.monotonic() - t0 < 2.0
     m.wait_titles(want)
-
-    # A child whose loop stops (SIGSTOP) sends no heartbeat: SIGABRT, then a new one.
-    stuck = m.pid_of("dq-checker")
-    os.kill(stuck, signal.SIGSTOP)
-    m.wait("the heartbeat murder", lambda: "sent no heartbeat" in m.output(), timeout=10)
-    os.kill(stuck, signal.SIGCONT)
-    m.wait("a new dq-checker", lambda: stuck not in m.workers() and
-           "dq-checker" in m.titles(), timeout=8)
 
     kids = set(m.workers())
     m.kill(signal.SIGTERM)
