@@ -63,17 +63,28 @@ def allowed_hosts(settings: Settings) -> tuple[str, ...] | None:
 
 def _refusal(request: Request, hosts: tuple[str, ...] | None) -> str:
     """Why a request must be refused before routing ('' when it may go on): a host name
-    not allowed, or a state-changing request sent by another site's page."""
+    not allowed, or a state-changing request sent by another site's page.
+
+    Browsers say where a request comes from in Sec-Fetch-Site; older ones only in Origin,
+    which is compared with Host (or X-Forwarded-Host, behind a proxy that rewrites Host).
+    """
     host_header = (request.headers.get("host") or "").lower()
     host = host_header.partition("]")[0] + "]" if host_header.startswith("[") \
         else host_header.rsplit(":", 1)[0]
     if hosts is not None and host not in hosts:
         return f"this console has no password, so it only answers to 127.0.0.1 (not {host!r})"
+    if request.method in _SAFE_METHODS:
+        return ""
+    site = request.headers.get("sec-fetch-site")
     origin = request.headers.get("origin")
-    if request.method not in _SAFE_METHODS and origin is not None and (
-            origin == "null" or urlsplit(origin).netloc.lower() != host_header):
-        return "cross-site requests are refused; use the console itself or the API"
-    return ""
+    if site is not None:
+        cross = site not in ("same-origin", "none")
+    elif origin is not None:
+        known = {host_header, (request.headers.get("x-forwarded-host") or "").lower()}
+        cross = origin == "null" or urlsplit(origin).netloc.lower() not in known
+    else:
+        cross = False
+    return "cross-site requests are refused; use the console itself or the API" if cross else ""
 
 
 def create_app(settings: Settings, *, registry: Registry | None = None,

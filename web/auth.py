@@ -128,7 +128,7 @@ def require_page(request: Request) -> Session:
         request.state.session = sess
         return sess
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    raise LoginRequired(target if request.method == "GET" else request.url.path)
+    raise LoginRequired(target if request.method == "GET" else "/")
 
 
 def require_api(request: Request) -> None:

@@ -24,6 +24,7 @@ from dq.errors import (
     UNKNOWN_TOPIC,
     DqError,
 )
+from web.views import render
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,6 @@ def json_error(exc: ApiError) -> JSONResponse:
 
 
 def _page_error(request: Request, exc: ApiError) -> Response:
-    from web.views import render  # imported here: views imports the state, which imports this
-
     return render(request, "error.html", {"status": exc.status, "detail": exc.detail,
                                           "err": exc.err}, status=exc.status,
                   headers=exc.headers if exc.status != 401 else None)
