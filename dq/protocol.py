@@ -8,6 +8,7 @@ so the original PHP and Java clients see exactly what the PHP server sent them.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -44,7 +45,34 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 overflows to inf, which no JSON text can carry
+        raise ValueError(f"{text} is too large for a JSON number")
+    return value
+
+
+_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(obj: Any) -> bool:
+    """True when a string in obj holds half a UTF-16 surrogate pair: not a character, it
+    cannot be encoded as UTF-8 (so neither stored nor sent on)."""
+    stack = [obj]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(node, dict):
+            stack.extend(node)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def _too_deep(obj: Any, limit: int) -> bool:
@@ -78,6 +106,10 @@ def decode_payload(payload: bytes | bytearray) -> Frame | FrameError:
     # The bracket count bounds the depth, so the walk runs only for unusual frames.
     if payload.count(b"[") + payload.count(b"{") > MAX_DEPTH and _too_deep(obj, MAX_DEPTH):
         return _TOO_DEEP
+    # Escapes like \\ud800 decode to lone surrogates; only look when one may be present.
+    if b"\\u" in payload and _SURROGATE_ESCAPE.search(payload) and _lone_surrogate(obj):
+        return FrameError(BAD_REQUEST, "the JSON holds an unpaired UTF-16 surrogate escape "
+                          "(e.g. \\ud800), which is not a character; send valid Unicode")
     return obj
 
 
