@@ -235,7 +235,8 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
         handler = self.server.handler
-        for item in self.decoder.feed(data):
+        items = self.decoder.feed(data)
+        for item in items:
             if isinstance(item, FrameError):
                 self._queue(protocol.error_reply(item))
                 if item.fatal:
@@ -245,7 +246,12 @@ class Connection(asyncio.Protocol):
                 self._queue(protocol.OK_EMPTY)
             else:
                 self._queue(handler.fast(item))
-        self.frame_started = self.last_active if self.decoder.pending_bytes else 0.0
+        # A frame's clock starts at its first byte and runs until its last: a client that
+        # trickles a byte a second must not hold its frame, and its connection, open.
+        if not (self.decoder.pending_bytes or self.decoder.skipping):
+            self.frame_started = 0.0
+        elif items or not self.frame_started:
+            self.frame_started = self.last_active  # a frame ended here; the next began here
         self._update_reading()
 
     # replies ---------------------------------------------------------------------------
