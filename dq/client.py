@@ -121,7 +121,13 @@ class DqClient:
     def _exchange(self, frames: Sequence[bytes], tolerate: bool = False) -> list[Any]:
         """Send frames, read one reply each; on a broken connection try the next server."""
         errors = []
-        for server in self._servers.candidates():
+        candidates = self._servers.candidates()
+        reused = self._sock is not None and self._server in candidates
+        if reused:
+            # A kept connection may have been closed by a server that drained (a reload):
+            # try it, then that server again on a fresh connection, then the others.
+            candidates.insert(0, self._server)  # type: ignore[arg-type]
+        for i, server in enumerate(candidates):
             try:
                 if self._sock is None or self._server != server:
                     self.close()
@@ -144,7 +150,8 @@ class DqClient:
                 return out
             except (OSError, ConnectionError, ValueError) as exc:
                 errors.append(f"{server[0]}:{server[1]}: {exc}")
-                self._servers.failed(server)
+                if not (reused and i == 0):
+                    self._servers.failed(server)
                 self.close()
         raise _unreachable(errors)
 
@@ -237,7 +244,11 @@ class AsyncDqClient:
             self._lock = asyncio.Lock()
         errors = []
         async with self._lock:
-            for server in self._servers.candidates():
+            candidates = self._servers.candidates()
+            reused = self._conn is not None and self._server in candidates
+            if reused:  # see DqClient._exchange
+                candidates.insert(0, self._server)  # type: ignore[arg-type]
+            for i, server in enumerate(candidates):
                 try:
                     if self._conn is None or self._server != server:
                         await self.close()
@@ -252,7 +263,8 @@ class AsyncDqClient:
                 except (OSError, ConnectionError, asyncio.IncompleteReadError,
                         TimeoutError, ValueError) as exc:
                     errors.append(f"{server[0]}:{server[1]}: {exc or type(exc).__name__}")
-                    self._servers.failed(server)
+                    if not (reused and i == 0):
+                        self._servers.failed(server)
                     await self.close()
         raise _unreachable(errors)
 

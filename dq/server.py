@@ -391,6 +391,7 @@ async def run(ctx: Context, store: Store | None = None, topics: TopicCache | Non
     await server.start()
     log.info("%s serving on port %d (%d shards)", ctx.name, server.port,
              len(store.shards.shards))
+    ctx.ready.set()
     if ready is not None:
         ready.set_result(server)
     tasks = [asyncio.create_task(server.reap()),

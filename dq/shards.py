@@ -72,9 +72,11 @@ class Shard:
         if connect_timeout is None:
             connect_timeout = CONNECT_TIMEOUT_TLS if url.startswith("rediss:") \
                 else CONNECT_TIMEOUT
+        # redis-py refuses TCP-only options on unix:// URLs (the embedded default).
+        tcp = {} if url.startswith("unix:") else {"socket_keepalive": True}
         self.client: aioredis.Redis = aioredis.Redis.from_url(
             url, socket_connect_timeout=connect_timeout, socket_timeout=command_timeout,
-            socket_keepalive=True, health_check_interval=0, max_connections=64,
+            health_check_interval=0, max_connections=64, **tcp,
         )
         self.conn = RespConnection(url, name=name, connect_timeout=connect_timeout)
         self.marked_up = True

@@ -286,19 +286,14 @@ class Store:
         keys = (self.k_jobs, self.k_delay[b], self.k_inflight, self.k_dead, self.k_dead_err,
                 self.k_stat(topic))
         args = (tid, self.day())
-        order = self.shards.order(tid)
-        failed = 0
-        try:
-            if await order[0].script("delete", keys, args):
-                return True
-        except DqError:
-            failed += 1
-        deleted = False
-        for shard in order[1:]:
-            try:
-                deleted = bool(await shard.script("delete", keys, args)) or deleted
-            except DqError:
-                failed += 1
+        # Every shard, at once: a copy written to a fallback shard while the owner was
+        # down must not survive a delete and fire later.
+        shards = self.shards.shards
+        results = await asyncio.gather(*(s.script("delete", keys, args) for s in shards),
+                                       return_exceptions=True)
+        deleted = any(r is not None and not isinstance(r, BaseException) and bool(r)
+                      for r in results)
+        failed = sum(isinstance(r, BaseException) for r in results)
         if not deleted and failed:
             raise DqError(UNAVAILABLE, f"job {tid} not found on the reachable shards and "
                           f"{failed} shard(s) did not answer; retry shortly")
