@@ -1,0 +1,664 @@
+"""Hostile clients against the server role, in-process, over real sockets and a real Redis.
+
+php-delayqueue froze for 13 s when one client sent a 4-byte length header and stalled, and
+died of a frame whose `body` was a string. Here a canary client in the server's own event
+loop measures its latency while fuzzed frames, slow-loris connections, non-reading
+pipeliners and 2,000 held connections hit the same server from other threads: the server
+never dies, every complete frame gets exactly one well-formed reply, stalled connections
+are closed after the frame timeout, memory stays bounded and the canary's p99 stays under
+50 ms (a generous bound: it is an isolation property, not a benchmark).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import multiprocessing
+import os
+import resource
+import socket
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dq import server as dq_server
+from dq.client import AsyncDqClient
+from dq.errors import ERR_WORDS
+from tests.conftest import RedisProcess
+from tests.test_server import Running, frame, raw_exchange, start_server
+
+MAX_FRAME = 4096  # below 9999, so declared lengths can also be too large
+CANARY_P99_MS = 50.0
+FUZZ_EXAMPLES = int(os.environ.get("DQ_FUZZ_EXAMPLES", "1000"))
+PING = frame({"cmd": "ping"})
+OK = {"code": 1, "msg": "succ", "data": []}
+
+pytestmark = pytest.mark.slow
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+def rss_kb() -> int:
+    """Resident set size of this process (the server runs in it), in KiB."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+
+
+def _reject(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json(raw: bytes) -> Any:
+    """Decode a reply as a strict JSON parser (PHP's, Java's) would: no NaN, no Infinity."""
+    return json.loads(raw.decode("utf-8"), parse_constant=_reject)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+class Canary:
+    """A well-behaved client in the server's own loop: adds back to back, timing each."""
+
+    def __init__(self, addr: str) -> None:
+        self.client = AsyncDqClient([addr], timeout=5.0)
+        self.latencies: list[float] = []  # ms
+        self.errors: list[BaseException] = []
+        self._stop = asyncio.Event()
+
+    async def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                await self.client.add("order", f"canary-{i}", {"i": i}, delay=3600)
+            except Exception as exc:
+                self.errors.append(exc)
+            self.latencies.append((time.perf_counter() - t0) * 1000)
+            i += 1
+            await asyncio.sleep(0.002)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Canary]:
+        await self.client.ping()  # connected before the measurement starts
+        task = asyncio.create_task(self._run())
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            await task
+            await self.client.close()
+
+    def p(self, q: float) -> float:
+        return percentile(self.latencies, q)
+
+    def check(self, label: str) -> None:
+        print(f"\n{label}: canary {len(self.latencies)} adds, p50 {self.p(0.5):.2f} ms, "
+              f"p99 {self.p(0.99):.2f} ms, max {max(self.latencies):.2f} ms", file=sys.stderr)
+        assert not self.errors, f"canary failed: {self.errors[:3]}"
+        assert len(self.latencies) >= 50, "the canary hardly ran: the loop was starved"
+        assert self.p(0.99) < CANARY_P99_MS, \
+            f"canary p99 {self.p(0.99):.1f} ms >= {CANARY_P99_MS} ms during {label}"
+
+
+async def in_thread(fn: Callable[[], Any]) -> Any:
+    """Run blocking socket work off the loop the server runs in."""
+    return await asyncio.to_thread(fn)
+
+
+@pytest.fixture
+async def dq(tmp_path: Path, redis_server: RedisProcess) -> AsyncIterator[Running]:
+    running, ctx, task = await start_server(tmp_path, [redis_server.url], max_frame=MAX_FRAME)
+    yield running
+    assert not task.done(), "the server role ended by itself"
+    ctx.stopping.set()
+    await asyncio.wait_for(task, 10)
+    await running.store.shards.close()
+    running.registry.close()
+
+
+async def stored_tids(dq: Running) -> list[str]:
+    """Every job key on the shard (the canary's excluded)."""
+    shard = dq.store.shards.shards[0]
+    keys = await shard.client.hkeys(dq.store.k_jobs)
+    tids = [k.decode() if isinstance(k, bytes) else k for k in keys]
+    return sorted(t for t in tids if not t.startswith("order:canary-"))
+
+
+# -- a model of the framing, independent of dq.protocol -------------------------------------
+
+def expected_replies(data: bytes, max_frame: int) -> tuple[int, int, bool]:
+    """(replies the server owes for `data`, where it closes the connection or -1, whether
+    a frame is left incomplete) per DESIGN.md section 4: one reply per complete frame, a
+    declared length over the limit is answered at once and its bytes skipped, a non-digit
+    prefix is answered and the connection closed after it."""
+    pos, n = 0, 0
+    while len(data) - pos >= 4:
+        head = data[pos:pos + 4]
+        if not all(0x30 <= b <= 0x39 for b in head):
+            return n + 1, pos + 4, False
+        size = int(head)
+        if size > max_frame:
+            n += 1
+            if pos + 4 + size > len(data):
+                return n, -1, True
+        elif size and pos + 4 + size > len(data):
+            return n, -1, True
+        else:
+            n += 1
+        pos += 4 + size
+    return n, -1, pos < len(data)
+
+
+def read_frames(sock: socket.socket, n: int, *, until_eof: bool) -> tuple[list[bytes], bool]:
+    """Up to n reply payloads, then (if asked) wait for the server to close; (payloads, eof)."""
+    buf, out = b"", list[bytes]()
+    eof = False
+    while len(out) < n or (until_eof and not eof):
+        if len(buf) >= 4 and len(buf) >= 4 + int(buf[:4]):
+            size = int(buf[:4])
+            out.append(buf[4:4 + size])
+            buf = buf[4 + size:]
+            continue
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        if not chunk:
+            eof = True
+            break
+        buf += chunk
+    assert buf == b"" or len(out) < n, f"bytes after the expected replies: {buf[:80]!r}"
+    return out, eof
+
+
+def check_reply(raw: bytes) -> dict[str, Any]:
+    reply = strict_json(raw)
+    assert isinstance(reply, dict) and reply.get("code") in (0, 1), reply
+    if reply["code"] == 0:
+        assert reply.get("err") in ERR_WORDS, reply
+        assert isinstance(reply.get("msg"), str) and reply["msg"], reply
+    return reply
+
+
+# -- frame strategies -------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                 max_size=4),
+    max_leaves=10,
+)
+topics = st.sampled_from(["order", "off", "nope", "", "a:b", "x" * 300, "or\x00der",
+                          "order\ud800"]) | json_values
+ids: st.SearchStrategy[Any] = st.sampled_from(
+    ["1", "2", 1, 0, -1, "", "x" * 201, "a\nb", True, 1.5, None, [], "\ud800", "\udfff\ud800",
+     "\U0001f600"]) | json_values
+times = st.sampled_from(["2030-01-31 08:00:00", "2026-02-30 10:00:00", "tomorrow", "",
+                         "2030-13-01 00:00:00", "2030-01-31T08:00:00", "0000-00-00 00:00:00",
+                         "9999-12-31 23:59:59", "1970-01-01 00:00:00", 1893456000]) | json_values
+numbers = st.sampled_from([0, 1, 1.5, -1, 10**30, 2**63, float("inf"), float("nan"),
+                           "30", 253_402_300_799_999]) | json_values
+requests = st.fixed_dictionaries(
+    {"cmd": st.sampled_from(["add", "get", "del", "ping", "", "ADD", "frobnicate"])
+     | json_values},
+    optional={"topic": topics, "id": ids, "body": json_values | st.just("a string body"),
+              "fix_time": times, "delay": numbers, "due_ms": numbers, "extra": json_values},
+)
+
+
+def encode(obj: Any, ascii_only: bool) -> bytes:
+    text = json.dumps(obj, ensure_ascii=ascii_only)  # NaN and Infinity as Python writes them
+    return text.encode("utf-8", "surrogatepass")
+
+
+@st.composite
+def request_frames(draw: st.DrawFn) -> bytes:
+    payload = encode(draw(requests), draw(st.booleans()))
+    if len(payload) > 9999:
+        payload = payload[:9999]
+    return b"%04d" % len(payload) + payload
+
+
+@st.composite
+def wrong_lengths(draw: st.DrawFn) -> bytes:
+    payload = encode(draw(requests), True)[:9000]
+    size = min(9999, max(0, len(payload) + draw(st.integers(-20, 20))))
+    return b"%04d" % size + payload
+
+
+@st.composite
+def deep_json(draw: st.DrawFn) -> bytes:
+    depth = draw(st.integers(1, 4000))
+    inner = draw(st.sampled_from(["[" * depth + "]" * depth,
+                                  '{"a":' * depth + "1" + "}" * depth]))
+    payload = b'{"cmd":"add","topic":"order","id":"deep","body":{"x":' + inner.encode() + b"}}"
+    return b"%04d" % len(payload) + payload if len(payload) <= 9999 else b"9999" + payload[:9999]
+
+
+@st.composite
+def huge_json(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["int", "float", "string", "filler", "declared"]))
+    if kind == "int":
+        payload = b'{"cmd":"add","topic":"order","id":"h","delay":' + b"9" * 5000 + b"}"
+    elif kind == "float":
+        payload = b'{"cmd":"add","topic":"order","id":"h","body":{"f":1e999}}'
+    elif kind == "string":
+        size = draw(st.integers(3000, 4100))
+        payload = json.dumps({"cmd": "add", "topic": "order", "id": "big",
+                              "body": {"s": "a" * size}}).encode()
+    elif kind == "filler":
+        payload = draw(st.binary(min_size=1, max_size=64)) * 150
+    else:
+        return b"9999" + b"{" * draw(st.integers(0, 9999))
+    return b"%04d" % len(payload) + payload
+
+
+pieces = st.one_of(
+    st.binary(max_size=64),
+    request_frames(),
+    request_frames().flatmap(lambda f: st.integers(0, len(f)).map(lambda k: f[:k])),
+    wrong_lengths(),
+    deep_json(),
+    huge_json(),
+    st.just(PING),
+)
+
+
+def fuzz_server(port: int, examples: int, failures: list[str]) -> int:
+    """Hypothesis drives random frame sequences at the server, one connection each."""
+    sent = 0
+
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=False,
+              suppress_health_check=list(HealthCheck), print_blob=True)
+    @given(st.lists(pieces, min_size=1, max_size=6))
+    def one(chunks: list[bytes]) -> None:
+        nonlocal sent
+        data = b"".join(chunks)
+        owed, close_at, pending = expected_replies(data, MAX_FRAME)
+        closes = close_at >= 0
+        if closes:
+            # Bytes sent after the garbage would reach a closed socket, and the kernel would
+            # answer them with a reset that may discard the reply: stop where the server does.
+            data = data[:close_at]
+            chunks = [data]
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            for chunk in chunks:
+                sock.sendall(chunk)
+            if not closes and not pending:
+                sock.sendall(PING)
+                owed += 1
+            replies, eof = read_frames(sock, owed, until_eof=closes)
+        sent += 1
+        assert len(replies) == owed, \
+            f"{len(replies)} replies for {owed} frames in {data[:200]!r}"
+        decoded = [check_reply(r) for r in replies]
+        if not closes and not pending:
+            assert decoded[-1] == OK
+        if closes:
+            assert eof, "a garbage prefix must close the connection"
+
+    try:
+        one()
+    except Exception as exc:  # reported by the test, with hypothesis's minimal example
+        failures.append(f"{exc.__class__.__name__}: {exc}")
+    return sent
+
+
+# -- the properties ---------------------------------------------------------------------------
+
+def fuzz_in_child(port: int, examples: int) -> tuple[int, list[str]]:
+    failures: list[str] = []
+    return fuzz_server(port, examples, failures), failures
+
+
+async def test_fuzzed_frames_never_kill_or_stall_the_server(dq: Running) -> None:
+    """Hypothesis runs in a spawned process, not a thread of this one: its own garbage
+    makes gen-2 collections of 30-140 ms here, which would stall the server's loop and
+    make the canary measure the test harness. Apart, this process's RSS is the server's."""
+    gc.collect()
+    rss_before = rss_kb()
+    tasks_before = len(asyncio.all_tasks())
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        await loop.run_in_executor(pool, int, "0")  # the child is up before we measure
+        async with Canary(dq.addr).running() as canary:
+            sent, failures = await loop.run_in_executor(pool, fuzz_in_child, dq.port,
+                                                        FUZZ_EXAMPLES)
+    await asyncio.sleep(0.3)
+    gc.collect()
+    rss_after = rss_kb()
+    print(f"\nfuzz: {sent} connections; server RSS {rss_before} -> {rss_after} KiB",
+          file=sys.stderr)
+    assert not failures, failures[0]
+    canary.check("fuzzing")
+    # every fuzz connection is gone and left nothing behind
+    assert len(dq.server.connections) == 0
+    # (the reaper's loop variable may still name the last connection it looked at)
+    alive = [o for o in gc.get_objects() if isinstance(o, dq_server.Connection)]
+    assert len(alive) <= 1, f"{len(alive)} Connection objects outlived their sockets"
+    assert len(asyncio.all_tasks()) <= tasks_before
+    assert rss_after - rss_before < 32 * 1024, "server memory grew by more than 32 MiB"
+    # and the server still does its job
+    async with AsyncDqClient([dq.addr]) as client:
+        await client.add("order", "after-fuzz", {"ok": True}, delay=60)
+        assert (await client.get("order", "after-fuzz") or {}).get("ok") is True
+
+
+class Loris:
+    """Slow-loris connections: a length header and part of a frame, then a trickle or
+    nothing. Records when each connection was closed by the server."""
+
+    def __init__(self, port: int, n: int) -> None:
+        self.port = port
+        self.socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+        self.started = time.monotonic()
+        self.closed_after: dict[int, float] = {}
+        self.last_reply: dict[int, bytes] = {}
+        self._stop = threading.Event()
+
+    def open(self) -> None:
+        body = b'{"cmd":"add","topic":"order","id":"loris","body":{}}'
+        for i, s in enumerate(self.socks):
+            # a third send only the 4-byte header, the rest also part of the JSON
+            s.sendall(b"%04d" % (len(body) + 100) + (b"" if i % 3 == 0 else body[:i % 40]))
+            s.setblocking(False)
+        self.started = time.monotonic()
+
+    def trickle(self, seconds: float) -> None:
+        """One byte a second on half the connections; note when the server closes any."""
+        deadline = time.monotonic() + seconds
+        next_drip = time.monotonic() + 1
+        while time.monotonic() < deadline and len(self.closed_after) < len(self.socks):
+            for i, s in enumerate(self.socks):
+                if i in self.closed_after:
+                    continue
+                try:
+                    data = s.recv(4096)
+                except BlockingIOError:
+                    continue
+                except ConnectionResetError:
+                    data = b""
+                if data:
+                    self.last_reply[i] = self.last_reply.get(i, b"") + data
+                    continue
+                self.closed_after[i] = time.monotonic() - self.started
+            if time.monotonic() >= next_drip:
+                next_drip += 1
+                for i, s in enumerate(self.socks):
+                    if i % 2 and i not in self.closed_after:
+                        with contextlib.suppress(OSError):
+                            s.send(b" ")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+
+
+async def test_slow_loris_is_closed_after_frame_timeout_and_others_unaffected(
+        dq: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dq_server, "FRAME_TIMEOUT", 2.0)
+    loris = await in_thread(lambda: Loris(dq.port, 200))
+    try:
+        async with Canary(dq.addr).running() as canary:
+            await in_thread(loris.open)
+            await in_thread(lambda: loris.trickle(8.0))
+        canary.check("200 slow-loris connections")
+        still_open = [i for i in range(200) if i not in loris.closed_after]
+        assert not still_open, f"{len(still_open)} stalled connections were never closed " \
+            f"(e.g. #{still_open[0]}, {'trickling' if still_open[0] % 2 else 'silent'})"
+        latest = max(loris.closed_after.values())
+        # the reaper looks once a second: closed within FRAME_TIMEOUT + 1 s + scheduling
+        assert latest < 2.0 + 2.0, f"a stalled connection lived {latest:.1f} s"
+        for i in range(200):
+            [reply] = [check_reply(r) for r in read_all(loris.last_reply.get(i, b""))]
+            assert reply["err"] == "bad_request" and "within" in reply["msg"]
+        print(f"slow loris: all 200 closed within {latest:.2f} s", file=sys.stderr)
+    finally:
+        loris.close()
+    async with AsyncDqClient([dq.addr]) as client:
+        assert await client.ping()
+
+
+def read_all(buf: bytes) -> Iterator[bytes]:
+    while len(buf) >= 4 and len(buf) >= 4 + int(buf[:4]):
+        size = int(buf[:4])
+        yield buf[4:4 + size]
+        buf = buf[4 + size:]
+
+
+# -- php-delayqueue's input bugs, one by one -------------------------------------------------
+
+async def test_string_body_is_refused_and_server_keeps_serving(dq: Running) -> None:
+    bad = frame({"cmd": "add", "topic": "order", "id": "s1", "body": "just a string"})
+    for _ in range(3):  # the PHP server died on the first one
+        replies = await in_thread(lambda: raw_exchange(dq.port, bad + PING, read=2))
+        assert replies[0]["code"] == 0 and replies[0]["err"] == "bad_request"
+        assert "body must be a JSON object" in replies[0]["msg"]
+        assert replies[1] == OK
+    assert await stored_tids(dq) == []
+
+
+@pytest.mark.parametrize("fix_time", [
+    "2026-02-30 10:00:00", "2030-13-01 00:00:00", "2030-01-31T08:00:00", "tomorrow", "",
+    "2030-01-31 25:00:00", "2030-1-31 08:00:00", "0000-00-00 00:00:00", 1893456000, [],
+    {"at": 1}, True,
+])
+async def test_bad_fix_time_is_refused_and_nothing_stored(dq: Running, fix_time: Any) -> None:
+    req = frame({"cmd": "add", "topic": "order", "id": "ft", "body": {}, "fix_time": fix_time})
+    [reply] = await in_thread(lambda: raw_exchange(dq.port, req))
+    assert reply["code"] == 0 and reply["err"] == "bad_request", reply
+    assert "fix_time" in reply["msg"]
+    assert await stored_tids(dq) == []
+    shard = dq.store.shards.shards[0]
+    assert sum([await shard.client.zcard(k) for k in dq.store.k_delay]) == 0
+
+
+@pytest.mark.parametrize("job", [
+    {}, {"id": None}, {"id": ""}, {"id": []}, {"id": {}}, {"id": True}, {"id": 1.5},
+], ids=["missing", "null", "empty", "list", "object", "bool", "float"])
+async def test_missing_id_is_refused_never_stored_as_topic_colon(
+        dq: Running, job: dict[str, Any]) -> None:
+    for cmd in ("add", "get", "del"):
+        req = frame({"cmd": cmd, "topic": "order", "body": {}, **job})
+        [reply] = await in_thread(lambda req=req: raw_exchange(dq.port, req))  # type: ignore[misc]
+        assert reply["code"] == 0 and reply["err"] == "bad_request", (cmd, reply)
+        assert "id must be" in reply["msg"]
+    shard = dq.store.shards.shards[0]
+    assert not await shard.client.hexists(dq.store.k_jobs, "order:")
+    assert await stored_tids(dq) == []
+
+
+async def test_re_adding_an_id_succeeds_and_replaces_the_job(dq: Running) -> None:
+    async with AsyncDqClient([dq.addr]) as client:
+        await client.add("order", "dup", {"v": 1}, delay=300)
+        await client.add("order", "dup", {"v": 2}, delay=30)  # the PHP server said failure
+        body = await client.get("order", "dup")
+    assert body is not None and body["v"] == 2
+    assert await stored_tids(dq) == ["order:dup"]
+    info = await dq.store.lookup("order", "dup")
+    assert info is not None and info.state == "delayed"
+    assert abs(info.due_ms - (time.time() + 30) * 1000) < 3000
+    shard = dq.store.shards.shards[0]
+    assert sum([await shard.client.zcard(k) for k in dq.store.k_delay]) == 1
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"cmd":"add","topic":"order","id":"\\ud800","body":{}}',
+    b'{"cmd":"add","topic":"order","id":"b","body":{"x":"\\udfff"}}',
+    b'{"cmd":"add","topic":"order","id":"k","body":{"\\ud83d":1}}',
+    b'{"cmd":"get","topic":"order","id":"\\ud800"}',
+    b'{"cmd":"add","topic":"order","id":"f","body":{"f":1e999}}',
+    b'{"cmd":"add","topic":"order","id":"f","body":{"f":[-1e400]}}',
+], ids=["surrogate-id", "surrogate-body", "surrogate-key", "surrogate-get", "inf", "neg-inf"])
+async def test_text_no_strict_client_could_read_back_is_refused(
+        dq: Running, payload: bytes) -> None:
+    """A lone surrogate cannot be stored as UTF-8 (the add's connection used to drop with
+    no reply) and 1e999 would be stored as Infinity, which `get` then returned to PHP."""
+    data = b"%04d" % len(payload) + payload + PING
+    replies = await in_thread(lambda: raw_exchange(dq.port, data, read=2))
+    assert len(replies) == 2 and replies[1] == OK
+    assert replies[0]["code"] == 0 and replies[0]["err"] == "bad_request", replies[0]
+    assert await stored_tids(dq) == []
+
+
+async def test_valid_surrogate_pairs_and_escaped_backslashes_are_kept(dq: Running) -> None:
+    payload = b'{"cmd":"add","topic":"order","id":"e","body":{"s":"\\ud83d\\ude00 \\\\ud800"}}'
+    [reply] = await in_thread(lambda: raw_exchange(dq.port, b"%04d" % len(payload) + payload))
+    assert reply == OK
+    async with AsyncDqClient([dq.addr]) as client:
+        body = await client.get("order", "e")
+    assert body is not None and body["s"] == "\U0001f600 \\ud800"
+
+
+# -- resource exhaustion ----------------------------------------------------------------------
+
+def pipeline_without_reading(port: int, frames: bytes, seconds: float) -> int:
+    """Send `frames` again and again without reading a reply, until the socket will take
+    no more for a while; returns the bytes the server accepted."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.setblocking(False)
+    sent, stuck_since = 0, None
+    deadline = time.monotonic() + seconds
+    view = memoryview(frames)
+    pos = 0
+    try:
+        while time.monotonic() < deadline:
+            try:
+                n = sock.send(view[pos:])
+            except BlockingIOError:
+                stuck_since = stuck_since or time.monotonic()
+                if time.monotonic() - stuck_since > 1.0:
+                    return sent
+                time.sleep(0.01)
+                continue
+            stuck_since = None
+            sent += n
+            pos = (pos + n) % len(frames)
+        raise AssertionError(f"the server kept reading ({sent} bytes) without being read")
+    finally:
+        pipeline_without_reading.sock = sock  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("mix", ["get-add-ping", "amplifying-gets"])
+async def test_client_that_never_reads_cannot_grow_server_memory(dq: Running, mix: str) -> None:
+    """Reading pauses once replies back up; what stays buffered is bounded by one read's
+    worth of requests (a 52-byte get of a 3 KB body is the worst amplification)."""
+    async with AsyncDqClient([dq.addr]) as client:
+        await client.add("order", "fat", {"s": "x" * 3000}, delay=3600)
+    get = frame({"cmd": "get", "topic": "order", "id": "fat"})
+    add = frame({"cmd": "add", "topic": "order", "id": "p", "body": {}, "delay": 3600})
+    frames = (get + add + PING) * 2000 if mix == "get-add-ping" else get * 6000
+    rss_before = rss_kb()
+    async with Canary(dq.addr).running() as canary:
+        accepted = await in_thread(lambda: pipeline_without_reading(dq.port, frames, 20.0))
+        await asyncio.sleep(0.5)
+        conns = [c for c in dq.server.connections if c.transport is not None
+                 and c.transport.get_write_buffer_size() > 0]
+        assert len(conns) == 1, "the non-reading connection should hold unsent replies"
+        conn = conns[0]
+        assert not conn.reading, "the server should stop reading a client that never reads"
+        buffered = conn.transport.get_write_buffer_size() if conn.transport else 0
+        pending = len(conn.replies)
+    rss_after = rss_kb()
+    pipeline_without_reading.sock.close()  # type: ignore[attr-defined]
+    print(f"\nnon-reader: server accepted {accepted / 1e6:.1f} MB of requests, then paused; "
+          f"{buffered / 1e6:.1f} MB of replies buffered, {pending} replies pending; "
+          f"RSS {rss_before} -> {rss_after} KiB", file=sys.stderr)
+    canary.check("a non-reading pipeliner")
+    assert pending <= dq_server.MAX_OUTSTANDING + 3 * 2000
+    assert buffered < 64 * 1024 * 1024
+    assert rss_after - rss_before < 128 * 1024
+
+
+class Holders:
+    """n plain sockets held open from a thread; each pings once a second and reads the
+    reply, so the connections are alive, not just open."""
+
+    def __init__(self, port: int, n: int) -> None:
+        self.port, self.n = port, n
+        self.socks: list[socket.socket] = []
+        self.pings = 0
+        self.bad: list[Any] = []
+        self.stop = threading.Event()
+
+    def connect(self) -> None:
+        for _ in range(self.n):
+            self.socks.append(socket.create_connection(("127.0.0.1", self.port), timeout=5))
+
+    def ping_all(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self.stop.is_set():
+            t0 = time.monotonic()
+            for s in self.socks:
+                s.sendall(PING)
+            for s in self.socks:
+                [raw], _ = read_frames(s, 1, until_eof=False)
+                reply = check_reply(raw)
+                if reply != OK:
+                    self.bad.append(reply)
+                self.pings += 1
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+
+
+async def test_2000_connections_and_the_2001st_gets_a_clear_refusal(
+        tmp_path: Path, redis_server: RedisProcess) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 6000:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+    running, ctx, task = await start_server(tmp_path, [redis_server.url], max_connections=2000)
+    holders = Holders(running.port, 1999)
+    rss_before = rss_kb()
+    try:
+        connect_canary = Canary(running.addr)  # connection number 1
+        async with connect_canary.running():
+            await in_thread(holders.connect)
+            for _ in range(100):
+                if len(running.server.connections) >= 2000:
+                    break
+                await asyncio.sleep(0.05)
+        # the canary's connection closed: take its place again with a fresh one
+        async with Canary(running.addr).running() as canary:
+            for _ in range(100):
+                if len(running.server.connections) >= 2000:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(running.server.connections) == 2000
+            rss_held = rss_kb()
+            [reply] = await in_thread(lambda: raw_exchange(running.port, PING, read=1))
+            assert reply["code"] == 0 and reply["err"] == "too_many_connections"
+            assert "limit" in reply["msg"]
+            await in_thread(lambda: holders.ping_all(3.0))
+        assert not holders.bad and holders.pings >= 3 * 1999
+        print(f"\n2000 connections: accepting 1999 at once stalled the loop up to "
+              f"{max(connect_canary.latencies):.0f} ms; RSS {rss_before} -> {rss_held} KiB; "
+              f"{holders.pings} pings answered; refused {running.server.refused}",
+              file=sys.stderr)
+        canary.check("2,000 live connections pinging once a second")
+        assert running.server.refused >= 1
+    finally:
+        holders.close()
+    await asyncio.sleep(0.3)
+    [pong] = await in_thread(lambda: raw_exchange(running.port, PING))
+    assert pong == OK
+    ctx.stopping.set()
+    await asyncio.wait_for(task, 10)
+    await running.store.shards.close()
+    running.registry.close()
