@@ -2,7 +2,7 @@
 dq.cli`), its children, a real redis-server and a real HTTP receiver that is slow and fails.
 
 What php-delayqueue got wrong and these show cannot happen here:
-- a consumer killed mid-callback lost its job for good        -> test_chaos_kill_9_...
+- a consumer killed mid-callback lost its job for good        -> test_consumer_killed_...
 - a callback answering HTTP 500 with any body counted as done -> test_chaos_kill_9_...
 - its restart failed to bind for 62 s (SO_REUSEADDR too late) -> test_bind_at_once_...
 - `kill -USR2` stopped the whole service instead of reloading -> test_usr2_reloads_...
@@ -360,6 +360,45 @@ async def test_chaos_kill_9_children_while_jobs_flow_delivers_every_job(
         f"2xx: {[(j, dups[j]) for j in unexplained[:5]]}; kills {killer.kills}"
     assert restarts >= len(killer.kills) - 2, "the master did not replace killed children"
     assert rc == 0, m.output()[-3000:]
+
+
+# -- a') the same, deterministic: kill -9 a consumer while its callback hangs ---------------
+
+async def test_consumer_killed_mid_callback_does_not_lose_the_job(
+        masters: Callable[..., Master], redis_server: RedisProcess, tmp_path: Path) -> None:
+    release = asyncio.Event()
+    arrivals: list[tuple[float, int]] = []
+
+    async def hang_first(req: Request) -> Reply:
+        arrivals.append((time.time(), req.attempt))
+        if len(arrivals) == 1:
+            await release.wait()  # the consumer is killed while this callback is open
+        return 200, b'{"code":0}'
+
+    async with Receiver(hang_first) as rcv:
+        db = register(tmp_path / "reg" / "dq.sqlite3", "held", rcv.url("/cb"))
+        m = masters(["--redis", redis_server.url, "--db", db, "--timers", "1",
+                     "--consumers", "1"], {"DQ_LEASE": "2", "DQ_TIMER_TICK": "0.2"})
+        await asyncio.to_thread(m.wait_titles, {"dq-server-0", "dq-timer-0", "dq-consumer-0"})
+        async with AsyncDqClient([f"127.0.0.1:{m.port}"]) as client:
+            await client.add("held", "only-one", {"order": 1}, delay=0)
+        deadline = time.monotonic() + 10
+        while not arrivals and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert arrivals, "the callback never came"
+        [(consumer, _)] = [(p, t) for p, t in m.workers().items() if t == "dq-consumer-0"]
+        kill_quietly(consumer)
+        killed = time.time()
+        release.set()  # its answer now goes to a dead socket
+        deadline = time.monotonic() + 15
+        while len(arrivals) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        rc = await asyncio.to_thread(m.stop)
+    assert len(arrivals) >= 2, "the job was lost with the consumer"
+    again, attempt = arrivals[1]
+    print(f"\nconsumer killed mid-callback: called again {again - killed:.1f} s after the "
+          f"kill (lease 2 s), X-Dq-Attempt {attempt}", file=sys.stderr)
+    assert rc == 0
 
 
 # -- b) the Redis shard restarts ---------------------------------------------------------------
