@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import cpu_us, free_port, percentile, redis_servers, register, tempdir
 from dq import consumer, timer
 from dq.config import Settings
-from dq.worker import Context, open_store
+from dq.worker import Context, open_store, run_loop
 
 REPLY = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nContent-Type: application/json\r\n\r\n" \
         b'{"code":0}'
@@ -40,7 +40,7 @@ REPLY = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nContent-Type: application/jso
 
 # receiver (child process) ---------------------------------------------------------------
 class _Http(asyncio.Protocol):
-    """Just enough HTTP/1.1 for httpx: keep-alive, Content-Length bodies, 200 to all."""
+    """Just enough HTTP/1.1 for a callback client: keep-alive, Content-Length bodies, 200 to all."""
 
     def __init__(self, arrivals: dict[str, float], count: Any) -> None:
         self.arrivals, self.count, self.buf = arrivals, count, b""
@@ -95,7 +95,7 @@ def _receiver_main(port: int, count: Any, ready: MpEvent, stop: MpEvent,
 # dq roles (child processes) -------------------------------------------------------------
 def _role_main(role: str, index: int, settings: Settings, stop: MpEvent) -> None:
     logging.basicConfig(level=logging.INFO, format=f"  [{role}-{index}] %(message)s")
-    for quiet in ("httpx", "dq.notify", "dq.registry"):
+    for quiet in ("dq.notify", "dq.registry"):
         logging.getLogger(quiet).setLevel(logging.WARNING)
 
     async def main() -> None:
@@ -110,7 +110,7 @@ def _role_main(role: str, index: int, settings: Settings, stop: MpEvent) -> None
         await (timer.run(ctx) if role == "timer" else consumer.run(ctx))
         watcher.cancel()
 
-    asyncio.run(main())
+    run_loop(main())  # the loop dq's own children run on (uvloop when installed)
 
 
 def _start_roles(ctx: Any, settings: Settings, stop: MpEvent) -> list[Any]:
@@ -152,7 +152,8 @@ def _report(arrivals: dict[str, float], n: int, due_ms: int) -> None:
           f"late_max_ms={late[-1] if late else float('nan'):.0f}")
 
 
-def _run(ctx: Any, settings: Settings, args: argparse.Namespace, port: int) -> None:
+def _run(ctx: Any, settings: Settings, args: argparse.Namespace, port: int,
+         redis_pid: int) -> None:
     """Receiver and roles up, jobs in, wait for every delivery, roles down, report."""
     count, ready, stop, roles_stop = ctx.Value("i", 0), ctx.Event(), ctx.Event(), ctx.Event()
     rx, tx = ctx.Pipe(duplex=False)
@@ -167,12 +168,16 @@ def _run(ctx: Any, settings: Settings, args: argparse.Namespace, port: int) -> N
               f"{due_ms / 1000 - time.time():.2f}s; {args.timers} timer(s), "
               f"{args.consumers} consumer(s) x {args.concurrency}, {os.cpu_count()} cpus")
         cpu0 = cpu_us([p.pid for p in roles if p.pid])
+        others0 = cpu_us([redis_pid]), cpu_us([receiver.pid or 0])
         deadline = time.monotonic() + args.timeout
         while count.value < args.n and time.monotonic() < deadline:
             time.sleep(0.01)
         used = cpu_us([p.pid for p in roles if p.pid]) - cpu0
+        redis_used = cpu_us([redis_pid]) - others0[0]
+        receiver_used = cpu_us([receiver.pid or 0]) - others0[1]
         print(f"timer+consumer CPU: {used / 1e6:.2f}s, {used / max(1, count.value):.0f} us "
-              f"per delivered job")
+              f"per delivered job (redis-server {redis_used / max(1, count.value):.0f} us, "
+              f"receiver {receiver_used / max(1, count.value):.0f} us)")
     finally:
         roles_stop.set()
         for p in roles:
@@ -194,14 +199,14 @@ def main() -> None:
     args = ap.parse_args()
 
     ctx = mp.get_context("fork")  # children start before this process runs any event loop
-    with tempdir() as tmpdir, redis_servers(1, Path(tmpdir)) as [(url, _proc)]:
+    with tempdir() as tmpdir, redis_servers(1, Path(tmpdir)) as [(url, redis_proc)]:
         settings = Settings(redis=(url,), db=f"sqlite:///{Path(tmpdir) / 'dq.sqlite3'}",
                             timers=args.timers, consumers=args.consumers,
                             concurrency=args.concurrency, lease=60.0, retry_unit=1.0)
         port = free_port()
         register(settings.db, "bench", callback=f"http://127.0.0.1:{port}/cb",
                  timeout_ms=10_000)
-        _run(ctx, settings, args, port)
+        _run(ctx, settings, args, port, redis_proc.pid)
 
 
 if __name__ == "__main__":

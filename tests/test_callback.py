@@ -1,0 +1,112 @@
+"""One callback attempt (dq.callback.call) against the real test receiver: what is sent,
+what counts as a failure, and the limits on the reply and on time."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from dq.callback import REPLY_CAP, ExprCache, call, form_encode, open_session
+from dq.registry import Topic
+from dq.store import Claimed
+from tests.conftest import free_port
+from tests.receiver import Receiver, Reply, Request
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    async with Receiver() as r:
+        yield r
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with open_session(8) as s:
+        yield s
+
+
+def job(job_id: str = "1", body: dict[str, Any] | None = None) -> Claimed:
+    return Claimed(shard=None, tid=f"t:{job_id}", topic="t", id=job_id,  # type: ignore[arg-type]
+                   version="v", priority=2, attempt=0, due_ms=0, set_ms=0,
+                   body=body if body is not None else {"a": 1}, claimed_ms=0)
+
+
+def topic(url: str, **kw: Any) -> Topic:
+    return Topic(topic="t", name="t", callback=url, method=kw.pop("method", "POST"), **kw)
+
+
+def test_form_encode_spells_like_urlencode() -> None:
+    body = {"s": "a b&c=d/中", "i": -12, "f": 0.1, "big": 10**20, "inf": float("inf"),
+            "t": True, "n": None, "l": [1, "x"], "plain": "Az09_.~-"}
+    assert form_encode(body) == ("s=a+b%26c%3Dd%2F%E4%B8%AD&i=-12&f=0.1&big=100000000000000000000"
+                                 "&inf=inf&t=1&l=%5B1%2C%22x%22%5D&plain=Az09_.~-")
+
+
+async def test_redirect_is_a_failure_and_not_followed(
+        receiver: Receiver, session: aiohttp.ClientSession) -> None:
+    receiver.routes["/moved"] = lambda req: (302, b"")
+    out = await call(session, ExprCache(), topic(receiver.url("/moved")), job(), 2.0)
+    assert not out.ok and out.status == 302 and out.error == "HTTP 302"
+    assert len(receiver.requests) == 1
+
+
+async def test_reply_is_read_up_to_the_cap_and_the_next_call_still_works(
+        receiver: Receiver, session: aiohttp.ClientSession) -> None:
+    receiver.routes["/big"] = lambda req: (200, b"x" * (REPLY_CAP + 100_000))
+    out = await call(session, ExprCache(), topic(receiver.url("/big")), job(), 5.0)
+    assert out.ok and len(out.reply) == REPLY_CAP
+    out = await call(session, ExprCache(), topic(receiver.url("/small")), job("2"), 5.0)
+    assert out.ok and out.reply == '{"code":0}'
+
+
+async def test_timeout_is_the_whole_attempt(
+        receiver: Receiver, session: aiohttp.ClientSession) -> None:
+    async def hang(req: Request) -> Reply:
+        await asyncio.sleep(2)
+        return 200, b""
+    receiver.routes["/hang"] = hang
+    out = await call(session, ExprCache(), topic(receiver.url("/hang")), job(), 0.3)
+    assert not out.ok and out.status == 0 and out.error == "timed out after 300 ms"
+    assert 250 <= out.ms < 1000
+
+
+async def test_refused_and_unparsable_urls_are_failed_attempts(
+        session: aiohttp.ClientSession) -> None:
+    out = await call(session, ExprCache(), topic(f"http://127.0.0.1:{free_port()}/"), job(), 2.0)
+    assert not out.ok and out.status == 0 and "ClientConnectorError" in out.error
+    for url in ("http://[::1/", "not a url", "ftp://127.0.0.1/"):
+        out = await call(session, ExprCache(), topic(url), job(), 2.0)
+        assert not out.ok and out.status == 0 and out.error, url
+
+
+async def test_proxy_settings_in_the_environment_are_ignored(
+        receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, dead)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    async with open_session(2) as session:
+        out = await call(session, ExprCache(), topic(receiver.url("/p")), job(), 2.0)
+    assert out.ok and len(receiver.requests) == 1
+
+
+async def test_get_signs_exactly_the_query_it_sends(
+        receiver: Receiver, session: aiohttp.ClientSession) -> None:
+    url = receiver.url("/g/路 径?x=a b&y=%41")
+    t = topic(url, method="GET", secret="k")
+    out = await call(session, ExprCache(), t, job("订单 1", {"q": "1 2", "z": "中"}), 2.0)
+    assert out.ok
+    [req] = receiver.requests
+    assert req.headers["x-dq-id"] == "%E8%AE%A2%E5%8D%95%201"
+    assert req.fields()["q"] == "1 2" and req.fields()["z"] == "中"
+    assert req.fields()["x"] == "a b" and req.fields()["y"] == "A"
+    ts = req.headers["x-dq-timestamp"]
+    want = hmac.new(b"k", ts.encode() + b"." + req.query, hashlib.sha256).hexdigest()
+    assert req.headers["x-dq-signature"] == want
