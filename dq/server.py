@@ -93,6 +93,8 @@ class Handler:
             self.stats["fail"] += 1
             log_request("add", obj.get("topic"), obj.get("id"), exc.err, t0)
             return protocol.error_reply(exc)
+        except Exception as exc:  # a bug must cost one reply, not the connection
+            return self._unexpected(obj, exc)
         if not shard.conn.connected:
             return asyncio.ensure_future(self.handle(obj))
         reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -195,6 +197,7 @@ class Connection(asyncio.Protocol):
         self.decoder = FrameDecoder(server.settings.max_frame)
         self.transport: asyncio.Transport | None = None
         self.replies: collections.deque[asyncio.Future[bytes] | bytes] = collections.deque()
+        self.backlog: collections.deque[protocol.Frame | FrameError] = collections.deque()
         self.paused_writing = False
         self.reading = True
         self.closing = False
@@ -223,6 +226,7 @@ class Connection(asyncio.Protocol):
             if isinstance(item, asyncio.Future):
                 item.cancel()
         self.replies.clear()
+        self.backlog.clear()
 
     def pause_writing(self) -> None:
         self.paused_writing = True
@@ -234,18 +238,9 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
-        handler = self.server.handler
         items = self.decoder.feed(data)
-        for item in items:
-            if isinstance(item, FrameError):
-                self._queue(protocol.error_reply(item))
-                if item.fatal:
-                    self._close_after_replies()
-                    return
-            elif item.get("cmd") == "ping":
-                self._queue(protocol.OK_EMPTY)
-            else:
-                self._queue(handler.fast(item))
+        self.backlog.extend(items)
+        self._start_backlog()
         # A frame's clock starts at its first byte and runs until its last: a client that
         # trickles a byte a second must not hold its frame, and its connection, open.
         if not (self.decoder.pending_bytes or self.decoder.skipping):
@@ -253,6 +248,24 @@ class Connection(asyncio.Protocol):
         elif items or not self.frame_started:
             self.frame_started = self.last_active  # a frame ended here; the next began here
         self._update_reading()
+
+    def _start_backlog(self) -> None:
+        """Start decoded requests, at most MAX_OUTSTANDING at a time: one client's burst of
+        pipelined frames is worked off as its replies go out, not in one loop turn."""
+        handler = self.server.handler
+        backlog = self.backlog
+        while backlog and len(self.replies) < MAX_OUTSTANDING and not self.closing:
+            item = backlog.popleft()
+            if isinstance(item, FrameError):
+                self._queue(protocol.error_reply(item))
+                if item.fatal:
+                    backlog.clear()
+                    self._close_after_replies()
+                    return
+            elif item.get("cmd") == "ping":
+                self._queue(protocol.OK_EMPTY)
+            else:
+                self._queue(handler.fast(item))
 
     # replies ---------------------------------------------------------------------------
     def _queue(self, reply: asyncio.Future[bytes] | bytes) -> None:
@@ -287,6 +300,9 @@ class Connection(asyncio.Protocol):
             self.transport.write(b"".join(out))
         if self.closing and not replies:
             self.transport.close()
+            return
+        if self.backlog and len(replies) < MAX_OUTSTANDING // 2:
+            self._start_backlog()
         self._update_reading()
 
     def _close_after_replies(self) -> None:
@@ -296,7 +312,8 @@ class Connection(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        want = not self.paused_writing and len(self.replies) < MAX_OUTSTANDING
+        want = (not self.paused_writing and not self.backlog
+                and len(self.replies) < MAX_OUTSTANDING)
         if want != self.reading:
             self.reading = want
             if want:
@@ -306,7 +323,7 @@ class Connection(asyncio.Protocol):
 
     @property
     def busy(self) -> bool:
-        return bool(self.replies)
+        return bool(self.replies or self.backlog)
 
 
 class Server:

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -68,7 +68,7 @@ class RedisProcess:
 
 
 @pytest.fixture
-def redis_factory(tmp_path: Path) -> Iterator[callable]:  # type: ignore[valid-type]
+def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisProcess]]:
     started: list[RedisProcess] = []
 
     def make(*, appendonly: bool = True) -> RedisProcess:
@@ -82,8 +82,8 @@ def redis_factory(tmp_path: Path) -> Iterator[callable]:  # type: ignore[valid-t
 
 
 @pytest.fixture
-def redis_server(redis_factory: callable) -> RedisProcess:  # type: ignore[valid-type]
-    return redis_factory()  # type: ignore[no-any-return]
+def redis_server(redis_factory: Callable[..., RedisProcess]) -> RedisProcess:
+    return redis_factory()
 
 
 MARIADB_URL = os.environ.get("DQ_TEST_MYSQL", "mysql+pymysql://root:@127.0.0.1:3306")
