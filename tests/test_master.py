@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -26,21 +25,14 @@ REPO = Path(__file__).resolve().parent.parent
 PING = b'0014{"cmd":"ping"}'
 
 
-def have(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ImportError:
-        return False
-
-
 def expected_titles(*, servers: int = 1, timers: int = 1, consumers: int = 1,
                     web: bool = False) -> list[str]:
     """The children a master should run, leaving out roles whose module is not there yet."""
-    out = [f"dq-server-{i}" for i in range(servers) if have("dq.server")]
-    out += [f"dq-timer-{i}" for i in range(timers) if have("dq.timer")]
-    out += [f"dq-consumer-{i}" for i in range(consumers) if have("dq.consumer")]
+    out = [f"dq-server-{i}" for i in range(servers)]
+    out += [f"dq-timer-{i}" for i in range(timers)]
+    out += [f"dq-consumer-{i}" for i in range(consumers)]
     out += ["dq-checker"]
-    if web and have("web.app"):
+    if web:
         out.append("dq-web")
     return sorted(out)
 
@@ -370,7 +362,6 @@ def test_ttin_ttou_and_a_reload_that_rereads_the_config(
            timeout=30)
 
 
-@pytest.mark.skipif(not have("dq.server"), reason="needs dq.server")
 def test_child_that_cannot_boot_backs_off_and_says_why(
         redis_server: RedisProcess, master: Callable[..., Master], tmp_path: Path) -> None:
     """An unreachable registry: the server exits EXIT_BOOT; the master slows down and says
@@ -409,22 +400,26 @@ def test_embedded_redis_default_survives_reload_and_stops_last(
         (p for p, c in m.children().items() if "redis-server" in c), 0))
     sock = m.home / "var" / "redis.sock"
     assert "unixsocket" in m.children()[redis_pid] and ping(sock)
-    if have("dq.server"):  # an add and a get go through the embedded Redis
-        from dq.registry import Registry, Topic
-
-        reg = Registry(f"sqlite:///{m.home / 'var' / 'dq.sqlite3'}")
-        reg.save_topic(Topic(topic="emb", name="emb", callback="http://127.0.0.1:9/",
-                             method="POST"))
-        reg.close()
+    # an add and a get go through the embedded Redis, and a job reaches a local receiver
+    receiver = Receiver()
+    try:
+        _topic(f"sqlite:///{m.home / 'var' / 'dq.sqlite3'}", "emb", receiver.url)
         m.wait("the topic", lambda: _add_get(m.port), timeout=10)
+        from dq.client import DqClient
+
+        with DqClient([f"127.0.0.1:{m.port}"]) as c:
+            c.add("emb", "delivered", {"hello": "callback"}, delay=0.2)
+        m.wait("the callback", lambda: "delivered" in receiver.finished, timeout=15)
+    finally:
+        receiver.close()
+    m.wait("the console", lambda: _http_answers(web_port), timeout=10)
 
     old = set(m.workers())
     m.kill(signal.SIGUSR2)
     m.wait("a new generation", lambda: not old & set(m.workers()) and m.titles() == want,
            timeout=40)
     assert redis_pid in m.children(), "the embedded Redis is kept across a reload"
-    if have("web.app"):
-        m.wait("the console", lambda: _http_answers(web_port), timeout=10)
+    m.wait("the console after the reload", lambda: _http_answers(web_port), timeout=10)
 
     m.kill(signal.SIGTERM)
     assert m.proc.wait(20) == 0
@@ -497,9 +492,6 @@ def test_daemon_writes_pid_file_and_logs(redis_server: RedisProcess, tmp_path: P
 # --------------------------------------------------------------------------------------
 # Nothing lost across reload and stop (needs the server, timer and consumer roles)
 
-needs_roles = pytest.mark.skipif(
-    not all(have(m) for m in ("dq.server", "dq.timer", "dq.consumer", "dq.client")),
-    reason="needs dq.server, dq.timer, dq.consumer and dq.client")
 
 
 class Receiver:
@@ -565,7 +557,6 @@ def _adder(port: int, stop: threading.Event, added: list[str], failed: list[str]
             time.sleep(0.005)
 
 
-@needs_roles
 def test_usr2_during_steady_adds_loses_nothing(
         redis_server: RedisProcess, master: Callable[..., Master], tmp_path: Path) -> None:
     receiver = Receiver()
@@ -594,7 +585,6 @@ def test_usr2_during_steady_adds_loses_nothing(
         receiver.close()
 
 
-@needs_roles
 def test_term_during_slow_callbacks_finishes_them(
         redis_server: RedisProcess, master: Callable[..., Master], tmp_path: Path) -> None:
     import redis
