@@ -42,9 +42,10 @@ from dq.alert import dead_letter_mail, send_alert
 from dq.callback import EXCERPT, ExprCache, Outcome, call, open_session
 from dq.config import Settings
 from dq.errors import DqError
-from dq.registry import Registry, Topic, TopicCache
+from dq.registry import Registry, Topic
 from dq.shards import Shard
 from dq.store import Claimed, Store
+from dq.topics import TopicCache
 from dq.worker import Context, open_store
 
 log = logging.getLogger(__name__)

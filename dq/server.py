@@ -27,9 +27,10 @@ from dq.errors import (
     DqError,
 )
 from dq.protocol import AddRequest, DelRequest, FrameDecoder, FrameError, GetRequest
-from dq.registry import Registry, Topic, TopicCache
+from dq.registry import Registry, Topic
 from dq.shards import Shard
 from dq.store import Store
+from dq.topics import TopicCache
 from dq.worker import Context, open_store
 
 log = logging.getLogger(__name__)

@@ -18,11 +18,11 @@ from dq.registry import (
     Registry,
     ShardConf,
     Topic,
-    TopicCache,
     create_tables,
     make_engine,
     normalise_redis_url,
 )
+from dq.topics import TopicCache
 
 SCHEMA_SQL = Path(__file__).parent.parent / "sql" / "schema.sql"
 

@@ -17,10 +17,11 @@ import pytest
 from dq.client import AsyncDqClient, DqClient
 from dq.config import Settings
 from dq.errors import DqError
-from dq.registry import Registry, Topic, TopicCache
+from dq.registry import Registry, Topic
 from dq.server import Server, run
 from dq.shards import ShardSet
 from dq.store import Store
+from dq.topics import TopicCache
 from dq.worker import Context
 from tests.conftest import RedisProcess
 
