@@ -2,8 +2,9 @@
 
 Starts its own redis-server (free port, temp dir, no persistence), a lean HTTP receiver in
 a child process, and timer and consumer roles as child processes (the real `dq.timer.run`
-and `dq.consumer.run`); adds N jobs, pipelined through the Store, all due at the same
-instant `--ahead` seconds from the start, and waits until the receiver has seen every one.
+and `dq.consumer.run`; the harness is bench/roles.py); adds N jobs, pipelined through the
+Store, all due at the same instant `--ahead` seconds from the start, and waits until the
+receiver has seen every one.
 
     python bench/delivery.py --n 2000
     python bench/delivery.py --n 20000 --consumers 2 --timers 1
@@ -17,113 +18,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import multiprocessing as mp
 import os
 import sys
 import time
-from multiprocessing.connection import Connection
-from multiprocessing.synchronize import Event as MpEvent
+from multiprocessing.context import ForkContext
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import cpu_us, free_port, percentile, redis_servers, register, tempdir
-from dq import consumer, timer
+from bench.roles import Receiver, roles
 from dq.config import Settings
-from dq.worker import Context, open_store, run_loop
-
-REPLY = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nContent-Type: application/json\r\n\r\n" \
-        b'{"code":0}'
+from dq.worker import open_store
 
 
-# receiver (child process) ---------------------------------------------------------------
-class _Http(asyncio.Protocol):
-    """Just enough HTTP/1.1 for a callback client: keep-alive, Content-Length bodies, 200 to all."""
-
-    def __init__(self, arrivals: dict[str, float], count: Any) -> None:
-        self.arrivals, self.count, self.buf = arrivals, count, b""
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
-            head = self.buf[:end].lower()
-            length = 0
-            job = ""
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name == b"content-length":
-                    length = int(value)
-                elif name == b"x-dq-id":
-                    job = value.strip().decode()
-            if len(self.buf) < end + 4 + length:
-                return
-            self.buf = self.buf[end + 4 + length:]
-            now = time.time()
-            if job in self.arrivals:
-                self.arrivals[f"dup:{job}:{now}"] = now
-            else:
-                self.arrivals[job] = now
-            self.count.value += 1
-            assert self.transport is not None
-            self.transport.write(REPLY)
-
-
-def _receiver_main(port: int, count: Any, ready: MpEvent, stop: MpEvent,
-                   out: Connection) -> None:
-    arrivals: dict[str, float] = {}
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: _Http(arrivals, count), "127.0.0.1", port,
-                                          backlog=2048)
-        ready.set()
-        while not stop.is_set():
-            await asyncio.sleep(0.05)
-        server.close()
-
-    asyncio.run(main())
-    out.send(arrivals)
-
-
-# dq roles (child processes) -------------------------------------------------------------
-def _role_main(role: str, index: int, settings: Settings, stop: MpEvent) -> None:
-    logging.basicConfig(level=logging.INFO, format=f"  [{role}-{index}] %(message)s")
-    for quiet in ("dq.notify", "dq.registry"):
-        logging.getLogger(quiet).setLevel(logging.WARNING)
-
-    async def main() -> None:
-        ctx = Context(settings, role, index)
-
-        async def watch() -> None:
-            while not stop.is_set():
-                await asyncio.sleep(0.05)
-            ctx.stopping.set()
-
-        watcher = asyncio.create_task(watch())
-        await (timer.run(ctx) if role == "timer" else consumer.run(ctx))
-        watcher.cancel()
-
-    run_loop(main())  # the loop dq's own children run on (uvloop when installed)
-
-
-def _start_roles(ctx: Any, settings: Settings, stop: MpEvent) -> list[Any]:
-    roles = [ctx.Process(target=_role_main, args=("timer", i, settings, stop))
-             for i in range(settings.timers)]
-    roles += [ctx.Process(target=_role_main, args=("consumer", i, settings, stop))
-              for i in range(settings.consumers)]
-    for p in roles:
-        p.start()
-    return roles
-
-
-# the bench ------------------------------------------------------------------------------
 async def _add_jobs(settings: Settings, n: int, due_ms: int, chunk: int = 2000) -> float:
     """Add n jobs due at due_ms, pipelined through the Store; seconds it took."""
     store = open_store(settings)
@@ -152,40 +61,27 @@ def _report(arrivals: dict[str, float], n: int, due_ms: int) -> None:
           f"late_max_ms={late[-1] if late else float('nan'):.0f}")
 
 
-def _run(ctx: Any, settings: Settings, args: argparse.Namespace, port: int,
+def _run(ctx: ForkContext, settings: Settings, args: argparse.Namespace, port: int,
          redis_pid: int) -> None:
     """Receiver and roles up, jobs in, wait for every delivery, roles down, report."""
-    count, ready, stop, roles_stop = ctx.Value("i", 0), ctx.Event(), ctx.Event(), ctx.Event()
-    rx, tx = ctx.Pipe(duplex=False)
-    receiver = ctx.Process(target=_receiver_main, args=(port, count, ready, stop, tx))
-    receiver.start()
-    ready.wait(10)
-    roles = _start_roles(ctx, settings, roles_stop)
-    due_ms = int((time.time() + args.ahead) * 1000)
-    try:
+    with Receiver(ctx, port) as rx, roles(ctx, settings) as procs:
+        due_ms = int((time.time() + args.ahead) * 1000)
         took = asyncio.run(_add_jobs(settings, args.n, due_ms))
         print(f"added {args.n} jobs in {took:.2f}s ({args.n / took:.0f}/s); due in "
               f"{due_ms / 1000 - time.time():.2f}s; {args.timers} timer(s), "
               f"{args.consumers} consumer(s) x {args.concurrency}, {os.cpu_count()} cpus")
-        cpu0 = cpu_us([p.pid for p in roles if p.pid])
-        others0 = cpu_us([redis_pid]), cpu_us([receiver.pid or 0])
-        deadline = time.monotonic() + args.timeout
-        while count.value < args.n and time.monotonic() < deadline:
-            time.sleep(0.01)
-        used = cpu_us([p.pid for p in roles if p.pid]) - cpu0
+        pids = [p.pid for p in procs if p.pid]
+        cpu0 = cpu_us(pids)
+        others0 = cpu_us([redis_pid]), cpu_us([rx.pid])
+        rx.wait(args.n, args.timeout)
+        used = cpu_us(pids) - cpu0
         redis_used = cpu_us([redis_pid]) - others0[0]
-        receiver_used = cpu_us([receiver.pid or 0]) - others0[1]
-        print(f"timer+consumer CPU: {used / 1e6:.2f}s, {used / max(1, count.value):.0f} us "
-              f"per delivered job (redis-server {redis_used / max(1, count.value):.0f} us, "
-              f"receiver {receiver_used / max(1, count.value):.0f} us)")
-    finally:
-        roles_stop.set()
-        for p in roles:
-            p.join(30)
-        stop.set()
-        arrivals = rx.recv() if rx.poll(10) else {}
-        receiver.join(5)
-    _report(arrivals, args.n, due_ms)
+        receiver_used = cpu_us([rx.pid]) - others0[1]
+        got = max(1, rx.count.value)
+        print(f"timer+consumer CPU: {used / 1e6:.2f}s, {used / got:.0f} us "
+              f"per delivered job (redis-server {redis_used / got:.0f} us, "
+              f"receiver {receiver_used / got:.0f} us)")
+    _report(rx.arrivals, args.n, due_ms)
 
 
 def main() -> None:

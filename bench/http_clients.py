@@ -1,5 +1,5 @@
 """Callback HTTP clients head to head: N signed form POSTs (like a dq callback) with C in
-flight, against the lean receiver of bench/delivery.py in its own process.
+flight, against the lean receiver of bench/roles.py in its own process.
 
 Each client runs in a fresh child process, once on the default asyncio loop and once on
 uvloop; the child reports requests/s and its own CPU (getrusage, user+system) per request,
@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import cpu_us, free_port
-from bench.delivery import _receiver_main
+from bench.roles import Receiver
 
 CAP = 256 * 1024
 TIMEOUT = 10.0
@@ -228,15 +228,9 @@ def main() -> None:
 
     ctx = mp.get_context("fork")  # no event loop runs in this process
     port = free_port()
-    count, ready, stop = ctx.Value("i", 0), ctx.Event(), ctx.Event()
-    rx, tx = ctx.Pipe(duplex=False)
-    receiver = ctx.Process(target=_receiver_main, args=(port, count, ready, stop, tx))
-    receiver.start()
-    assert receiver.pid is not None
-    ready.wait(10)
     url = f"http://127.0.0.1:{port}/cb"
     best: dict[str, tuple[float, float]] = {}
-    try:
+    with Receiver(ctx, port) as receiver:
         for _ in range(args.repeat):
             for client in args.clients.split(","):
                 for loop in args.loops.split(","):
@@ -255,11 +249,6 @@ def main() -> None:
                           flush=True)
                     if key not in best or us < best[key][1]:
                         best[key] = (rps, us)
-    finally:
-        stop.set()
-        if rx.poll(10):
-            rx.recv()
-        receiver.join(5)
     print(f"RESULT n={args.n} c={args.c} "
           + " ".join(f"{k}={rps:.0f}:{us:.0f}" for k, (rps, us) in best.items()))
 

@@ -3,8 +3,8 @@ seconds after it is added; how late is each callback, and is any early?
 
     python bench/steady.py --rate 500 --seconds 60
 
-Same harness as bench/delivery.py (own redis-server, lean receiver process, real timer and
-consumer roles as child processes). Last line:
+Same harness as bench/delivery.py (own redis-server; lean receiver process and real timer
+and consumer roles as child processes, from bench/roles.py). Last line:
 RESULT rate=... seconds=... delivered=... early=... late_p50_ms=... late_p99_ms=... late_max_ms=...
 """
 
@@ -16,12 +16,11 @@ import multiprocessing as mp
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import free_port, percentile, redis_servers, register, tempdir
-from bench.delivery import _receiver_main, _start_roles
+from bench.roles import Receiver, roles
 from dq.config import Settings
 from dq.worker import open_store
 
@@ -59,31 +58,17 @@ def main() -> None:
     ap.add_argument("--consumers", type=int, default=2)
     ap.add_argument("--timers", type=int, default=1)
     args = ap.parse_args()
-    ctx: Any = mp.get_context("fork")
+    ctx = mp.get_context("fork")
     with tempdir() as tmpdir, redis_servers(1, Path(tmpdir)) as [(url, _proc)]:
         port = free_port()
         db = f"sqlite:///{Path(tmpdir) / 'dq.sqlite3'}"
         register(db, "bench", callback=f"http://127.0.0.1:{port}/cb", delay=0)
         settings = Settings(redis=(url,), db=db, timers=args.timers, consumers=args.consumers,
                             lease=60.0, retry_unit=1.0)
-        count, ready, stop, roles_stop = ctx.Value("i", 0), ctx.Event(), ctx.Event(), ctx.Event()
-        rx, tx = ctx.Pipe(duplex=False)
-        receiver = ctx.Process(target=_receiver_main, args=(port, count, ready, stop, tx))
-        receiver.start()
-        ready.wait(10)
-        roles = _start_roles(ctx, settings, roles_stop)
-        try:
+        with Receiver(ctx, port) as rx, roles(ctx, settings):
             due = asyncio.run(_feed(settings, args.rate, args.seconds, args.ahead))
-            deadline = time.monotonic() + args.ahead + 30
-            while count.value < len(due) and time.monotonic() < deadline:
-                time.sleep(0.05)
-        finally:
-            roles_stop.set()
-            for p in roles:
-                p.join(30)
-            stop.set()
-            arrivals: dict[str, float] = rx.recv() if rx.poll(10) else {}
-            receiver.join(5)
+            rx.wait(len(due), args.ahead + 30, poll=0.05)
+    arrivals = rx.arrivals
     late = sorted(arrivals[j] * 1000 - ms for j, ms in due.items() if j in arrivals)
     early = sum(1 for x in late if x < 0)
     print(f"RESULT rate={args.rate} seconds={args.seconds:g} added={len(due)} "
