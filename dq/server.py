@@ -29,7 +29,7 @@ from dq.errors import (
 from dq.protocol import AddRequest, DelRequest, FrameDecoder, FrameError, GetRequest
 from dq.registry import Registry, Topic
 from dq.shards import Shard
-from dq.store import Store
+from dq.store import AddJob, Store
 from dq.topics import TopicCache
 from dq.worker import Context, open_store
 
@@ -82,14 +82,15 @@ class Handler:
 
     def fast(self, obj: protocol.Frame) -> bytes | asyncio.Future[bytes]:
         """Answer a request, without a coroutine when it is an add on an open connection
-        (the hot path): the reply future resolves when the shard answers."""
+        (the hot path): the reply future resolves when the shard answers the batch of adds
+        this loop turn queued for it."""
         if obj.get("cmd") != "add":
             return asyncio.ensure_future(self.handle(obj))
         t0 = time.monotonic()
         try:
             req = protocol.parse_request(obj, tz=self.settings.zone)
             assert isinstance(req, AddRequest)
-            shard, args = self._add_call(req)
+            shard, job = self._add_job(req)
         except DqError as exc:
             self.stats["fail"] += 1
             log_request("add", obj.get("topic"), obj.get("id"), exc.err, t0)
@@ -99,40 +100,37 @@ class Handler:
         if not shard.conn.connected:
             return asyncio.ensure_future(self.handle(obj))
         reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        sent = shard.conn.call_nowait("EVALSHA", *args)
-        sent.add_done_callback(lambda f: self._added(f, reply, req, shard, args, t0))
+
+        def done(res: Any, exc: BaseException | None) -> None:
+            if reply.done():  # the connection went away meanwhile
+                return
+            if exc is None:
+                self.stats["add"] += 1
+                log_request("add", req.topic, req.id, "ok", t0, shard.name)
+                reply.set_result(protocol.OK_EMPTY)
+                return
+            # scripts not loaded yet, or an error: the ordinary path retries or explains
+            task = asyncio.ensure_future(self._add_slow(shard, job, req, t0))
+            task.add_done_callback(lambda t: _resolve(reply, t))
+
+        self.store.add_nowait(shard, job, done)
         return reply
 
-    def _added(self, sent: asyncio.Future[Any], reply: asyncio.Future[bytes], req: AddRequest,
-               shard: Shard, args: tuple[Any, ...], t0: float) -> None:
-        if reply.done():  # the connection went away meanwhile
-            return
-        exc = None if sent.cancelled() else sent.exception()
-        if exc is None and not sent.cancelled():
-            self.stats["add"] += 1
-            log_request("add", req.topic, req.id, "ok", t0, shard.name)
-            reply.set_result(protocol.OK_EMPTY)
-            return
-        # scripts not loaded yet, or an error: the ordinary path retries or explains
-        task = asyncio.ensure_future(self._add_slow(shard, args, req, t0))
-        task.add_done_callback(lambda t: _resolve(reply, t))
-
-    async def _add_slow(self, shard: Shard, args: tuple[Any, ...], req: AddRequest,
-                        t0: float) -> bytes:
+    async def _add_slow(self, shard: Shard, job: AddJob, req: AddRequest, t0: float) -> bytes:
         try:
             try:
-                await shard.evalsha(args)
+                await shard.evalsha(self.store.add_args([job]))
             except DqError as exc:
                 if exc.err != UNAVAILABLE:
                     raise
                 # Its shard is down (and maybe not yet known to be): write to the next
                 # healthy shard in the tid's order instead, once; get/del look there too.
                 failed = shard
-                shard, args = self._add_call(req, exclude=(failed.name,))
+                shard, job = self._add_job(req, exclude=(failed.name,))
                 if shard is failed:
                     raise
                 self.stats["failover"] += 1
-                await shard.evalsha(args)
+                await shard.evalsha(self.store.add_args([job]))
         except DqError as exc:
             self.stats["fail"] += 1
             log_request("add", req.topic, req.id, exc.err, t0, shard.name, exc.msg)
@@ -143,14 +141,13 @@ class Handler:
         log_request("add", req.topic, req.id, "ok", t0, shard.name)
         return protocol.OK_EMPTY
 
-    def _add_call(self, req: AddRequest, exclude: tuple[str, ...] = (),
-                  ) -> tuple[Shard, tuple[Any, ...]]:
+    def _add_job(self, req: AddRequest, exclude: tuple[str, ...] = ()) -> tuple[Shard, AddJob]:
         topic = self.topic(req.topic)
         due_ms, delay_ms = req.due_ms, req.delay_ms
         if due_ms is None and delay_ms is None:
             delay_ms = topic.delay * 1000
-        return self.store.add_call(req.topic, req.id, req.body, priority=topic.priority,
-                                   due_ms=due_ms, delay_ms=delay_ms, exclude=exclude)
+        return self.store.add_job(req.topic, req.id, req.body, priority=topic.priority,
+                                  due_ms=due_ms, delay_ms=delay_ms, exclude=exclude)
 
     def _unexpected(self, obj: object, exc: Exception) -> bytes:
         self.stats["fail"] += 1
@@ -163,7 +160,7 @@ class Handler:
         try:
             req = protocol.parse_request(obj, tz=self.settings.zone)
             if isinstance(req, AddRequest):
-                return await self._add_slow(*self._add_call(req), req, t0)
+                return await self._add_slow(*self._add_job(req), req, t0)
             if isinstance(req, GetRequest):
                 body = await self.store.get(req.topic, req.id)
                 self.stats["get"] += 1

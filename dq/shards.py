@@ -33,10 +33,13 @@ SCRIPT_NAMES = (
 
 
 def _load_scripts() -> dict[str, tuple[str, str]]:
-    """name -> (sha1, source) for every dq/lua/*.lua script."""
+    """name -> (sha1, source) for every dq/lua/*.lua script, each after dq/lua/_job.lua
+    (the helpers that read a job's payload)."""
+    lua = resources.files("dq").joinpath("lua")
+    prelude = lua.joinpath("_job.lua").read_text(encoding="utf-8")
     out = {}
     for name in SCRIPT_NAMES:
-        src = resources.files("dq").joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
+        src = prelude + lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
         out[name] = (hashlib.sha1(src.encode()).hexdigest(), src)
     return out
 
@@ -200,13 +203,19 @@ class ShardSet:
         return sorted(self.shards, key=lambda s: _weight(s.name, tid), reverse=True)
 
     def owner(self, tid: str) -> Shard:
-        return self.order(tid)[0]
+        if len(self.shards) == 1:
+            return self.shards[0]
+        return max(self.shards, key=lambda s: _weight(s.name, tid))
 
     def writable(self, tid: str, exclude: Collection[str] = ()) -> Shard:
         """The shard an add goes to: the owner, or the next healthy one while it is down.
 
         Shards named in `exclude` (one just failed this add) are passed over too; when
         none is healthy, the first one not excluded is returned (and will say why)."""
+        if not exclude:  # the hot path: the owner, found without sorting the others
+            owner = self.owner(tid)
+            if owner.up:
+                return owner
         order = self.order(tid)
         for shard in order:
             if shard.up and shard.name not in exclude:

@@ -4,8 +4,10 @@ Only this module knows Redis key names. Every state change of a job is one Lua s
 the job's shard (see DESIGN.md section 2); this module builds the keys and arguments,
 routes each tid to its shard and decodes what the scripts return.
 
-A job's payload is JSON whose first two members are always the version `v` and the
-priority `p`: the scripts read them with a prefix match instead of decoding the body.
+A job's payload is "<version>|<priority>|<attempt>|<due>|<due - set>|<body JSON>" (times in
+hex ms; set is when it was added): the
+scripts read version and priority with a prefix match (dq/lua/_job.lua) instead of
+decoding the body, and the fixed part costs ~35 bytes per pending job.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import math
 import secrets
 import time
 import zlib
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
+
+from redis.exceptions import NoScriptError
 
 from dq.errors import UNAVAILABLE, DqError
 from dq.shards import SCRIPTS, Shard, ShardSet
@@ -46,7 +50,7 @@ def split_tid(tid: str) -> tuple[str, str]:
     return topic, job_id
 
 
-_VERSION_PREFIX = secrets.token_hex(5)
+_VERSION_PREFIX = secrets.token_hex(4)
 _version_seq = itertools.count(1)
 
 
@@ -73,6 +77,57 @@ def _hist_field(name: str, ms: int) -> str:
     bounds = HISTOGRAMS[name]
     i = bisect.bisect_left(bounds, ms / 1000)
     return f"{name}:{_le(bounds[i]) if i < len(bounds) else '+Inf'}"
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A payload read back from Redis."""
+
+    version: str
+    priority: int
+    attempt: int
+    due_ms: int
+    set_ms: int
+    body: dict[str, Any]  # as stored: without notify_time/dq_set_time on a first attempt
+
+
+def payload(*, version: str, priority: int, due_ms: int, attempt: int, set_ms: int,
+            body: str) -> str:
+    """The stored text. Topic and id are not in it (the hash field, the tid, has them),
+    nor the original's notify_time and dq_set_time: they are derived from due and set
+    when the body is read (`Store.full_body`)."""
+    return f"{version}|{priority}|{attempt}|{due_ms:x}|{due_ms - set_ms:x}|{body}"
+
+
+def parse_payload(raw: bytes) -> Stored:
+    if raw[:1] == b"{":  # dq 0.1 stored JSON: {"v":..,"p":..,"due":..,"n":..,"set":..,"body":..}
+        data = json.loads(raw)
+        return Stored(str(data["v"]), int(data.get("p", 2)), int(data.get("n", 0)),
+                      int(data.get("due", 0)), int(data.get("set", 0)), data.get("body", {}))
+    version, prio, attempt, due_hex, ahead, body = raw.split(b"|", 5)
+    due = int(due_hex, 16)
+    return Stored(version.decode(), int(prio), int(attempt), due, due - int(ahead, 16),
+                  json.loads(body))
+
+
+# One add in a batch: (delay key, wake key, stat key, tid, payload, due or "", delay ms).
+AddJob = tuple[str, str, str, str, str, "int | str", int]
+# Called once per queued add: (replaced 0|1, due ms) or the error that sent it nowhere.
+AddDone = Callable[[Any, BaseException | None], None]
+
+
+def _settle_adds(done: list[AddDone], sent: asyncio.Future[Any]) -> None:
+    if sent.cancelled():
+        exc: BaseException | None = asyncio.CancelledError()
+    else:
+        exc = sent.exception()
+    if exc is not None:
+        for cb in done:
+            cb(None, exc)
+        return
+    res = sent.result()
+    for i, cb in enumerate(done):
+        cb(res[2 * i:2 * i + 2], None)
 
 
 @dataclass(frozen=True)
@@ -158,6 +213,7 @@ class Store:
         self.k_wake = tuple(f"{prefix}wake:{b}" for b in range(buckets))
         self._day = ("", 0)
         self._times: dict[int, str] = {}
+        self._adds: dict[Shard, tuple[list[AddJob], list[AddDone]]] = {}
 
     # keys -------------------------------------------------------------------------------
     def bucket(self, tid: str) -> int:
@@ -192,22 +248,23 @@ class Store:
             self._times[sec] = text
         return text
 
-    # payloads ---------------------------------------------------------------------------
-    @staticmethod
-    def payload(*, version: str, priority: int, due_ms: int, attempt: int, set_ms: int,
-                body: dict[str, Any]) -> str:
-        """The stored JSON. Topic and id are not repeated: the hash field (tid) has them."""
-        return dumps({"v": version, "p": priority, "due": due_ms, "n": attempt,
-                      "set": set_ms, "body": body})
+    def full_body(self, stored: Stored) -> dict[str, Any]:
+        """The body a callback or `get` sees: with the original's notify_time (when the job
+        was due at its add) and dq_set_time (when it was added), unless it has them."""
+        body = stored.body
+        if "notify_time" not in body:
+            body["notify_time"] = self.fmt_time(stored.due_ms)
+        if "dq_set_time" not in body:
+            body["dq_set_time"] = self.fmt_time(stored.set_ms)
+        return body
 
     # client operations ------------------------------------------------------------------
-    def add_call(self, topic: str, job_id: str, body: dict[str, Any], *, priority: int = 2,
-                 due_ms: int | None = None, delay_ms: int | None = None,
-                 exclude: Collection[str] = (),
-                 ) -> tuple[Shard, tuple[Any, ...]]:
-        """The shard and EVALSHA arguments of an add (so the server can send it without a
-        coroutine per request). The shard is the tid's owner, else the next healthy one;
-        shards named in `exclude` (they just failed this add) are passed over."""
+    def add_job(self, topic: str, job_id: str, body: dict[str, Any], *, priority: int = 2,
+                due_ms: int | None = None, delay_ms: int | None = None,
+                exclude: Collection[str] = ()) -> tuple[Shard, AddJob]:
+        """The shard an add goes to and its part of an add script call. The shard is the
+        tid's owner, else the next healthy one; shards named in `exclude` (they just
+        failed this add) are passed over."""
         tid = make_tid(topic, job_id)
         now_ms = int(time.time() * 1000)
         if due_ms is None:
@@ -215,36 +272,74 @@ class Store:
             est_due = now_ms + delay_ms
         else:
             est_due = due_ms
-        body = dict(body)
-        # The original adds these two fields to the body the callback receives.
-        body["notify_time"] = self.fmt_time(est_due)
-        body.setdefault("dq_set_time", self.fmt_time(now_ms))
-        payload = self.payload(version=new_version(), priority=priority, due_ms=est_due,
-                               attempt=0, set_ms=now_ms, body=body)
+        if "notify_time" in body:  # the original overwrites it (kept in its place)
+            body = {**body, "notify_time": self.fmt_time(est_due)}
+        text = payload(version=new_version(), priority=priority, due_ms=est_due, attempt=0,
+                       set_ms=now_ms, body=dumps(body))
         b = self.bucket(tid)
         shard = self.shards.writable(tid, exclude)
-        return shard, (SCRIPTS["add"][0], 8, self.k_jobs, self.k_delay[b], self.k_wake[b],
-                       self.k_inflight, self.k_dead, self.k_dead_err, self.k_stat(topic),
-                       self.k_minute(), tid, payload, "" if due_ms is None else due_ms,
-                       delay_ms or 0, self.day(), MINUTE_TTL)
+        return shard, (self.k_delay[b], self.k_wake[b], self.k_stat(topic), tid, text,
+                       "" if due_ms is None else due_ms, delay_ms or 0)
+
+    def add_args(self, jobs: Sequence[AddJob]) -> tuple[Any, ...]:
+        """EVALSHA arguments of one add script call for these jobs (all on one shard)."""
+        keys: list[str] = [self.k_jobs, self.k_inflight, self.k_dead, self.k_dead_err,
+                           self.k_minute()]
+        args: list[Any] = [self.day(), MINUTE_TTL]
+        for job in jobs:
+            keys += job[:3]
+            args += job[3:]
+        return (SCRIPTS["add"][0], len(keys), *keys, *args)
+
+    def add_nowait(self, shard: Shard, job: AddJob, done: AddDone) -> None:
+        """Queue an add without a coroutine (the server's hot path). The adds queued for a
+        shard in one loop turn go out as one script call; `done` gets each one's
+        (replaced, due ms), or the error (NoScriptError when Redis lost its scripts, or an
+        unavailable DqError) for the caller to retry through `Shard.evalsha`."""
+        batch = self._adds.get(shard)
+        if batch is None:
+            batch = self._adds[shard] = ([], [])
+            asyncio.get_running_loop().call_soon(self._send_adds, shard)
+        batch[0].append(job)
+        batch[1].append(done)
+
+    def _send_adds(self, shard: Shard) -> None:
+        jobs, done = self._adds.pop(shard)
+        sent = shard.conn.call_nowait("EVALSHA", *self.add_args(jobs))
+        sent.add_done_callback(lambda f: _settle_adds(done, f))
+
+    async def _add_on(self, shard: Shard, job: AddJob) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def done(res: Any, exc: BaseException | None) -> None:
+            if not fut.done():
+                fut.set_result(res) if exc is None else fut.set_exception(exc)
+
+        if shard.conn.connected and not shard.open_until:
+            self.add_nowait(shard, job, done)
+            try:
+                return await fut
+            except (NoScriptError, DqError):
+                pass  # Shard.evalsha below reloads scripts, reconnects, marks health
+        return await shard.evalsha(self.add_args([job]))
 
     async def add(self, topic: str, job_id: str, body: dict[str, Any], *, priority: int = 2,
                   due_ms: int | None = None, delay_ms: int | None = None) -> AddResult:
         """Store or replace a job; it falls due at due_ms, else delay_ms from now. When the
         chosen shard is unavailable, the add is tried once more on the next healthy one."""
-        shard, args = self.add_call(topic, job_id, body, priority=priority, due_ms=due_ms,
-                                    delay_ms=delay_ms)
+        shard, job = self.add_job(topic, job_id, body, priority=priority, due_ms=due_ms,
+                                  delay_ms=delay_ms)
         try:
-            res = await shard.evalsha(args)
+            res = await self._add_on(shard, job)
         except DqError as exc:
             if exc.err != UNAVAILABLE:
                 raise
             failed = shard
-            shard, args = self.add_call(topic, job_id, body, priority=priority, due_ms=due_ms,
-                                        delay_ms=delay_ms, exclude=(failed.name,))
+            shard, job = self.add_job(topic, job_id, body, priority=priority, due_ms=due_ms,
+                                      delay_ms=delay_ms, exclude=(failed.name,))
             if shard is failed:
                 raise
-            res = await shard.evalsha(args)
+            res = await shard.evalsha(self.add_args([job]))
         return AddResult(replaced=bool(res[0]), due_ms=int(res[1]), shard=shard.name)
 
     async def _find(self, tid: str) -> tuple[Shard, bytes] | None:
@@ -276,8 +371,7 @@ class Store:
         found = await self._find(make_tid(topic, job_id))
         if found is None:
             return None
-        body: dict[str, Any] = json.loads(found[1])["body"]
-        return body
+        return self.full_body(parse_payload(found[1]))
 
     async def delete(self, topic: str, job_id: str) -> bool:
         """Remove the job from every shard that has it; True when one was removed."""
@@ -306,7 +400,7 @@ class Store:
         if found is None:
             return None
         shard, raw = found
-        data = json.loads(raw)
+        data = parse_payload(raw)
         b = self.bucket(tid)
         delay_score, inflight, dead, err = await asyncio.gather(
             shard.call("ZSCORE", self.k_delay[b], tid),
@@ -314,7 +408,7 @@ class Store:
             shard.call("ZSCORE", self.k_dead, tid),
             shard.call("HGET", self.k_dead_err, tid),
         )
-        due = int(data.get("due", 0))
+        due = data.due_ms
         if dead is not None:
             state = "dead"
         elif inflight is not None:
@@ -324,8 +418,8 @@ class Store:
         else:
             state = "ready"
         return JobInfo(shard=shard.name, topic=topic, id=job_id, state=state, due_ms=due,
-                       attempt=int(data.get("n", 0)), priority=int(data.get("p", 2)),
-                       body=data.get("body", {}), error=json.loads(err) if err else None)
+                       attempt=data.attempt, priority=data.priority,
+                       body=self.full_body(data), error=json.loads(err) if err else None)
 
     # timer ------------------------------------------------------------------------------
     async def move_due(self, shard: Shard, buckets: Sequence[int],
@@ -355,12 +449,11 @@ class Store:
         for i in range(0, len(flat) - 1, 2):
             tid = flat[i].decode()
             topic, job_id = split_tid(tid)
-            data = json.loads(flat[i + 1])
+            data = parse_payload(flat[i + 1])
             out.append(Claimed(
-                shard=shard, tid=tid, topic=topic, id=job_id, version=data["v"],
-                priority=int(data["p"]), attempt=int(data.get("n", 0)),
-                due_ms=int(data.get("due", now)), set_ms=int(data.get("set", now)),
-                body=data.get("body", {}), claimed_ms=now,
+                shard=shard, tid=tid, topic=topic, id=job_id, version=data.version,
+                priority=data.priority, attempt=data.attempt, due_ms=data.due_ms or now,
+                set_ms=data.set_ms or now, body=self.full_body(data), claimed_ms=now,
             ))
         return out
 
@@ -386,13 +479,13 @@ class Store:
     async def retry(self, c: Claimed, delay_ms: int, *, took_ms: int | None = None) -> bool:
         """Reschedule after a failed attempt; False when the job changed meanwhile."""
         b = self.bucket(c.tid)
-        payload = self.payload(version=new_version(), priority=c.priority,
-                               due_ms=int(time.time() * 1000) + delay_ms,
-                               attempt=c.attempt + 1, set_ms=c.set_ms, body=c.body)
+        text = payload(version=new_version(), priority=c.priority,
+                       due_ms=int(time.time() * 1000) + delay_ms, attempt=c.attempt + 1,
+                       set_ms=c.set_ms, body=dumps(c.body))
         keys = (self.k_jobs, self.k_inflight, self.k_delay[b], self.k_wake[b],
                 self.k_stat(c.topic), self.k_minute(), self.k_hist(c.topic))
         res = await c.shard.script(
-            "retry", keys, (c.tid, c.version, payload, delay_ms, self.day(), MINUTE_TTL,
+            "retry", keys, (c.tid, c.version, text, delay_ms, self.day(), MINUTE_TTL,
                             *self.observe(c, took_ms)))
         return bool(res[0])
 
@@ -428,14 +521,14 @@ class Store:
         if found is None:
             return False
         shard, raw = found
-        data = json.loads(raw)
+        data = parse_payload(raw)
         b = self.bucket(tid)
         now_ms = int(time.time() * 1000)
-        payload = self.payload(version=new_version(), priority=int(data.get("p", 2)),
-                               due_ms=now_ms, attempt=0,
-                               set_ms=int(data.get("set", now_ms)), body=data.get("body", {}))
+        text = payload(version=new_version(), priority=data.priority, due_ms=now_ms,
+                       attempt=0, set_ms=data.set_ms or now_ms,
+                       body=dumps(self.full_body(data)))
         keys = (self.k_jobs, self.k_dead, self.k_dead_err, self.k_delay[b], self.k_wake[b])
-        return bool(await shard.script("redrive", keys, (tid, payload)))
+        return bool(await shard.script("redrive", keys, (tid, text)))
 
     # statistics -------------------------------------------------------------------------
     async def topic_stats(self, topic: str) -> dict[str, int]:

@@ -175,6 +175,81 @@ async def test_payload_prefix_is_version_then_priority(store: Store) -> None:
     shard = store.shards.shards[0]
     await store.add("t", "1", {"v": "nested"}, delay_ms=1000, priority=3)
     raw = await shard.client.hget(store.k_jobs, "t:1")
-    data: dict[str, Any] = json.loads(raw)
-    assert list(data)[:2] == ["v", "p"] and data["p"] == 3
-    assert abs(data["due"] - (time.time() * 1000 + 1000)) < 2000
+    version, prio, attempt, due_hex, ahead, body = raw.split(b"|", 5)
+    assert int(version, 16) and prio == b"3" and attempt == b"0"
+    due, set_ms = int(due_hex, 16), int(due_hex, 16) - int(ahead, 16)
+    assert abs(due - (time.time() * 1000 + 1000)) < 2000 and int(ahead, 16) == 1000
+    assert abs(set_ms - time.time() * 1000) < 2000
+    # notify_time and dq_set_time are derived when read, not stored
+    assert json.loads(body) == {"v": "nested"}
+    got = await store.get("t", "1")
+    assert got == {"v": "nested", "notify_time": store.fmt_time(due),
+                   "dq_set_time": store.fmt_time(set_ms)}
+
+
+async def test_client_notify_time_is_overwritten_in_place(store: Store) -> None:
+    due = int(time.time() * 1000) + 3_600_000
+    await store.add("t", "1", {"a": 1, "notify_time": "x", "dq_set_time": "mine", "b": 2},
+                    due_ms=due)
+    body = await store.get("t", "1")
+    assert body is not None
+    assert list(body) == ["a", "notify_time", "dq_set_time", "b"]
+    assert body["notify_time"] == store.fmt_time(due) and body["dq_set_time"] == "mine"
+
+
+async def test_dq01_json_payload_is_still_delivered(store: Store) -> None:
+    """A job written by dq 0.1 (JSON payload) survives the upgrade: got, moved, claimed,
+    acked."""
+    shard = store.shards.shards[0]
+    tid = make_tid("t", "old")
+    old = json.dumps({"v": "abc1", "p": 1, "due": 1000, "n": 0, "set": 900,
+                      "body": {"k": "v", "notify_time": "2020-01-01 00:00:00"}},
+                     separators=(",", ":"))
+    await shard.client.hset(store.k_jobs, tid, old)
+    await shard.client.zadd(store.k_delay[store.bucket(tid)], {tid: 1000})
+    body = await store.get("t", "old")
+    assert body is not None and body["k"] == "v" and body["notify_time"] == "2020-01-01 00:00:00"
+    moved, _, _ = await store.move_due(shard, range(store.buckets))
+    assert moved == 1
+    assert await shard.client.lrange(store.k_ready[0], 0, -1) == [b"abc1|t:old"]
+    [c] = await store.claim(shard, 10, [1, 2, 3], 60_000)
+    assert (c.version, c.priority, c.due_ms, c.set_ms) == ("abc1", 1, 1000, 900)
+    assert await store.ack(c) and await store.get("t", "old") is None
+
+
+async def test_adds_in_one_loop_turn_are_one_script_call(store: Store) -> None:
+    shard = store.shards.shards[0]
+    await store.add("t", "warm", {})  # loads the scripts
+    await shard.client.config_resetstat()
+    res = await asyncio.gather(*(store.add("t", str(i), {"i": i}, delay_ms=i * 1000)
+                                 for i in range(200)))
+    assert [r.replaced for r in res] == [False] * 200
+    assert [r.due_ms - res[0].due_ms for r in res] == [i * 1000 for i in range(200)]
+    stats = await shard.client.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 1
+    assert (await store.topic_stats("t"))["writes"] == 201
+    assert all([(await store.get("t", str(i)) or {}).get("i") == i for i in range(200)])
+    # the same job twice in one batch: the second replaces the first
+    again = await asyncio.gather(store.add("t", "dup", {"n": 1}), store.add("t", "dup", {"n": 2}))
+    assert [r.replaced for r in again] == [False, True]
+    assert (await store.get("t", "dup") or {}).get("n") == 2
+
+
+async def test_move_due_moves_only_due_jobs_in_limited_steps(store: Store) -> None:
+    shard = store.shards.shards[0]
+    now = int(time.time() * 1000)
+    for i in range(30):
+        await store.add("t", f"due{i}", {}, due_ms=now - 1000 + i)
+    for i in range(20):
+        await store.add("t", f"later{i}", {}, due_ms=now + 3_600_000 + i)
+    moved_total = 0
+    while True:
+        moved, nxt, _ = await store.move_due(shard, range(store.buckets), limit=3)
+        if not moved:
+            break
+        moved_total += moved
+    assert moved_total == 30 and nxt == now + 3_600_000
+    ready = await shard.client.lrange(store.k_ready[1], 0, -1)
+    assert sorted(e.split(b"|")[1] for e in ready) == sorted(
+        f"t:due{i}".encode() for i in range(30))
+    assert sum([await shard.client.zcard(k) for k in store.k_delay]) == 20

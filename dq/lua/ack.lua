@@ -13,7 +13,7 @@ redis.call('HINCRBY', KEYS[4], 'ok', 1)
 redis.call('EXPIRE', KEYS[4], tonumber(ARGV[4]))
 for i = 5, #ARGV - 1, 2 do redis.call('HINCRBY', KEYS[5], ARGV[i], ARGV[i + 1]) end
 local payload = redis.call('HGET', KEYS[1], tid)
-if payload and string.match(payload, '^{"v":"(%x+)"') == ARGV[2] then
+if payload and job_vp(payload) == ARGV[2] then
   redis.call('HDEL', KEYS[1], tid)
   redis.call('ZREM', KEYS[2], tid)
   return 1

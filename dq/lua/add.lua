@@ -1,28 +1,49 @@
--- add: store (or replace) a job and schedule it in its delay bucket.
--- KEYS[1] jobs hash      KEYS[2] delay zset (the tid's bucket)   KEYS[3] wake list of that bucket
--- KEYS[4] inflight zset  KEYS[5] dead zset   KEYS[6] dead error hash
--- KEYS[7] topic stat hash                    KEYS[8] per-minute stat hash
--- ARGV[1] tid   ARGV[2] payload JSON   ARGV[3] due epoch-ms ('' = use ARGV[4])
--- ARGV[4] delay ms from the shard's clock    ARGV[5] day YYYYMMDD   ARGV[6] minute-stat ttl s
--- Returns {replaced 0|1, due ms}.
+-- add: store (or replace) jobs and schedule each in its delay bucket. The adds a process
+-- makes in one event-loop turn come as one call (Redis's per-call cost, and the counters,
+-- are paid once per batch).
+-- KEYS[1] jobs hash   KEYS[2] inflight zset   KEYS[3] dead zset   KEYS[4] dead error hash
+-- KEYS[5] per-minute stat hash
+-- then per job: delay zset (the tid's bucket), wake list of that bucket, topic stat hash
+-- ARGV[1] day YYYYMMDD   ARGV[2] minute-stat ttl s
+-- then per job: tid, payload, due epoch-ms ('' = now + delay), delay ms
+-- Returns {replaced 0|1, due ms, replaced, due, ...} in job order.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local due = tonumber(ARGV[3])
-if not due then due = now + tonumber(ARGV[4]) end
-local tid = ARGV[1]
-local created = redis.call('HSET', KEYS[1], tid, ARGV[2])
-redis.call('ZADD', KEYS[2], due, tid)
--- A replaced job leaves any old delivery behind: that delivery's ack carries the old version.
-redis.call('ZREM', KEYS[4], tid)
-if redis.call('ZREM', KEYS[5], tid) == 1 then redis.call('HDEL', KEYS[6], tid) end
--- Wake the bucket's timer only when this job became the bucket's earliest.
-local first = redis.call('ZRANGE', KEYS[2], 0, 0)
-if first[1] == tid then
-  redis.call('RPUSH', KEYS[3], 1)
-  redis.call('LTRIM', KEYS[3], -1, -1)
+local out = {}
+local writes = {}      -- topic stat key -> jobs written
+local buckets = {}     -- delay key -> wake key, for the buckets written to
+local added = {}       -- tid -> true
+local n = (#ARGV - 2) / 4
+for j = 0, n - 1 do
+  local k, a = 6 + 3 * j, 3 + 4 * j
+  local tid = ARGV[a]
+  local due = tonumber(ARGV[a + 2])
+  if not due then due = now + tonumber(ARGV[a + 3]) end
+  local created = redis.call('HSET', KEYS[1], tid, ARGV[a + 1])
+  redis.call('ZADD', KEYS[k], due, tid)
+  if created == 0 then
+    -- A replaced job leaves any old delivery behind: its ack carries the old version.
+    redis.call('ZREM', KEYS[2], tid)
+    if redis.call('ZREM', KEYS[3], tid) == 1 then redis.call('HDEL', KEYS[4], tid) end
+  end
+  buckets[KEYS[k]] = KEYS[k + 1]
+  added[tid] = true
+  writes[KEYS[k + 2]] = (writes[KEYS[k + 2]] or 0) + 1
+  out[2 * j + 1] = 1 - created
+  out[2 * j + 2] = due
 end
-redis.call('HINCRBY', KEYS[7], 'writes', 1)
-redis.call('HINCRBY', KEYS[7], 'writes:' .. ARGV[5], 1)
-redis.call('HINCRBY', KEYS[8], 'writes', 1)
-redis.call('EXPIRE', KEYS[8], tonumber(ARGV[6]))
-return {1 - created, due}
+-- Wake a bucket's timer only when one of these jobs became the bucket's earliest.
+for delay, wake in pairs(buckets) do
+  local first = redis.call('ZRANGE', delay, 0, 0)
+  if first[1] and added[first[1]] then
+    redis.call('RPUSH', wake, 1)
+    redis.call('LTRIM', wake, -1, -1)
+  end
+end
+for key, count in pairs(writes) do
+  redis.call('HINCRBY', key, 'writes', count)
+  redis.call('HINCRBY', key, 'writes:' .. ARGV[1], count)
+end
+redis.call('HINCRBY', KEYS[5], 'writes', n)
+redis.call('EXPIRE', KEYS[5], tonumber(ARGV[2]))
+return out

@@ -18,7 +18,7 @@ if ARGV[6] == '1' then
 end
 for i = 7, #ARGV - 1, 2 do redis.call('HINCRBY', KEYS[7], ARGV[i], ARGV[i + 1]) end
 local payload = redis.call('HGET', KEYS[1], tid)
-if not (payload and string.match(payload, '^{"v":"(%x+)"') == ARGV[2]) then
+if not (payload and job_vp(payload) == ARGV[2]) then
   return 0
 end
 redis.call('ZREM', KEYS[2], tid)

@@ -18,7 +18,7 @@ for i = 3, #KEYS do
         local tid = string.sub(e, sep + 1)
         local payload = redis.call('HGET', KEYS[1], tid)
         -- Skip entries whose job was deleted or replaced after it became ready.
-        if payload and string.match(payload, '^{"v":"(%x+)"') == v then
+        if payload and job_vp(payload) == v then
           redis.call('ZADD', KEYS[2], deadline, tid)
           out[#out + 1] = tid
           out[#out + 1] = payload

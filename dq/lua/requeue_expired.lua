@@ -11,9 +11,7 @@ for _, tid in ipairs(tids) do
   redis.call('ZREM', KEYS[2], tid)
   local payload = redis.call('HGET', KEYS[1], tid)
   if payload then
-    local v, p = string.match(payload, '^{"v":"(%x+)","p":(%d)')
-    p = tonumber(p) or 2
-    if p < 1 or p > 3 then p = 2 end
+    local v, p = job_vp(payload)
     redis.call('LPUSH', KEYS[2 + p], (v or '0') .. '|' .. tid)
     n = n + 1
   end

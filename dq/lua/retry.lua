@@ -18,7 +18,7 @@ redis.call('HINCRBY', KEYS[6], 'fail', 1)
 redis.call('EXPIRE', KEYS[6], tonumber(ARGV[6]))
 for i = 7, #ARGV - 1, 2 do redis.call('HINCRBY', KEYS[7], ARGV[i], ARGV[i + 1]) end
 local payload = redis.call('HGET', KEYS[1], tid)
-if not (payload and string.match(payload, '^{"v":"(%x+)"') == ARGV[2]) then
+if not (payload and job_vp(payload) == ARGV[2]) then
   return {0, 0}
 end
 local due = now + tonumber(ARGV[4])
