@@ -19,7 +19,6 @@ import os
 import random
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
@@ -34,51 +33,15 @@ from dq.client import AsyncDqClient
 from dq.errors import UNAVAILABLE, DqError
 from dq.registry import Registry, Topic
 from tests.conftest import RedisProcess, free_port
+from tests.masters import Master, kill_quietly
 from tests.receiver import Receiver, Reply, Request
 
-REPO = Path(__file__).resolve().parent.parent
 PING = b'0014{"cmd":"ping"}'
 
 pytestmark = pytest.mark.slow
 
 
 # -- processes ----------------------------------------------------------------------------------
-
-def title_of(pid: int) -> str:
-    """A process's title as ps shows it (setproctitle rewrites the command line)."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return ""
-    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
-
-
-def children_of(ppid: int) -> dict[int, str]:
-    """Live children of ppid: pid -> title."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if stat[0] != "Z" and int(stat[1]) == ppid:
-            out[int(entry)] = title_of(int(entry))
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def kill_quietly(pid: int, sig: int = signal.SIGKILL) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-
 
 def ping(port: int, timeout: float = 1.0) -> bool:
     try:
@@ -89,81 +52,14 @@ def ping(port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-class Master:
-    """`python -m dq.cli` in its own home, logging to a file; kills what it started."""
-
-    def __init__(self, home: Path, port: int, args: list[str], env: dict[str, str]) -> None:
-        home.mkdir(parents=True, exist_ok=True)
-        self.home, self.port = home, port
-        self.log = home / f"master-{time.monotonic_ns()}.log"
-        argv = [sys.executable, "-m", "dq.cli", "--host", "127.0.0.1", "--port", str(port),
-                "--data-dir", str(home / "var"), "--no-web", *args]
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("DQ_")}
-        self.env = {**clean, "PYTHONPATH": str(REPO), "DQ_GRACE": "5", **env}
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(argv, cwd=home, env=self.env, stdout=out,
-                                         stderr=subprocess.STDOUT)
-        self.seen: set[int] = set()
-
-    def workers(self) -> dict[int, str]:
-        kids = {pid: t for pid, t in children_of(self.proc.pid).items() if t.startswith("dq-")}
-        self.seen |= set(kids)
-        return kids
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, what: str, pred: Callable[[], Any], timeout: float = 20.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = pred()
-            if got:
-                return got
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        tail = "\n".join(self.output().splitlines()[-30:])
-        raise AssertionError(f"timed out waiting for {what}; master rc={self.proc.poll()}, "
-                             f"children {self.workers()}\n--- master log ---\n{tail}")
-
-    def wait_titles(self, titles: set[str], timeout: float = 20.0) -> dict[int, str]:
-        self.wait_for(f"children {sorted(titles)}",
-                      lambda: titles <= set(self.workers().values()), timeout)
-        return self.workers()
-
-    def kill_all(self) -> None:
-        """kill -9 the master and every child it has had."""
-        kids = set(self.workers()) | self.seen
-        kill_quietly(self.proc.pid)
-        for pid in kids:
-            kill_quietly(pid)
-        self.proc.wait()
-        deadline = time.monotonic() + 5
-        while any(alive(pid) for pid in kids) and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        rc = self.proc.poll()
-        if rc is None:
-            self.kill_all()
-        for pid in self.seen:
-            kill_quietly(pid)
-        return rc
-
-
 @pytest.fixture
 def masters(tmp_path: Path) -> Iterator[Callable[..., Master]]:
     started: list[Master] = []
 
     def make(args: list[str], env: dict[str, str] | None = None, *, port: int = 0,
              home: Path | None = None) -> Master:
-        m = Master(home or tmp_path / f"m{len(started)}", port or free_port(), args, env or {})
+        m = Master(home or tmp_path / f"m{len(started)}", port or free_port(),
+                   ["--no-web", *args], env or {})
         started.append(m)
         return m
 
@@ -312,7 +208,7 @@ async def test_chaos_kill_9_children_while_jobs_flow_delivers_every_job(
                      "DQ_MAX_ATTEMPTS": "30", "DQ_GRACE": "3"})
         await asyncio.to_thread(m.wait_titles, {"dq-server-0", "dq-server-1", "dq-timer-0",
                                                 "dq-timer-1", "dq-consumer-0",
-                                                "dq-consumer-1"})
+                                                "dq-consumer-1"}, exact=False)
         killer = Killer(m, random.Random(rng.random()))
         client = AsyncDqClient([f"127.0.0.1:{m.port}"], timeout=3.0)
         retried: set[str] = set()
@@ -379,7 +275,8 @@ async def test_consumer_killed_mid_callback_does_not_lose_the_job(
         db = register(tmp_path / "reg" / "dq.sqlite3", "held", rcv.url("/cb"))
         m = masters(["--redis", redis_server.url, "--db", db, "--timers", "1",
                      "--consumers", "1"], {"DQ_LEASE": "2", "DQ_TIMER_TICK": "0.2"})
-        await asyncio.to_thread(m.wait_titles, {"dq-server-0", "dq-timer-0", "dq-consumer-0"})
+        await asyncio.to_thread(m.wait_titles, {"dq-server-0", "dq-timer-0", "dq-consumer-0"},
+                                exact=False)
         async with AsyncDqClient([f"127.0.0.1:{m.port}"]) as client:
             await client.add("held", "only-one", {"order": 1}, delay=0)
         deadline = time.monotonic() + 10
@@ -411,7 +308,8 @@ async def test_redis_restart_loses_no_acknowledged_add(
         m = masters(["--redis", redis_server.url, "--db", db, "--timers", "1",
                      "--consumers", "1"],
                     {"DQ_RETRY_UNIT": "1", "DQ_LEASE": "3", "DQ_TIMER_TICK": "0.2"})
-        await asyncio.to_thread(m.wait_titles, {"dq-server-0", "dq-timer-0", "dq-consumer-0"})
+        await asyncio.to_thread(m.wait_titles, {"dq-server-0", "dq-timer-0", "dq-consumer-0"},
+                                exact=False)
         client = AsyncDqClient([f"127.0.0.1:{m.port}"], timeout=2.0)
         acked: list[str] = []
         refused = 0
@@ -480,8 +378,8 @@ async def test_bind_at_once_after_kill_9_of_master_and_children(
     db = register(tmp_path / "reg" / "dq.sqlite3", "order", "http://127.0.0.1:9/")
     args = ["--redis", redis_server.url, "--db", db, "--timers", "1", "--consumers", "1"]
     first = masters(args)
-    await asyncio.to_thread(first.wait_titles, {"dq-server-0"})
-    await asyncio.to_thread(first.wait_for, "ping", lambda: ping(first.port))
+    await asyncio.to_thread(first.wait_titles, {"dq-server-0"}, exact=False)
+    await asyncio.to_thread(first.wait, "ping", lambda: ping(first.port))
     # connections the server side closes first end in TIME_WAIT on the server's port
     async with AsyncDqClient([f"127.0.0.1:{first.port}"]) as client:
         await client.add("order", "before-crash", {}, delay=3600)
@@ -501,7 +399,7 @@ async def test_bind_at_once_after_kill_9_of_master_and_children(
     assert refused.value.errno == errno.EADDRINUSE
     t0 = time.monotonic()
     second = masters(args, port=first.port, home=tmp_path / "m-again")
-    await asyncio.to_thread(second.wait_for, "the new master to answer",
+    await asyncio.to_thread(second.wait, "the new master to answer",
                             lambda: ping(second.port, 0.2), 15)
     took = time.monotonic() - t0
     print(f"\nbind after kill -9: {lingering} TIME_WAIT sockets on port {first.port}; the new "
@@ -524,7 +422,8 @@ async def test_usr2_reloads_and_term_stops_promptly(
         m = masters(["--redis", redis_server.url, "--db", db, "--timers", "1",
                      "--consumers", "1"], {"DQ_TIMER_TICK": "0.2"})
         old = await asyncio.to_thread(
-            m.wait_titles, {"dq-server-0", "dq-timer-0", "dq-consumer-0", "dq-checker"})
+            m.wait_titles, {"dq-server-0", "dq-timer-0", "dq-consumer-0", "dq-checker"},
+            exact=False)
         async with AsyncDqClient([f"127.0.0.1:{m.port}"]) as client:
             await client.add("reload", "across", {}, delay=3)
             os.kill(m.proc.pid, signal.SIGUSR2)

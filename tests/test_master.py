@@ -20,8 +20,8 @@ import pytest
 
 from dq.supervise import BACKOFF_MIN, BACKOFF_RESET, BOOT_STREAK, Slot
 from tests.conftest import RedisProcess, free_port
+from tests.masters import REPO, Master, alive, children_of
 
-REPO = Path(__file__).resolve().parent.parent
 PING = b'0014{"cmd":"ping"}'
 
 
@@ -37,107 +37,6 @@ def expected_titles(*, servers: int = 1, timers: int = 1, consumers: int = 1,
     return sorted(out)
 
 
-def proc_children(ppid: int) -> dict[int, str]:
-    """Live (not zombie) children of `ppid`, pid -> command line as `ps` shows it."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) != ppid or fields[0] == "Z":
-                continue
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            continue
-        out[int(entry)] = cmd.replace(b"\0", b" ").decode(errors="replace").strip()
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-class Master:
-    """A `python -m dq.cli` subprocess in its own directory, with its output in a file."""
-
-    def __init__(self, home: Path, args: list[str], env: dict[str, str]) -> None:
-        home.mkdir(parents=True, exist_ok=True)
-        self.home = home
-        self.port = free_port()
-        self.log = home / "master.log"
-        # One timer and one consumer unless the test says otherwise (a later flag wins).
-        argv = [sys.executable, "-m", "dq.cli", "--host", "127.0.0.1", "--port",
-                str(self.port), "--data-dir", str(home / "var"), "--timers", "1",
-                "--consumers", "1", *args]
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("DQ_")}
-        self.env = {**clean, "PYTHONPATH": str(REPO), "DQ_GRACE": "5", **env}
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(argv, cwd=home, env=self.env, stdout=out,
-                                         stderr=subprocess.STDOUT)
-        self.seen: set[int] = set()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def children(self) -> dict[int, str]:
-        kids = proc_children(self.pid)
-        self.seen |= set(kids)
-        return kids
-
-    def workers(self) -> dict[int, str]:
-        return {pid: t for pid, t in self.children().items() if t.startswith("dq-")}
-
-    def titles(self) -> list[str]:
-        return sorted(self.workers().values())
-
-    def pid_of(self, title: str) -> int:
-        return next(pid for pid, t in self.workers().items() if t == title)
-
-    def wait(self, what: str, pred: Callable[[], Any], timeout: float = 15.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = pred()
-            if got:
-                return got
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        tail = "\n".join(self.output().splitlines()[-40:])
-        raise AssertionError(f"timed out waiting for {what}; master rc={self.proc.poll()}, "
-                             f"children {self.workers()}\n--- master log tail ---\n{tail}")
-
-    def wait_titles(self, titles: list[str], timeout: float = 20.0) -> dict[int, str]:
-        self.wait(f"children {titles}", lambda: self.titles() == titles, timeout)
-        return self.workers()
-
-    def kill(self, sig: int) -> None:
-        os.kill(self.pid, sig)
-
-    def cleanup(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for pid in self.seen:
-            if alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-
-
 @pytest.fixture
 def master(tmp_path: Path) -> Iterator[Callable[..., Master]]:
     started: list[Master] = []
@@ -149,13 +48,15 @@ def master(tmp_path: Path) -> Iterator[Callable[..., Master]]:
             argv += ["--redis", redis.url]
         if not web:
             argv.append("--no-web")
-        m = Master(tmp_path / f"master{len(started)}", argv, env or {})
+        # One timer and one consumer unless the test says otherwise (a later flag wins).
+        m = Master(tmp_path / f"master{len(started)}", free_port(),
+                   ["--timers", "1", "--consumers", "1", *argv], env or {})
         started.append(m)
         return m
 
     yield make
     for m in started:
-        m.cleanup()
+        m.stop()
 
 
 def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -472,9 +373,9 @@ def test_daemon_writes_pid_file_and_logs(redis_server: RedisProcess, tmp_path: P
         assert Path(f"/proc/{pid}/cwd").resolve() == Path("/")
         want = expected_titles()
         deadline = time.monotonic() + 20
-        while sorted(proc_children(pid).values()) != want and time.monotonic() < deadline:
+        while sorted(children_of(pid).values()) != want and time.monotonic() < deadline:
             time.sleep(0.05)
-        kids = proc_children(pid)
+        kids = children_of(pid)
         assert sorted(kids.values()) == want
         day = time.strftime("%Y%m%d")
         assert "dq-master started" in (logs / f"dq_{day}.log").read_text()
