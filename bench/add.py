@@ -8,7 +8,7 @@ processes spent per add.
 
 Starts its own redis-servers (two shards, like the original's measurement) and dq-master.
 Last line: RESULT mode=... qps=... p50_ms=... p99_ms=... server_us_per_add=...
-redis_us_per_add=...
+redis_us_per_add=... (pipelined also client_us_per_add=..., this process's CPU per add)
 """
 
 from __future__ import annotations
@@ -57,15 +57,18 @@ async def python_closed_loop(port: int, conns: int, n: int) -> tuple[int, list[f
     return fails, lat
 
 
-async def python_pipelined(port: int, n: int) -> tuple[int, list[float]]:
+async def python_pipelined(port: int, n: int) -> tuple[int, list[float], float]:
+    """add_many of n jobs; returns (failures, [wall ms], client CPU us per add). The CPU is
+    this process's (the client's alone: dq and redis are other processes), frames included."""
     client = AsyncDqClient([f"127.0.0.1:{port}"], timeout=30)
     jobs = [{"topic": "bench", "id": f"pp-{i}", "body": {"seq": i}, "delay": 86400}
             for i in range(n)]
-    t0 = time.perf_counter()
-    res = await client.add_many(jobs, chunk=2000)
+    c0, t0 = time.process_time(), time.perf_counter()
+    res = await client.add_many(jobs)
     lat = [(time.perf_counter() - t0) * 1000]
+    client_us = (time.process_time() - c0) * 1e6 / max(n, 1)
     await client.close()
-    return sum(r is not None for r in res), lat
+    return sum(r is not None for r in res), lat, client_us
 
 
 def main() -> None:
@@ -93,6 +96,7 @@ def main() -> None:
             servers = pids_titled("dq-server")
             redis_pids = [p.pid for _, p in shards]
             s0, r0, t0 = cpu_us(servers), cpu_us(redis_pids), time.perf_counter()
+            client_us = None
             if args.client == "dqload":
                 binary = dqload_binary()
                 if binary is None:
@@ -111,7 +115,7 @@ def main() -> None:
                     fails, lat = asyncio.run(python_closed_loop(port, args.conns, args.n))
                     total = args.conns * args.n
                 else:
-                    fails, lat = asyncio.run(python_pipelined(port, args.n))
+                    fails, lat, client_us = asyncio.run(python_pipelined(port, args.n))
                     total = args.n
                 elapsed = time.perf_counter() - t0
                 qps = (total - fails) / elapsed
@@ -120,7 +124,8 @@ def main() -> None:
     print(f"RESULT mode={args.client} conns={args.conns} servers={args.servers} "
           f"shards={args.shards} total={total} fail={fails} qps={qps:.0f} p50_ms={p50:.3f} "
           f"p99_ms={p99:.3f} server_us_per_add={(s1 - s0) / total:.1f} "
-          f"redis_us_per_add={(r1 - r0) / total:.1f}")
+          f"redis_us_per_add={(r1 - r0) / total:.1f}"
+          + ("" if client_us is None else f" client_us_per_add={client_us:.1f}"))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,277 @@
+"""AsyncDqClient.add_many's sliding window and bulk reply parsing, and the add frames it
+builds: against real dq servers on real redis-servers, and against scripted fake servers
+for the reply stream's awkward shapes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+
+from dq.client import AsyncDqClient, _add_frame_plain, _add_frames, add_frame
+from dq.errors import DqError
+from dq.protocol import OK_EMPTY, error_reply
+from tests.conftest import RedisProcess
+from tests.test_server import Running, start_server
+
+# -- frames ----------------------------------------------------------------------------------
+
+FRAME_CASES: list[dict[str, Any]] = [
+    {"topic": "order", "id": "42", "body": {"a": 1}},
+    {"topic": "order", "id": 42, "body": None},
+    {"topic": "order", "id": True, "body": {}},
+    {"topic": "o/r", "id": "a/b\u00e9\U0001f600", "body": {
+        "url": "http://x/y", "f": 1.5, "n": None, "l": [1, "x", {"z": False}], 3: "k"}},
+    {"topic": "order", "id": "x", "body": OrderedDict(b=1, a=2), "delay": 1.5},
+    {"topic": "order", "id": "x", "body": MappingProxyType({"k": "v"}), "delay": 30,
+     "fix_time": "2030-01-01 00:00:00"},
+    {"topic": "order", "id": "x", "body": [("k", "v")], "due_ms": 1893456000000},
+    {"topic": "order", "id": "x", "body": [], "delay": float("nan")},
+    {"topic": "order", "id": "x", "body": {"big": 10**30, "neg": -0.0, "inf": float("inf")},
+     "delay": True, "due_ms": 1.0},
+    {"topic": None, "id": None, "body": {"s": "\x00\x1f\"\\/"}, "fix_time": 5},
+    {"topic": 1, "id": 1.25, "body": 0},
+    {"topic": True, "id": 1.25, "body": ""},  # True == 1: must not reuse topic 1's prefix
+    {"topic": "order", "id": "x", "body": {"\ud800": "lone surrogate"}},
+]
+
+
+def plain(job: dict[str, Any]) -> bytes:
+    return _add_frame_plain(job["topic"], job["id"], job.get("body"), delay=job.get("delay"),
+                            fix_time=job.get("fix_time"), due_ms=job.get("due_ms"))
+
+
+def test_fast_frames_are_byte_identical_to_plain_encoding() -> None:
+    assert _add_frames(FRAME_CASES) == [plain(j) for j in FRAME_CASES]
+    for job in FRAME_CASES:
+        assert add_frame(job["topic"], job["id"], job.get("body"), delay=job.get("delay"),
+                         fix_time=job.get("fix_time"), due_ms=job.get("due_ms")) == plain(job)
+    # the PHP client's framing, "/" escaped as PHP's json_encode does
+    assert add_frame("order", "5f/1", {"u": "a/b"}, delay=30) == (
+        b'0073{"cmd":"add","topic":"order","id":"5f\\/1","body":{"u":"a\\/b"},"delay":30}')
+
+
+def test_fast_frames_raise_what_the_plain_encoding_raises() -> None:
+    with pytest.raises(DqError) as info:
+        _add_frames([{"topic": "order", "id": "x", "body": {"pad": "y" * 10_000}}])
+    assert info.value.err == "too_large"
+    with pytest.raises(TypeError, match="set is not JSON serializable"):
+        _add_frames([{"topic": "order", "id": "x", "body": {"s": {1, 2}}}])
+    loop: dict[str, Any] = {}
+    loop["self"] = loop
+    with pytest.raises(ValueError, match="Circular reference"):
+        _add_frames([{"topic": "order", "id": "x", "body": loop}])
+    # a job after one that failed to encode is still framed right
+    jobs = [{"topic": "order", "id": "a", "body": {"x": float("nan")}}, FRAME_CASES[3]]
+    assert _add_frames(jobs) == [plain(j) for j in jobs]
+
+
+# -- against real servers ----------------------------------------------------------------------
+
+@pytest.fixture
+async def two(tmp_path: Path, redis_server: RedisProcess) -> AsyncIterator[list[Running]]:
+    """Two dq servers on one redis-server."""
+    started = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        started.append(await start_server(tmp_path / name, [redis_server.url]))
+    yield [running for running, _, _ in started]
+    for running, ctx, task in started:
+        ctx.stopping.set()
+        await asyncio.wait_for(task, 10)
+        await running.store.shards.close()
+        running.registry.close()
+
+
+async def stored(running: Running) -> int:
+    shard = running.store.shards.shards[0]
+    return int(await shard.client.hlen(running.store.k_jobs))
+
+
+def jobs_of(n: int, prefix: str = "j") -> list[dict[str, Any]]:
+    return [{"topic": "order", "id": f"{prefix}{i}", "body": {"i": i}, "delay": 600}
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("window", [4000, 97])
+async def test_add_many_stores_every_job_and_errors_land_in_place(
+        two: list[Running], window: int) -> None:
+    client = AsyncDqClient([two[0].addr])
+    jobs = jobs_of(5000)
+    jobs[1234] = {"topic": "nope", "id": "x"}
+    jobs[4000] = {"topic": "order", "id": ""}
+    jobs[4999] = {"topic": "off", "id": "y"}
+    res = await client.add_many(jobs, window=window)
+    assert len(res) == 5000
+    assert isinstance(res[1234], DqError) and res[1234].err == "unknown_topic"
+    assert isinstance(res[4000], DqError) and res[4000].err == "bad_request"
+    assert isinstance(res[4999], DqError) and res[4999].err == "topic_offline"
+    assert [i for i, r in enumerate(res) if r is not None] == [1234, 4000, 4999]
+    assert await stored(two[0]) == 4997
+    # the connection is in step afterwards: each answer belongs to its own request
+    for i in (0, 1233, 1235, 3999, 4998):
+        body = await client.get("order", f"j{i}")
+        assert body is not None and body["i"] == i
+    assert await client.add_many([]) == []
+    await client.close()
+
+
+async def test_add_many_fails_over_when_its_server_dies_mid_stream(
+        two: list[Running]) -> None:
+    client = AsyncDqClient([two[0].addr, two[1].addr], timeout=5)
+    jobs = jobs_of(20_000)
+    adding = asyncio.create_task(client.add_many(jobs, window=2000))
+    while await stored(two[0]) < 1000:  # both servers write to the one redis
+        assert not adding.done()
+        await asyncio.sleep(0.005)
+    victim = next(r for r in two if r.server.connections)
+    for conn in list(victim.server.connections):  # a kill: the replies in flight are lost
+        assert conn.transport is not None
+        conn.transport.abort()
+    res = await asyncio.wait_for(adding, 60)
+    assert res == [None] * len(jobs)
+    assert await stored(two[0]) == len(jobs)
+    assert client._server is not None and client._server[1] != victim.port
+    await client.close()
+
+
+async def test_add_many_cancelled_leaves_no_stale_replies(two: list[Running]) -> None:
+    client = AsyncDqClient([two[0].addr])
+    adding = asyncio.create_task(client.add_many(jobs_of(50_000)))
+    while await stored(two[0]) < 100:
+        await asyncio.sleep(0.002)
+    adding.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await adding
+    assert await stored(two[0]) < 50_000  # it was cancelled mid-stream
+    assert client._conn is None  # the connection owing replies was dropped
+    # the replies still owed went with the connection, not into the next request
+    body = await client.get("order", "j0")
+    assert body is not None and body["i"] == 0
+    await client.add("order", "after", {"k": "v"}, delay=60)
+    after = await client.get("order", "after")
+    assert after is not None and after["k"] == "v"
+    await client.close()
+
+
+# -- against scripted fake servers -------------------------------------------------------------
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def read_frames(reader: asyncio.StreamReader, n: int) -> list[dict[str, Any]]:
+    out = []
+    for _ in range(n):
+        size = int(await reader.readexactly(4))
+        out.append(json.loads(await reader.readexactly(size)))
+    return out
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[Callable[[Script], Awaitable[str]]]:
+    servers: list[asyncio.Server] = []
+
+    async def start(script: Script) -> str:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await script(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        servers.append(server)
+        return f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+async def test_replies_split_anywhere_and_odd_successes_parse(
+        fake: Callable[[Script], Awaitable[str]]) -> None:
+    other_ok = b'0033{"code":1,"msg":"succ","data":{}}'
+    odd_text = b'{"data":[], "msg":"succ", "code":1 }'  # a success, not the constant frame
+    odd = b"%04d" % len(odd_text) + odd_text
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        i = 0
+        while i < 300:  # the client keeps at least 48 of its window of 64 in flight
+            replies = []
+            for req in await read_frames(reader, 16 if i < 288 else 12):
+                if req["topic"] == "bad":
+                    replies.append(error_reply(("bad_request", f"no {i}")))
+                else:
+                    replies.append((OK_EMPTY, other_ok, odd, OK_EMPTY)[i % 4])
+                i += 1
+            data = b"".join(replies)
+            for k in range(0, len(data), 5):  # dribble: pieces split headers and bodies
+                writer.write(data[k:k + 5])
+                await writer.drain()
+                await asyncio.sleep(0)
+
+    client = AsyncDqClient([await fake(script)])
+    jobs = jobs_of(300)
+    for i in (0, 77, 299):
+        jobs[i] = {"topic": "bad", "id": str(i)}
+    res = await client.add_many(jobs, window=64)
+    for i, r in enumerate(res):
+        if i in (0, 77, 299):
+            assert isinstance(r, DqError) and r.err == "bad_request" and r.msg == f"no {i}"
+        else:
+            assert r is None, (i, r)
+    await client.close()
+
+
+async def test_garbled_reply_resends_unanswered_jobs_to_next_server(
+        fake: Callable[[Script], Awaitable[str]]) -> None:
+    seen: dict[str, list[str]] = {"bad": [], "good": []}
+
+    async def garbler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reqs = await read_frames(reader, 100)
+        seen["bad"] += [r["id"] for r in reqs]
+        writer.write(OK_EMPTY * 40 + b"x033" + OK_EMPTY[4:] + OK_EMPTY * 59)
+
+    async def good(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            [req] = await read_frames(reader, 1)
+            seen["good"].append(req["id"])
+            writer.write(OK_EMPTY)
+
+    servers = [await fake(garbler), await fake(good)]
+    garbled = 0
+    for _ in range(30):  # the client tries live servers in random order: see both orders
+        seen["bad"].clear()
+        seen["good"].clear()
+        client = AsyncDqClient(servers)
+        res = await client.add_many(jobs_of(100), window=100)
+        assert res == [None] * 100
+        if seen["bad"]:  # the garbling server was tried first: the 40 it answered stay done
+            garbled += 1
+            assert seen["good"] == [f"j{i}" for i in range(40, 100)]
+        else:
+            assert seen["good"] == [f"j{i}" for i in range(100)]
+        await client.close()
+    assert 0 < garbled < 30
+
+
+async def test_silent_server_times_out_as_unavailable(
+        fake: Callable[[Script], Awaitable[str]]) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    client = AsyncDqClient([await fake(silent)], timeout=0.3)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(DqError) as info:
+        await client.add_many(jobs_of(10_000))
+    assert info.value.err == "unavailable"
+    assert loop.time() - t0 < 2  # the stall is noticed, not waited out for 10 s of budget
+    await client.close()
