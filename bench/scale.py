@@ -1,7 +1,7 @@
 """Scale: 1,000,000 pending jobs. Redis bytes per job, add latency and timer throughput with
 1M pending versus an empty store.
 
-    python bench/scale.py --pending 1000000
+    python bench/scale.py --pending 1000000 --due 100000
 
 Starts its own redis-server. "Bytes beyond the body" is Redis's used_memory growth per
 job minus the length of the client's JSON body. Last line:
@@ -61,24 +61,28 @@ async def move_rate(store: Store, n: int, tag: str) -> float:
         if got == 0:
             break
     rate = moved / (time.perf_counter() - t0)
-    for key in store.k_ready:  # drain, so the next phase starts clean
+    # Drop what was moved (ready entries and payloads), so the next phase starts clean.
+    for key in store.k_ready:
         await shard.call("DEL", key)
+    for start in range(0, n, 1000):
+        await shard.call("HDEL", store.k_jobs, *(f"scale:due-{tag}-{i}"
+                                                  for i in range(start, min(n, start + 1000))))
     return rate
 
 
-async def run(pending: int) -> None:
+async def run(pending: int, due: int) -> None:
     with tempdir() as t, redis_servers(1, Path(t)) as shards:
         store = Store(ShardSet.from_urls([shards[0][0]]))
         body_len = len(json.dumps(BODY, separators=(",", ":")))
         empty_p50, empty_p99 = await add_latency(store, 5000, "empty")
-        empty_move = await move_rate(store, 20_000, "empty")
+        empty_move = await move_rate(store, due, "empty")
         base = await used_memory(store)
         t0 = time.perf_counter()
         await fill(store, pending, "pending", 86_400_000)
         fill_s = time.perf_counter() - t0
         per_job = (await used_memory(store) - base) / pending
         full_p50, full_p99 = await add_latency(store, 5000, "full")
-        full_move = await move_rate(store, 20_000, "full")
+        full_move = await move_rate(store, due, "full")
         await store.shards.close()
     print(f"filled {pending} jobs in {fill_s:.1f}s ({pending / fill_s:.0f}/s in-process)")
     print(f"RESULT pending={pending} bytes_per_job={per_job:.0f} "
@@ -92,7 +96,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pending", type=int, default=1_000_000)
-    asyncio.run(run(ap.parse_args().pending))
+    ap.add_argument("--due", type=int, default=100_000,
+                    help="jobs made due at once to time the timer's script")
+    args = ap.parse_args()
+    asyncio.run(run(args.pending, args.due))
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ class Handler:
         self.topics = topics
         self.settings = ctx.settings
         self.stats = collections.Counter[str]()
+        self.loop = asyncio.get_running_loop()  # made in the loop it serves
 
     def topic(self, key: str) -> Topic:
         topic = self.topics.get_nowait(key)
@@ -99,7 +100,8 @@ class Handler:
             return self._unexpected(obj, exc)
         if not shard.conn.connected:
             return asyncio.ensure_future(self.handle(obj))
-        reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        # self.loop, not asyncio.get_running_loop(): that costs a getpid() syscall per call
+        reply: asyncio.Future[bytes] = self.loop.create_future()
 
         def done(res: Any, exc: BaseException | None) -> None:
             if reply.done():  # the connection went away meanwhile

@@ -58,6 +58,7 @@ COOLOFF_MAX = 5.0
 
 
 def _weight(name: str, key: str) -> int:
+    """The rendezvous weight of a shard for a key: blake2b-64 of "<name>\\0<key>"."""
     return int.from_bytes(hashlib.blake2b(f"{name}\0{key}".encode(), digest_size=8).digest(), "big")
 
 
@@ -72,6 +73,7 @@ class Shard:
                  command_timeout: float = 5.0) -> None:
         self.name = name
         self.url = url
+        self._name_hash = hashlib.blake2b(f"{name}\0".encode(), digest_size=8)
         if connect_timeout is None:
             connect_timeout = CONNECT_TIMEOUT_TLS if url.startswith("rediss:") \
                 else CONNECT_TIMEOUT
@@ -93,6 +95,12 @@ class Shard:
 
     def __repr__(self) -> str:
         return f"<Shard {self.name} {'up' if self.up else 'down'}>"
+
+    def weight(self, key: bytes) -> int:
+        """`_weight(self.name, key)`, from a hash state that has already read the name."""
+        h = self._name_hash.copy()
+        h.update(key)
+        return int.from_bytes(h.digest(), "big")
 
     @property
     def up(self) -> bool:
@@ -200,12 +208,14 @@ class ShardSet:
         """All shards, the tid's owner first (rendezvous hashing over shard names)."""
         if len(self.shards) == 1:
             return self.shards
-        return sorted(self.shards, key=lambda s: _weight(s.name, tid), reverse=True)
+        key = tid.encode()
+        return sorted(self.shards, key=lambda s: s.weight(key), reverse=True)
 
     def owner(self, tid: str) -> Shard:
         if len(self.shards) == 1:
             return self.shards[0]
-        return max(self.shards, key=lambda s: _weight(s.name, tid))
+        key = tid.encode()
+        return max(self.shards, key=lambda s: s.weight(key))
 
     def writable(self, tid: str, exclude: Collection[str] = ()) -> Shard:
         """The shard an add goes to: the owner, or the next healthy one while it is down.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import gc
 import importlib
 import logging
 import os
@@ -31,6 +32,7 @@ from dq.shards import ShardSet
 from dq.store import Store
 
 _T = TypeVar("_T")
+GC_THRESHOLD = 20_000  # allocations between young-generation collections (Python's: 700)
 
 
 @dataclass
@@ -270,6 +272,11 @@ def run_child(settings: Settings, role: str, index: int, *, role_path: str, hear
             log.error("%s cannot load %s: %s", ctx.name, role_path, _reason(exc))
             write_status(hb, "boot-failed: " + _reason(exc))
             _exit_now(EXIT_BOOT)
+        # What was loaded so far lives as long as the process: keep the collector from
+        # walking it again and again (a quarter of the server's hot path otherwise, since
+        # each request allocates a few container objects; bench/RESULTS.md).
+        gc.freeze()
+        gc.set_threshold(GC_THRESHOLD, 20, 20)
         code = run_loop(_supervise(ctx, fn, hb, master_pid))
         log.debug("%s exiting with code %d after %.1f s", ctx.name, code,
                  time.monotonic() - started)

@@ -6,7 +6,6 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import pytest
 
@@ -253,3 +252,24 @@ async def test_move_due_moves_only_due_jobs_in_limited_steps(store: Store) -> No
     assert sorted(e.split(b"|")[1] for e in ready) == sorted(
         f"t:due{i}".encode() for i in range(30))
     assert sum([await shard.client.zcard(k) for k in store.k_delay]) == 20
+
+
+def test_rendezvous_weights_are_stable() -> None:
+    """Routing must not change between versions: a re-add would land on another shard
+    and the job would exist twice. The weight is blake2b-64 of "<name>\\0<tid>"."""
+    import hashlib
+
+    from dq.shards import _weight
+
+    shards = ShardSet.from_urls([("a", "redis://127.0.0.1:1"), ("b", "redis://127.0.0.1:2"),
+                                 ("c", "redis://127.0.0.1:3")])
+    for tid in ("order:1", "order:2", "t:中文", "x:" + "9" * 200):
+        for s in shards.shards:
+            want = int.from_bytes(hashlib.blake2b(f"{s.name}\0{tid}".encode(),
+                                                  digest_size=8).digest(), "big")
+            assert s.weight(tid.encode()) == _weight(s.name, tid) == want
+        order = shards.order(tid)
+        assert order == sorted(shards.shards, key=lambda s: _weight(s.name, tid), reverse=True)
+        assert shards.owner(tid) is order[0] and shards.writable(tid) is order[0]
+    # a golden value (computed by dq 0.1), so a change of hash function cannot pass unnoticed
+    assert [s.name for s in shards.order("order:42")] == ["b", "c", "a"]
