@@ -273,8 +273,9 @@ def run_child(settings: Settings, role: str, index: int, *, role_path: str, hear
             write_status(hb, "boot-failed: " + _reason(exc))
             _exit_now(EXIT_BOOT)
         # What was loaded so far lives as long as the process: keep the collector from
-        # walking it again and again (a quarter of the server's hot path otherwise, since
-        # each request allocates a few container objects; bench/RESULTS.md).
+        # walking it again and again, and from touching (so copying) the master's pages.
+        # Each request allocates a few container objects, so young collections are
+        # frequent at Python's default threshold.
         gc.freeze()
         gc.set_threshold(GC_THRESHOLD, 20, 20)
         code = run_loop(_supervise(ctx, fn, hb, master_pid))
