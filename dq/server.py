@@ -14,6 +14,7 @@ import collections
 import logging
 import socket
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
 from dq import protocol
@@ -41,9 +42,38 @@ WRITE_HIGH = 256 * 1024  # reply bytes buffered for a slow reader before reading
 FRAME_TIMEOUT = 10.0  # seconds a started frame may take to arrive in full
 
 
-def _resolve(reply: asyncio.Future[bytes], task: asyncio.Future[bytes]) -> None:
-    if not reply.done() and not task.cancelled():
-        reply.set_result(task.result())
+class Pending:
+    """A reply still being worked out, holding its place in the connection's reply queue.
+
+    Cheaper than a Future on the hot path: setting it calls the connection back at once,
+    with no loop callback in between."""
+
+    __slots__ = ("data", "on_set")
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+        self.on_set: Callable[[], None] | None = None
+
+    def set(self, data: bytes) -> None:
+        if self.data is None:
+            self.data = data
+            if self.on_set is not None:
+                self.on_set()
+
+    @classmethod
+    def of(cls, coro: Coroutine[Any, Any, bytes]) -> Pending:
+        """The reply a request handled by a coroutine (the slow path) will give."""
+        pending = cls()
+
+        def done(task: asyncio.Task[bytes]) -> None:
+            if task.cancelled():  # only when the loop shuts down
+                pending.set(protocol.error_reply((UNAVAILABLE, "the server is stopping; "
+                                                  "retry on another dq server")))
+            else:
+                pending.set(task.result())
+
+        asyncio.ensure_future(coro).add_done_callback(done)
+        return pending
 
 
 def log_request(cmd: str, topic: object, job_id: object, status: str, t0: float,
@@ -81,12 +111,12 @@ class Handler:
                           "console to accept jobs again")
         return topic
 
-    def fast(self, obj: protocol.Frame) -> bytes | asyncio.Future[bytes]:
+    def fast(self, obj: protocol.Frame) -> bytes | Pending:
         """Answer a request, without a coroutine when it is an add on an open connection
         (the hot path): the reply future resolves when the shard answers the batch of adds
         this loop turn queued for it."""
         if obj.get("cmd") != "add":
-            return asyncio.ensure_future(self.handle(obj))
+            return Pending.of(self.handle(obj))
         t0 = time.monotonic()
         try:
             req = protocol.parse_request(obj, tz=self.settings.zone)
@@ -99,21 +129,18 @@ class Handler:
         except Exception as exc:  # a bug must cost one reply, not the connection
             return self._unexpected(obj, exc)
         if not shard.conn.connected:
-            return asyncio.ensure_future(self.handle(obj))
-        # self.loop, not asyncio.get_running_loop(): that costs a getpid() syscall per call
-        reply: asyncio.Future[bytes] = self.loop.create_future()
+            return Pending.of(self.handle(obj))
+        reply = Pending()
 
         def done(res: Any, exc: BaseException | None) -> None:
-            if reply.done():  # the connection went away meanwhile
-                return
             if exc is None:
                 self.stats["add"] += 1
                 log_request("add", req.topic, req.id, "ok", t0, shard.name)
-                reply.set_result(protocol.OK_EMPTY)
+                reply.set(protocol.OK_EMPTY)
                 return
             # scripts not loaded yet, or an error: the ordinary path retries or explains
-            task = asyncio.ensure_future(self._add_slow(shard, job, req, t0))
-            task.add_done_callback(lambda t: _resolve(reply, t))
+            slow = Pending.of(self._add_slow(shard, job, req, t0))
+            slow.on_set = lambda: reply.set(slow.data or b"")
 
         self.store.add_nowait(shard, job, done)
         return reply
@@ -196,7 +223,7 @@ class Connection(asyncio.Protocol):
         self.server = server
         self.decoder = FrameDecoder(server.settings.max_frame)
         self.transport: asyncio.Transport | None = None
-        self.replies: collections.deque[asyncio.Future[bytes] | bytes] = collections.deque()
+        self.replies: collections.deque[Pending | bytes] = collections.deque()
         self.backlog: collections.deque[protocol.Frame | FrameError] = collections.deque()
         self.paused_writing = False
         self.reading = True
@@ -223,8 +250,8 @@ class Connection(asyncio.Protocol):
         self.server.connections.discard(self)
         self.closing = True
         for item in self.replies:
-            if isinstance(item, asyncio.Future):
-                item.cancel()
+            if isinstance(item, Pending):
+                item.on_set = None
         self.replies.clear()
         self.backlog.clear()
 
@@ -268,31 +295,36 @@ class Connection(asyncio.Protocol):
                 self._queue(handler.fast(item))
 
     # replies ---------------------------------------------------------------------------
-    def _queue(self, reply: asyncio.Future[bytes] | bytes) -> None:
+    def _queue(self, reply: Pending | bytes) -> None:
         if isinstance(reply, bytes) and not self.replies:
             assert self.transport is not None
             self.transport.write(reply)
             return
         self.replies.append(reply)
-        if isinstance(reply, asyncio.Future):
-            reply.add_done_callback(self._flush)
+        if isinstance(reply, Pending) and reply.data is None:
+            reply.on_set = self._reply_ready
         else:
             self._flush()
 
-    def _flush(self, _: object = None) -> None:
+    def _reply_ready(self) -> None:
+        """A queued reply is ready: write it (with any others ready by then) once the
+        current batch of Redis replies has been handed out, in one write per connection."""
+        server = self.server
+        if not server.ready:
+            server.handler.loop.call_soon(server.flush_ready)
+        server.ready.add(self)
+
+    def _flush(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         out = []
         replies = self.replies
         while replies:
             head = replies[0]
-            if isinstance(head, asyncio.Future):
-                if not head.done():
+            if isinstance(head, Pending):
+                if head.data is None:
                     break
-                if head.cancelled():
-                    replies.popleft()
-                    continue
-                out.append(head.result())
+                out.append(head.data)
             else:
                 out.append(head)
             replies.popleft()
@@ -334,6 +366,7 @@ class Server:
         self.settings = ctx.settings
         self.handler = Handler(store, topics, ctx)
         self.connections: set[Connection] = set()
+        self.ready: set[Connection] = set()  # with replies ready to be written
         self.refused = 0
         self.aserver: asyncio.Server | None = None
 
@@ -347,6 +380,11 @@ class Server:
                 lambda: Connection(self), self.settings.host, self.settings.port,
                 reuse_address=True, backlog=1024)
         return self.aserver
+
+    def flush_ready(self) -> None:
+        ready, self.ready = self.ready, set()
+        for conn in ready:
+            conn._flush()
 
     @property
     def port(self) -> int:
