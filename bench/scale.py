@@ -1,7 +1,7 @@
 """Scale: 1,000,000 pending jobs. Redis bytes per job, add latency and timer throughput with
 1M pending versus an empty store.
 
-    python bench/scale.py --pending 1000000 --due 100000
+    python bench/scale.py --pending 1000000 --due 20000
 
 Starts its own redis-server. "Bytes beyond the body" is Redis's used_memory growth per
 job minus the length of the client's JSON body. Last line:
@@ -96,7 +96,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pending", type=int, default=1_000_000)
-    ap.add_argument("--due", type=int, default=100_000,
+    ap.add_argument("--due", type=int, default=20_000,
                     help="jobs made due at once to time the timer's script")
     args = ap.parse_args()
     asyncio.run(run(args.pending, args.due))
