@@ -79,6 +79,9 @@ class RespConnection:
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._connecting: asyncio.Future[None] | None = None
+        # The loop of the open connection. asyncio.get_running_loop() costs a getpid()
+        # system call in Python 3.11, once per command otherwise.
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def _unavailable(self, why: object) -> DqError:
         return DqError(UNAVAILABLE, f"redis shard {self.name} is unavailable ({why}); "
@@ -86,7 +89,7 @@ class RespConnection:
 
     async def _open(self) -> None:
         u = urlparse(self.url)
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         if u.scheme == "unix":
             make = loop.create_unix_connection(lambda: _Protocol(self), unquote(u.path))
         else:
@@ -128,11 +131,12 @@ class RespConnection:
 
     def call_nowait(self, *args: Any) -> asyncio.Future[Any]:
         """Queue a command on an open connection; its reply resolves the future."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        if self.transport is None or self.transport.is_closing():
+        if self.transport is None or self.transport.is_closing() or self.loop is None:
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             fut.set_exception(self._unavailable("not connected"))
             return fut
+        loop = self.loop
+        fut = loop.create_future()
         self._out.append(pack(args))
         self.waiting.append(fut)
         if not self._flush_scheduled:

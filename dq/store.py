@@ -305,7 +305,9 @@ class Store:
         batch = self._adds.get(shard)
         if batch is None:
             batch = self._adds[shard] = ([], [])
-            asyncio.get_running_loop().call_soon(self._send_adds, shard)
+            # the connection's loop: asyncio.get_running_loop() would cost a syscall
+            loop = shard.conn.loop if shard.conn.connected else None
+            (loop or asyncio.get_running_loop()).call_soon(self._send_adds, shard)
         batch[0].append(job)
         batch[1].append(done)
 
