@@ -45,8 +45,9 @@ FRAME_TIMEOUT = 10.0  # seconds a started frame may take to arrive in full
 class Pending:
     """A reply still being worked out, holding its place in the connection's reply queue.
 
-    Cheaper than a Future on the hot path: setting it calls the connection back at once,
-    with no loop callback in between."""
+    Cheaper than a Future on the hot path: setting it tells the connection directly, and
+    the connections with replies ready write once per batch (`Server.flush_ready`), not
+    once per reply through a loop callback each."""
 
     __slots__ = ("data", "on_set")
 
@@ -113,8 +114,8 @@ class Handler:
 
     def fast(self, obj: protocol.Frame) -> bytes | Pending:
         """Answer a request, without a coroutine when it is an add on an open connection
-        (the hot path): the reply future resolves when the shard answers the batch of adds
-        this loop turn queued for it."""
+        (the hot path): the reply is set when the shard answers the batch of adds this loop
+        turn queued for it."""
         if obj.get("cmd") != "add":
             return Pending.of(self.handle(obj))
         t0 = time.monotonic()

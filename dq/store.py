@@ -4,16 +4,17 @@ Only this module knows Redis key names. Every state change of a job is one Lua s
 the job's shard (see DESIGN.md section 2); this module builds the keys and arguments,
 routes each tid to its shard and decodes what the scripts return.
 
-A job's payload is "<version>|<priority>|<attempt>|<due>|<due - set>|<body JSON>" (times in
-hex ms; set is when it was added): the
-scripts read version and priority with a prefix match (dq/lua/_job.lua) instead of
-decoding the body, and the fixed part costs ~35 bytes per pending job.
+A job's payload is "<version>|<priority>|<attempt>|<due>|<due - set>|<body JSON>", times
+in hex milliseconds (set: when it was added). The scripts read version and priority with
+a prefix match (dq/lua/_job.lua) instead of decoding the body, and the fixed part costs
+~35 bytes per pending job.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import itertools
 import json
 import math
@@ -33,6 +34,9 @@ from dq.errors import UNAVAILABLE, DqError
 from dq.shards import SCRIPTS, Shard, ShardSet
 
 MINUTE_TTL = 2 * 3600  # per-minute counters feed the console's last-hour chart
+# Most adds in one script call: a bigger batch (a burst of pipelined adds) is split, so no
+# single call holds a shard for more than a few milliseconds.
+ADD_BATCH = 500
 STAT_FIELDS = ("writes", "notifies", "ok", "fail", "retries", "dead", "dels")
 STATES = ("delayed", "ready", "inflight", "dead")
 # Upper bounds (seconds) of the delivery histograms' buckets; +Inf is implied.
@@ -313,8 +317,9 @@ class Store:
 
     def _send_adds(self, shard: Shard) -> None:
         jobs, done = self._adds.pop(shard)
-        sent = shard.conn.call_nowait("EVALSHA", *self.add_args(jobs))
-        sent.add_done_callback(lambda f: _settle_adds(done, f))
+        for i in range(0, len(jobs), ADD_BATCH):
+            sent = shard.conn.call_nowait("EVALSHA", *self.add_args(jobs[i:i + ADD_BATCH]))
+            sent.add_done_callback(functools.partial(_settle_adds, done[i:i + ADD_BATCH]))
 
     async def _add_on(self, shard: Shard, job: AddJob) -> Any:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

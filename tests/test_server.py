@@ -259,3 +259,21 @@ async def test_server_answers_unavailable_when_shard_is_down(
     ctx.stopping.set()
     await task
     await running.store.shards.close()
+
+
+async def test_batched_adds_survive_redis_losing_its_scripts(dq: Running) -> None:
+    """A restarted Redis has no scripts: the batch's NOSCRIPT sends each add down the slow
+    path, which reloads them; every add lands and is answered in order."""
+    client = AsyncDqClient([dq.addr])
+    await client.add("order", "warm", {}, delay=60)
+    shard = dq.store.shards.shards[0]
+    await shard.client.script_flush()
+    jobs = [{"topic": "order", "id": f"n{i}", "body": {"i": i}, "delay": 60} for i in range(400)]
+    res = await client.add_many(jobs)
+    assert res == [None] * 400
+    assert await shard.client.hlen(dq.store.k_jobs) == 401
+    for i in (0, 200, 399):
+        body = await client.get("order", f"n{i}")
+        assert body is not None and body["i"] == i
+    assert dq.server.handler.stats["add"] == 401 and dq.server.handler.stats["fail"] == 0
+    await client.close()

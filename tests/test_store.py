@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from dq.shards import ShardSet
-from dq.store import Store, make_tid
+from dq.store import ADD_BATCH, Store, make_tid
 from tests.conftest import RedisProcess
 
 
@@ -226,7 +226,16 @@ async def test_adds_in_one_loop_turn_are_one_script_call(store: Store) -> None:
     assert [r.due_ms - res[0].due_ms for r in res] == [i * 1000 for i in range(200)]
     stats = await shard.client.info("commandstats")
     assert stats["cmdstat_evalsha"]["calls"] == 1
-    assert (await store.topic_stats("t"))["writes"] == 201
+    # a bigger burst is split into calls of at most ADD_BATCH jobs, each answered right
+    await shard.client.config_resetstat()
+    n, base = ADD_BATCH * 2 + 7, int(time.time() * 1000) + 60_000
+    res = await asyncio.gather(*(store.add("t", f"b{i}", {"i": i}, due_ms=base + i)
+                                 for i in range(n)))
+    assert [r.due_ms for r in res] == [base + i for i in range(n)]
+    stats = await shard.client.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 3
+    assert (await store.get("t", f"b{n - 1}") or {}).get("i") == n - 1
+    assert (await store.topic_stats("t"))["writes"] == 201 + n
     assert all([(await store.get("t", str(i)) or {}).get("i") == i for i in range(200)])
     # the same job twice in one batch: the second replaces the first
     again = await asyncio.gather(store.add("t", "dup", {"n": 1}), store.add("t", "dup", {"n": 2}))
