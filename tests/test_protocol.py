@@ -346,3 +346,33 @@ def test_round_trip_through_the_decoder() -> None:
     assert decode_reply(out[0]) == {"url": "a/b", "名": 1}  # type: ignore[arg-type]
     with pytest.raises(DqError):
         decode_reply(out[1])  # type: ignore[arg-type]
+
+
+def test_integers_beyond_64_bits_stay_exact() -> None:
+    """orjson would read these as floats; a 20-digit run takes the exact decoder."""
+    big = 2**70 + 1
+    for text in (f'{{"cmd":"add","topic":"t","id":"1","body":{{"n":{big}}}}}',
+                 f'{{"cmd":"add","topic":"t","id":"1","body":{{"n":-{big},"m":[{big}]}}}}'):
+        obj = decode_payload(text.encode())
+        assert isinstance(obj, dict) and abs(obj["body"]["n"]) == big
+        assert type(obj["body"]["n"]) is int
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text()
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300)
+@given(json_values)
+def test_fast_decoder_reads_what_the_stdlib_reads(value: Any) -> None:
+    """The orjson path and the stdlib path give the same object for any JSON text."""
+    for ensure_ascii in (True, False):
+        text = json.dumps({"cmd": "add", "v": value}, ensure_ascii=ensure_ascii)
+        obj = decode_payload(text.encode())
+        if isinstance(obj, FrameError):  # only what the stdlib path refuses too
+            assert "surrogate" in obj.msg or "nested" in obj.msg
+            continue
+        assert obj == json.loads(text)

@@ -282,3 +282,11 @@ def test_rendezvous_weights_are_stable() -> None:
         assert shards.owner(tid) is order[0] and shards.writable(tid) is order[0]
     # a golden value (computed by dq 0.1), so a change of hash function cannot pass unnoticed
     assert [s.name for s in shards.order("order:42")] == ["b", "c", "a"]
+
+
+async def test_body_with_integers_beyond_64_bits_round_trips(store: Store) -> None:
+    body = {"n": 2**70 + 1, "f": 1.5, "s": "中文", "l": [1, -2**65]}
+    await store.add("t", "big", body, delay_ms=60_000)
+    got = await store.get("t", "big")
+    assert got is not None
+    assert {k: got[k] for k in body} == body and type(got["n"]) is int
