@@ -237,7 +237,13 @@ class Consumer:
                                   "status": out.status, "ms": out.ms, "late_ms": late_ms,
                                   "ok": out.ok, "error": out.error})
         try:
-            await self._shielded(self._settle(topic, c, out))
+            if out.ok:
+                # The ack joins this loop turn's batch before its first await, so it is
+                # sent even if this delivery is cancelled now: no shield needed.
+                await self.store.ack(c, took_ms=out.ms)
+                self.delivered += 1
+            else:
+                await self._shielded(self._failed(topic, c, out))
         except SHARD_ERRORS as exc:
             self.failed += 1
             log.warning("%s: could not record the outcome of %s (%s: %s); it is delivered "
@@ -274,11 +280,8 @@ class Consumer:
         task.add_done_callback(self.writes.discard)
         await asyncio.shield(task)
 
-    async def _settle(self, topic: Topic, c: Claimed, out: Outcome) -> None:
-        if out.ok:
-            await self.store.ack(c, took_ms=out.ms)
-            self.delivered += 1
-            return
+    async def _failed(self, topic: Topic, c: Claimed, out: Outcome) -> None:
+        """Retry a failed attempt after its back-off, or keep it as a dead letter."""
         if c.attempt + 1 < max_attempts(topic, self.settings):
             await self.store.retry(c, retry_delay_ms(c.attempt, self.settings.retry_unit),
                                    took_ms=out.ms)

@@ -34,9 +34,11 @@ from dq.errors import UNAVAILABLE, DqError
 from dq.shards import SCRIPTS, Shard, ShardSet
 
 MINUTE_TTL = 2 * 3600  # per-minute counters feed the console's last-hour chart
-# Most adds in one script call: a bigger batch (a burst of pipelined adds) is split, so no
-# single call holds a shard for more than a few milliseconds.
+# Most jobs in one batched script call (add, ack): a bigger batch (a burst of pipelined
+# adds) is split, so no single call holds a shard for more than a few milliseconds.
 ADD_BATCH = 500
+# The scripts that take many jobs per call, and how many reply values each job gets.
+BATCHED = {"add": 2, "ack": 1}
 STAT_FIELDS = ("writes", "notifies", "ok", "fail", "retries", "dead", "dels")
 STATES = ("delayed", "ready", "inflight", "dead")
 # Upper bounds (seconds) of the delivery histograms' buckets; +Inf is implied.
@@ -120,13 +122,16 @@ def parse_payload(raw: bytes) -> Stored:
                   json.loads(body))
 
 
-# One add in a batch: (delay key, wake key, stat key, tid, payload, due or "", delay ms).
-AddJob = tuple[str, str, str, str, str, "int | str", int]
-# Called once per queued add: (replaced 0|1, due ms) or the error that sent it nowhere.
-AddDone = Callable[[Any, BaseException | None], None]
+# One job's part of a batched script call: its keys and its arguments. For an add:
+# (delay key, wake key, stat key), (tid, payload, due or "", delay ms).
+Part = tuple[tuple[str, ...], tuple[Any, ...]]
+AddJob = Part
+# Called once per queued job: its reply values, or the error that sent it nowhere.
+Done = Callable[[Any, BaseException | None], None]
+AddDone = Done
 
 
-def _settle_adds(done: list[AddDone], sent: asyncio.Future[Any]) -> None:
+def _settle(done: list[Done], width: int, sent: asyncio.Future[Any]) -> None:
     if sent.cancelled():
         exc: BaseException | None = asyncio.CancelledError()
     else:
@@ -137,7 +142,14 @@ def _settle_adds(done: list[AddDone], sent: asyncio.Future[Any]) -> None:
         return
     res = sent.result()
     for i, cb in enumerate(done):
-        cb(res[2 * i:2 * i + 2], None)
+        cb(res[width * i:width * i + width], None)
+
+
+def _to_future(fut: asyncio.Future[Any]) -> Done:
+    def done(res: Any, exc: BaseException | None) -> None:
+        if not fut.done():
+            fut.set_result(res) if exc is None else fut.set_exception(exc)
+    return done
 
 
 @dataclass(frozen=True)
@@ -223,7 +235,7 @@ class Store:
         self.k_wake = tuple(f"{prefix}wake:{b}" for b in range(buckets))
         self._day = ("", 0)
         self._times: dict[int, str] = {}
-        self._adds: dict[Shard, tuple[list[AddJob], list[AddDone]]] = {}
+        self._queued: dict[tuple[str, Shard], list[tuple[Part, Done]]] = {}
 
     # keys -------------------------------------------------------------------------------
     def bucket(self, tid: str) -> int:
@@ -288,53 +300,64 @@ class Store:
                        set_ms=now_ms, body=dumps(body))
         b = self.bucket(tid)
         shard = self.shards.writable(tid, exclude)
-        return shard, (self.k_delay[b], self.k_wake[b], self.k_stat(topic), tid, text,
-                       "" if due_ms is None else due_ms, delay_ms or 0)
+        return shard, ((self.k_delay[b], self.k_wake[b], self.k_stat(topic)),
+                       (tid, text, "" if due_ms is None else due_ms, delay_ms or 0))
+
+    # batched script calls ---------------------------------------------------------------
+    def batch_args(self, script: str, parts: Sequence[Part]) -> tuple[Any, ...]:
+        """EVALSHA arguments of one call of a batched script (add, ack) for these jobs, all
+        on one shard: the script's own keys and arguments, then each job's."""
+        args: list[Any] = [self.day(), MINUTE_TTL]
+        if script == "add":
+            keys = [self.k_jobs, self.k_inflight, self.k_dead, self.k_dead_err, self.k_minute()]
+        else:
+            keys = [self.k_jobs, self.k_inflight, self.k_minute()]
+        for part_keys, part_args in parts:
+            keys += part_keys
+            args += part_args
+        return (SCRIPTS[script][0], len(keys), *keys, *args)
 
     def add_args(self, jobs: Sequence[AddJob]) -> tuple[Any, ...]:
-        """EVALSHA arguments of one add script call for these jobs (all on one shard)."""
-        keys: list[str] = [self.k_jobs, self.k_inflight, self.k_dead, self.k_dead_err,
-                           self.k_minute()]
-        args: list[Any] = [self.day(), MINUTE_TTL]
-        for job in jobs:
-            keys += job[:3]
-            args += job[3:]
-        return (SCRIPTS["add"][0], len(keys), *keys, *args)
+        return self.batch_args("add", jobs)
 
-    def add_nowait(self, shard: Shard, job: AddJob, done: AddDone) -> None:
-        """Queue an add without a coroutine (the server's hot path). The adds queued for a
-        shard in one loop turn go out as one script call; `done` gets each one's
-        (replaced, due ms), or the error (NoScriptError when Redis lost its scripts, or an
-        unavailable DqError) for the caller to retry through `Shard.evalsha`."""
-        batch = self._adds.get(shard)
+    def queue(self, script: str, shard: Shard, part: Part, done: Done) -> None:
+        """Queue one job's call of a batched script without a coroutine (the server's hot
+        path). What is queued for a shard in one loop turn goes out as one script call;
+        `done` gets the job's reply values, or the error (NoScriptError when Redis lost its
+        scripts, or an unavailable DqError) for the caller to retry via `Shard.evalsha`."""
+        key = (script, shard)
+        batch = self._queued.get(key)
         if batch is None:
-            batch = self._adds[shard] = ([], [])
+            batch = self._queued[key] = []
             # the connection's loop: asyncio.get_running_loop() would cost a syscall
             loop = shard.conn.loop if shard.conn.connected else None
-            (loop or asyncio.get_running_loop()).call_soon(self._send_adds, shard)
-        batch[0].append(job)
-        batch[1].append(done)
+            (loop or asyncio.get_running_loop()).call_soon(self._send, script, shard)
+        batch.append((part, done))
 
-    def _send_adds(self, shard: Shard) -> None:
-        jobs, done = self._adds.pop(shard)
-        for i in range(0, len(jobs), ADD_BATCH):
-            sent = shard.conn.call_nowait("EVALSHA", *self.add_args(jobs[i:i + ADD_BATCH]))
-            sent.add_done_callback(functools.partial(_settle_adds, done[i:i + ADD_BATCH]))
+    def add_nowait(self, shard: Shard, job: AddJob, done: AddDone) -> None:
+        """Queue an add; `done` gets (replaced 0|1, due ms). See `queue`."""
+        self.queue("add", shard, job, done)
 
-    async def _add_on(self, shard: Shard, job: AddJob) -> Any:
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    def _send(self, script: str, shard: Shard) -> None:
+        items = self._queued.pop((script, shard))
+        width = BATCHED[script]
+        for i in range(0, len(items), ADD_BATCH):
+            chunk = items[i:i + ADD_BATCH]
+            sent = shard.conn.call_nowait("EVALSHA", *self.batch_args(
+                script, [part for part, _ in chunk]))
+            sent.add_done_callback(functools.partial(_settle, [d for _, d in chunk], width))
 
-        def done(res: Any, exc: BaseException | None) -> None:
-            if not fut.done():
-                fut.set_result(res) if exc is None else fut.set_exception(exc)
-
+    async def _batched(self, script: str, shard: Shard, part: Part) -> Any:
+        """One job's call of a batched script, sharing the loop turn's call when the
+        shard's connection is up; otherwise (or when that fails) on its own."""
         if shard.conn.connected and not shard.open_until:
-            self.add_nowait(shard, job, done)
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self.queue(script, shard, part, _to_future(fut))
             try:
                 return await fut
             except (NoScriptError, DqError):
                 pass  # Shard.evalsha below reloads scripts, reconnects, marks health
-        return await shard.evalsha(self.add_args([job]))
+        return await shard.evalsha(self.batch_args(script, [part]))
 
     async def add(self, topic: str, job_id: str, body: dict[str, Any], *, priority: int = 2,
                   due_ms: int | None = None, delay_ms: int | None = None) -> AddResult:
@@ -343,7 +366,7 @@ class Store:
         shard, job = self.add_job(topic, job_id, body, priority=priority, due_ms=due_ms,
                                   delay_ms=delay_ms)
         try:
-            res = await self._add_on(shard, job)
+            res = await self._batched("add", shard, job)
         except DqError as exc:
             if exc.err != UNAVAILABLE:
                 raise
@@ -484,10 +507,11 @@ class Store:
 
     async def ack(self, c: Claimed, *, took_ms: int | None = None) -> bool:
         """Delete a delivered job; `took_ms` (the call's duration) feeds the histograms."""
-        keys = (self.k_jobs, self.k_inflight, self.k_stat(c.topic), self.k_minute(),
-                self.k_hist(c.topic))
-        args = (c.tid, c.version, self.day(), MINUTE_TTL, *self.observe(c, took_ms))
-        return bool(await c.shard.script("ack", keys, args))
+        obs = self.observe(c, took_ms)
+        part = ((self.k_stat(c.topic), self.k_hist(c.topic)),
+                (c.tid, c.version, len(obs) // 2, *obs))
+        res = await self._batched("ack", c.shard, part)
+        return bool(res[0])
 
     async def retry(self, c: Claimed, delay_ms: int, *, took_ms: int | None = None) -> bool:
         """Reschedule after a failed attempt; False when the job changed meanwhile."""

@@ -290,3 +290,30 @@ async def test_body_with_integers_beyond_64_bits_round_trips(store: Store) -> No
     got = await store.get("t", "big")
     assert got is not None
     assert {k: got[k] for k in body} == body and type(got["n"]) is int
+
+
+async def test_acks_in_one_loop_turn_are_one_script_call(store: Store) -> None:
+    shard = store.shards.shards[0]
+    for topic in ("t", "u"):
+        for i in range(30):
+            await store.add(topic, str(i), {}, delay_ms=0)
+    await store.add("t", "stale", {}, delay_ms=0)
+    await store.move_due(shard, range(store.buckets))
+    claimed = await store.claim(shard, 100, [1, 2, 3], 30_000)
+    assert len(claimed) == 61
+    stale = next(c for c in claimed if c.id == "stale")
+    await store.add("t", "stale", {"new": 1}, delay_ms=60_000)  # replaced while in flight
+    await shard.client.config_resetstat()
+    res = await asyncio.gather(*(store.ack(c, took_ms=7 if c.topic == "t" else 70)
+                                 for c in claimed))
+    assert (await shard.client.info("commandstats"))["cmdstat_evalsha"]["calls"] == 1
+    assert [r for c, r in zip(claimed, res, strict=True) if c is not stale] == [True] * 60
+    assert res[claimed.index(stale)] is False
+    assert (await store.get("t", "stale") or {}).get("new") == 1  # the new job survives
+    assert await shard.client.zcard(store.k_inflight) == 0
+    assert await shard.client.hlen(store.k_jobs) == 1  # only the replaced job is left
+    t, u = await store.topic_stats("t"), await store.topic_stats("u")
+    assert (t["ok"], t["notifies"], u["ok"], u["notifies"]) == (31, 31, 30, 30)
+    h_t, h_u = (await store.histograms("t"))["cb"], (await store.histograms("u"))["cb"]
+    assert (h_t.count, h_u.count) == (31, 30)
+    assert h_t.sum == pytest.approx(31 * 0.007) and h_u.sum == pytest.approx(30 * 0.07)
