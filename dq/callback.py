@@ -114,6 +114,9 @@ def _field(value: Any) -> str | None:
 _PLAIN = re.compile(r"[A-Za-z0-9_.~-]*").fullmatch  # what quote_plus leaves as it is
 
 
+# Field names and many values repeat from job to job (notify_time and dq_set_time are
+# the same for every job of a second), and quote_plus is slow: keep recent answers.
+@functools.lru_cache(maxsize=8192)
 def _quote(text: str) -> str:
     return text if _PLAIN(text) else quote_plus(text)
 
