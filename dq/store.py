@@ -84,11 +84,14 @@ def _le(bound: float) -> str:
     return "+Inf" if bound == math.inf else repr(bound)
 
 
+# Each histogram's bucket fields, `<name>:<le>`, in bound order and then +Inf.
+_HIST_FIELDS = {name: [f"{name}:{_le(b)}" for b in bounds] + [f"{name}:+Inf"]
+                for name, bounds in HISTOGRAMS.items()}
+
+
 def _hist_field(name: str, ms: int) -> str:
     """The bucket field an observation of `ms` milliseconds lands in: `<name>:<le>`."""
-    bounds = HISTOGRAMS[name]
-    i = bisect.bisect_left(bounds, ms / 1000)
-    return f"{name}:{_le(bounds[i]) if i < len(bounds) else '+Inf'}"
+    return _HIST_FIELDS[name][bisect.bisect_left(HISTOGRAMS[name], ms / 1000)]
 
 
 @dataclass(frozen=True, slots=True)
