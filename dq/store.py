@@ -18,6 +18,7 @@ import functools
 import itertools
 import json
 import math
+import re
 import secrets
 import time
 import zlib
@@ -57,6 +58,7 @@ def split_tid(tid: str) -> tuple[str, str]:
     return topic, job_id
 
 
+_LONG_NUMBER = re.compile(rb"\d{20}")
 _VERSION_PREFIX = secrets.token_hex(4)
 _version_seq = itertools.count(1)
 
@@ -121,8 +123,9 @@ def parse_payload(raw: bytes) -> Stored:
                       int(data.get("due", 0)), int(data.get("set", 0)), data.get("body", {}))
     version, prio, attempt, due_hex, ahead, body = raw.split(b"|", 5)
     due = int(due_hex, 16)
-    return Stored(version.decode(), int(prio), int(attempt), due, due - int(ahead, 16),
-                  json.loads(body))
+    # orjson would read integers beyond 64 bits as floats: those bodies take json.
+    data = json.loads(body) if _LONG_NUMBER.search(body) else orjson.loads(body)
+    return Stored(version.decode(), int(prio), int(attempt), due, due - int(ahead, 16), data)
 
 
 # One job's part of a batched script call: its keys and its arguments. For an add:

@@ -145,6 +145,12 @@ def test_priority_order_is_weighted() -> None:
     assert abs(firsts[2] / 20000 - 0.3) < 0.02
     assert all(sorted(priority_order((5, 3, 2), rng)) == [1, 2, 3] for _ in range(100))
     assert all(priority_order((0, 1, 0), rng)[0] == 2 for _ in range(100))
+    # the second is drawn by weight among the rest: after 1, 2 comes next 3 times in 5
+    after_1 = [o[1] for o in (priority_order((5, 3, 2), rng) for _ in range(20000))
+               if o[0] == 1]
+    assert abs(after_1.count(2) / len(after_1) - 0.6) < 0.03
+    assert priority_order((0, 0, 0), rng) == [1, 2, 3]
+    assert priority_order([1, 0, 0], rng) == [1, 2, 3]  # zero weights last, in order
     assert retry_delay_ms(0, 60) == 60_000 and retry_delay_ms(2, 1.5) == 7_500
 
 
