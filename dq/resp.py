@@ -31,11 +31,21 @@ def _encode(arg: Any) -> bytes:
 
 
 def pack(args: tuple[Any, ...]) -> bytes:
-    """One command in RESP: *<n> then $<len> <bytes> per argument."""
+    """One command in RESP: *<n> then $<len> <bytes> per argument. (A batch of adds is a
+    few thousand arguments: the common types are spelled out here, not in a call each.)"""
     parts = [b"*%d\r\n" % len(args)]
+    append = parts.append
     for a in args:
-        b = _encode(a)
-        parts.append(b"$%d\r\n%b\r\n" % (len(b), b))
+        t = type(a)
+        if t is str:
+            b = a.encode()
+        elif t is int:
+            b = b"%d" % a
+        elif t is bytes:
+            b = a
+        else:
+            b = _encode(a)
+        append(b"$%d\r\n%b\r\n" % (len(b), b))
     return b"".join(parts)
 
 
