@@ -22,7 +22,8 @@ and backs off from 5 to 50 ms while nothing is ready. Each claimed job runs as i
 
 Stopping: when `ctx.stopping` is set the claim loops stop, callbacks in flight get
 `settings.grace` seconds to finish, the rest are cancelled (their leases expire and timers
-requeue them), and the final ack/retry/bury writes are shielded from that cancellation.
+requeue them). A final write survives that cancellation: an ack is queued in the loop
+turn's batched ack call before the delivery first waits, and retry/bury are shielded.
 """
 
 from __future__ import annotations
