@@ -349,9 +349,15 @@ class Store:
         width = BATCHED[script]
         for i in range(0, len(items), ADD_BATCH):
             chunk = items[i:i + ADD_BATCH]
-            sent = shard.conn.call_nowait("EVALSHA", *self.batch_args(
-                script, [part for part, _ in chunk]))
-            sent.add_done_callback(functools.partial(_settle, [d for _, d in chunk], width))
+            done = [d for _, d in chunk]
+            try:
+                sent = shard.conn.call_nowait("EVALSHA", *self.batch_args(
+                    script, [part for part, _ in chunk]))
+            except Exception as exc:  # a bug here must fail these jobs, not strand them
+                for cb in done:
+                    cb(None, exc)
+                continue
+            sent.add_done_callback(functools.partial(_settle, done, width))
 
     async def _batched(self, script: str, shard: Shard, part: Part) -> Any:
         """One job's call of a batched script, sharing the loop turn's call when the

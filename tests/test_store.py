@@ -317,3 +317,20 @@ async def test_acks_in_one_loop_turn_are_one_script_call(store: Store) -> None:
     h_t, h_u = (await store.histograms("t"))["cb"], (await store.histograms("u"))["cb"]
     assert (h_t.count, h_u.count) == (31, 30)
     assert h_t.sum == pytest.approx(31 * 0.007) and h_u.sum == pytest.approx(30 * 0.07)
+
+
+async def test_a_batch_that_cannot_be_sent_fails_its_jobs(store: Store) -> None:
+    """A job part Redis cannot be sent (a bug) fails that batch's jobs with the error
+    instead of leaving their callers waiting forever."""
+    shard = store.shards.shards[0]
+    await store.add("t", "warm", {})  # connects
+    got: list[BaseException | None] = []
+    store.queue("add", shard, ((store.k_delay[0], store.k_wake[0], store.k_stat("t")),
+                               ("t:x", object(), "", 0)), lambda res, exc: got.append(exc))
+    store.queue("add", shard, ((store.k_delay[0], store.k_wake[0], store.k_stat("t")),
+                               ("t:y", "1|2|0|1|0|{}", "", 0)), lambda res, exc: got.append(exc))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert len(got) == 2 and all(isinstance(e, TypeError) for e in got)
+    # the connection and later adds are unaffected
+    assert not (await store.add("t", "after", {"a": 1})).replaced
