@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 import orjson
 
 from dq.errors import BAD_REQUEST, TOO_LARGE, UNAVAILABLE, DqError
+from dq.fastjson import has_long_number
 
 MAX_FRAME: Final = 9999  # the most 4 decimal digits can declare
 MAX_DEPTH: Final = 100  # JSON nesting we accept, so anything decoded can be re-encoded anywhere
@@ -57,7 +58,6 @@ def _finite_float(text: str) -> float:
 _decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 # orjson decodes ~4x faster, but reads integers beyond 64 bits as floats: a frame with a
 # run of 20 digits (or anything orjson refuses) takes the exact stdlib path instead.
-_LONG_NUMBER = re.compile(rb"\d{20}")
 _UNDECODED = object()
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -111,7 +111,7 @@ def _stdlib_decode(payload: bytes | bytearray) -> Any:
 def decode_payload(payload: bytes | bytearray) -> Frame | FrameError:
     """Decode one frame's JSON text into a request object, or say what is wrong with it."""
     obj: Any = _UNDECODED
-    if not _LONG_NUMBER.search(payload):
+    if not has_long_number(payload):
         try:  # refuses (for the stdlib path to explain) NaN, lone surrogates, bad UTF-8
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
@@ -265,7 +265,7 @@ def _topic(obj: Frame) -> str:
     if not isinstance(topic, str) or not 0 < len(topic) <= MAX_TOPIC:
         raise _bad(f"topic must be a registered topic's name: a string of 1 to {MAX_TOPIC} "
                    f"characters, e.g. \"order\" (got {_show(topic)})")
-    if ":" in topic or _CONTROL.search(topic):
+    if ":" in topic or (not topic.isprintable() and _CONTROL.search(topic)):
         raise _bad(f"topic must not contain ':' or control characters (the job key is "
                    f"topic:id); send the registered topic's name (got {_show(topic)})")
     return topic
@@ -278,7 +278,9 @@ def _id(obj: Frame) -> str:
     if not isinstance(job_id, str) or not 0 < len(job_id) <= MAX_ID:
         raise _bad(f"id must be a string of 1 to {MAX_ID} characters or an integer, "
                    f"e.g. \"42\" (got {_show(job_id)})")
-    if _CONTROL.search(job_id):
+    # isprintable() is False for every control character (and for a few other ones, which
+    # the search then lets through): most ids are printable and skip the search.
+    if not job_id.isprintable() and _CONTROL.search(job_id):
         raise _bad(f"id must not contain control characters (got {_show(job_id)})")
     return job_id
 
@@ -325,20 +327,20 @@ def _parse_fix_time(value: Any, tz: ZoneInfo | None) -> int:
 
 def _when(obj: Frame, now_ms: int | None, tz: ZoneInfo | None) -> tuple[int | None, int | None]:
     """(due_ms, delay_ms) from fix_time, due_ms or delay; (None, None) for the topic's delay."""
-    given = [k for k in ("fix_time", "delay", "due_ms") if obj.get(k) is not None]
+    fix, delay, due = obj.get("fix_time"), obj.get("delay"), obj.get("due_ms")
+    given = (fix is not None) + (delay is not None) + (due is not None)
     if not given:
         return None, None
-    if len(given) > 1:
-        raise _bad(f"give at most one of fix_time, delay and due_ms (got {', '.join(given)})")
-    if given[0] == "fix_time":
-        return _fix_time_ms(obj["fix_time"], tz), None
-    if given[0] == "due_ms":
-        due = obj["due_ms"]
+    if given > 1:
+        names = [k for k in ("fix_time", "delay", "due_ms") if obj.get(k) is not None]
+        raise _bad(f"give at most one of fix_time, delay and due_ms (got {', '.join(names)})")
+    if fix is not None:
+        return _fix_time_ms(fix, tz), None
+    if due is not None:
         if type(due) is not int or not 0 <= due <= MAX_DUE_MS:
             raise _bad(f"due_ms must be an integer of epoch milliseconds, e.g. 1893456000000 "
                        f"(got {_show(due)})")
         return due, None
-    delay = obj["delay"]
     now = int(time.time() * 1000) if now_ms is None else now_ms
     longest = (MAX_DUE_MS - now) / 1000
     # The comparison also refuses NaN and infinities.

@@ -212,10 +212,20 @@ class ShardSet:
         return sorted(self.shards, key=lambda s: s.weight(key), reverse=True)
 
     def owner(self, tid: str) -> Shard:
-        if len(self.shards) == 1:
-            return self.shards[0]
+        """The shard with the highest weight for the tid (the first of equals), spelled out:
+        it runs once per add. Digests of one length compare as their big-endian ints do."""
+        shards = self.shards
+        if len(shards) == 1:
+            return shards[0]
         key = tid.encode()
-        return max(self.shards, key=lambda s: s.weight(key))
+        best, top = shards[0], b""
+        for shard in shards:
+            h = shard._name_hash.copy()
+            h.update(key)
+            digest = h.digest()
+            if digest > top:
+                best, top = shard, digest
+        return best
 
     def writable(self, tid: str, exclude: Collection[str] = ()) -> Shard:
         """The shard an add goes to: the owner, or the next healthy one while it is down.

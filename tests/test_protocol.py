@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dq.errors import BAD_REQUEST, TOO_LARGE, UNAVAILABLE, DqError
+from dq.fastjson import has_long_number
 from dq.protocol import (
     MAX_DEPTH,
     OK_EMPTY,
@@ -376,3 +378,28 @@ def test_fast_decoder_reads_what_the_stdlib_reads(value: Any) -> None:
             assert "surrogate" in obj.msg or "nested" in obj.msg
             continue
         assert obj == json.loads(text)
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=80) | st.text(alphabet="0123456789a٣\"{}:,.-e", max_size=80).map(str.encode))
+def test_long_number_check_matches_the_regex(text: bytes) -> None:
+    """The translate-and-search check finds exactly what re's \\d{20} finds (ASCII digits:
+    other scripts' digits are no JSON number)."""
+    assert has_long_number(text) == bool(re.search(rb"\d{20}", text))
+    assert has_long_number(bytearray(text)) == has_long_number(text)
+
+
+@pytest.mark.parametrize("char", [chr(c) for c in [*range(0x20), 0x7f]])
+def test_control_characters_are_refused_in_topic_and_id(char: str) -> None:
+    for field, value in (("topic", f"or{char}der"), ("id", f"4{char}2")):
+        obj = {"cmd": "add", "topic": "order", "id": "42", field: value}
+        with pytest.raises(DqError, match="control characters") as info:
+            parse_request(obj)
+        assert info.value.err == BAD_REQUEST
+
+
+def test_other_unprintable_characters_are_allowed_in_topic_and_id() -> None:
+    """Only ASCII control characters are refused, as before the isprintable() fast path."""
+    for text in ("a\u00a0b", "a\u2028b", "\u200bx", "名前"):
+        req = parse_request({"cmd": "add", "topic": text, "id": text})
+        assert isinstance(req, AddRequest) and (req.topic, req.id) == (text, text)
