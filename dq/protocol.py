@@ -327,7 +327,9 @@ def _parse_fix_time(value: Any, tz: ZoneInfo | None) -> int:
 
 def _when(obj: Frame, now_ms: int | None, tz: ZoneInfo | None) -> tuple[int | None, int | None]:
     """(due_ms, delay_ms) from fix_time, due_ms or delay; (None, None) for the topic's delay."""
-    fix, delay, due = obj.get("fix_time"), obj.get("delay"), obj.get("due_ms")
+    fix: Any = obj.get("fix_time")
+    delay: Any = obj.get("delay")
+    due: Any = obj.get("due_ms")
     given = (fix is not None) + (delay is not None) + (due is not None)
     if not given:
         return None, None

@@ -381,7 +381,8 @@ def test_fast_decoder_reads_what_the_stdlib_reads(value: Any) -> None:
 
 
 @settings(max_examples=500)
-@given(st.binary(max_size=80) | st.text(alphabet="0123456789a٣\"{}:,.-e", max_size=80).map(str.encode))
+@given(st.binary(max_size=80)
+       | st.text(alphabet="0123456789a٣\"{}:,.-e", max_size=80).map(str.encode))
 def test_long_number_check_matches_the_regex(text: bytes) -> None:
     """The translate-and-search check finds exactly what re's \\d{20} finds (ASCII digits:
     other scripts' digits are no JSON number)."""
