@@ -57,7 +57,7 @@ def _finite_float(text: str) -> float:
 
 _decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 # orjson decodes ~4x faster, but reads integers beyond 64 bits as floats: a frame with a
-# run of 20 digits (or anything orjson refuses) takes the exact stdlib path instead.
+# run of 19 digits (or anything orjson refuses) takes the exact stdlib path instead.
 _UNDECODED = object()
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
