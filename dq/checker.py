@@ -6,6 +6,10 @@ shard that fails continuously for `settings.shard_down_after` seconds is marked 
 instance follows: adds go to the next shard in the tid's rendezvous order, and loops stop
 working the shard. It is marked UP as soon as it answers again. One log line per change.
 
+After each round it moves guests home (`Checker.sweep`, `Store.sweep_guests`): jobs written
+to a shard while their owner was down go back to the owner once it answers, so that adding
+one again cannot leave two copies that both fire.
+
 Mail goes to the registry's Redis-down recipients (`AlertConf.redis_emails`): one when a
 shard goes down and one when it comes back. Outage mails are rate-limited to one per shard
 every `mail_every` seconds; an outage that starts within that window is mailed when the
@@ -17,6 +21,7 @@ mails per window, and the last mail always tells the current state.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import re
@@ -31,6 +36,7 @@ from dq.errors import DqError
 from dq.health import ShardHealth, health_path, read_health, safe_name, write_health
 from dq.registry import Registry
 from dq.shards import Shard, ShardSet
+from dq.store import GUEST_BATCH, Store
 from dq.worker import Context, shard_urls
 
 log = logging.getLogger(__name__)
@@ -93,7 +99,7 @@ class Checker:
         self.states = {s.name: ShardState(safe_name(s.name), since=time.time())
                        for s in shards.shards}
         self.mails: set[asyncio.Task[bool]] = set()
-        self.rounds = self.failures = self.changes = self.mailed = 0
+        self.rounds = self.failures = self.changes = self.mailed = self.guests_moved = 0
         self._saved = False
         self._resume()
 
@@ -124,6 +130,37 @@ class Checker:
         if changed or not self._saved:
             self.save()
         self.mail_due(now)
+
+    def answering(self, shard: Shard) -> bool:
+        """Up, and answered the last ping."""
+        st = self.states[shard.name]
+        return st.up and st.failing_since is None
+
+    async def sweep(self, store: Store, budget: float) -> None:
+        """Move guests (jobs written to a shard while their owner was down) home to owners
+        that answer again, for at most about `budget` seconds: a job left where it was
+        written would fire twice if it were added again on its owner."""
+        deadline = time.monotonic() + budget
+        for shard in self.shards.shards:
+            total = collections.Counter[str]()
+            while self.answering(shard) and time.monotonic() < deadline:
+                try:
+                    counts = await store.sweep_guests(shard, self.answering)
+                except DqError as exc:
+                    log.debug("%s: cannot sweep guests on %s: %s", self.ctx.name, shard.name,
+                              exc)
+                    break
+                total += counts
+                if sum(counts.values()) < GUEST_BATCH or not sum(
+                        n for k, n in counts.items() if k not in ("busy", "error")):
+                    break  # all seen, or only jobs being delivered (or failing) are left
+            homed = total["moved"] + total["superseded"]
+            if homed or total["error"]:
+                log.info("%s: moved %d guest jobs home from shard %s (%s)", self.ctx.name,
+                         homed, self.states[shard.name].name,
+                         " ".join(f"{k}={n}" for k, n in sorted(total.items())),
+                         extra={"shard": self.states[shard.name].name, "moved": homed})
+            self.guests_moved += homed
 
     def observe(self, st: ShardState, error: str, now: float) -> bool:
         """Apply one ping result; True when the shard's recorded state changed."""
@@ -183,7 +220,7 @@ class Checker:
             subject = f"[dq] redis shard {st.name} is back UP"
             lines = [f"The redis shard {st.name} answers again since {since}.",
                      "Its jobs are being delivered again; jobs written to other shards "
-                     "while it was down stay there and are delivered from there."]
+                     "while it was down are moved back to it."]
         else:
             subject = f"[dq] redis shard {st.name} is DOWN"
             lines = [f"The redis shard {st.name} has not answered PING since {since} "
@@ -246,6 +283,7 @@ async def run(ctx: Context, *, registry: Registry | None = None,
                     "without alert mail", ctx.name, exc)
     shards = ShardSet.from_urls(shard_urls(settings, extra), command_timeout=2.0)
     checker = Checker(ctx, shards, registry=registry, mail_every=mail_every)
+    store = Store(shards, prefix=settings.prefix, buckets=settings.buckets, zone=settings.zone)
     log.info("%s started: %d shard(s), every %.1f s, down after %.1f s, record %s", ctx.name,
              len(shards.shards), settings.checker_interval, settings.shard_down_after,
              checker.path)
@@ -254,6 +292,7 @@ async def run(ctx: Context, *, registry: Registry | None = None,
             started = time.monotonic()
             await checker.check()
             ctx.ready.set()
+            await checker.sweep(store, budget=settings.checker_interval / 2)
             wait = max(0.0, settings.checker_interval - (time.monotonic() - started))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
@@ -263,5 +302,6 @@ async def run(ctx: Context, *, registry: Registry | None = None,
         await shards.close()
         if own_registry and registry is not None:
             registry.close()
-        log.info("%s stopped: rounds=%d failures=%d changes=%d mailed=%d", ctx.name,
-                 checker.rounds, checker.failures, checker.changes, checker.mailed)
+        log.info("%s stopped: rounds=%d failures=%d changes=%d mailed=%d guests_moved=%d",
+                 ctx.name, checker.rounds, checker.failures, checker.changes, checker.mailed,
+                 checker.guests_moved)

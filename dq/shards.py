@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SCRIPT_NAMES = (
     "add", "delete", "move_due", "claim", "ack", "retry", "bury", "requeue_expired", "redrive",
+    "guest_take", "guest_land", "guest_drop",
 )
 
 
@@ -232,18 +233,23 @@ class ShardSet:
 
         Shards named in `exclude` (one just failed this add) are passed over too; when
         none is healthy, the first one not excluded is returned (and will say why)."""
+        return self.route(tid, exclude)[0]
+
+    def route(self, tid: str, exclude: Collection[str] = ()) -> tuple[Shard, bool]:
+        """`writable`, and whether that shard is the tid's owner (else the job written
+        there is a guest, to be moved home when the owner is back)."""
         if not exclude:  # the hot path: the owner, found without sorting the others
             owner = self.owner(tid)
             if owner.up:
-                return owner
+                return owner, True
         order = self.order(tid)
         for shard in order:
             if shard.up and shard.name not in exclude:
-                return shard
+                return shard, shard is order[0]
         for shard in order:
             if shard.name not in exclude:
-                return shard
-        return order[0]
+                return shard, shard is order[0]
+        return order[0], True
 
     def attach_health(self, reader: HealthReader) -> None:
         """Let the shared health record (dq/health.py) mark these shards up and down."""

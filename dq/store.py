@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
+import contextlib
 import functools
 import itertools
 import json
+import logging
 import math
 import secrets
 import time
@@ -36,7 +39,10 @@ from dq.shards import SCRIPTS, Shard, ShardSet
 MINUTE_TTL = 2 * 3600  # per-minute counters feed the console's last-hour chart
 # Most jobs in one batched script call (add, ack): a bigger batch (a burst of pipelined
 # adds) is split, so no single call holds a shard for more than a few milliseconds.
+log = logging.getLogger(__name__)
+
 ADD_BATCH = 500
+GUEST_BATCH = 500  # guests moved home per sweep call
 # The scripts that take many jobs per call, and how many reply values each job gets.
 BATCHED = {"add": 2, "ack": 1}
 STAT_FIELDS = ("writes", "notifies", "ok", "fail", "retries", "dead", "dels")
@@ -117,7 +123,7 @@ def parse_payload(raw: bytes) -> Stored:
 
 
 # One job's part of a batched script call: its keys and its arguments. For an add:
-# (delay key, wake key, stat key), (tid, payload, due or "", delay ms).
+# (delay key, wake key, stat key), (tid, payload, due or "", delay ms, guest 1|0).
 Part = tuple[tuple[str, ...], tuple[Any, ...]]
 AddJob = Part
 # Called once per queued job: its reply values, or the error that sent it nowhere.
@@ -224,6 +230,8 @@ class Store:
         self.k_inflight = prefix + "inflight"
         self.k_dead = prefix + "dead"
         self.k_dead_err = prefix + "dead:err"
+        self.k_guests = prefix + "guests"
+        self.k_moving = prefix + "moving"
         self.k_ready = tuple(f"{prefix}ready:{p}" for p in (1, 2, 3))
         self.k_delay = tuple(f"{prefix}delay:{b}" for b in range(buckets))
         self.k_wake = tuple(f"{prefix}wake:{b}" for b in range(buckets))
@@ -293,9 +301,10 @@ class Store:
         text = payload(version=new_version(), priority=priority, due_ms=est_due, attempt=0,
                        set_ms=now_ms, body=fastjson.dumps(body))
         b = self.bucket(tid)
-        shard = self.shards.writable(tid, exclude)
+        shard, owned = self.shards.route(tid, exclude)
         return shard, ((self.k_delay[b], self.k_wake[b], self.k_stat(topic)),
-                       (tid, text, "" if due_ms is None else due_ms, delay_ms or 0))
+                       (tid, text, "" if due_ms is None else due_ms, delay_ms or 0,
+                        0 if owned else 1))
 
     # batched script calls ---------------------------------------------------------------
     def batch_args(self, script: str, parts: Sequence[Part]) -> tuple[Any, ...]:
@@ -303,7 +312,8 @@ class Store:
         on one shard: the script's own keys and arguments, then each job's."""
         args: list[Any] = [self.day(), MINUTE_TTL]
         if script == "add":
-            keys = [self.k_jobs, self.k_inflight, self.k_dead, self.k_dead_err, self.k_minute()]
+            keys = [self.k_jobs, self.k_inflight, self.k_dead, self.k_dead_err, self.k_minute(),
+                    self.k_guests]
         else:
             keys = [self.k_jobs, self.k_inflight, self.k_minute()]
         for part_keys, part_args in parts:
@@ -428,6 +438,78 @@ class Store:
             raise DqError(UNAVAILABLE, f"job {tid} not found on the reachable shards and "
                           f"{failed} shard(s) did not answer; retry shortly")
         return deleted
+
+    # guests: jobs written to a shard while their owner was down -------------------------
+    async def guests(self, shard: Shard) -> int:
+        """How many guests `shard` holds (jobs whose owner is another shard)."""
+        return int(await shard.call("SCARD", self.k_guests))
+
+    async def sweep_guests(self, shard: Shard, usable: Callable[[Shard], bool],
+                           limit: int = GUEST_BATCH) -> collections.Counter[str]:
+        """Move up to `limit` of the guests on `shard` home to their owners, where `usable`
+        says the owner answers; the outcome of each, counted. Safe to run from several
+        processes at once, and to be killed at any point: a job taken out of its bucket
+        here is marked moving, and the next sweep finishes or undoes the move."""
+        counts = collections.Counter[str]()
+        # A move a dead mover left midway, whose owner is down now: back in its bucket here.
+        for raw in await shard.call("HKEYS", self.k_moving):
+            tid = raw.decode()
+            if not usable(self.shards.owner(tid)):
+                b = self.bucket(tid)
+                version = (await shard.call("HGET", self.k_moving, tid) or b"").split(b"|")[0]
+                counts[(await shard.script("guest_drop", (
+                    self.k_jobs, self.k_delay[b], self.k_guests, self.k_moving, self.k_wake[b]),
+                    (tid, "untake", version))).decode()] += 1
+        tids = [t.decode() for t in await shard.call("SRANDMEMBER", self.k_guests, limit)]
+        tids = [t for t in tids if usable(self.shards.owner(t)) or self.shards.owner(t) is shard]
+        done = await asyncio.gather(*(self._move_home(shard, t, usable) for t in tids),
+                                    return_exceptions=True)
+        for tid, outcome in zip(tids, done, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, DqError):
+                    log.error("moving guest %r home failed", tid, exc_info=outcome)
+                counts["error"] += 1
+            else:
+                counts[outcome] += 1
+        return counts
+
+    async def _move_home(self, here: Shard, tid: str, usable: Callable[[Shard], bool]) -> str:
+        owner = self.shards.owner(tid)
+        if owner is here:  # the shard list changed: this shard owns it now
+            await here.call("SREM", self.k_guests, tid)
+            return "owned"
+        b = self.bucket(tid)
+        res = await here.script("guest_take", (self.k_jobs, self.k_delay[b], self.k_dead,
+                                               self.k_guests, self.k_moving), (tid,))
+        status, payload, due, version = (res[0].decode(), res[1], int(res[2]),
+                                         res[3].decode())
+        if status not in ("take", "changed"):
+            return status  # gone, stay (a dead letter) or busy (being delivered here)
+        land_keys = (self.k_jobs, self.k_delay[b], self.k_wake[b], self.k_inflight,
+                     self.k_dead, self.k_dead_err)
+        drop_keys = (self.k_jobs, self.k_delay[b], self.k_guests, self.k_moving,
+                     self.k_wake[b])
+        if status == "changed":  # an earlier move stopped midway, and the job changed here
+            if not usable(owner):
+                return "busy"  # undo a copy it may have landed once the owner answers
+            await owner.script("guest_land", land_keys, (tid, "undo", version, "", 0, 0))
+            await here.script("guest_drop", drop_keys, (tid, "drop", version))
+            return "changed"
+        landed = b""
+        if usable(owner):
+            with contextlib.suppress(DqError):
+                landed = await owner.script("guest_land", land_keys, (
+                    tid, "land", version, payload, due, parse_payload(payload).set_ms))
+        if not landed:  # the owner is down again: put the job back in its bucket here
+            await here.script("guest_drop", drop_keys, (tid, "untake", version))
+            return "untaken"
+        dropped = await here.script("guest_drop", drop_keys, (tid, "drop", version))
+        if landed == b"landed" and dropped in (b"changed", b"kept"):
+            # deleted or replaced here meanwhile (or put back by another mover): the copy
+            # just written on the owner must not fire
+            await owner.script("guest_land", land_keys, (tid, "undo", version, "", 0, 0))
+            return "changed"
+        return "moved" if landed == b"landed" else "superseded"
 
     async def lookup(self, topic: str, job_id: str) -> JobInfo | None:
         """A job's state for the console (not a hot path)."""

@@ -294,10 +294,25 @@ async def test_shard_outage_failover_alert_and_recovery(
         # every job added since r2 stopped went to r1: all are delivered while r2 is down
         await _wait_delivered(receiver, after, timeout=8)
         assert r2.proc is None
+        # jobs due much later that belong to r2 wait on r1 as guests
+        later = [j for j in (f"z{i}" for i in range(200))
+                 if probe.shards.owner(f"ho:{j}").url == r2.url][:5]
+        for j in later:
+            await client.add("ho", j, {"later": True}, delay=3600)
+        on_r1, on_r2 = (next(s for s in probe.shards.shards if s.url == r.url) for r in (r1, r2))
 
         await asyncio.to_thread(r2.start)  # same port, AOF: its jobs come back
         await box.wait_subject("is back UP", timeout=6)
         await _wait_delivered(receiver, added, timeout=15)
+        # the checker moves the guests home, so adding one again cannot make two copies
+        deadline = time.monotonic() + 5
+        while await on_r1.call("SCARD", probe.k_guests) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for j in later:
+            assert await on_r1.call("HGET", probe.k_jobs, f"ho:{j}") is None
+            assert await on_r2.call("HGET", probe.k_jobs, f"ho:{j}") is not None
+        await client.add("ho", later[0], {"again": True}, delay=3600)
+        assert await on_r1.call("HGET", probe.k_jobs, f"ho:{later[0]}") is None
         assert read_health(health_path(settings))[r2.url].up is True
         assert len(box.messages) == 2
         print(f"\n{len(added)} adds ({len(before)} before the outage, {len(during)} during "

@@ -8,3 +8,17 @@ local function job_vp(payload)
   if p < 1 or p > 3 then p = 2 end
   return v, p
 end
+-- When the job was added or last written (epoch ms): due - (due - set), or dq 0.1's "set".
+local function job_set(payload)
+  local due, ahead = string.match(payload, '^%x+|%d|%d+|(%x+)|(%x+)|')
+  if due then return tonumber(due, 16) - tonumber(ahead, 16) end
+  return tonumber(string.match(payload, '"set":(%d+)')) or 0
+end
+-- Make a job the earliest-due wake its bucket's timer (a one-item list it blocks on).
+local function wake_if_first(delay, wake, tid)
+  local first = redis.call('ZRANGE', delay, 0, 0)
+  if first[1] == tid then
+    redis.call('RPUSH', wake, 1)
+    redis.call('LTRIM', wake, -1, -1)
+  end
+end

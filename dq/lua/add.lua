@@ -2,10 +2,11 @@
 -- makes in one event-loop turn come as one call (Redis's per-call cost, and the counters,
 -- are paid once per batch).
 -- KEYS[1] jobs hash   KEYS[2] inflight zset   KEYS[3] dead zset   KEYS[4] dead error hash
--- KEYS[5] per-minute stat hash
+-- KEYS[5] per-minute stat hash   KEYS[6] guests set (jobs whose owner is another shard)
 -- then per job: delay zset (the tid's bucket), wake list of that bucket, topic stat hash
 -- ARGV[1] day YYYYMMDD   ARGV[2] minute-stat ttl s
--- then per job: tid, payload, due epoch-ms ('' = now + delay), delay ms
+-- then per job: tid, payload, due epoch-ms ('' = now + delay), delay ms, guest 1|0 (1: its
+-- owner was passed over, being down; the checker moves it home later, guest_take.lua)
 -- Returns {replaced 0|1, due ms, replaced, due, ...} in job order.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -13,9 +14,9 @@ local out = {}
 local writes = {}      -- topic stat key -> jobs written
 local buckets = {}     -- delay key -> wake key, for the buckets written to
 local added = {}       -- tid -> true
-local n = (#ARGV - 2) / 4
+local n = (#ARGV - 2) / 5
 for j = 0, n - 1 do
-  local k, a = 6 + 3 * j, 3 + 4 * j
+  local k, a = 7 + 3 * j, 3 + 5 * j
   local tid = ARGV[a]
   local due = tonumber(ARGV[a + 2])
   if not due then due = now + tonumber(ARGV[a + 3]) end
@@ -26,6 +27,7 @@ for j = 0, n - 1 do
     redis.call('ZREM', KEYS[2], tid)
     if redis.call('ZREM', KEYS[3], tid) == 1 then redis.call('HDEL', KEYS[4], tid) end
   end
+  if ARGV[a + 4] == '1' then redis.call('SADD', KEYS[6], tid) end
   buckets[KEYS[k]] = KEYS[k + 1]
   added[tid] = true
   writes[KEYS[k + 2]] = (writes[KEYS[k + 2]] or 0) + 1

@@ -25,9 +25,5 @@ local due = now + tonumber(ARGV[4])
 redis.call('HSET', KEYS[1], tid, ARGV[3])
 redis.call('ZREM', KEYS[2], tid)
 redis.call('ZADD', KEYS[3], due, tid)
-local first = redis.call('ZRANGE', KEYS[3], 0, 0)
-if first[1] == tid then
-  redis.call('RPUSH', KEYS[4], 1)
-  redis.call('LTRIM', KEYS[4], -1, -1)
-end
+wake_if_first(KEYS[3], KEYS[4], tid)
 return {1, due}

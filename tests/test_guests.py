@@ -1,0 +1,237 @@
+"""Guests: jobs written to another shard while their owner was down, moved home when it is
+back (dq/lua/guest_*.lua, Store.sweep_guests, Checker.sweep), against real redis-servers.
+
+Without the move, a job added during an outage and added again after it would exist on
+two shards and fire twice."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import pytest
+
+from dq.shards import Shard, ShardSet
+from dq.store import Store
+from tests.conftest import RedisProcess
+
+
+@dataclass
+class Pair:
+    store: Store
+    owner: RedisProcess  # the owner of every job id in `ids`
+    other: RedisProcess
+    ids: list[str]
+
+    def shard(self, proc: RedisProcess) -> Shard:
+        return next(s for s in self.store.shards.shards if s.url == proc.url)
+
+    async def down(self) -> None:
+        await asyncio.to_thread(self.owner.stop)
+
+    async def up(self) -> None:
+        await asyncio.to_thread(self.owner.start)
+        self.shard(self.owner)._recovered()  # close its breaker (the cool-off would)
+
+    async def holds(self, proc: RedisProcess, job_id: str) -> bytes | None:
+        res = await self.shard(proc).call("HGET", self.store.k_jobs, f"t:{job_id}")
+        return res if res is None else bytes(res)
+
+    async def guests(self, proc: RedisProcess) -> set[str]:
+        return {m.decode() for m in await self.shard(proc).call("SMEMBERS",
+                                                                self.store.k_guests)}
+
+    async def sweep(self) -> dict[str, int]:
+        return dict(await self.store.sweep_guests(self.shard(self.other), everyone))
+
+    async def deliver_all(self) -> list[tuple[str, object]]:
+        """Move due jobs and claim them on both shards: (id, body) of every delivery."""
+        out = []
+        for shard in self.store.shards.shards:
+            await self.store.move_due(shard, range(self.store.buckets))
+            for c in await self.store.claim(shard, 100, [1, 2, 3], 30_000):
+                out.append((c.id, c.body["gen"]))
+                await self.store.ack(c)
+        return sorted(out)
+
+
+def everyone(_: Shard) -> bool:
+    return True
+
+
+@pytest.fixture
+async def pair(redis_factory: Callable[[], RedisProcess]) -> AsyncIterator[Pair]:
+    r1, r2 = redis_factory(), redis_factory()
+    store = Store(ShardSet.from_urls([r1.url, r2.url]), buckets=4)
+    ids = [f"j{i}" for i in range(200) if store.shards.owner(f"t:j{i}").url == r2.url][:20]
+    yield Pair(store, r2, r1, ids)
+    await store.shards.close()
+
+
+async def test_job_added_during_outage_and_again_after_fires_once(pair: Pair) -> None:
+    """The bug: the copy written to the other shard during the outage survived the re-add
+    on the owner, and both fired."""
+    job = pair.ids[0]
+    await pair.down()
+    res = await pair.store.add("t", job, {"gen": 1}, delay_ms=0)
+    assert res.shard == pair.other.url
+    assert await pair.guests(pair.other) == {f"t:{job}"}
+    await pair.up()
+    res = await pair.store.add("t", job, {"gen": 2}, delay_ms=0)
+    assert res.shard == pair.owner.url
+    assert await pair.sweep() == {"superseded": 1}  # the owner's copy is newer
+    assert await pair.holds(pair.other, job) is None
+    assert await pair.guests(pair.other) == set()
+    assert await pair.deliver_all() == [(job, 2)]
+
+
+async def test_guests_move_home_with_payload_and_due(pair: Pair) -> None:
+    await pair.down()
+    for i, job in enumerate(pair.ids):
+        await pair.store.add("t", job, {"gen": i}, delay_ms=60_000 + i)
+    before = {job: await pair.holds(pair.other, job) for job in pair.ids}
+    dues = {job: await pair.shard(pair.other).call(
+        "ZSCORE", pair.store.k_delay[pair.store.bucket(f"t:{job}")], f"t:{job}")
+        for job in pair.ids}
+    await pair.up()
+    assert await pair.sweep() == {"moved": len(pair.ids)}
+    for job in pair.ids:
+        assert await pair.holds(pair.other, job) is None
+        assert await pair.holds(pair.owner, job) == before[job]  # same version, attempt
+        assert await pair.shard(pair.owner).call(
+            "ZSCORE", pair.store.k_delay[pair.store.bucket(f"t:{job}")], f"t:{job}") \
+            == dues[job]
+    assert await pair.guests(pair.other) == set()
+    assert await pair.sweep() == {}  # nothing left to do
+    body = await pair.store.get("t", pair.ids[3])
+    assert body is not None and body["gen"] == 3
+
+
+async def test_owner_back_with_an_older_copy_is_replaced_by_the_guest(pair: Pair) -> None:
+    job = pair.ids[0]
+    await pair.store.add("t", job, {"gen": 1}, delay_ms=0)  # on the owner (appendonly)
+    await pair.down()
+    await pair.store.add("t", job, {"gen": 2}, delay_ms=0)  # replaced: on the other
+    await pair.up()
+    assert await pair.holds(pair.owner, job) is not None  # the old copy survived
+    assert await pair.sweep() == {"moved": 1}
+    assert await pair.deliver_all() == [(job, 2)]
+
+
+async def test_guest_being_delivered_stays_until_done(pair: Pair) -> None:
+    job = pair.ids[0]
+    await pair.down()
+    await pair.store.add("t", job, {"gen": 1}, delay_ms=0)
+    other = pair.shard(pair.other)
+    await pair.store.move_due(other, range(pair.store.buckets))
+    await pair.up()
+    assert await pair.sweep() == {"busy": 1}  # ready: delivered from where it is
+    [c] = await pair.store.claim(other, 10, [1, 2, 3], 30_000)
+    assert await pair.sweep() == {"busy": 1}  # in flight
+    await pair.store.ack(c)
+    assert await pair.sweep() == {"gone": 1}
+    assert await pair.guests(pair.other) == set()
+    assert await pair.deliver_all() == []
+
+
+async def test_dead_guest_stays_as_a_dead_letter(pair: Pair) -> None:
+    job = pair.ids[0]
+    await pair.down()
+    await pair.store.add("t", job, {"gen": 1}, delay_ms=0)
+    other = pair.shard(pair.other)
+    await pair.store.move_due(other, range(pair.store.buckets))
+    [c] = await pair.store.claim(other, 10, [1, 2, 3], 30_000)
+    await pair.store.bury(c, {"error": "HTTP 500"})
+    await pair.up()
+    assert await pair.sweep() == {"stay": 1}
+    assert await pair.guests(pair.other) == set()
+    assert await pair.holds(pair.other, job) is not None and \
+        await pair.holds(pair.owner, job) is None
+
+
+async def take(pair: Pair, job: str) -> list[bytes]:
+    """guest_take alone: a mover that dies right after it."""
+    store, tid = pair.store, f"t:{job}"
+    res: list[bytes] = await pair.shard(pair.other).script("guest_take", (
+        store.k_jobs, store.k_delay[store.bucket(tid)], store.k_dead, store.k_guests,
+        store.k_moving), (tid,))
+    return res
+
+
+async def test_a_move_killed_midway_is_finished_or_undone(pair: Pair) -> None:
+    a, b = pair.ids[:2]
+    await pair.down()
+    await pair.store.add("t", a, {"gen": 1}, delay_ms=0)
+    await pair.store.add("t", b, {"gen": 1}, delay_ms=0)
+    await pair.up()
+    assert (await take(pair, a))[0] == b"take"
+    assert (await take(pair, b))[0] == b"take"
+    other = pair.shard(pair.other)
+    # taken out of its bucket: no timer there fires it while it moves
+    moved, _, _ = await pair.store.move_due(other, range(pair.store.buckets))
+    assert moved == 0
+    # the owner is down again when the next sweep runs: both go back in their buckets
+    await pair.down()
+    assert dict(await pair.store.sweep_guests(other, lambda s: s is other)) == {"untaken": 2}
+    assert await other.call("HLEN", pair.store.k_moving) == 0
+    await pair.up()
+    assert (await take(pair, a))[0] == b"take"
+    assert await pair.sweep() == {"moved": 2}  # a resumed, b taken afresh
+    assert await pair.deliver_all() == [(a, 1), (b, 1)]
+
+
+async def test_job_deleted_or_replaced_during_a_move_is_not_resurrected(pair: Pair) -> None:
+    a, b = pair.ids[:2]
+    await pair.down()
+    await pair.store.add("t", a, {"gen": 1}, delay_ms=0)
+    await pair.store.add("t", b, {"gen": 1}, delay_ms=0)
+    await pair.up()
+    await take(pair, a)
+    await take(pair, b)
+    assert await pair.store.delete("t", a)
+    pair.shard(pair.owner).open_until = 1e18  # the owner fails fast: b's re-add is a guest
+    assert (await pair.store.add("t", b, {"gen": 2}, delay_ms=0)).shard == pair.other.url
+    pair.shard(pair.owner)._recovered()
+    assert await pair.sweep() == {"changed": 2}
+    assert await pair.sweep() == {"moved": 1}  # b's replacement, a guest itself
+    assert await pair.deliver_all() == [(b, 2)]
+
+
+async def test_concurrent_sweeps_leave_one_copy_each(pair: Pair) -> None:
+    await pair.down()
+    for job in pair.ids:
+        await pair.store.add("t", job, {"gen": 1}, delay_ms=0)
+    await pair.up()
+    # a second process's store (its own connections) sweeps the same shard at once
+    rival = Store(ShardSet.from_urls([pair.other.url, pair.owner.url]), buckets=4)
+    try:
+        rival_other = next(s for s in rival.shards.shards if s.url == pair.other.url)
+        results = await asyncio.gather(pair.sweep(), rival.sweep_guests(rival_other, everyone))
+    finally:
+        await rival.shards.close()
+    total = sum(n for r in results for k, n in dict(r).items() if k == "moved")
+    assert total >= len(pair.ids)
+    assert all(k in ("moved", "gone", "changed", "superseded") for r in results for k in r)
+    assert await pair.deliver_all() == [(job, 1) for job in sorted(pair.ids)]
+
+
+async def test_copy_landed_before_a_delete_is_undone(pair: Pair) -> None:
+    """A mover that landed the job on the owner and died before dropping it, while a client
+    deleted the job: the next sweep removes the landed copy instead of letting it fire."""
+    job = pair.ids[0]
+    store, tid = pair.store, f"t:{job}"
+    await pair.down()
+    await store.add("t", job, {"gen": 1}, delay_ms=0)
+    await pair.up()
+    _, payload, due, version = await take(pair, job)
+    assert await store.delete("t", job)
+    b = store.bucket(tid)
+    landed = await pair.shard(pair.owner).script("guest_land", (
+        store.k_jobs, store.k_delay[b], store.k_wake[b], store.k_inflight, store.k_dead,
+        store.k_dead_err), (tid, "land", version.decode(), payload, int(due), 0))
+    assert landed == b"landed" and await pair.holds(pair.owner, job) is not None
+    assert await pair.sweep() == {"changed": 1}
+    assert await pair.holds(pair.owner, job) is None
+    assert await pair.guests(pair.other) == set()
+    assert await pair.deliver_all() == []
