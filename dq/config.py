@@ -18,6 +18,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dq.errors import ConfigError
 
+# Seconds: an add wakes a sleeping timer only for a job due within this (dq/lua/add.lua), so
+# no timer may sleep longer than this between looks at its buckets (timer_tick).
+WAKE_WITHIN = 60.0
 
 @dataclass(frozen=True)
 class Settings:
@@ -44,7 +47,7 @@ class Settings:
     max_attempts: int = 10
     lease: float = 60.0  # seconds a claimed job may stay in flight before it is requeued
     priority_weights: tuple[int, ...] = (5, 3, 2)
-    timer_tick: float = 1.0  # longest a timer sleeps when nothing is due
+    timer_tick: float = 1.0  # longest a timer sleeps when nothing is due (<= WAKE_WITHIN)
     timezone: str = ""  # zone of `fix_time`; empty = this machine's local zone
     registry_refresh: float = 2.0  # seconds between registry polls in workers
     # web console
@@ -134,6 +137,10 @@ def _validate(s: Settings) -> Settings:
         need(getattr(s, name) >= 1, f"{name} must be at least 1 (got {getattr(s, name)})")
     need(s.retry_unit > 0, "retry_unit must be a positive number of seconds")
     need(s.lease > 0, "lease must be a positive number of seconds")
+    # dq/lua/add.lua wakes a timer only for jobs due within WAKE_WITHIN: a timer must look
+    # at its buckets at least that often on its own.
+    need(0 < s.timer_tick <= WAKE_WITHIN, f"timer_tick must be more than 0 and at most "
+         f"{WAKE_WITHIN:g} seconds (got {s.timer_tick:g})")
     need(64 <= s.max_frame <= 9999, "max_frame must be between 64 and 9999 bytes")
     need(len(s.priority_weights) == 3 and all(w >= 0 for w in s.priority_weights)
          and sum(s.priority_weights) > 0,

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from dq.config import WAKE_WITHIN, load_settings
+from dq.errors import ConfigError
 from dq.shards import ShardSet
 from dq.store import ADD_BATCH, Store, make_tid
 from tests.conftest import RedisProcess
@@ -130,6 +132,23 @@ async def test_add_wakes_timer_only_for_new_earliest(store: Store) -> None:
     await shard.client.delete(wake)
     await store.add("t", "x", {}, delay_ms=20_000)  # still the earliest (only one)
     assert await shard.client.llen(wake) == 1
+
+
+async def test_add_due_beyond_the_longest_tick_wakes_no_timer(store: Store) -> None:
+    """A timer looks at its buckets at least every timer_tick <= WAKE_WITHIN on its own:
+    a job due later than that needs no wake (and the add no look at its bucket)."""
+    shard = store.shards.shards[0]
+    wake = store.k_wake[store.bucket(make_tid("t", "far"))]
+    await store.add("t", "far", {}, delay_ms=int(WAKE_WITHIN * 1000) + 5_000)
+    assert await shard.client.llen(wake) == 0
+    await store.add("t", "far", {}, delay_ms=int(WAKE_WITHIN * 1000) - 5_000)
+    assert await shard.client.llen(wake) == 1
+
+
+def test_timer_tick_longer_than_the_wake_window_is_refused() -> None:
+    with pytest.raises(ConfigError, match="timer_tick must be"):
+        load_settings({"timer_tick": WAKE_WITHIN + 1}, env={})
+    assert load_settings({"timer_tick": WAKE_WITHIN}, env={}).timer_tick == WAKE_WITHIN
 
 
 async def test_body_with_empty_list_survives_delivery(store: Store) -> None:
@@ -326,9 +345,10 @@ async def test_a_batch_that_cannot_be_sent_fails_its_jobs(store: Store) -> None:
     await store.add("t", "warm", {})  # connects
     got: list[BaseException | None] = []
     store.queue("add", shard, ((store.k_delay[0], store.k_wake[0], store.k_stat("t")),
-                               ("t:x", object(), "", 0)), lambda res, exc: got.append(exc))
+                               ("t:x", object(), "", 0, 0)), lambda res, exc: got.append(exc))
     store.queue("add", shard, ((store.k_delay[0], store.k_wake[0], store.k_stat("t")),
-                               ("t:y", "1|2|0|1|0|{}", "", 0)), lambda res, exc: got.append(exc))
+                               ("t:y", "1|2|0|1|0|{}", "", 0, 0)),
+                lambda res, exc: got.append(exc))
     for _ in range(3):
         await asyncio.sleep(0)
     assert len(got) == 2 and all(isinstance(e, TypeError) for e in got)

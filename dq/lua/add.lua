@@ -13,6 +13,7 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local out = {}
 local writes = {}      -- topic stat key -> jobs written
 local buckets = {}     -- delay key -> wake key, for the buckets written to
+local soonest = {}     -- delay key -> earliest due of this batch's jobs in it
 local added = {}       -- tid -> true
 local n = (#ARGV - 2) / 5
 for j = 0, n - 1 do
@@ -29,17 +30,22 @@ for j = 0, n - 1 do
   end
   if ARGV[a + 4] == '1' then redis.call('SADD', KEYS[6], tid) end
   buckets[KEYS[k]] = KEYS[k + 1]
+  if not soonest[KEYS[k]] or due < soonest[KEYS[k]] then soonest[KEYS[k]] = due end
   added[tid] = true
   writes[KEYS[k + 2]] = (writes[KEYS[k + 2]] or 0) + 1
   out[2 * j + 1] = 1 - created
   out[2 * j + 2] = due
 end
--- Wake a bucket's timer only when one of these jobs became the bucket's earliest.
+-- Wake a bucket's timer only when one of these jobs became the bucket's earliest. A timer
+-- looks again within its tick (at most WAKE_WITHIN = 60 s, dq/config.py), so a job due later
+-- than that needs no wake and no look at the bucket.
 for delay, wake in pairs(buckets) do
-  local first = redis.call('ZRANGE', delay, 0, 0)
-  if first[1] and added[first[1]] then
-    redis.call('RPUSH', wake, 1)
-    redis.call('LTRIM', wake, -1, -1)
+  if soonest[delay] < now + 60000 then
+    local first = redis.call('ZRANGE', delay, 0, 0)
+    if first[1] and added[first[1]] then
+      redis.call('RPUSH', wake, 1)
+      redis.call('LTRIM', wake, -1, -1)
+    end
   end
 end
 for key, count in pairs(writes) do
