@@ -24,7 +24,9 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import re
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -266,6 +268,36 @@ def _open_registry(settings: Settings) -> tuple[Registry, list[tuple[str, str]]]
         raise
 
 
+async def watch_shards(ctx: Context, registry: Registry, started_with: list[tuple[str, str]],
+                       every: float) -> None:
+    """Ask the master to reload (SIGHUP) once the registry's shard list differs from the one
+    this generation started with: shards registered, edited, enabled or disabled in the
+    console take effect within `every` seconds, by the same reload as `kill -HUP`, which
+    drops no job. Without a master (a role run on its own) it only logs."""
+    settings = ctx.settings
+    want = shard_urls(settings, started_with)
+    while True:
+        await asyncio.sleep(every)
+        try:
+            extra = [(s.name or s.url, s.url)
+                     for s in await asyncio.to_thread(registry.shards) if s.enabled]
+        except Exception as exc:
+            log.debug("%s: cannot read the registry's shards: %s", ctx.name, exc)
+            continue
+        now = shard_urls(settings, extra)
+        if now == want:
+            continue
+        names = ", ".join(safe_name(name) for name, _ in now)
+        if ctx.master_pid is None:
+            log.warning("%s: the registry's shards changed (now %s); restart to use them",
+                        ctx.name, names)
+            return
+        log.info("%s: the registry's shards changed (now %s); asking dq-master to reload",
+                 ctx.name, names)
+        os.kill(ctx.master_pid, signal.SIGHUP)
+        return  # the reload replaces this checker
+
+
 async def run(ctx: Context, *, registry: Registry | None = None,
               mail_every: float = MAIL_EVERY) -> None:
     """Ping every shard every checker_interval seconds until ctx.stopping is set."""
@@ -287,6 +319,8 @@ async def run(ctx: Context, *, registry: Registry | None = None,
     log.info("%s started: %d shard(s), every %.1f s, down after %.1f s, record %s", ctx.name,
              len(shards.shards), settings.checker_interval, settings.shard_down_after,
              checker.path)
+    watch = None if registry is None else asyncio.create_task(
+        watch_shards(ctx, registry, extra, settings.registry_refresh))
     try:
         while not ctx.stopping.is_set():
             started = time.monotonic()
@@ -298,6 +332,8 @@ async def run(ctx: Context, *, registry: Registry | None = None,
                 async with asyncio.timeout(wait):
                     await ctx.stopping.wait()
     finally:
+        if watch is not None:
+            watch.cancel()
         await checker.wait_mails(12.0)
         await shards.close()
         if own_registry and registry is not None:

@@ -44,6 +44,7 @@ class Context:
     index: int = 0
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     listen_sock: socket.socket | None = None  # the master's TCP socket, for servers
+    master_pid: int | None = None  # the dq-master that forked this role (None: standalone)
     # A role may set this once it serves; otherwise it counts as booted after BOOT_WINDOW
     # seconds without failing. The master retires an old generation only when the new one
     # is ready, and a role that fails before it is ready exits with EXIT_BOOT.
@@ -262,7 +263,7 @@ def run_child(settings: Settings, role: str, index: int, *, role_path: str, hear
     code = EXIT_BOOT
     hb = Path(heartbeat)
     started = time.monotonic()
-    ctx = Context(settings, role, index, listen_sock=listen_sock)
+    ctx = Context(settings, role, index, listen_sock=listen_sock, master_pid=master_pid)
     try:
         _post_fork(ctx.name, settings, close_fds)
         log.debug("%s started (pid %d, role %s)", ctx.name, os.getpid(), role_path)

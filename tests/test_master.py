@@ -514,3 +514,41 @@ def test_term_during_slow_callbacks_finishes_them(
         r.close()
     finally:
         receiver.close()
+
+
+def test_shard_registered_in_the_registry_is_used_after_an_automatic_reload(
+        redis_factory: Callable[[], RedisProcess], master: Callable[..., Master],
+        tmp_path: Path) -> None:
+    """The console writes shards to the registry; the checker sees the list change and
+    has the master reload (as kill -HUP would), and the new generation routes to it."""
+    from dq.client import DqClient
+    from dq.registry import Registry
+    from dq.shards import ShardSet
+
+    r1, r2 = redis_factory(), redis_factory()
+    db = f"sqlite:///{tmp_path / 'reg.sqlite3'}"
+    _topic(db, "grow", "http://127.0.0.1:9/")
+    m = master("--db", db, redis=r1, env={"DQ_REGISTRY_REFRESH": "0.3"})
+    want = expected_titles()
+    old = set(m.wait_titles(want))
+    time.sleep(1.0)  # a few polls of an unchanged registry: no reload
+    assert "asking dq-master to reload" not in m.output() and set(m.workers()) == old
+
+    reg = Registry(db)
+    reg.save_shard("second", r2.url)
+    reg.close()
+    m.wait("the reload", lambda: "asking dq-master to reload" in m.output())
+    m.wait("a new generation", lambda: not old & set(m.workers()) and m.titles() == want,
+           timeout=30)
+    # the master reloaded once, not once per poll
+    time.sleep(1.0)
+    assert m.output().count("asking dq-master to reload") == 1
+
+    routing = ShardSet.from_urls([(r1.url, r1.url), ("second", r2.url)])
+    job = next(f"j{i}" for i in range(100) if routing.owner(f"grow:j{i}").url == r2.url)
+    with DqClient([f"127.0.0.1:{m.port}"]) as client:
+        client.add("grow", job, {"n": 1}, delay=3600)
+    import redis as redis_py
+
+    with redis_py.Redis.from_url(r2.url) as on_r2:
+        assert on_r2.hget("dq:jobs", f"grow:{job}") is not None
