@@ -119,12 +119,18 @@ async def test_owner_back_with_an_older_copy_is_replaced_by_the_guest(pair: Pair
     assert await pair.deliver_all() == [(job, 2)]
 
 
-async def test_guest_being_delivered_stays_until_done(pair: Pair) -> None:
-    job = pair.ids[0]
+async def due_guest(pair: Pair, job: str) -> Shard:
+    """A guest added during an outage, due at once and moved to its shard's ready list."""
     await pair.down()
     await pair.store.add("t", job, {"gen": 1}, delay_ms=0)
     other = pair.shard(pair.other)
     await pair.store.move_due(other, range(pair.store.buckets))
+    return other
+
+
+async def test_guest_being_delivered_stays_until_done(pair: Pair) -> None:
+    job = pair.ids[0]
+    other = await due_guest(pair, job)
     await pair.up()
     assert await pair.sweep() == {"busy": 1}  # ready: delivered from where it is
     [c] = await pair.store.claim(other, 10, [1, 2, 3], 30_000)
@@ -137,10 +143,7 @@ async def test_guest_being_delivered_stays_until_done(pair: Pair) -> None:
 
 async def test_dead_guest_stays_as_a_dead_letter(pair: Pair) -> None:
     job = pair.ids[0]
-    await pair.down()
-    await pair.store.add("t", job, {"gen": 1}, delay_ms=0)
-    other = pair.shard(pair.other)
-    await pair.store.move_due(other, range(pair.store.buckets))
+    other = await due_guest(pair, job)
     [c] = await pair.store.claim(other, 10, [1, 2, 3], 30_000)
     await pair.store.bury(c, {"error": "HTTP 500"})
     await pair.up()
@@ -159,14 +162,19 @@ async def take(pair: Pair, job: str) -> list[bytes]:
     return res
 
 
+async def taken_guests(pair: Pair, *jobs: str) -> None:
+    """Guests added during an outage, then taken by a mover that died right after."""
+    await pair.down()
+    for job in jobs:
+        await pair.store.add("t", job, {"gen": 1}, delay_ms=0)
+    await pair.up()
+    for job in jobs:
+        assert (await take(pair, job))[0] == b"take"
+
+
 async def test_a_move_killed_midway_is_finished_or_undone(pair: Pair) -> None:
     a, b = pair.ids[:2]
-    await pair.down()
-    await pair.store.add("t", a, {"gen": 1}, delay_ms=0)
-    await pair.store.add("t", b, {"gen": 1}, delay_ms=0)
-    await pair.up()
-    assert (await take(pair, a))[0] == b"take"
-    assert (await take(pair, b))[0] == b"take"
+    await taken_guests(pair, a, b)
     other = pair.shard(pair.other)
     # taken out of its bucket: no timer there fires it while it moves
     moved, _, _ = await pair.store.move_due(other, range(pair.store.buckets))
@@ -183,12 +191,7 @@ async def test_a_move_killed_midway_is_finished_or_undone(pair: Pair) -> None:
 
 async def test_job_deleted_or_replaced_during_a_move_is_not_resurrected(pair: Pair) -> None:
     a, b = pair.ids[:2]
-    await pair.down()
-    await pair.store.add("t", a, {"gen": 1}, delay_ms=0)
-    await pair.store.add("t", b, {"gen": 1}, delay_ms=0)
-    await pair.up()
-    await take(pair, a)
-    await take(pair, b)
+    await taken_guests(pair, a, b)
     assert await pair.store.delete("t", a)
     pair.shard(pair.owner).open_until = 1e18  # the owner fails fast: b's re-add is a guest
     assert (await pair.store.add("t", b, {"gen": 2}, delay_ms=0)).shard == pair.other.url
