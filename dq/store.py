@@ -501,8 +501,8 @@ class Store:
                 landed = await owner.script("guest_land", land_keys, (
                     tid, "land", version, payload, due, parse_payload(payload).set_ms))
         if not landed:  # the owner is down again: put the job back in its bucket here
-            await here.script("guest_drop", drop_keys, (tid, "untake", version))
-            return "untaken"
+            return str((await here.script("guest_drop", drop_keys,
+                                          (tid, "untake", version))).decode())
         dropped = await here.script("guest_drop", drop_keys, (tid, "drop", version))
         if landed == b"landed" and dropped in (b"changed", b"kept"):
             # deleted or replaced here meanwhile (or put back by another mover): the copy

@@ -238,3 +238,31 @@ async def test_copy_landed_before_a_delete_is_undone(pair: Pair) -> None:
     assert await pair.holds(pair.owner, job) is None
     assert await pair.guests(pair.other) == set()
     assert await pair.deliver_all() == []
+
+
+async def test_copy_landed_then_deleted_while_the_owner_is_down_is_undone_later(
+        pair: Pair) -> None:
+    """The mover died after landing the job on the owner; the owner went down and the job
+    was deleted where it was. Sweeps while the owner is down keep the mark (the landed
+    copy is out of reach); the first sweep that reaches the owner removes that copy."""
+    job = pair.ids[0]
+    store, tid = pair.store, f"t:{job}"
+    await taken_guests(pair, job)
+    other = pair.shard(pair.other)
+    b = store.bucket(tid)
+    _, payload, due, version = await pair.shard(pair.other).script("guest_take", (
+        store.k_jobs, store.k_delay[b], store.k_dead, store.k_guests, store.k_moving), (tid,))
+    await pair.shard(pair.owner).script("guest_land", (
+        store.k_jobs, store.k_delay[b], store.k_wake[b], store.k_inflight, store.k_dead,
+        store.k_dead_err), (tid, "land", version.decode(), payload, int(due), 0))
+    await pair.down()
+    assert await store.delete("t", job)  # found and deleted where it was
+    assert dict(await store.sweep_guests(other, lambda s: s is other)) == {"changed": 1}
+    assert await other.call("HLEN", store.k_moving) == 1  # kept for the owner's return
+    await pair.up()
+    assert await pair.holds(pair.owner, job) is not None  # the landed copy, back with it
+    assert await pair.sweep() == {"changed": 1}
+    assert await pair.holds(pair.owner, job) is None
+    assert await other.call("HLEN", store.k_moving) == 0
+    assert await pair.guests(pair.other) == set()
+    assert await pair.deliver_all() == []
