@@ -21,7 +21,6 @@ mails per window, and the last mail always tells the current state.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import os
@@ -38,7 +37,7 @@ from dq.errors import DqError
 from dq.health import ShardHealth, health_path, read_health, safe_name, write_health
 from dq.registry import Registry
 from dq.shards import Shard, ShardSet
-from dq.store import GUEST_BATCH, Store
+from dq.store import Store
 from dq.worker import Context, shard_urls
 
 log = logging.getLogger(__name__)
@@ -144,24 +143,19 @@ class Checker:
         written would fire twice if it were added again on its owner."""
         deadline = time.monotonic() + budget
         for shard in self.shards.shards:
-            total = collections.Counter[str]()
-            while self.answering(shard) and time.monotonic() < deadline:
-                try:
-                    counts = await store.sweep_guests(shard, self.answering)
-                except DqError as exc:
-                    log.debug("%s: cannot sweep guests on %s: %s", self.ctx.name, shard.name,
-                              exc)
-                    break
-                total += counts
-                if sum(counts.values()) < GUEST_BATCH or not sum(
-                        n for k, n in counts.items() if k not in ("busy", "error")):
-                    break  # all seen, or only jobs being delivered (or failing) are left
-            homed = total["moved"] + total["superseded"]
-            if homed or total["error"]:
+            if not self.answering(shard) or time.monotonic() >= deadline:
+                continue
+            try:
+                counts = await store.sweep_guests(shard, self.answering, deadline=deadline)
+            except DqError as exc:
+                log.debug("%s: cannot sweep guests on %s: %s", self.ctx.name, shard.name, exc)
+                continue
+            homed = counts["moved"] + counts["superseded"]
+            if homed or counts["error"]:
+                name = self.states[shard.name].name
                 log.info("%s: moved %d guest jobs home from shard %s (%s)", self.ctx.name,
-                         homed, self.states[shard.name].name,
-                         " ".join(f"{k}={n}" for k, n in sorted(total.items())),
-                         extra={"shard": self.states[shard.name].name, "moved": homed})
+                         homed, name, " ".join(f"{k}={n}" for k, n in sorted(counts.items())),
+                         extra={"shard": name, "moved": homed})
             self.guests_moved += homed
 
     def observe(self, st: ShardState, error: str, now: float) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
-import contextlib
 import functools
 import itertools
 import json
@@ -238,6 +237,7 @@ class Store:
         self._day = ("", 0)
         self._times: dict[int, str] = {}
         self._queued: dict[tuple[str, Shard], list[tuple[Part, Done]]] = {}
+        self._guest_cursor: dict[str, int] = {}  # shard name -> where the last sweep stopped
 
     # keys -------------------------------------------------------------------------------
     def bucket(self, tid: str) -> int:
@@ -426,11 +426,15 @@ class Store:
         keys = (self.k_jobs, self.k_delay[b], self.k_inflight, self.k_dead, self.k_dead_err,
                 self.k_stat(topic))
         args = (tid, self.day())
-        # Every shard, at once: a copy written to a fallback shard while the owner was
-        # down must not survive a delete and fire later.
-        shards = self.shards.shards
-        results = await asyncio.gather(*(s.script("delete", keys, args) for s in shards),
-                                       return_exceptions=True)
+        # Every shard: a copy written to another shard while the owner was down must not
+        # survive a delete and fire later. The other shards first, then the owner: a guest
+        # moving home meanwhile (take, land, drop; see sweep_guests) is then caught on one
+        # side or the other, where deleting everywhere at once could miss it on both.
+        owner, *others = self.shards.order(tid)
+        first = await asyncio.gather(*(s.script("delete", keys, args) for s in others),
+                                     return_exceptions=True)
+        last = await asyncio.gather(owner.script("delete", keys, args), return_exceptions=True)
+        results = [*first, *last]
         deleted = any(r is not None and not isinstance(r, BaseException) and bool(r)
                       for r in results)
         failed = sum(isinstance(r, BaseException) for r in results)
@@ -444,33 +448,44 @@ class Store:
         """How many guests `shard` holds (jobs whose owner is another shard)."""
         return int(await shard.call("SCARD", self.k_guests))
 
-    async def sweep_guests(self, shard: Shard, usable: Callable[[Shard], bool],
-                           limit: int = GUEST_BATCH) -> collections.Counter[str]:
-        """Move up to `limit` of the guests on `shard` home to their owners, where `usable`
-        says the owner answers; the outcome of each, counted. Safe to run from several
-        processes at once, and to be killed at any point: a job taken out of its bucket
-        here is marked moving, and the next sweep finishes or undoes the move."""
+    async def sweep_guests(self, shard: Shard, usable: Callable[[Shard], bool], *,
+                           deadline: float | None = None) -> collections.Counter[str]:
+        """Move the guests on `shard` home to their owners, where `usable` says the owner
+        answers; the outcome of each, counted. One pass over the guests set (SSCAN, up to
+        GUEST_BATCH at a time, moved concurrently), or until time.monotonic() passes
+        `deadline`; the next call goes on from there. Safe to run from several processes at
+        once, and to be killed at any point: a job taken out of its bucket here is marked
+        moving, and a later sweep finishes or undoes the move."""
         counts = collections.Counter[str]()
-        # A move a dead mover left midway, whose owner is down now: back in its bucket here.
-        for raw in await shard.call("HKEYS", self.k_moving):
+        # A take whose mover died, and whose owner is down now: back in its bucket here
+        # (the mark stays, as "|u", until a sweep can reach the owner).
+        marks = await shard.call("HGETALL", self.k_moving)
+        for raw, mark in zip(marks[::2], marks[1::2], strict=True):
             tid = raw.decode()
-            if not usable(self.shards.owner(tid)):
+            if mark.count(b"|") == 1 and not usable(self.shards.owner(tid)):
                 b = self.bucket(tid)
-                version = (await shard.call("HGET", self.k_moving, tid) or b"").split(b"|")[0]
                 counts[(await shard.script("guest_drop", (
                     self.k_jobs, self.k_delay[b], self.k_guests, self.k_moving, self.k_wake[b]),
-                    (tid, "untake", version))).decode()] += 1
-        tids = [t.decode() for t in await shard.call("SRANDMEMBER", self.k_guests, limit)]
-        tids = [t for t in tids if usable(self.shards.owner(t)) or self.shards.owner(t) is shard]
-        done = await asyncio.gather(*(self._move_home(shard, t, usable) for t in tids),
-                                    return_exceptions=True)
-        for tid, outcome in zip(tids, done, strict=True):
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, DqError):
-                    log.error("moving guest %r home failed", tid, exc_info=outcome)
-                counts["error"] += 1
-            else:
-                counts[outcome] += 1
+                    (tid, "untake", mark.split(b"|")[0]))).decode()] += 1
+        cursor = self._guest_cursor.get(shard.name, 0)
+        while True:
+            cursor, found = await shard.call("SSCAN", self.k_guests, cursor, "COUNT",
+                                             GUEST_BATCH)
+            cursor = int(cursor)
+            tids = [t.decode() for t in found]
+            tids = [t for t in tids if usable(owner := self.shards.owner(t)) or owner is shard]
+            done = await asyncio.gather(*(self._move_home(shard, t, usable) for t in tids),
+                                        return_exceptions=True)
+            for tid, outcome in zip(tids, done, strict=True):
+                if isinstance(outcome, BaseException):
+                    if not isinstance(outcome, DqError):
+                        log.error("moving guest %r home failed", tid, exc_info=outcome)
+                    counts["error"] += 1
+                else:
+                    counts[outcome] += 1
+            if not cursor or (deadline is not None and time.monotonic() >= deadline):
+                break
+        self._guest_cursor[shard.name] = cursor
         return counts
 
     async def _move_home(self, here: Shard, tid: str, usable: Callable[[Shard], bool]) -> str:
@@ -483,26 +498,31 @@ class Store:
                                                self.k_guests, self.k_moving), (tid,))
         status, payload, due, version = (res[0].decode(), res[1], int(res[2]),
                                          res[3].decode())
-        if status not in ("take", "changed"):
+        if status not in ("take", "changed", "dead"):
             return status  # gone, stay (a dead letter) or busy (being delivered here)
         land_keys = (self.k_jobs, self.k_delay[b], self.k_wake[b], self.k_inflight,
                      self.k_dead, self.k_dead_err)
         drop_keys = (self.k_jobs, self.k_delay[b], self.k_guests, self.k_moving,
                      self.k_wake[b])
-        if status == "changed":  # an earlier move stopped midway, and the job changed here
+        if status in ("changed", "dead"):
+            # An earlier move stopped midway (maybe after landing this version on the
+            # owner), and the job changed or died here since: undo that copy first.
             if not usable(owner):
-                return "busy"  # undo a copy it may have landed once the owner answers
+                return "busy"
             await owner.script("guest_land", land_keys, (tid, "undo", version, "", 0, 0))
-            await here.script("guest_drop", drop_keys, (tid, "drop", version))
-            return "changed"
-        landed = b""
-        if usable(owner):
-            with contextlib.suppress(DqError):
-                landed = await owner.script("guest_land", land_keys, (
-                    tid, "land", version, payload, due, parse_payload(payload).set_ms))
-        if not landed:  # the owner is down again: put the job back in its bucket here
+            await here.script("guest_drop", drop_keys,
+                              (tid, "forget" if status == "dead" else "drop", version))
+            return status
+        if not usable(owner):  # down again since the sweep began: back in its bucket here
             return str((await here.script("guest_drop", drop_keys,
                                           (tid, "untake", version))).decode())
+        try:
+            landed = await owner.script("guest_land", land_keys, (
+                tid, "land", version, payload, due, parse_payload(payload).set_ms))
+        except DqError:
+            # Maybe written, maybe not (a lost reply): the mark stays, and the next sweep
+            # lands it again (a no-op if it is there) or, the owner being down, puts it back.
+            return "unsure"
         dropped = await here.script("guest_drop", drop_keys, (tid, "drop", version))
         if landed == b"landed" and dropped in (b"changed", b"kept"):
             # deleted or replaced here meanwhile (or put back by another mover): the copy
@@ -646,8 +666,11 @@ class Store:
         text = payload(version=new_version(), priority=data.priority, due_ms=now_ms,
                        attempt=0, set_ms=data.set_ms or now_ms,
                        body=fastjson.dumps(self.full_body(data)))
-        keys = (self.k_jobs, self.k_dead, self.k_dead_err, self.k_delay[b], self.k_wake[b])
-        return bool(await shard.script("redrive", keys, (tid, text)))
+        keys = (self.k_jobs, self.k_dead, self.k_dead_err, self.k_delay[b], self.k_wake[b],
+                self.k_guests)
+        # A dead letter that died away from its owner lives on as a guest: moved home later.
+        guest = 0 if shard is self.shards.owner(tid) else 1
+        return bool(await shard.script("redrive", keys, (tid, text, guest)))
 
     # statistics -------------------------------------------------------------------------
     async def topic_stats(self, topic: str) -> dict[str, int]:

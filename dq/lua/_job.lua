@@ -9,10 +9,18 @@ local function job_vp(payload)
   return v, p
 end
 -- When the job was added or last written (epoch ms): due - (due - set), or dq 0.1's "set".
+-- due - set is negative for a job added with a due time already past ("-3e8").
 local function job_set(payload)
-  local due, ahead = string.match(payload, '^%x+|%d|%d+|(%x+)|(%x+)|')
-  if due then return tonumber(due, 16) - tonumber(ahead, 16) end
-  return tonumber(string.match(payload, '"set":(%d+)')) or 0
+  local due, sign, ahead = string.match(payload, '^%x+|%d|%d+|(%x+)|(%-?)(%x+)|')
+  if due then
+    ahead = tonumber(ahead, 16)
+    if sign == '-' then ahead = -ahead end
+    return tonumber(due, 16) - ahead
+  end
+  if string.sub(payload, 1, 1) == '{' then  -- dq 0.1: its fields come before the body
+    return tonumber(string.match(payload, '^{[^{]-"set":(%d+)')) or 0
+  end
+  return 0
 end
 -- Make a job the earliest-due wake its bucket's timer (a one-item list it blocks on).
 local function wake_if_first(delay, wake, tid)
