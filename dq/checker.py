@@ -21,6 +21,7 @@ mails per window, and the last mail always tells the current state.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -80,9 +81,10 @@ class ShardState:
     mailed_up: bool = True  # the state the last mail told (none yet: up)
     last_mail: float | None = None  # monotonic s
     outages: int = 0  # outages since the last mail
+    guests: bool = False  # holds jobs whose owner is another shard
 
     def health(self) -> ShardHealth:
-        return ShardHealth(self.up, self.since, self.error)
+        return ShardHealth(self.up, self.since, self.error, self.guests)
 
 
 class Checker:
@@ -143,10 +145,16 @@ class Checker:
         written would fire twice if it were added again on its owner."""
         deadline = time.monotonic() + budget
         for shard in self.shards.shards:
-            if not self.answering(shard) or time.monotonic() >= deadline:
+            if not self.answering(shard):
                 continue
+            # its guests belong to the other shards: no use looking while none answers
+            homes = any(self.answering(s) for s in self.shards.shards if s is not shard)
             try:
-                counts = await store.sweep_guests(shard, self.answering, deadline=deadline)
+                if homes and time.monotonic() < deadline:
+                    counts = await store.sweep_guests(shard, self.answering,
+                                                      deadline=deadline)
+                else:
+                    counts = collections.Counter()
             except DqError as exc:
                 log.debug("%s: cannot sweep guests on %s: %s", self.ctx.name, shard.name, exc)
                 continue
@@ -157,6 +165,14 @@ class Checker:
                          homed, name, " ".join(f"{k}={n}" for k, n in sorted(counts.items())),
                          extra={"shard": name, "moved": homed})
             self.guests_moved += homed
+            try:
+                left = await store.guests(shard)
+            except DqError:
+                continue
+            st = self.states[shard.name]
+            if st.guests != bool(left):
+                st.guests = bool(left)
+                self.save()
 
     def observe(self, st: ShardState, error: str, now: float) -> bool:
         """Apply one ping result; True when the shard's recorded state changed."""

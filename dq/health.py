@@ -1,12 +1,15 @@
 """The shard health record every process of one dq instance shares.
 
 The checker (dq/checker.py) is its only writer: `<data_dir>/health.json` maps a shard's
-name (password masked) to `{"up": bool, "since": epoch s, "error": str}` and is replaced
-atomically (tmp file + rename) when a shard goes down or comes back. Servers, timers and
-consumers read it through a `HealthReader` attached to their ShardSet: reading `Shard.up`
-polls the file's identity at most every `every` seconds and re-reads it only when it
-changed, so the hot path pays one clock read per check. A shard missing from the record,
-or a record that is missing or unreadable, counts as up: a lost file never stops writes.
+name (password masked) to `{"up": bool, "since": epoch s, "error": str, "guests": bool}`
+and is replaced atomically (tmp file + rename) when a shard goes down or comes back, or
+starts or stops holding guests (jobs whose owner is another shard, see Store.sweep_guests:
+while a shard holds any, an add on a job's owner also evicts the job's older copy there).
+Servers, timers and consumers read it through a `HealthReader` attached to their
+ShardSet: reading `Shard.up` polls the file's identity at most every `every` seconds and
+re-reads it only when it changed, so the hot path pays one clock read per check. A shard
+missing from the record, or a record that is missing or unreadable, counts as up: a lost
+file never stops writes.
 """
 
 from __future__ import annotations
@@ -49,9 +52,11 @@ class ShardHealth:
     up: bool
     since: float  # epoch seconds of the last state change
     error: str = ""
+    guests: bool = False  # holds jobs whose owner is another shard
 
     def json(self) -> dict[str, Any]:
-        return {"up": self.up, "since": round(self.since, 3), "error": self.error}
+        return {"up": self.up, "since": round(self.since, 3), "error": self.error,
+                "guests": self.guests}
 
 
 def write_health(path: Path, record: Mapping[str, ShardHealth]) -> None:
@@ -86,7 +91,8 @@ def read_health(path: Path) -> dict[str, ShardHealth]:
         if isinstance(item, dict):
             out[str(name)] = ShardHealth(bool(item.get("up", True)),
                                          float(item.get("since", 0.0)),
-                                         str(item.get("error", "")))
+                                         str(item.get("error", "")),
+                                         bool(item.get("guests", False)))
     return out
 
 
@@ -146,3 +152,4 @@ class HealthReader:
             elif up and not shard.marked_up:
                 log.info("redis shard %s is marked up again", safe_name(shard.name))
             shard.mark(up)
+            shard.has_guests = entry is not None and entry.guests

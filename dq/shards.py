@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SCRIPT_NAMES = (
     "add", "delete", "move_due", "claim", "ack", "retry", "bury", "requeue_expired", "redrive",
-    "guest_take", "guest_land", "guest_drop",
+    "guest_take", "guest_land", "guest_drop", "evict",
 )
 
 
@@ -86,6 +86,7 @@ class Shard:
         )
         self.conn = RespConnection(url, name=name, connect_timeout=connect_timeout)
         self.marked_up = True
+        self.has_guests = False  # the checker saw guests here (dq/health.py)
         self.down_since = 0.0
         self.failures = 0
         self.health: HealthReader | None = None

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 ADD_BATCH = 500
 GUEST_BATCH = 500  # guests moved home per sweep call
 # The scripts that take many jobs per call, and how many reply values each job gets.
-BATCHED = {"add": 2, "ack": 1}
+BATCHED = {"add": 2, "ack": 1, "evict": 1}
 STAT_FIELDS = ("writes", "notifies", "ok", "fail", "retries", "dead", "dels")
 STATES = ("delayed", "ready", "inflight", "dead")
 # Upper bounds (seconds) of the delivery histograms' buckets; +Inf is implied.
@@ -142,6 +142,11 @@ def _settle(done: list[Done], width: int, sent: asyncio.Future[Any]) -> None:
     res = sent.result()
     for i, cb in enumerate(done):
         cb(res[width * i:width * i + width], None)
+
+
+def _ignore(res: Any, exc: BaseException | None) -> None:
+    """For a batched call whose outcome changes nothing for the caller (an eviction: the
+    sweep handles what it misses)."""
 
 
 def _to_future(fut: asyncio.Future[Any]) -> Done:
@@ -302,6 +307,13 @@ class Store:
                        set_ms=now_ms, body=fastjson.dumps(body))
         b = self.bucket(tid)
         shard, owned = self.shards.route(tid, exclude)
+        if owned:
+            # The add replaces the job. While other shards hold guests (the checker's
+            # record says which), an older copy of it may be one of them: it must go too,
+            # or it would fire as well (or be moved home over this one once delivered).
+            for other in self.shards.shards:
+                if other.has_guests and other is not shard:
+                    self.queue("evict", other, ((self.k_delay[b],), (tid,)), _ignore)
         return shard, ((self.k_delay[b], self.k_wake[b], self.k_stat(topic)),
                        (tid, text, "" if due_ms is None else due_ms, delay_ms or 0,
                         0 if owned else 1))
@@ -314,6 +326,9 @@ class Store:
         if script == "add":
             keys = [self.k_jobs, self.k_inflight, self.k_dead, self.k_dead_err, self.k_minute(),
                     self.k_guests]
+        elif script == "evict":
+            keys = [self.k_jobs, self.k_guests, self.k_moving, self.k_inflight, self.k_dead]
+            args = []
         else:
             keys = [self.k_jobs, self.k_inflight, self.k_minute()]
         for part_keys, part_args in parts:

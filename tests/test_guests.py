@@ -269,3 +269,49 @@ async def test_copy_landed_then_deleted_while_the_owner_is_down_is_undone_later(
     assert await other.call("HLEN", store.k_moving) == 0
     assert await pair.guests(pair.other) == set()
     assert await pair.deliver_all() == []
+
+
+async def test_add_on_the_owner_evicts_the_older_guest_at_once(pair: Pair) -> None:
+    """While the checker's record says a shard holds guests, an add on a job's owner also
+    removes the job's older copy there: even when the new one is delivered before any
+    sweep, the old one can neither fire nor be moved home over it."""
+    a, b, c = pair.ids[:3]
+    other = pair.shard(pair.other)
+    await pair.down()
+    for job in (a, b, c):
+        await pair.store.add("t", job, {"gen": 1}, delay_ms=0)
+    await pair.store.move_due(other, range(pair.store.buckets))  # a, b, c ready there
+    [claimed] = await pair.store.claim(other, 1, [1, 2, 3], 30_000)  # one in flight
+    await pair.store.add("t", "later", {"gen": 1}, delay_ms=60_000)  # delayed
+    await pair.up()
+    other.has_guests = True  # as dq/health.py sets it from the checker's record
+    for job in (a, b, c, "later"):
+        await pair.store.add("t", job, {"gen": 2}, delay_ms=0)
+    await asyncio.sleep(0.05)  # the evictions went out in the adds' loop turn
+    in_flight = claimed.id
+    # the ready and delayed copies are gone; the one in flight is left to finish
+    for job in (a, b, c, "later"):
+        if pair.store.shards.owner(f"t:{job}") is pair.shard(pair.owner):
+            held = await pair.holds(pair.other, job)
+            assert (held is not None) == (job == in_flight), job
+    await pair.store.ack(claimed)
+    assert await pair.sweep() in ({}, {"gone": 1})
+    delivered = await pair.deliver_all()
+    assert sorted(j for j, gen in delivered if gen == 1) == []
+    assert {j for j, _ in delivered} >= {a, b, c}
+
+
+async def test_no_eviction_without_guests_or_for_a_guest_add(pair: Pair) -> None:
+    job = pair.ids[0]
+    other = pair.shard(pair.other)
+    await pair.store.add("t", job, {"gen": 1}, delay_ms=0)  # on the owner
+    calls_before = dict(pair.store._queued)
+    other.has_guests = False
+    await pair.store.add("t", job, {"gen": 2}, delay_ms=0)
+    assert ("evict", other) not in pair.store._queued and calls_before == {}
+    pair.shard(pair.owner).open_until = 1e18  # the owner fails fast: the add is a guest
+    other.has_guests = True
+    shard, _ = pair.store.add_job("t", job, {"gen": 3}, delay_ms=0)
+    assert shard is other and ("evict", other) not in pair.store._queued
+    pair.shard(pair.owner)._recovered()
+    pair.shard(pair.other).has_guests = False

@@ -150,8 +150,10 @@ async def test_writable_skips_down_and_excluded_shards(tmp_path: Path) -> None:
         order = shards.order("t:1")
         assert shards.writable("t:1") is order[0]
         assert shards.writable("t:1", exclude=(order[0].name,)) is order[1]
-        write_health(path, {order[0].name: ShardHealth(False, time.time(), "gone")})
+        write_health(path, {order[0].name: ShardHealth(False, time.time(), "gone"),
+                            order[1].name: ShardHealth(True, time.time(), guests=True)})
         assert shards.writable("t:1") is order[1] and not order[0].marked_up
+        assert [s.has_guests for s in order] == [False, True, False]
         for s in order:
             s.mark(False)
         # none healthy: the first one not excluded, which will say why it fails
@@ -185,6 +187,10 @@ def test_health_record_roundtrip_and_garbage(tmp_path: Path) -> None:
     assert read_health(path) == {}
     write_health(path, {"redis://u:***@h:1/0": ShardHealth(False, 12.5, "refused")})
     assert read_health(path) == {"redis://u:***@h:1/0": ShardHealth(False, 12.5, "refused")}
+    write_health(path, {"a": ShardHealth(True, 1.0, "", guests=True)})
+    assert read_health(path)["a"].guests is True
+    path.write_text('{"a": {"up": true, "since": 1.0, "error": ""}}')  # dq 0.2.0's record
+    assert read_health(path)["a"] == ShardHealth(True, 1.0, "", guests=False)
     assert [p.name for p in tmp_path.iterdir()] == ["health.json"]  # no tmp file left
     path.write_text("{not json")
     with pytest.raises(ValueError):
@@ -300,6 +306,11 @@ async def test_shard_outage_failover_alert_and_recovery(
         for j in later:
             await client.add("ho", j, {"later": True}, delay=3600)
         on_r1, on_r2 = (next(s for s in probe.shards.shards if s.url == r.url) for r in (r1, r2))
+        # the checker's record says r1 holds guests, so adds on their owners evict them
+        deadline = time.monotonic() + 5
+        while not read_health(health_path(settings))[r1.url].guests:
+            assert time.monotonic() < deadline, "the record never said r1 holds guests"
+            await asyncio.sleep(0.1)
 
         await asyncio.to_thread(r2.start)  # same port, AOF: its jobs come back
         await box.wait_subject("is back UP", timeout=6)
@@ -311,9 +322,20 @@ async def test_shard_outage_failover_alert_and_recovery(
         for j in later:
             assert await on_r1.call("HGET", probe.k_jobs, f"ho:{j}") is None
             assert await on_r2.call("HGET", probe.k_jobs, f"ho:{j}") is not None
+        # Added again: one copy, on its owner (at once, or, if this server has not yet
+        # read that r2 is back, after the next sweep moves the new guest home).
         await client.add("ho", later[0], {"again": True}, delay=3600)
+        deadline = time.monotonic() + 5
+        while await on_r1.call("HGET", probe.k_jobs, f"ho:{later[0]}") is not None \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
         assert await on_r1.call("HGET", probe.k_jobs, f"ho:{later[0]}") is None
+        assert b'"again":true' in await on_r2.call("HGET", probe.k_jobs, f"ho:{later[0]}")
         assert read_health(health_path(settings))[r2.url].up is True
+        deadline = time.monotonic() + 5
+        while read_health(health_path(settings))[r1.url].guests:
+            assert time.monotonic() < deadline, "the record still says r1 holds guests"
+            await asyncio.sleep(0.1)
         assert len(box.messages) == 2
         print(f"\n{len(added)} adds ({len(before)} before the outage, {len(during)} during "
               f"it), {len(receiver.calls(path='/ho'))} callbacks")

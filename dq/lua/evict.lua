@@ -1,0 +1,27 @@
+-- evict: jobs just added on their owner shard; remove any older copy of them left here as a
+-- guest (written while the owner was down, see guest_take.lua), so it cannot fire too.
+-- A copy being moved home (marked moving) loses its payload: the mover's guest_drop then
+-- sees the job changed and undoes what it landed. A copy in a ready list loses its payload
+-- too, so claim skips it, as a re-add on one shard makes its old ready entry stale. A copy
+-- in flight or dead is left: it is being delivered, or it never fires.
+-- KEYS[1] jobs hash   KEYS[2] guests set   KEYS[3] moving hash   KEYS[4] inflight zset
+-- KEYS[5] dead zset   then per job: delay zset (the tid's bucket)
+-- ARGV per job: tid
+-- Returns, per job, 1 when a copy was removed, else 0.
+local out = {}
+for j = 1, #ARGV do
+  local tid = ARGV[j]
+  out[j] = 0
+  if redis.call('SISMEMBER', KEYS[2], tid) == 1 then
+    if redis.call('HEXISTS', KEYS[3], tid) == 1 then
+      redis.call('HDEL', KEYS[1], tid)
+      redis.call('ZREM', KEYS[5 + j], tid)  -- put back in its bucket ("|u") by a mover
+      out[j] = 1
+    elseif redis.call('ZREM', KEYS[5 + j], tid) == 1
+        or not (redis.call('ZSCORE', KEYS[4], tid) or redis.call('ZSCORE', KEYS[5], tid)) then
+      out[j] = redis.call('HDEL', KEYS[1], tid)  -- delayed, or ready (0: already gone)
+      redis.call('SREM', KEYS[2], tid)
+    end
+  end
+end
+return out
