@@ -21,7 +21,6 @@ mails per window, and the last mail always tells the current state.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import os
@@ -154,7 +153,7 @@ class Checker:
                     counts = await store.sweep_guests(shard, self.answering,
                                                       deadline=deadline)
                 else:
-                    counts = collections.Counter()
+                    counts = await store.put_back_stranded(shard, self.answering)
             except DqError as exc:
                 log.debug("%s: cannot sweep guests on %s: %s", self.ctx.name, shard.name, exc)
                 continue

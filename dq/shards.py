@@ -87,6 +87,7 @@ class Shard:
         self.conn = RespConnection(url, name=name, connect_timeout=connect_timeout)
         self.marked_up = True
         self.has_guests = False  # the checker saw guests here (dq/health.py)
+        self.guests_until = 0  # epoch ms: this process wrote a guest here lately
         self.down_since = 0.0
         self.failures = 0
         self.health: HealthReader | None = None

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 ADD_BATCH = 500
 GUEST_BATCH = 500  # guests moved home per sweep call
+# After this process writes a guest to a shard, its adds evict older copies there for this
+# long (ms) even before the checker's record says the shard holds guests.
+GUESTS_FRESH_MS = 10_000
 # The scripts that take many jobs per call, and how many reply values each job gets.
 BATCHED = {"add": 2, "ack": 1, "evict": 1}
 STAT_FIELDS = ("writes", "notifies", "ok", "fail", "retries", "dead", "dels")
@@ -144,11 +147,6 @@ def _settle(done: list[Done], width: int, sent: asyncio.Future[Any]) -> None:
         cb(res[width * i:width * i + width], None)
 
 
-def _ignore(res: Any, exc: BaseException | None) -> None:
-    """For a batched call whose outcome changes nothing for the caller (an eviction: the
-    sweep handles what it misses)."""
-
-
 def _to_future(fut: asyncio.Future[Any]) -> Done:
     def done(res: Any, exc: BaseException | None) -> None:
         if not fut.done():
@@ -243,6 +241,7 @@ class Store:
         self._times: dict[int, str] = {}
         self._queued: dict[tuple[str, Shard], list[tuple[Part, Done]]] = {}
         self._guest_cursor: dict[str, int] = {}  # shard name -> where the last sweep stopped
+        self._tasks: set[asyncio.Future[Any]] = set()
 
     # keys -------------------------------------------------------------------------------
     def bucket(self, tid: str) -> int:
@@ -309,14 +308,32 @@ class Store:
         shard, owned = self.shards.route(tid, exclude)
         if owned:
             # The add replaces the job. While other shards hold guests (the checker's
-            # record says which), an older copy of it may be one of them: it must go too,
-            # or it would fire as well (or be moved home over this one once delivered).
+            # record says which, or this process wrote one there lately), an older copy of
+            # it may be one of them: it must go too, or it would fire as well (or be moved
+            # home over this one once delivered).
             for other in self.shards.shards:
-                if other.has_guests and other is not shard:
-                    self.queue("evict", other, ((self.k_delay[b],), (tid,)), _ignore)
+                if other is not shard and (other.has_guests or now_ms < other.guests_until):
+                    part = ((self.k_delay[b],), (tid,))
+                    self.queue("evict", other, part, functools.partial(self._evicted, other,
+                                                                       part))
+        else:
+            shard.guests_until = now_ms + GUESTS_FRESH_MS
         return shard, ((self.k_delay[b], self.k_wake[b], self.k_stat(topic)),
                        (tid, text, "" if due_ms is None else due_ms, delay_ms or 0,
                         0 if owned else 1))
+
+    def _evicted(self, shard: Shard, part: Part, res: Any, exc: BaseException | None) -> None:
+        """An eviction that failed because Redis lost its scripts (a restart) is sent again
+        on its own, which reloads them; any other failure is left to the sweep."""
+        if isinstance(exc, NoScriptError):
+            task = asyncio.ensure_future(shard.evalsha(self.batch_args("evict", [part])))
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("eviction failed: %s", task.exception())
 
     # batched script calls ---------------------------------------------------------------
     def batch_args(self, script: str, parts: Sequence[Part]) -> tuple[Any, ...]:
@@ -471,17 +488,7 @@ class Store:
         `deadline`; the next call goes on from there. Safe to run from several processes at
         once, and to be killed at any point: a job taken out of its bucket here is marked
         moving, and a later sweep finishes or undoes the move."""
-        counts = collections.Counter[str]()
-        # A take whose mover died, and whose owner is down now: back in its bucket here
-        # (the mark stays, as "|u", until a sweep can reach the owner).
-        marks = await shard.call("HGETALL", self.k_moving)
-        for raw, mark in zip(marks[::2], marks[1::2], strict=True):
-            tid = raw.decode()
-            if mark.count(b"|") == 1 and not usable(self.shards.owner(tid)):
-                b = self.bucket(tid)
-                counts[(await shard.script("guest_drop", (
-                    self.k_jobs, self.k_delay[b], self.k_guests, self.k_moving, self.k_wake[b]),
-                    (tid, "untake", mark.split(b"|")[0]))).decode()] += 1
+        counts = await self.put_back_stranded(shard, usable)
         cursor = self._guest_cursor.get(shard.name, 0)
         while True:
             cursor, found = await shard.call("SSCAN", self.k_guests, cursor, "COUNT",
@@ -503,12 +510,36 @@ class Store:
         self._guest_cursor[shard.name] = cursor
         return counts
 
+    async def put_back_stranded(self, shard: Shard, usable: Callable[[Shard], bool],
+                                ) -> collections.Counter[str]:
+        """Jobs on `shard` a mover took out of their bucket and did not finish moving,
+        whose owner `usable` says is down now: back in their bucket here, to fire here.
+        Their marks stay (as "|u") until a sweep can reach the owner. Cheap: the moving
+        hash is empty unless a mover stopped midway."""
+        counts = collections.Counter[str]()
+        marks = await shard.call("HGETALL", self.k_moving)
+        for raw, mark in zip(marks[::2], marks[1::2], strict=True):
+            tid = raw.decode()
+            if mark.count(b"|") == 1 and not usable(self.shards.owner(tid)):
+                b = self.bucket(tid)
+                counts[(await shard.script("guest_drop", (
+                    self.k_jobs, self.k_delay[b], self.k_guests, self.k_moving, self.k_wake[b]),
+                    (tid, "untake", mark.split(b"|")[0]))).decode()] += 1
+        return counts
+
     async def _move_home(self, here: Shard, tid: str, usable: Callable[[Shard], bool]) -> str:
         owner = self.shards.owner(tid)
+        b = self.bucket(tid)
+        drop_keys = (self.k_jobs, self.k_delay[b], self.k_guests, self.k_moving,
+                     self.k_wake[b])
         if owner is here:  # the shard list changed: this shard owns it now
+            mark = await here.call("HGET", self.k_moving, tid)
+            if mark is not None:  # taken by a mover that stopped: back in its bucket
+                version = mark.split(b"|")[0]
+                await here.script("guest_drop", drop_keys, (tid, "untake", version))
+                await here.script("guest_drop", drop_keys, (tid, "forget", version))
             await here.call("SREM", self.k_guests, tid)
             return "owned"
-        b = self.bucket(tid)
         res = await here.script("guest_take", (self.k_jobs, self.k_delay[b], self.k_dead,
                                                self.k_guests, self.k_moving), (tid,))
         status, payload, due, version = (res[0].decode(), res[1], int(res[2]),
@@ -517,8 +548,6 @@ class Store:
             return status  # gone, stay (a dead letter) or busy (being delivered here)
         land_keys = (self.k_jobs, self.k_delay[b], self.k_wake[b], self.k_inflight,
                      self.k_dead, self.k_dead_err)
-        drop_keys = (self.k_jobs, self.k_delay[b], self.k_guests, self.k_moving,
-                     self.k_wake[b])
         if status in ("changed", "dead"):
             # An earlier move stopped midway (maybe after landing this version on the
             # owner), and the job changed or died here since: undo that copy first.
