@@ -8,7 +8,10 @@ working the shard. It is marked UP as soon as it answers again. One log line per
 
 After each round it moves guests home (`Checker.sweep`, `Store.sweep_guests`): jobs written
 to a shard while their owner was down go back to the owner once it answers, so that adding
-one again cannot leave two copies that both fire.
+one again cannot leave two copies that both fire. It records which shards hold guests
+(`health.json`), so that adds on the owners evict older copies there meanwhile. And it
+watches the registry's shard list (`watch_shards`): a change made in the console has the
+master reload.
 
 Mail goes to the registry's Redis-down recipients (`AlertConf.redis_emails`): one when a
 shard goes down and one when it comes back. Outage mails are rate-limited to one per shard

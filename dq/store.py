@@ -35,11 +35,11 @@ from dq import fastjson
 from dq.errors import UNAVAILABLE, DqError
 from dq.shards import SCRIPTS, Shard, ShardSet
 
+log = logging.getLogger(__name__)
+
 MINUTE_TTL = 2 * 3600  # per-minute counters feed the console's last-hour chart
 # Most jobs in one batched script call (add, ack): a bigger batch (a burst of pipelined
 # adds) is split, so no single call holds a shard for more than a few milliseconds.
-log = logging.getLogger(__name__)
-
 ADD_BATCH = 500
 GUEST_BATCH = 500  # guests moved home per sweep call
 # After this process writes a guest to a shard, its adds evict older copies there for this
