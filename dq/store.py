@@ -759,13 +759,15 @@ class Store:
         return [(m, out[m]) for m in mins]
 
     async def depths(self, shard: Shard) -> dict[str, int]:
-        """How many jobs a shard holds in each state."""
+        """How many jobs a shard holds in each state, and how many of them are guests
+        (their owner is another shard; moved home once it answers)."""
         counts = await asyncio.gather(
             shard.call("HLEN", self.k_jobs),
             *(shard.call("ZCARD", k) for k in self.k_delay),
             *(shard.call("LLEN", k) for k in self.k_ready),
             shard.call("ZCARD", self.k_inflight),
             shard.call("ZCARD", self.k_dead),
+            shard.call("SCARD", self.k_guests),
         )
         nb = self.buckets
         return {
@@ -774,4 +776,5 @@ class Store:
             "ready": sum(int(c) for c in counts[1 + nb:4 + nb]),
             "inflight": int(counts[4 + nb]),
             "dead": int(counts[5 + nb]),
+            "guests": int(counts[6 + nb]),
         }

@@ -78,6 +78,7 @@ async def test_job_added_during_outage_and_again_after_fires_once(pair: Pair) ->
     res = await pair.store.add("t", job, {"gen": 1}, delay_ms=0)
     assert res.shard == pair.other.url
     assert await pair.guests(pair.other) == {f"t:{job}"}
+    assert (await pair.store.depths(pair.shard(pair.other)))["guests"] == 1  # console, metrics
     await pair.up()
     # re-added by another server process, which wrote no guest and has not yet read
     # the checker's record: no eviction, the sweep sorts it out

@@ -288,7 +288,7 @@ async def test_shards(web: Web, redis_factory: Any) -> None:
     [config] = r.json()
     assert config["source"] == "config" and config["up"] is True and config["id"] is None
     assert config["version"] and config["memory"] and config["in_use"] is True
-    assert set(config["depths"]) == {"jobs", "delayed", "ready", "inflight", "dead"}
+    assert set(config["depths"]) == {"jobs", "delayed", "ready", "inflight", "dead", "guests"}
 
     other = redis_factory()
     with redis.Redis(port=other.port) as admin:

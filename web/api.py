@@ -125,8 +125,8 @@ async def list_shards(st: St) -> list[dict[str, Any]]:
 @router.post("/shards", status_code=201, response_model=s.ShardOut, tags=["shards"],
              responses=_ERRORS, openapi_extra=body_of(s.ShardIn))
 async def save_shard(request: Request, st: St) -> dict[str, Any]:
-    """Add a shard (or change the URL of the one with this name). Workers use it after a
-    reload (SIGHUP to dq-master)."""
+    """Add a shard (or change the URL of the one with this name). Each dq-master's checker
+    notices within `registry_refresh` seconds and has it reload, which starts using it."""
     name, url = validate_shard(await read_object(request))
     conf = await db(st.registry.save_shard, name, url)
     view = next(v for v in await shard_views(st) if v.id == conf.id)
@@ -147,7 +147,8 @@ async def delete_shard(shard_id: int, st: St, force: bool = False) -> dict[str, 
                        "a reload nobody would deliver them. Drain it first, or pass "
                        "?force=true")
     await db(st.registry.delete_shard, shard_id)
-    return {"ok": True, "detail": f"shard {views[0].name} removed; reload dq to apply"}
+    return {"ok": True, "detail": f"shard {views[0].name} removed; each dq-master reloads "
+            "within a few seconds to apply it"}
 
 
 # alert settings -----------------------------------------------------------------------

@@ -30,7 +30,8 @@ class ShardView:
     url: str  # password masked
     source: str  # config | embedded | console
     enabled: bool
-    in_use: bool  # this process already uses it (workers pick up console shards on reload)
+    in_use: bool  # this process already uses it (workers pick up console shards on reload,
+    # which each dq-master's checker starts when the registry's shard list changes)
     up: bool = False
     error: str = ""
     version: str = ""

@@ -49,8 +49,8 @@ async def add_shard(request: Request, st: St, form: Form) -> Response:
     except Invalid as exc:
         return await _shard_form_error(request, st, exc, values, None)
     await db(st.registry.save_shard, name, url)
-    return redirect("/shards", f"Shard {name} saved. Workers start using it after a reload "
-                    "(SIGHUP to dq-master).")
+    return redirect("/shards", f"Shard {name} saved. Each dq-master notices within a few "
+                    "seconds and reloads to start using it.")
 
 
 @router.post("/shards/{shard_id}/edit")
@@ -67,13 +67,15 @@ async def edit_shard(shard_id: int, request: Request, st: St, form: Form) -> Res
     saved = await db(st.registry.save_shard, name, url)
     if saved.id != shard_id:  # renamed: the new name made a new row
         await db(st.registry.delete_shard, shard_id)
-    return redirect("/shards", f"Shard {name} saved. Workers use the change after a reload.")
+    return redirect("/shards", f"Shard {name} saved. Each dq-master notices within a few "
+                    "seconds and reloads to use the change.")
 
 
 @router.post("/shards/{shard_id}/delete")
 async def delete_shard(shard_id: int, st: St, form: Form) -> Response:
     if await db(st.registry.delete_shard, shard_id):
-        return redirect("/shards", "Shard removed. Workers stop using it after a reload.")
+        return redirect("/shards", "Shard removed. Each dq-master notices within a few "
+                        "seconds and reloads to stop using it.")
     return redirect("/shards", "That shard was already removed.", error=True)
 
 

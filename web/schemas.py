@@ -75,7 +75,8 @@ class ShardOut(BaseModel):
     url: str = Field(description="password masked")
     source: Literal["config", "embedded", "console"]
     enabled: bool
-    in_use: bool = Field(description="false until workers reload after the shard was added")
+    in_use: bool = Field(description="false until workers reload after the shard was added "
+                         "(dq-master reloads by itself within a few seconds)")
     up: bool
     error: str
     version: str
