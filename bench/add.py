@@ -5,6 +5,7 @@ processes spent per add.
     python bench/add.py --client dqload --conns 50 --n 2000 --servers 1
     python bench/add.py --client python --conns 50 --n 400
     python bench/add.py --client pipelined --n 200000
+    python bench/add.py --client pipelined --n 200000 --conns 4 --servers 2
 
 Starts its own redis-servers (two shards, like the original's measurement) and dq-master.
 Last line: RESULT mode=... qps=... p50_ms=... p99_ms=... server_us_per_add=...
@@ -57,14 +58,15 @@ async def python_closed_loop(port: int, conns: int, n: int) -> tuple[int, list[f
     return fails, lat
 
 
-async def python_pipelined(port: int, n: int) -> tuple[int, list[float], float]:
-    """add_many of n jobs; returns (failures, [wall ms], client CPU us per add). The CPU is
-    this process's (the client's alone: dq and redis are other processes), frames included."""
+async def python_pipelined(port: int, n: int, conns: int) -> tuple[int, list[float], float]:
+    """add_many of n jobs over `conns` connections; returns (failures, [wall ms], client
+    CPU us per add). The CPU is this process's (the client's alone: dq and redis are other
+    processes), frames included."""
     client = AsyncDqClient([f"127.0.0.1:{port}"], timeout=30)
     jobs = [{"topic": "bench", "id": f"pp-{i}", "body": {"seq": i}, "delay": 86400}
             for i in range(n)]
     c0, t0 = time.process_time(), time.perf_counter()
-    res = await client.add_many(jobs)
+    res = await client.add_many(jobs, connections=conns)
     lat = [(time.perf_counter() - t0) * 1000]
     client_us = (time.process_time() - c0) * 1e6 / max(n, 1)
     await client.close()
@@ -75,13 +77,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--client", choices=("dqload", "python", "pipelined"), default="dqload")
-    ap.add_argument("--conns", type=int, default=50)
+    ap.add_argument("--conns", type=int, help="connections (default 50; pipelined: those "
+                    "add_many spreads its adds over, default 1)")
     ap.add_argument("--n", type=int, default=2000, help="requests per connection "
                     "(pipelined: in all)")
     ap.add_argument("--servers", type=int, default=1)
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--body", type=int, default=64)
     args = ap.parse_args()
+    if args.conns is None:
+        args.conns = 1 if args.client == "pipelined" else 50
     with tempdir() as t, redis_servers(args.shards, Path(t)) as shards:
         tmp = Path(t)
         db = f"sqlite:///{tmp / 'reg.sqlite3'}"
@@ -115,7 +120,8 @@ def main() -> None:
                     fails, lat = asyncio.run(python_closed_loop(port, args.conns, args.n))
                     total = args.conns * args.n
                 else:
-                    fails, lat, client_us = asyncio.run(python_pipelined(port, args.n))
+                    fails, lat, client_us = asyncio.run(python_pipelined(port, args.n,
+                                                                         args.conns))
                     total = args.n
                 elapsed = time.perf_counter() - t0
                 qps = (total - fails) / elapsed

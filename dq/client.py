@@ -14,6 +14,7 @@ import json.encoder
 import random
 import socket
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -311,11 +312,13 @@ class AsyncDqClient:
     def __init__(self, servers: Sequence[str] | str, *, timeout: float = 3.0,
                  connect_timeout: float = 1.0) -> None:
         self._servers = _Servers(servers)
+        self._server_list = [servers] if isinstance(servers, str) else list(servers)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self._server: tuple[str, int] | None = None
         self._lock: asyncio.Lock | None = None
+        self._lanes: list[AsyncDqClient] = []  # add_many's extra connections
 
     async def __aenter__(self) -> AsyncDqClient:
         return self
@@ -324,6 +327,14 @@ class AsyncDqClient:
         await self.close()
 
     async def close(self) -> None:
+        """Close the connection, and add_many's extra ones."""
+        lanes, self._lanes = self._lanes, []
+        for lane in lanes:
+            await lane.close()
+        await self._drop()
+
+    async def _drop(self) -> None:
+        """Close this client's own connection (it is made again when next needed)."""
         if self._conn is not None:
             self._conn[1].close()
             try:
@@ -356,7 +367,7 @@ class AsyncDqClient:
                 before = batch.done
                 try:
                     if self._conn is None or self._server != server:
-                        await self.close()
+                        await self._drop()
                         self._conn = await asyncio.wait_for(
                             asyncio.open_connection(*server), self.connect_timeout)
                         self._server = server
@@ -367,7 +378,7 @@ class AsyncDqClient:
                     errors.append(f"{server[0]}:{server[1]}: {str(exc) or type(exc).__name__}")
                     if not (reused and i == 0):
                         self._servers.failed(server)
-                    await self.close()
+                    await self._drop()
                 if batch.done > before:
                     # Progress was made: the rest is a new exchange, with every server
                     # (the one that just failed last) to try again.
@@ -460,20 +471,56 @@ class AsyncDqClient:
                                   due_ms=due_ms))
 
     async def add_many(self, jobs: Iterable[Mapping[str, Any]], *, window: int = WINDOW,
-                       chunk: int | None = None) -> list[Any]:
+                       chunk: int | None = None, connections: int = 1) -> list[Any]:
         """Pipelined adds. Each job is a dict of add()'s arguments (topic, id, body, ...).
         Returns, in job order, None for each job stored or the DqError it got.
 
-        Up to `window` adds are in flight on the one connection (`chunk` is its old name):
-        more are written while replies stream back. If the connection fails part way, the
-        adds not yet answered are sent again to the next server. That is safe because an
-        add is idempotent: the same topic:id replaces the job, so an add that was stored
-        but whose reply was lost is stored once, not twice. Raises DqError('unavailable')
-        when no server can take the rest."""
+        Up to `window` adds are in flight on a connection (`chunk` is its old name): more
+        are written while replies stream back. If the connection fails part way, the adds
+        not yet answered are sent again to the next server. That is safe because an add is
+        idempotent: the same topic:id replaces the job, so an add that was stored but whose
+        reply was lost is stored once, not twice. Raises DqError('unavailable') when no
+        server can take the rest.
+
+        `connections` > 1 spreads the adds over that many connections (kept open for the
+        next call), so that several dq-server processes (`--servers`, or several dq
+        instances) share the work: one connection is served by one process. Adds of the
+        same topic:id always take the same connection, so they stay in order."""
+        if connections <= 1:
+            frames = _add_frames(jobs)
+            if not frames:
+                return []
+            return await self._exchange(frames, window=chunk or window, data=False)
+        jobs = list(jobs)
         frames = _add_frames(jobs)
-        if not frames:
-            return []
-        return await self._exchange(frames, window=chunk or window, data=False)
+        while len(self._lanes) < connections - 1:
+            self._lanes.append(AsyncDqClient(self._server_list, timeout=self.timeout,
+                                             connect_timeout=self.connect_timeout))
+        lanes = [self, *self._lanes[:connections - 1]]
+        for lane in lanes:
+            # One at a time: connections made at the same instant tend to be accepted by
+            # the same server process, which would leave the others idle.
+            if lane._conn is None:
+                await lane.ping()
+        picks: list[list[int]] = [[] for _ in lanes]
+        for i, job in enumerate(jobs):
+            picks[zlib.crc32(f"{job['topic']}:{job['id']}".encode()) % len(lanes)].append(i)
+        used = [(lane, pick) for lane, pick in zip(lanes, picks, strict=True) if pick]
+        tasks = [asyncio.ensure_future(lane._exchange([frames[i] for i in pick],
+                                                      window=chunk or window, data=False))
+                 for lane, pick in used]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:  # one lane could not finish (or we are cancelled): stop all
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        out: list[Any] = [None] * len(frames)
+        for (_, pick), replies in zip(used, results, strict=True):
+            for i, res in zip(pick, replies, strict=True):
+                out[i] = res
+        return out
 
     async def get(self, topic: str, job_id: str | int) -> dict[str, Any] | None:
         try:

@@ -122,6 +122,34 @@ async def test_add_many_stores_every_job_and_errors_land_in_place(
     await client.close()
 
 
+async def test_add_many_over_several_connections(two: list[Running]) -> None:
+    """connections=3: three connections to the server, results in job order with errors
+    in place, and the adds of one topic:id in order (on one connection)."""
+    client = AsyncDqClient([two[0].addr])
+    jobs = jobs_of(3000)
+    jobs[7] = {"topic": "nope", "id": "x"}
+    # the same job three times, last body wins as it would on one connection
+    jobs += [{"topic": "order", "id": "again", "body": {"i": n}, "delay": 600}
+             for n in range(3)]
+    res = await client.add_many(jobs, connections=3, window=50)
+    assert len(res) == len(jobs)
+    assert isinstance(res[7], DqError) and res[7].err == "unknown_topic"
+    assert [i for i, r in enumerate(res) if r is not None] == [7]
+    assert len(two[0].server.connections) == 3
+    body = await client.get("order", "again")
+    assert body is not None and body["i"] == 2
+    assert await stored(two[0]) == 3000 - 1 + 1
+    # the extra connections are kept for the next call, and closed with the client
+    await client.add_many(jobs_of(10, "k"), connections=3)
+    assert len(two[0].server.connections) == 3
+    await client.close()
+    for _ in range(100):
+        if not two[0].server.connections:
+            break
+        await asyncio.sleep(0.01)
+    assert not two[0].server.connections
+
+
 async def test_add_many_fails_over_when_its_server_dies_mid_stream(
         two: list[Running]) -> None:
     client = AsyncDqClient([two[0].addr, two[1].addr], timeout=5)
