@@ -544,10 +544,15 @@ class Store:
                                                self.k_guests, self.k_moving), (tid,))
         status, payload, due, version = (res[0].decode(), res[1], int(res[2]),
                                          res[3].decode())
-        if status not in ("take", "changed", "dead"):
+        if status not in ("take", "changed", "dead", "commit"):
             return status  # gone, stay (a dead letter) or busy (being delivered here)
         land_keys = (self.k_jobs, self.k_delay[b], self.k_wake[b], self.k_inflight,
                      self.k_dead, self.k_dead_err)
+        if status == "commit":  # a mover stopped after dropping the copy here: finish it
+            if not usable(owner):
+                return "busy"
+            await self._commit(owner, here, tid, version, due, land_keys, drop_keys)
+            return "moved"
         if status in ("changed", "dead"):
             # An earlier move stopped midway (maybe after landing this version on the
             # owner), and the job changed or died here since: undo that copy first.
@@ -570,10 +575,20 @@ class Store:
         dropped = await here.script("guest_drop", drop_keys, (tid, "drop", version))
         if landed == b"landed" and dropped in (b"changed", b"kept"):
             # deleted or replaced here meanwhile (or put back by another mover): the copy
-            # just written on the owner must not fire
+            # just written on the owner, not yet scheduled, must not fire
             await owner.script("guest_land", land_keys, (tid, "undo", version, "", 0, 0))
             return "changed"
+        if dropped != b"dropped":  # changed here since, or another mover finished it
+            return "changed" if dropped == b"changed" else "gone"
+        # The copy here is gone: now the owner's may be scheduled (a commit of a version
+        # the owner no longer holds, superseded or deleted since, does nothing).
+        await self._commit(owner, here, tid, version, due, land_keys, drop_keys)
         return "moved" if landed == b"landed" else "superseded"
+
+    async def _commit(self, owner: Shard, here: Shard, tid: str, version: str, due: int,
+                      land_keys: tuple[str, ...], drop_keys: tuple[str, ...]) -> None:
+        await owner.script("guest_land", land_keys, (tid, "commit", version, "", due, 0))
+        await here.script("guest_drop", drop_keys, (tid, "finish", version))
 
     async def lookup(self, topic: str, job_id: str) -> JobInfo | None:
         """A job's state for the console (not a hot path)."""

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
+from dq.errors import UNAVAILABLE, DqError
 from dq.shards import Shard, ShardSet
 from dq.store import Store
 from tests.conftest import RedisProcess
@@ -332,3 +334,57 @@ async def test_no_eviction_without_guests_or_for_a_guest_add(pair: Pair) -> None
     assert other.guests_until > time.time() * 1000  # its later owner adds will evict
     pair.shard(pair.owner)._recovered()
     pair.shard(pair.other).has_guests = False
+
+
+async def test_landed_copy_fires_only_once_committed(pair: Pair) -> None:
+    """The owner's copy is written unscheduled and scheduled only after the guest is gone:
+    a mover that dies between the two leaves a copy nothing fires, which the next sweep
+    commits."""
+    job = pair.ids[0]
+    store, tid = pair.store, f"t:{job}"
+    await taken_guests(pair, job)
+    b = store.bucket(tid)
+    owner, other = pair.shard(pair.owner), pair.shard(pair.other)
+    _, payload, due, version = await take(pair, job)  # resumes the take
+    land_keys = (store.k_jobs, store.k_delay[b], store.k_wake[b], store.k_inflight,
+                 store.k_dead, store.k_dead_err)
+    drop_keys = (store.k_jobs, store.k_delay[b], store.k_guests, store.k_moving,
+                 store.k_wake[b])
+    assert await owner.script("guest_land", land_keys, (
+        tid, "land", version.decode(), payload, int(due), 0)) == b"landed"
+    assert await other.script("guest_drop", drop_keys, (tid, "drop", version.decode())) \
+        == b"dropped"
+    # the mover dies here: the owner holds the job, in no bucket; nothing fires it
+    assert await pair.holds(pair.owner, job) is not None
+    assert await owner.call("ZSCORE", store.k_delay[b], tid) is None
+    assert await pair.deliver_all() == []
+    assert (await store.get("t", job) or {}).get("gen") == 1  # and get still finds it
+    assert await pair.sweep() == {"moved": 1}
+    assert await owner.call("ZSCORE", store.k_delay[b], tid) is not None
+    assert await other.call("HLEN", store.k_moving) == 0
+    assert await pair.guests(pair.other) == set()
+    assert await pair.deliver_all() == [(job, 1)]
+
+
+async def test_a_lost_land_reply_leaves_one_copy(pair: Pair) -> None:
+    """The land ran on the owner but its reply was lost: the take stays marked (not put
+    back, which would make two copies), and the next sweep finishes the move."""
+    job = pair.ids[0]
+    await pair.down()
+    await pair.store.add("t", job, {"gen": 1}, delay_ms=0)
+    await pair.up()
+    owner = pair.shard(pair.owner)
+    real = owner.script
+
+    async def lossy(name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        res = await real(name, keys, args)
+        if name == "guest_land":
+            raise DqError(UNAVAILABLE, "the connection dropped before the reply")
+        return res
+
+    owner.script = lossy  # type: ignore[method-assign]
+    assert await pair.sweep() == {"unsure": 1}
+    owner.script = real  # type: ignore[method-assign]
+    assert await pair.deliver_all() == []  # neither copy is scheduled meanwhile
+    assert await pair.sweep() == {"moved": 1}
+    assert await pair.deliver_all() == [(job, 1)]
