@@ -4,8 +4,8 @@ while their owner was down back to the owner.
     python bench/guests.py --n 20000
 
 Starts two redis-servers, writes N jobs owned by the second to the first as guests (as
-the failover path does), then sweeps them home with Store.sweep_guests the way the
-checker does (batches of GUEST_BATCH). Last line:
+the failover path does), then sweeps them home with GuestMover.sweep (dq/guests.py) the
+way the checker does. Last line:
 RESULT guests=... seconds=... per_s=... moved=...
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import redis_servers, tempdir
+from dq.guests import GuestMover
 from dq.shards import ShardSet
 from dq.store import Store
 
@@ -37,11 +38,12 @@ async def run(urls: list[str], n: int) -> None:
             parts.append(job)
         for i in range(0, len(parts), 500):
             await here.evalsha(store.add_args(parts[i:i + 500]))
-        assert await store.guests(here) == len(mine)
+        mover = GuestMover(store)
+        assert await mover.count(here) == len(mine)
         moved = 0
         t0 = time.perf_counter()
-        while await store.guests(here):
-            counts = await store.sweep_guests(here, lambda s: True)
+        while await mover.count(here):
+            counts = await mover.sweep(here, lambda s: True)
             moved += counts["moved"]
         took = time.perf_counter() - t0
         left = await here.call("HLEN", store.k_jobs)

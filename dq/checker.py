@@ -6,7 +6,7 @@ shard that fails continuously for `settings.shard_down_after` seconds is marked 
 instance follows: adds go to the next shard in the tid's rendezvous order, and loops stop
 working the shard. It is marked UP as soon as it answers again. One log line per change.
 
-After each round it moves guests home (`Checker.sweep`, `Store.sweep_guests`): jobs written
+After each round it moves guests home (`Checker.sweep`, dq/guests.py): jobs written
 to a shard while their owner was down go back to the owner once it answers, so that adding
 one again cannot leave two copies that both fire. It records which shards hold guests
 (`health.json`), so that adds on the owners evict older copies there meanwhile. And it
@@ -37,6 +37,7 @@ from datetime import datetime
 from dq.alert import send_alert
 from dq.config import Settings
 from dq.errors import DqError
+from dq.guests import GuestMover
 from dq.health import ShardHealth, health_path, read_health, safe_name, write_health
 from dq.registry import Registry
 from dq.shards import Shard, ShardSet
@@ -141,7 +142,7 @@ class Checker:
         st = self.states[shard.name]
         return st.up and st.failing_since is None
 
-    async def sweep(self, store: Store, budget: float) -> None:
+    async def sweep(self, mover: GuestMover, budget: float) -> None:
         """Move guests (jobs written to a shard while their owner was down) home to owners
         that answer again, for at most about `budget` seconds: a job left where it was
         written would fire twice if it were added again on its owner."""
@@ -153,10 +154,9 @@ class Checker:
             homes = any(self.answering(s) for s in self.shards.shards if s is not shard)
             try:
                 if homes and time.monotonic() < deadline:
-                    counts = await store.sweep_guests(shard, self.answering,
-                                                      deadline=deadline)
+                    counts = await mover.sweep(shard, self.answering, deadline=deadline)
                 else:
-                    counts = await store.put_back_stranded(shard, self.answering)
+                    counts = await mover.put_back_stranded(shard, self.answering)
             except DqError as exc:
                 log.debug("%s: cannot sweep guests on %s: %s", self.ctx.name, shard.name, exc)
                 continue
@@ -168,7 +168,7 @@ class Checker:
                          extra={"shard": name, "moved": homed})
             self.guests_moved += homed
             try:
-                left = await store.guests(shard)
+                left = await mover.count(shard)
             except DqError:
                 continue
             st = self.states[shard.name]
@@ -327,7 +327,8 @@ async def run(ctx: Context, *, registry: Registry | None = None,
                     "without alert mail", ctx.name, exc)
     shards = ShardSet.from_urls(shard_urls(settings, extra), command_timeout=2.0)
     checker = Checker(ctx, shards, registry=registry, mail_every=mail_every)
-    store = Store(shards, prefix=settings.prefix, buckets=settings.buckets, zone=settings.zone)
+    mover = GuestMover(Store(shards, prefix=settings.prefix, buckets=settings.buckets,
+                             zone=settings.zone))
     log.info("%s started: %d shard(s), every %.1f s, down after %.1f s, record %s", ctx.name,
              len(shards.shards), settings.checker_interval, settings.shard_down_after,
              checker.path)
@@ -338,7 +339,7 @@ async def run(ctx: Context, *, registry: Registry | None = None,
             started = time.monotonic()
             await checker.check()
             ctx.ready.set()
-            await checker.sweep(store, budget=settings.checker_interval / 2)
+            await checker.sweep(mover, budget=settings.checker_interval / 2)
             wait = max(0.0, settings.checker_interval - (time.monotonic() - started))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):

@@ -3,7 +3,7 @@
 The checker (dq/checker.py) is its only writer: `<data_dir>/health.json` maps a shard's
 name (password masked) to `{"up": bool, "since": epoch s, "error": str, "guests": bool}`
 and is replaced atomically (tmp file + rename) when a shard goes down or comes back, or
-starts or stops holding guests (jobs whose owner is another shard, see Store.sweep_guests:
+starts or stops holding guests (jobs whose owner is another shard, see dq/guests.py:
 while a shard holds any, an add on a job's owner also evicts the job's older copy there).
 Servers, timers and consumers read it through a `HealthReader` attached to their
 ShardSet: reading `Shard.up` polls the file's identity at most every `every` seconds and

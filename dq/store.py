@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import collections
 import functools
 import itertools
 import json
@@ -41,7 +40,6 @@ MINUTE_TTL = 2 * 3600  # per-minute counters feed the console's last-hour chart
 # Most jobs in one batched script call (add, ack): a bigger batch (a burst of pipelined
 # adds) is split, so no single call holds a shard for more than a few milliseconds.
 ADD_BATCH = 500
-GUEST_BATCH = 500  # guests moved home per sweep call
 # After this process writes a guest to a shard, its adds evict older copies there for this
 # long (ms) even before the checker's record says the shard holds guests.
 GUESTS_FRESH_MS = 10_000
@@ -240,7 +238,6 @@ class Store:
         self._day = ("", 0)
         self._times: dict[int, str] = {}
         self._queued: dict[tuple[str, Shard], list[tuple[Part, Done]]] = {}
-        self._guest_cursor: dict[str, int] = {}  # shard name -> where the last sweep stopped
         self._tasks: set[asyncio.Future[Any]] = set()
 
     # keys -------------------------------------------------------------------------------
@@ -460,7 +457,7 @@ class Store:
         args = (tid, self.day())
         # Every shard: a copy written to another shard while the owner was down must not
         # survive a delete and fire later. The other shards first, then the owner: a guest
-        # moving home meanwhile (take, land, drop; see sweep_guests) is then caught on one
+        # moving home meanwhile (take, land, drop; see dq/guests.py) is then caught on one
         # side or the other, where deleting everywhere at once could miss it on both.
         owner, *others = self.shards.order(tid)
         first = await asyncio.gather(*(s.script("delete", keys, args) for s in others),
@@ -474,121 +471,6 @@ class Store:
             raise DqError(UNAVAILABLE, f"job {tid} not found on the reachable shards and "
                           f"{failed} shard(s) did not answer; retry shortly")
         return deleted
-
-    # guests: jobs written to a shard while their owner was down -------------------------
-    async def guests(self, shard: Shard) -> int:
-        """How many guests `shard` holds (jobs whose owner is another shard)."""
-        return int(await shard.call("SCARD", self.k_guests))
-
-    async def sweep_guests(self, shard: Shard, usable: Callable[[Shard], bool], *,
-                           deadline: float | None = None) -> collections.Counter[str]:
-        """Move the guests on `shard` home to their owners, where `usable` says the owner
-        answers; the outcome of each, counted. One pass over the guests set (SSCAN, up to
-        GUEST_BATCH at a time, moved concurrently), or until time.monotonic() passes
-        `deadline`; the next call goes on from there. Safe to run from several processes at
-        once, and to be killed at any point: a job taken out of its bucket here is marked
-        moving, and a later sweep finishes or undoes the move."""
-        counts = await self.put_back_stranded(shard, usable)
-        cursor = self._guest_cursor.get(shard.name, 0)
-        while True:
-            cursor, found = await shard.call("SSCAN", self.k_guests, cursor, "COUNT",
-                                             GUEST_BATCH)
-            cursor = int(cursor)
-            tids = [t.decode() for t in found]
-            tids = [t for t in tids if usable(owner := self.shards.owner(t)) or owner is shard]
-            done = await asyncio.gather(*(self._move_home(shard, t, usable) for t in tids),
-                                        return_exceptions=True)
-            for tid, outcome in zip(tids, done, strict=True):
-                if isinstance(outcome, BaseException):
-                    if not isinstance(outcome, DqError):
-                        log.error("moving guest %r home failed", tid, exc_info=outcome)
-                    counts["error"] += 1
-                else:
-                    counts[outcome] += 1
-            if not cursor or (deadline is not None and time.monotonic() >= deadline):
-                break
-        self._guest_cursor[shard.name] = cursor
-        return counts
-
-    async def put_back_stranded(self, shard: Shard, usable: Callable[[Shard], bool],
-                                ) -> collections.Counter[str]:
-        """Jobs on `shard` a mover took out of their bucket and did not finish moving,
-        whose owner `usable` says is down now: back in their bucket here, to fire here.
-        Their marks stay (as "|u") until a sweep can reach the owner. Cheap: the moving
-        hash is empty unless a mover stopped midway."""
-        counts = collections.Counter[str]()
-        marks = await shard.call("HGETALL", self.k_moving)
-        for raw, mark in zip(marks[::2], marks[1::2], strict=True):
-            tid = raw.decode()
-            if mark.count(b"|") == 1 and not usable(self.shards.owner(tid)):
-                b = self.bucket(tid)
-                counts[(await shard.script("guest_drop", (
-                    self.k_jobs, self.k_delay[b], self.k_guests, self.k_moving, self.k_wake[b]),
-                    (tid, "untake", mark.split(b"|")[0]))).decode()] += 1
-        return counts
-
-    async def _move_home(self, here: Shard, tid: str, usable: Callable[[Shard], bool]) -> str:
-        owner = self.shards.owner(tid)
-        b = self.bucket(tid)
-        drop_keys = (self.k_jobs, self.k_delay[b], self.k_guests, self.k_moving,
-                     self.k_wake[b])
-        if owner is here:  # the shard list changed: this shard owns it now
-            mark = await here.call("HGET", self.k_moving, tid)
-            if mark is not None:  # taken by a mover that stopped: back in its bucket
-                version = mark.split(b"|")[0]
-                await here.script("guest_drop", drop_keys, (tid, "untake", version))
-                await here.script("guest_drop", drop_keys, (tid, "forget", version))
-            await here.call("SREM", self.k_guests, tid)
-            return "owned"
-        res = await here.script("guest_take", (self.k_jobs, self.k_delay[b], self.k_dead,
-                                               self.k_guests, self.k_moving), (tid,))
-        status, payload, due, version = (res[0].decode(), res[1], int(res[2]),
-                                         res[3].decode())
-        if status not in ("take", "changed", "dead", "commit"):
-            return status  # gone, stay (a dead letter) or busy (being delivered here)
-        land_keys = (self.k_jobs, self.k_delay[b], self.k_wake[b], self.k_inflight,
-                     self.k_dead, self.k_dead_err)
-        if status == "commit":  # a mover stopped after dropping the copy here: finish it
-            if not usable(owner):
-                return "busy"
-            await self._commit(owner, here, tid, version, due, land_keys, drop_keys)
-            return "moved"
-        if status in ("changed", "dead"):
-            # An earlier move stopped midway (maybe after landing this version on the
-            # owner), and the job changed or died here since: undo that copy first.
-            if not usable(owner):
-                return "busy"
-            await owner.script("guest_land", land_keys, (tid, "undo", version, "", 0, 0))
-            await here.script("guest_drop", drop_keys,
-                              (tid, "forget" if status == "dead" else "drop", version))
-            return status
-        if not usable(owner):  # down again since the sweep began: back in its bucket here
-            return str((await here.script("guest_drop", drop_keys,
-                                          (tid, "untake", version))).decode())
-        try:
-            landed = await owner.script("guest_land", land_keys, (
-                tid, "land", version, payload, due, parse_payload(payload).set_ms))
-        except DqError:
-            # Maybe written, maybe not (a lost reply): the mark stays, and the next sweep
-            # lands it again (a no-op if it is there) or, the owner being down, puts it back.
-            return "unsure"
-        dropped = await here.script("guest_drop", drop_keys, (tid, "drop", version))
-        if landed == b"landed" and dropped in (b"changed", b"kept"):
-            # deleted or replaced here meanwhile (or put back by another mover): the copy
-            # just written on the owner, not yet scheduled, must not fire
-            await owner.script("guest_land", land_keys, (tid, "undo", version, "", 0, 0))
-            return "changed"
-        if dropped != b"dropped":  # changed here since, or another mover finished it
-            return "changed" if dropped == b"changed" else "gone"
-        # The copy here is gone: now the owner's may be scheduled (a commit of a version
-        # the owner no longer holds, superseded or deleted since, does nothing).
-        await self._commit(owner, here, tid, version, due, land_keys, drop_keys)
-        return "moved" if landed == b"landed" else "superseded"
-
-    async def _commit(self, owner: Shard, here: Shard, tid: str, version: str, due: int,
-                      land_keys: tuple[str, ...], drop_keys: tuple[str, ...]) -> None:
-        await owner.script("guest_land", land_keys, (tid, "commit", version, "", due, 0))
-        await here.script("guest_drop", drop_keys, (tid, "finish", version))
 
     async def lookup(self, topic: str, job_id: str) -> JobInfo | None:
         """A job's state for the console (not a hot path)."""

@@ -1,5 +1,5 @@
 """Guests: jobs written to another shard while their owner was down, moved home when it is
-back (dq/lua/guest_*.lua, Store.sweep_guests, Checker.sweep), against real redis-servers.
+back (dq/lua/guest_*.lua, dq/guests.py, Checker.sweep), against real redis-servers.
 
 Without the move, a job added during an outage and added again after it would exist on
 two shards and fire twice."""
@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from dq.errors import UNAVAILABLE, DqError
+from dq.guests import GuestMover
 from dq.shards import Shard, ShardSet
 from dq.store import Store
 from tests.conftest import RedisProcess
@@ -26,6 +27,7 @@ class Pair:
     owner: RedisProcess  # the owner of every job id in `ids`
     other: RedisProcess
     ids: list[str]
+    mover: GuestMover
 
     def shard(self, proc: RedisProcess) -> Shard:
         return next(s for s in self.store.shards.shards if s.url == proc.url)
@@ -46,7 +48,7 @@ class Pair:
                                                                 self.store.k_guests)}
 
     async def sweep(self) -> dict[str, int]:
-        return dict(await self.store.sweep_guests(self.shard(self.other), everyone))
+        return dict(await self.mover.sweep(self.shard(self.other), everyone))
 
     async def deliver_all(self) -> list[tuple[str, object]]:
         """Move due jobs and claim them on both shards: (id, body) of every delivery."""
@@ -68,7 +70,7 @@ async def pair(redis_factory: Callable[[], RedisProcess]) -> AsyncIterator[Pair]
     r1, r2 = redis_factory(), redis_factory()
     store = Store(ShardSet.from_urls([r1.url, r2.url]), buckets=4)
     ids = [f"j{i}" for i in range(200) if store.shards.owner(f"t:j{i}").url == r2.url][:20]
-    yield Pair(store, r2, r1, ids)
+    yield Pair(store, r2, r1, ids, GuestMover(store))
     await store.shards.close()
 
 
@@ -188,9 +190,9 @@ async def test_a_move_killed_midway_is_finished_or_undone(pair: Pair) -> None:
     assert moved == 0
     # the owner is down again when the next sweep runs: both go back in their buckets
     await pair.down()
-    assert dict(await pair.store.sweep_guests(other, lambda s: s is other)) == {"untaken": 2}
+    assert dict(await pair.mover.sweep(other, lambda s: s is other)) == {"untaken": 2}
     # the marks stay, as put back: the owner may hold a copy an earlier land wrote
-    assert await pair.store.sweep_guests(other, lambda s: s is other) == {}
+    assert await pair.mover.sweep(other, lambda s: s is other) == {}
     assert await other.call("HLEN", pair.store.k_moving) == 2
     await pair.up()
     assert (await take(pair, a))[0] == b"take"
@@ -220,7 +222,7 @@ async def test_concurrent_sweeps_leave_one_copy_each(pair: Pair) -> None:
     rival = Store(ShardSet.from_urls([pair.other.url, pair.owner.url]), buckets=4)
     try:
         rival_other = next(s for s in rival.shards.shards if s.url == pair.other.url)
-        results = await asyncio.gather(pair.sweep(), rival.sweep_guests(rival_other, everyone))
+        results = await asyncio.gather(pair.sweep(), GuestMover(rival).sweep(rival_other, everyone))
     finally:
         await rival.shards.close()
     total = sum(n for r in results for k, n in dict(r).items() if k == "moved")
@@ -267,7 +269,7 @@ async def test_copy_landed_then_deleted_while_the_owner_is_down_is_undone_later(
         store.k_dead_err), (tid, "land", version.decode(), payload, int(due), 0))
     await pair.down()
     assert await store.delete("t", job)  # found and deleted where it was
-    assert dict(await store.sweep_guests(other, lambda s: s is other)) == {"changed": 1}
+    assert dict(await pair.mover.sweep(other, lambda s: s is other)) == {"changed": 1}
     assert await other.call("HLEN", store.k_moving) == 1  # kept for the owner's return
     await pair.up()
     assert await pair.holds(pair.owner, job) is not None  # the landed copy, back with it

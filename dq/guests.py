@@ -1,0 +1,160 @@
+"""Guests: jobs written to a shard while their owner was down, and how they go home.
+
+An add whose owner shard is down goes to the next shard in the tid's order and is
+recorded in that shard's guests set (dq/lua/add.lua). Left there, a job added during an
+outage and again after it would exist twice and fire twice. The checker (dq/checker.py)
+runs `GuestMover.sweep` on every shard each round; each guest whose owner answers moves
+in four steps, each an atomic script:
+
+1. take (guest_take.lua, on its shard): out of its delay bucket, marked in the moving hash;
+2. land (guest_land.lua, on the owner): written unscheduled, unless the owner's copy is as
+   new or newer;
+3. drop (guest_drop.lua, on its shard): the copy there removed, the mark "|d";
+4. commit (guest_land.lua, on the owner): scheduled; then the mark is cleared.
+
+The mark outlives a mover that dies, so a later sweep finishes or undoes any move; several
+movers may run at once. Meanwhile adds on a job's owner evict its older copies from shards
+known to hold guests (Store.add_job, dq/lua/evict.lua).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+
+from dq.errors import DqError
+from dq.shards import Shard
+from dq.store import Store, parse_payload
+
+log = logging.getLogger(__name__)
+
+BATCH = 500  # guests read (SSCAN COUNT) and moved concurrently at a time
+
+
+class GuestMover:
+    """Moves the guests of a store's shards home. Keeps, per shard, where its last sweep
+    stopped, so a sweep cut short by its deadline goes on from there next time."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._cursor: dict[str, int] = {}
+
+    async def count(self, shard: Shard) -> int:
+        """How many guests `shard` holds (jobs whose owner is another shard)."""
+        return int(await shard.call("SCARD", self.store.k_guests))
+
+    async def sweep(self, shard: Shard, usable: Callable[[Shard], bool], *,
+                    deadline: float | None = None) -> collections.Counter[str]:
+        """Move the guests on `shard` home to their owners, where `usable` says the owner
+        answers; the outcome of each, counted. One pass over the guests set (SSCAN, up to
+        BATCH at a time, moved concurrently), or until time.monotonic() passes
+        `deadline`; the next call goes on from there. Safe to run from several processes at
+        once, and to be killed at any point: a job taken out of its bucket here is marked
+        moving, and a later sweep finishes or undoes the move."""
+        st = self.store
+        counts = await self.put_back_stranded(shard, usable)
+        cursor = self._cursor.get(shard.name, 0)
+        while True:
+            cursor, found = await shard.call("SSCAN", st.k_guests, cursor, "COUNT",
+                                             BATCH)
+            cursor = int(cursor)
+            tids = [t.decode() for t in found]
+            tids = [t for t in tids if usable(owner := st.shards.owner(t)) or owner is shard]
+            done = await asyncio.gather(*(self._move_home(shard, t, usable) for t in tids),
+                                        return_exceptions=True)
+            for tid, outcome in zip(tids, done, strict=True):
+                if isinstance(outcome, BaseException):
+                    if not isinstance(outcome, DqError):
+                        log.error("moving guest %r home failed", tid, exc_info=outcome)
+                    counts["error"] += 1
+                else:
+                    counts[outcome] += 1
+            if not cursor or (deadline is not None and time.monotonic() >= deadline):
+                break
+        self._cursor[shard.name] = cursor
+        return counts
+
+    async def put_back_stranded(self, shard: Shard, usable: Callable[[Shard], bool],
+                                ) -> collections.Counter[str]:
+        """Jobs on `shard` a mover took out of their bucket and did not finish moving,
+        whose owner `usable` says is down now: back in their bucket here, to fire here.
+        Their marks stay (as "|u") until a sweep can reach the owner. Cheap: the moving
+        hash is empty unless a mover stopped midway."""
+        st = self.store
+        counts = collections.Counter[str]()
+        marks = await shard.call("HGETALL", st.k_moving)
+        for raw, mark in zip(marks[::2], marks[1::2], strict=True):
+            tid = raw.decode()
+            if mark.count(b"|") == 1 and not usable(st.shards.owner(tid)):
+                b = st.bucket(tid)
+                counts[(await shard.script("guest_drop", (
+                    st.k_jobs, st.k_delay[b], st.k_guests, st.k_moving, st.k_wake[b]),
+                    (tid, "untake", mark.split(b"|")[0]))).decode()] += 1
+        return counts
+
+    async def _move_home(self, here: Shard, tid: str, usable: Callable[[Shard], bool]) -> str:
+        st = self.store
+        owner = st.shards.owner(tid)
+        b = st.bucket(tid)
+        drop_keys = (st.k_jobs, st.k_delay[b], st.k_guests, st.k_moving,
+                     st.k_wake[b])
+        if owner is here:  # the shard list changed: this shard owns it now
+            mark = await here.call("HGET", st.k_moving, tid)
+            if mark is not None:  # taken by a mover that stopped: back in its bucket
+                version = mark.split(b"|")[0]
+                await here.script("guest_drop", drop_keys, (tid, "untake", version))
+                await here.script("guest_drop", drop_keys, (tid, "forget", version))
+            await here.call("SREM", st.k_guests, tid)
+            return "owned"
+        res = await here.script("guest_take", (st.k_jobs, st.k_delay[b], st.k_dead,
+                                               st.k_guests, st.k_moving), (tid,))
+        status, payload, due, version = (res[0].decode(), res[1], int(res[2]),
+                                         res[3].decode())
+        if status not in ("take", "changed", "dead", "commit"):
+            return status  # gone, stay (a dead letter) or busy (being delivered here)
+        land_keys = (st.k_jobs, st.k_delay[b], st.k_wake[b], st.k_inflight,
+                     st.k_dead, st.k_dead_err)
+        if status == "commit":  # a mover stopped after dropping the copy here: finish it
+            if not usable(owner):
+                return "busy"
+            await self._commit(owner, here, tid, version, due, land_keys, drop_keys)
+            return "moved"
+        if status in ("changed", "dead"):
+            # An earlier move stopped midway (maybe after landing this version on the
+            # owner), and the job changed or died here since: undo that copy first.
+            if not usable(owner):
+                return "busy"
+            await owner.script("guest_land", land_keys, (tid, "undo", version, "", 0, 0))
+            await here.script("guest_drop", drop_keys,
+                              (tid, "forget" if status == "dead" else "drop", version))
+            return status
+        if not usable(owner):  # down again since the sweep began: back in its bucket here
+            return str((await here.script("guest_drop", drop_keys,
+                                          (tid, "untake", version))).decode())
+        try:
+            landed = await owner.script("guest_land", land_keys, (
+                tid, "land", version, payload, due, parse_payload(payload).set_ms))
+        except DqError:
+            # Maybe written, maybe not (a lost reply): the mark stays, and the next sweep
+            # lands it again (a no-op if it is there) or, the owner being down, puts it back.
+            return "unsure"
+        dropped = await here.script("guest_drop", drop_keys, (tid, "drop", version))
+        if landed == b"landed" and dropped in (b"changed", b"kept"):
+            # deleted or replaced here meanwhile (or put back by another mover): the copy
+            # just written on the owner, not yet scheduled, must not fire
+            await owner.script("guest_land", land_keys, (tid, "undo", version, "", 0, 0))
+            return "changed"
+        if dropped != b"dropped":  # changed here since, or another mover finished it
+            return "changed" if dropped == b"changed" else "gone"
+        # The copy here is gone: now the owner's may be scheduled (a commit of a version
+        # the owner no longer holds, superseded or deleted since, does nothing).
+        await self._commit(owner, here, tid, version, due, land_keys, drop_keys)
+        return "moved" if landed == b"landed" else "superseded"
+
+    async def _commit(self, owner: Shard, here: Shard, tid: str, version: str, due: int,
+                      land_keys: tuple[str, ...], drop_keys: tuple[str, ...]) -> None:
+        await owner.script("guest_land", land_keys, (tid, "commit", version, "", due, 0))
+        await here.script("guest_drop", drop_keys, (tid, "finish", version))
