@@ -24,6 +24,7 @@ import collections
 import logging
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from dq.errors import DqError
 from dq.shards import Shard
@@ -32,6 +33,14 @@ from dq.store import Store, parse_payload
 log = logging.getLogger(__name__)
 
 BATCH = 500  # guests read (SSCAN COUNT) and moved concurrently at a time
+
+
+class _Keys(NamedTuple):
+    """The keys of one tid's guest scripts (take, land on the owner, drop here)."""
+
+    take: tuple[str, ...]
+    land: tuple[str, ...]
+    drop: tuple[str, ...]
 
 
 class GuestMover:
@@ -89,72 +98,82 @@ class GuestMover:
         for raw, mark in zip(marks[::2], marks[1::2], strict=True):
             tid = raw.decode()
             if mark.count(b"|") == 1 and not usable(st.shards.owner(tid)):
-                b = st.bucket(tid)
-                counts[(await shard.script("guest_drop", (
-                    st.k_jobs, st.k_delay[b], st.k_guests, st.k_moving, st.k_wake[b]),
-                    (tid, "untake", mark.split(b"|")[0]))).decode()] += 1
+                counts[(await shard.script("guest_drop", self._keys(tid).drop, (
+                    tid, "untake", mark.split(b"|")[0]))).decode()] += 1
         return counts
 
+    def _keys(self, tid: str) -> _Keys:
+        st, b = self.store, self.store.bucket(tid)
+        return _Keys(
+            take=(st.k_jobs, st.k_delay[b], st.k_dead, st.k_guests, st.k_moving),
+            land=(st.k_jobs, st.k_delay[b], st.k_wake[b], st.k_inflight, st.k_dead,
+                  st.k_dead_err),
+            drop=(st.k_jobs, st.k_delay[b], st.k_guests, st.k_moving, st.k_wake[b]))
+
     async def _move_home(self, here: Shard, tid: str, usable: Callable[[Shard], bool]) -> str:
-        st = self.store
-        owner = st.shards.owner(tid)
-        b = st.bucket(tid)
-        drop_keys = (st.k_jobs, st.k_delay[b], st.k_guests, st.k_moving,
-                     st.k_wake[b])
+        """One guest's move (or the rest of a move a mover left midway); its outcome."""
+        owner = self.store.shards.owner(tid)
+        keys = self._keys(tid)
         if owner is here:  # the shard list changed: this shard owns it now
-            mark = await here.call("HGET", st.k_moving, tid)
-            if mark is not None:  # taken by a mover that stopped: back in its bucket
-                version = mark.split(b"|")[0]
-                await here.script("guest_drop", drop_keys, (tid, "untake", version))
-                await here.script("guest_drop", drop_keys, (tid, "forget", version))
-            await here.call("SREM", st.k_guests, tid)
-            return "owned"
-        res = await here.script("guest_take", (st.k_jobs, st.k_delay[b], st.k_dead,
-                                               st.k_guests, st.k_moving), (tid,))
+            return await self._owned(here, tid, keys)
+        res = await here.script("guest_take", keys.take, (tid,))
         status, payload, due, version = (res[0].decode(), res[1], int(res[2]),
                                          res[3].decode())
         if status not in ("take", "changed", "dead", "commit"):
             return status  # gone, stay (a dead letter) or busy (being delivered here)
-        land_keys = (st.k_jobs, st.k_delay[b], st.k_wake[b], st.k_inflight,
-                     st.k_dead, st.k_dead_err)
+        if not usable(owner):
+            if status != "take":
+                return "busy"  # the rest needs the owner
+            # down again since the sweep began: back in its bucket here
+            return str((await here.script("guest_drop", keys.drop,
+                                          (tid, "untake", version))).decode())
         if status == "commit":  # a mover stopped after dropping the copy here: finish it
-            if not usable(owner):
-                return "busy"
-            await self._commit(owner, here, tid, version, due, land_keys, drop_keys)
+            await self._commit(owner, here, tid, version, due, keys)
             return "moved"
-        if status in ("changed", "dead"):
+        if status != "take":
             # An earlier move stopped midway (maybe after landing this version on the
             # owner), and the job changed or died here since: undo that copy first.
-            if not usable(owner):
-                return "busy"
-            await owner.script("guest_land", land_keys, (tid, "undo", version, "", 0, 0))
-            await here.script("guest_drop", drop_keys,
+            await owner.script("guest_land", keys.land, (tid, "undo", version, "", 0, 0))
+            await here.script("guest_drop", keys.drop,
                               (tid, "forget" if status == "dead" else "drop", version))
             return status
-        if not usable(owner):  # down again since the sweep began: back in its bucket here
-            return str((await here.script("guest_drop", drop_keys,
-                                          (tid, "untake", version))).decode())
+        return await self._move(owner, here, tid, payload, due, version, keys)
+
+    async def _move(self, owner: Shard, here: Shard, tid: str, payload: bytes, due: int,
+                    version: str, keys: _Keys) -> str:
+        """Land, drop and commit a job just taken."""
         try:
-            landed = await owner.script("guest_land", land_keys, (
+            landed = await owner.script("guest_land", keys.land, (
                 tid, "land", version, payload, due, parse_payload(payload).set_ms))
         except DqError:
             # Maybe written, maybe not (a lost reply): the mark stays, and the next sweep
             # lands it again (a no-op if it is there) or, the owner being down, puts it back.
             return "unsure"
-        dropped = await here.script("guest_drop", drop_keys, (tid, "drop", version))
+        dropped = await here.script("guest_drop", keys.drop, (tid, "drop", version))
         if landed == b"landed" and dropped in (b"changed", b"kept"):
             # deleted or replaced here meanwhile (or put back by another mover): the copy
             # just written on the owner, not yet scheduled, must not fire
-            await owner.script("guest_land", land_keys, (tid, "undo", version, "", 0, 0))
+            await owner.script("guest_land", keys.land, (tid, "undo", version, "", 0, 0))
             return "changed"
         if dropped != b"dropped":  # changed here since, or another mover finished it
             return "changed" if dropped == b"changed" else "gone"
         # The copy here is gone: now the owner's may be scheduled (a commit of a version
         # the owner no longer holds, superseded or deleted since, does nothing).
-        await self._commit(owner, here, tid, version, due, land_keys, drop_keys)
+        await self._commit(owner, here, tid, version, due, keys)
         return "moved" if landed == b"landed" else "superseded"
 
     async def _commit(self, owner: Shard, here: Shard, tid: str, version: str, due: int,
-                      land_keys: tuple[str, ...], drop_keys: tuple[str, ...]) -> None:
-        await owner.script("guest_land", land_keys, (tid, "commit", version, "", due, 0))
-        await here.script("guest_drop", drop_keys, (tid, "finish", version))
+                      keys: _Keys) -> None:
+        await owner.script("guest_land", keys.land, (tid, "commit", version, "", due, 0))
+        await here.script("guest_drop", keys.drop, (tid, "finish", version))
+
+    async def _owned(self, here: Shard, tid: str, keys: _Keys) -> str:
+        """A guest whose shard is now its owner (the shard list changed): no longer a guest;
+        a take a mover left unfinished goes back in its bucket."""
+        mark = await here.call("HGET", self.store.k_moving, tid)
+        if mark is not None:
+            version = mark.split(b"|")[0]
+            await here.script("guest_drop", keys.drop, (tid, "untake", version))
+            await here.script("guest_drop", keys.drop, (tid, "forget", version))
+        await here.call("SREM", self.store.k_guests, tid)
+        return "owned"
