@@ -37,7 +37,8 @@ from dq.worker import Context, open_store
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("dq.request")
 
-MAX_OUTSTANDING = 256  # requests in progress per connection before reading pauses
+MAX_OUTSTANDING = 1024  # requests in progress per connection before reading pauses
+TURN_SLICE = 128  # requests of one connection started per loop turn
 WRITE_HIGH = 256 * 1024  # reply bytes buffered for a slow reader before reading pauses
 FRAME_TIMEOUT = 10.0  # seconds a started frame may take to arrive in full
 
@@ -231,6 +232,7 @@ class Connection(asyncio.Protocol):
         self.closing = False
         self.last_active = time.monotonic()
         self.frame_started = 0.0
+        self.resume_scheduled = False  # a later loop turn goes on with the backlog
 
     # asyncio callbacks -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -280,9 +282,18 @@ class Connection(asyncio.Protocol):
     def _start_backlog(self) -> None:
         """Start decoded requests, at most MAX_OUTSTANDING at a time: one client's burst of
         pipelined frames is worked off as its replies go out, not in one loop turn."""
+        self.resume_scheduled = False
         handler = self.server.handler
         backlog = self.backlog
+        started = 0
         while backlog and len(self.replies) < MAX_OUTSTANDING and not self.closing:
+            if started == TURN_SLICE:
+                # The rest in a later loop turn, so this turn's adds go to Redis now and
+                # are worked on there while the next slice is decoded here.
+                self.resume_scheduled = True
+                handler.loop.call_soon(self._start_backlog)
+                return
+            started += 1
             item = backlog.popleft()
             if isinstance(item, FrameError):
                 self._queue(protocol.error_reply(item))
@@ -334,7 +345,7 @@ class Connection(asyncio.Protocol):
         if self.closing and not replies:
             self.transport.close()
             return
-        if self.backlog and len(replies) < MAX_OUTSTANDING // 2:
+        if self.backlog and len(replies) < MAX_OUTSTANDING // 2 and not self.resume_scheduled:
             self._start_backlog()
         self._update_reading()
 

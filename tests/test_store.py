@@ -354,3 +354,13 @@ async def test_a_batch_that_cannot_be_sent_fails_its_jobs(store: Store) -> None:
     assert len(got) == 2 and all(isinstance(e, TypeError) for e in got)
     # the connection and later adds are unaffected
     assert not (await store.add("t", "after", {"a": 1})).replaced
+
+
+def test_resp_pack_spells_each_argument_type_and_names_a_bad_one() -> None:
+    from dq.resp import pack
+
+    assert pack(("SET", "k€", b"\x00\xff", 12, -3, 1.5)) == (
+        b"*6\r\n$3\r\nSET\r\n$4\r\nk\xe2\x82\xac\r\n$2\r\n\x00\xff\r\n$2\r\n12\r\n"
+        b"$2\r\n-3\r\n$3\r\n1.5\r\n")
+    with pytest.raises(TypeError, match="cannot send NoneType to redis"):
+        pack(("SET", "k", None))
