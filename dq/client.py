@@ -15,11 +15,11 @@ import random
 import socket
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from dq.errors import NOT_FOUND, UNAVAILABLE, DqError
-from dq.protocol import MAX_FRAME, OK_EMPTY, decode_reply, encode_frame
+from dq.protocol import MAX_FRAME, MAX_MANY, OK_EMPTY, decode_reply, encode_frame
 
 DEAD_FOR = 5.0  # seconds a server that failed is skipped
 WINDOW = 4000  # add_many: requests in flight on the connection at most
@@ -130,6 +130,77 @@ def _add_frames(jobs: Iterable[Mapping[str, Any]]) -> list[bytes]:
     return out
 
 
+_MANY_SLICE = 5 * MAX_MANY  # add_many: jobs encoded at a time, as the window moves on
+_ADD_HEAD = b'{"cmd":"add",'
+_MANY_HEAD = b'{"cmd":"add_many","jobs":['
+
+
+class _ManyFrame:
+    """A frame of add_many's: jobs[start:stop] in one add_many frame, or (`many` false)
+    one job too large for one in its own add frame."""
+
+    __slots__ = ("data", "many", "start", "stop")
+
+    def __init__(self, data: bytes, start: int, stop: int, many: bool) -> None:
+        self.data, self.start, self.stop, self.many = data, start, stop, many
+
+
+def _many_frames(jobs: Sequence[Mapping[str, Any]], first: int = 0) -> list[_ManyFrame]:
+    """The jobs in add_many frames, in order, each as full as MAX_MANY jobs and MAX_FRAME
+    bytes allow. A job's part is its add frame's JSON without "cmd", the same bytes.
+    `first` is the index of jobs[0] in the caller's list (the frames' start and stop)."""
+    out: list[_ManyFrame] = []
+    parts: list[bytes] = []
+    start, empty = first, len(_MANY_HEAD) + 2
+    size = empty
+
+    def close(stop: int) -> None:
+        text = _MANY_HEAD + b",".join(parts) + b"]}"
+        out.append(_ManyFrame(b"%04d" % len(text) + text, start, stop, True))
+
+    for i, frame in enumerate(_add_frames(jobs), first):
+        part = b"{" + frame[4 + len(_ADD_HEAD):]
+        if parts and (len(parts) == MAX_MANY or size + len(part) > MAX_FRAME):
+            close(i)
+            parts, start, size = [], i, empty
+        if size + len(part) > MAX_FRAME or not frame.startswith(_ADD_HEAD, 4):
+            out.append(_ManyFrame(frame, i, i + 1, False))  # too large to share a frame
+            start = i + 1
+            continue
+        parts.append(part)
+        size += len(part) + 1
+    if parts:
+        close(first + len(jobs))
+    return out
+
+
+def _spread(frames: Sequence[_ManyFrame], replies: Sequence[Any],
+            out: list[Any]) -> tuple[list[int], bool]:
+    """Put each job's result (None or its DqError) from its frame's reply into out. Returns
+    the jobs to send again one by one (their frame failed as a whole) and whether a frame
+    was refused (dq answers add_many per job, so a server that fails the frame is one from
+    before add_many)."""
+    again: list[int] = []
+    refused = False
+    for frame, reply in zip(frames, replies, strict=True):
+        if not frame.many:
+            out[frame.start] = reply if isinstance(reply, DqError) else None
+        elif isinstance(reply, list) and len(reply) == frame.stop - frame.start:
+            for i, res in enumerate(reply, frame.start):
+                out[i] = None if res == 1 else _job_error(res)
+        else:
+            refused = refused or isinstance(reply, DqError)
+            again.extend(range(frame.start, frame.stop))
+    return again, refused
+
+
+def _job_error(res: Any) -> DqError:
+    if isinstance(res, dict) and isinstance(res.get("err"), str):
+        return DqError(res["err"], str(res.get("msg") or f"the job was not stored "
+                                       f"({res['err']})"))
+    return DqError(UNAVAILABLE, f"the server answered {res!r} for this job; add it again")
+
+
 def _cmd_frame(cmd: str, topic: str, job_id: str | int) -> bytes:
     return encode_frame({"cmd": cmd, "topic": topic, "id": job_id})
 
@@ -171,13 +242,14 @@ class DqClient:
     """Blocking client. One connection at a time, reconnected on failure."""
 
     def __init__(self, servers: Sequence[str] | str, *, timeout: float = 3.0,
-                 connect_timeout: float = 1.0) -> None:
+                 connect_timeout: float = 1.0, many_frames: bool = True) -> None:
         self._servers = _Servers(servers)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._sock: socket.socket | None = None
         self._server: tuple[str, int] | None = None
         self._buf = b""
+        self._many = many_frames  # add_many sends add_many frames (until one is refused)
 
     def __enter__(self) -> DqClient:
         return self
@@ -258,13 +330,28 @@ class DqClient:
                                   due_ms=due_ms)])
 
     def add_many(self, jobs: Iterable[Mapping[str, Any]], *, chunk: int = 500) -> list[Any]:
-        """Pipelined adds. Each job is a dict of add()'s arguments (topic, id, body, ...).
-        Returns, per job, None on success or the DqError it got."""
-        results: list[Any] = []
-        frames = _add_frames(jobs)
-        for i in range(0, len(frames), chunk):
-            results.extend(self._exchange(frames[i:i + chunk], tolerate=True))
-        return [r if isinstance(r, DqError) else None for r in results]
+        """Adds sent together: many jobs to an add_many frame, frames pipelined, `chunk`
+        jobs at a time. Each job is a dict of add()'s arguments (topic, id, body, ...).
+        Returns, per job, None on success or the DqError it got. dq before 0.3 refuses
+        add_many frames and is then sent one add frame per job; php-delayqueue's server
+        does not answer them: make clients for it with `many_frames=False`."""
+        jobs = list(jobs)
+        out: list[Any] = [None] * len(jobs)
+        for lo in range(0, len(jobs), chunk):
+            part = jobs[lo:lo + chunk]
+            again = list(range(len(part)))
+            res: list[Any] = [None] * len(part)
+            if self._many:
+                frames = _many_frames(part)
+                again, refused = _spread(frames, self._exchange([f.data for f in frames],
+                                                                tolerate=True), res)
+                self._many = not refused
+            if again:
+                singles = self._exchange(_add_frames(part[i] for i in again), tolerate=True)
+                for i, r in zip(again, singles, strict=True):
+                    res[i] = r if isinstance(r, DqError) else None
+            out[lo:lo + len(part)] = res
+        return out
 
     def get(self, topic: str, job_id: str | int) -> dict[str, Any] | None:
         try:
@@ -295,14 +382,28 @@ _OK_RUN: bytes = OK_EMPTY * _RUN
 
 
 class _Batch:
-    """Frames of one AsyncDqClient exchange and the replies that came back so far."""
+    """Frames of one AsyncDqClient exchange and the replies that came back so far. With
+    `more`, the frames are made as the window reaches them, so the server is at work on
+    the first ones while the rest are being encoded."""
 
-    __slots__ = ("data", "done", "frames", "n", "out", "window")
+    __slots__ = ("data", "done", "frames", "more", "out", "window")
 
-    def __init__(self, frames: Sequence[bytes], window: int, data: bool) -> None:
-        self.frames, self.n, self.window, self.data = frames, len(frames), window, data
-        self.out: list[Any] = [None] * self.n
+    def __init__(self, frames: Sequence[bytes], window: int, data: bool,
+                 more: Iterator[Sequence[bytes]] | None = None) -> None:
+        self.frames, self.window, self.data, self.more = list(frames), window, data, more
+        self.out: list[Any] = [None] * len(self.frames)
         self.done = 0  # frames[:done] are answered
+
+    def fill(self, upto: int) -> int:
+        """Make frames until there are `upto` (or no more); the number there are."""
+        while self.more is not None and len(self.frames) < upto:
+            made = next(self.more, None)
+            if made is None:
+                self.more = None
+            else:
+                self.frames.extend(made)
+                self.out.extend([None] * len(made))
+        return len(self.frames)
 
 
 class AsyncDqClient:
@@ -310,7 +411,7 @@ class AsyncDqClient:
     add_many keeps a window of them in flight, writing more as replies come back."""
 
     def __init__(self, servers: Sequence[str] | str, *, timeout: float = 3.0,
-                 connect_timeout: float = 1.0) -> None:
+                 connect_timeout: float = 1.0, many_frames: bool = True) -> None:
         self._servers = _Servers(servers)
         self._server_list = [servers] if isinstance(servers, str) else list(servers)
         self.timeout = timeout
@@ -319,6 +420,7 @@ class AsyncDqClient:
         self._server: tuple[str, int] | None = None
         self._lock: asyncio.Lock | None = None
         self._lanes: list[AsyncDqClient] = []  # add_many's extra connections
+        self._many = many_frames  # add_many sends add_many frames (until one is refused)
 
     async def __aenter__(self) -> AsyncDqClient:
         return self
@@ -344,9 +446,11 @@ class AsyncDqClient:
         self._conn = None
 
     async def _exchange(self, frames: Sequence[bytes], *, window: int = WINDOW,
-                        data: bool = True) -> list[Any]:
-        """Send frames, up to `window` of them unanswered at a time, and return per frame
-        its reply's data (None for each success when `data` is false) or its DqError.
+                        data: bool = True,
+                        more: Iterator[Sequence[bytes]] | None = None) -> list[Any]:
+        """Send frames (then those `more` makes), up to `window` of them unanswered at a
+        time, and return per frame its reply's data (None for each success when `data` is
+        false) or its DqError.
 
         If the connection fails (closed, reset, a garbled reply, `timeout` seconds without
         a reply while some are owed), the frames not yet answered are sent again to the
@@ -354,7 +458,7 @@ class AsyncDqClient:
         when no server could finish them."""
         if self._lock is None:
             self._lock = asyncio.Lock()
-        batch = _Batch(frames, max(1, window), data)
+        batch = _Batch(frames, max(1, window), data, more)
         errors = []
         async with self._lock:
             candidates = self._servers.candidates()
@@ -394,9 +498,10 @@ class AsyncDqClient:
         they arrive. A reply equal to the constant success frame is not decoded."""
         assert self._conn is not None
         reader, writer = self._conn
-        frames, out, n, window, keep = batch.frames, batch.out, batch.n, batch.window, batch.data
+        frames, out, window, keep = batch.frames, batch.out, batch.window, batch.data
         done = batch.done
         step = max(1, window // 4)  # write in slices: fewer, larger writes
+        n = batch.fill(done + window)
         sent = min(n, done + window)
         writer.write(b"".join(frames[done:sent]))
         loop = asyncio.get_running_loop()
@@ -447,6 +552,10 @@ class AsyncDqClient:
                         raise ConnectionError(f"the server sent {done - n} replies more "
                                               "than it was sent requests")
                     batch.done = done
+                    if sent - done <= window - step and n < done + window:
+                        grown = batch.fill(done + window)
+                        cap += 0.001 * (grown - n)
+                        n = grown
                     if sent < n and sent - done <= window - step:
                         upto = min(n, done + window)
                         writer.write(b"".join(frames[sent:upto]))
@@ -472,11 +581,15 @@ class AsyncDqClient:
 
     async def add_many(self, jobs: Iterable[Mapping[str, Any]], *, window: int = WINDOW,
                        chunk: int | None = None, connections: int = 1) -> list[Any]:
-        """Pipelined adds. Each job is a dict of add()'s arguments (topic, id, body, ...).
-        Returns, in job order, None for each job stored or the DqError it got.
+        """Adds sent together. Each job is a dict of add()'s arguments (topic, id, body,
+        ...). Returns, in job order, None for each job stored or the DqError it got.
 
-        Up to `window` adds are in flight on a connection (`chunk` is its old name): more
-        are written while replies stream back. If the connection fails part way, the adds
+        Jobs go up to MAX_MANY (200) to an add_many frame, each one an add of its own on
+        the server, and frames are pipelined: up to about `window` adds are in flight on a
+        connection (`chunk` is its old name), more are written while replies stream back.
+        dq before 0.3 refuses add_many frames: it is then sent one add frame per job.
+        php-delayqueue's server does not answer them at all: make clients for it with
+        `many_frames=False`. If the connection fails part way, the adds
         not yet answered are sent again to the next server. That is safe because an add is
         idempotent: the same topic:id replaces the job, so an add that was stored but whose
         reply was lost is stored once, not twice. Raises DqError('unavailable') when no
@@ -486,16 +599,13 @@ class AsyncDqClient:
         next call), so that several dq-server processes (`--servers`, or several dq
         instances) share the work: one connection is served by one process. Adds of the
         same topic:id always take the same connection, so they stay in order."""
-        if connections <= 1:
-            frames = _add_frames(jobs)
-            if not frames:
-                return []
-            return await self._exchange(frames, window=chunk or window, data=False)
         jobs = list(jobs)
-        frames = _add_frames(jobs)
+        if connections <= 1:
+            return await self._add_many(jobs, chunk or window)
         while len(self._lanes) < connections - 1:
             self._lanes.append(AsyncDqClient(self._server_list, timeout=self.timeout,
-                                             connect_timeout=self.connect_timeout))
+                                             connect_timeout=self.connect_timeout,
+                                             many_frames=self._many))
         lanes = [self, *self._lanes[:connections - 1]]
         for lane in lanes:
             # One at a time: connections made at the same instant tend to be accepted by
@@ -506,8 +616,7 @@ class AsyncDqClient:
         for i, job in enumerate(jobs):
             picks[zlib.crc32(f"{job['topic']}:{job['id']}".encode()) % len(lanes)].append(i)
         used = [(lane, pick) for lane, pick in zip(lanes, picks, strict=True) if pick]
-        tasks = [asyncio.ensure_future(lane._exchange([frames[i] for i in pick],
-                                                      window=chunk or window, data=False))
+        tasks = [asyncio.ensure_future(lane._add_many([jobs[i] for i in pick], chunk or window))
                  for lane, pick in used]
         try:
             results = await asyncio.gather(*tasks)
@@ -516,9 +625,33 @@ class AsyncDqClient:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
-        out: list[Any] = [None] * len(frames)
+        out: list[Any] = [None] * len(jobs)
         for (_, pick), replies in zip(used, results, strict=True):
             for i, res in zip(pick, replies, strict=True):
+                out[i] = res
+        return out
+
+    async def _add_many(self, jobs: Sequence[Mapping[str, Any]], window: int) -> list[Any]:
+        """add_many on this client's connection: add_many frames (one add frame per job
+        to a server that refuses them), about `window` jobs in flight."""
+        out: list[Any] = [None] * len(jobs)
+        again = list(range(len(jobs)))
+        if self._many and jobs:
+            frames: list[_ManyFrame] = []
+
+            def more() -> Iterator[list[bytes]]:  # encoded while the first are stored
+                for lo in range(0, len(jobs), _MANY_SLICE):
+                    made = _many_frames(jobs[lo:lo + _MANY_SLICE], lo)
+                    frames.extend(made)
+                    yield [f.data for f in made]
+
+            replies = await self._exchange([], window=max(2, window // MAX_MANY), more=more())
+            again, refused = _spread(frames, replies, out)
+            self._many = not refused
+        if again:
+            singles = await self._exchange(_add_frames(jobs[i] for i in again), window=window,
+                                           data=False)
+            for i, res in zip(again, singles, strict=True):
                 out[i] = res
         return out
 

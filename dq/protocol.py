@@ -11,6 +11,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar, Final, TypeAlias
@@ -26,7 +27,8 @@ MAX_DEPTH: Final = 100  # JSON nesting we accept, so anything decoded can be re-
 MAX_TOPIC: Final = 255
 MAX_ID: Final = 200
 MAX_DUE_MS: Final = 253_402_300_799_999  # 9999-12-31 23:59:59.999 UTC
-COMMANDS: Final = ("add", "get", "del", "ping")
+MAX_MANY: Final = 200  # jobs in one add_many frame (their errors still fit one reply)
+COMMANDS: Final = ("add", "add_many", "get", "del", "ping")
 
 Frame: TypeAlias = dict[str, Any]  # a decoded request object, not yet validated
 
@@ -82,14 +84,19 @@ def _lone_surrogate(obj: Any) -> bool:
 
 
 def _too_deep(obj: Any, limit: int) -> bool:
-    stack = [(obj, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
-    return False
+    """Whether containers nest more than `limit` deep, a level at a time (an add_many
+    frame is wide: hundreds of containers, three or four levels)."""
+    level = [obj]
+    for _ in range(limit):
+        below = []
+        for node in level:
+            for child in node.values() if type(node) is dict else node:
+                if type(child) is dict or type(child) is list:
+                    below.append(child)
+        if not below:
+            return False
+        level = below
+    return True
 
 
 _TOO_DEEP = FrameError(BAD_REQUEST, f"the JSON is nested more than {MAX_DEPTH} levels deep; "
@@ -358,6 +365,25 @@ def _parse_add(obj: Frame, now_ms: int | None, tz: ZoneInfo | None) -> AddReques
     return AddRequest(topic, job_id, body, due_ms, delay_ms)
 
 
+def parse_add(obj: Any, *, now_ms: int | None = None, tz: ZoneInfo | None = None) -> AddRequest:
+    """Validate one job of an add_many frame: an add request's fields, without "cmd"."""
+    if not isinstance(obj, dict):
+        raise _bad(f'each job of add_many must be an object like an add request, e.g. '
+                   f'{{"topic":"order","id":"42","body":{{}}}} (got {_show(obj)})')
+    return _parse_add(obj, now_ms, tz)
+
+
+def parse_many(obj: Frame) -> list[Any]:
+    """The jobs of an add_many frame ({"cmd":"add_many","jobs":[{add fields}, ...]}), each
+    still to be validated with `parse_add`: one bad job fails alone, not its frame."""
+    jobs = obj.get("jobs")
+    if not isinstance(jobs, list) or not 0 < len(jobs) <= MAX_MANY:
+        raise _bad(f"jobs must be a list of 1 to {MAX_MANY} add requests without \"cmd\", "
+                   f'e.g. [{{"topic":"order","id":"42","body":{{}}}}] (got {_show(jobs)}); '
+                   "split larger batches over several frames")
+    return jobs
+
+
 def parse_request(obj: Frame, *, now_ms: int | None = None,
                   tz: ZoneInfo | None = None) -> Request:
     """Validate a decoded request. `tz` is the zone of fix_time (None: local); `now_ms`
@@ -395,6 +421,17 @@ def encode_frame(obj: Any) -> bytes:
 
 
 OK_EMPTY: Final = encode_frame({"code": 1, "msg": "succ", "data": []})
+
+
+def many_reply(results: Sequence[DqError | None]) -> bytes:
+    """The reply to add_many: per job, in order, 1 when it was stored, else {"err","msg"}.
+    Messages are shortened, then left out, when all of them would not fit in one frame."""
+    for cut in (None, 80, 0):
+        data = [1 if r is None else {"err": r.err, "msg": r.msg[:cut]} for r in results]
+        payload = _payload({"code": 1, "msg": "succ", "data": data})
+        if len(payload) <= MAX_FRAME:
+            break
+    return b"%04d" % len(payload) + payload
 
 
 def error_reply(error: DqError | FrameError | tuple[str, str]) -> bytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import socket
 import time
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 request_log = logging.getLogger("dq.request")
 
 MAX_OUTSTANDING = 1024  # requests in progress per connection before reading pauses
-TURN_SLICE = 128  # requests of one connection started per loop turn
+TURN_SLICE = 128  # adds of one connection started per loop turn (one more frame at most)
 WRITE_HIGH = 256 * 1024  # reply bytes buffered for a slow reader before reading pauses
 FRAME_TIMEOUT = 10.0  # seconds a started frame may take to arrive in full
 
@@ -76,6 +77,24 @@ class Pending:
 
         asyncio.ensure_future(coro).add_done_callback(done)
         return pending
+
+
+class _Many:
+    """The results of an add_many frame's jobs, in order; its reply is set when the last
+    one is known."""
+
+    __slots__ = ("left", "reply", "results")
+
+    def __init__(self, n: int) -> None:
+        self.results: list[DqError | None] = [None] * n
+        self.left = n
+        self.reply = Pending()
+
+    def set(self, i: int, error: DqError | None) -> None:
+        self.results[i] = error
+        self.left -= 1
+        if not self.left:
+            self.reply.set(protocol.many_reply(self.results))
 
 
 def log_request(cmd: str, topic: object, job_id: object, status: str, t0: float,
@@ -117,8 +136,9 @@ class Handler:
         """Answer a request, without a coroutine when it is an add on an open connection
         (the hot path): the reply is set when the shard answers the batch of adds this loop
         turn queued for it."""
-        if obj.get("cmd") != "add":
-            return Pending.of(self.handle(obj))
+        cmd = obj.get("cmd")
+        if cmd != "add":
+            return self.add_many(obj) if cmd == "add_many" else Pending.of(self.handle(obj))
         t0 = time.monotonic()
         try:
             req = protocol.parse_request(obj, tz=self.settings.zone)
@@ -147,7 +167,62 @@ class Handler:
         self.store.add_nowait(shard, job, done)
         return reply
 
+    def add_many(self, obj: protocol.Frame) -> bytes | Pending:
+        """An add_many frame: each job is an add of its own (validated, routed and batched
+        like one), and the one reply lists their results in order."""
+        t0 = time.monotonic()
+        try:
+            items = protocol.parse_many(obj)
+        except DqError as exc:
+            self.stats["fail"] += 1
+            log_request("add_many", None, None, exc.err, t0)
+            return protocol.error_reply(exc)
+        many = _Many(len(items))
+        for i, item in enumerate(items):
+            try:
+                req = protocol.parse_add(item, tz=self.settings.zone)
+                shard, job = self._add_job(req)
+            except DqError as exc:
+                self.stats["fail"] += 1
+                log_request("add", item.get("topic") if isinstance(item, dict) else None,
+                            item.get("id") if isinstance(item, dict) else None, exc.err, t0)
+                many.set(i, exc)
+                continue
+            except Exception as exc:  # a bug must cost one job, not the connection
+                many.set(i, self._unexpected_error(item, exc))
+                continue
+            if shard.conn.connected:
+                self.store.add_nowait(shard, job, functools.partial(
+                    self._many_done, many, i, shard, job, req, t0))
+            else:
+                self._many_slow(many, i, shard, job, req, t0)
+        return many.reply if many.left else protocol.many_reply(many.results)
+
+    def _many_done(self, many: _Many, i: int, shard: Shard, job: AddJob, req: AddRequest,
+                   t0: float, res: Any, exc: BaseException | None) -> None:
+        if exc is not None:
+            self._many_slow(many, i, shard, job, req, t0)
+            return
+        self.stats["add"] += 1
+        log_request("add", req.topic, req.id, "ok", t0, shard.name)
+        many.set(i, None)
+
+    def _many_slow(self, many: _Many, i: int, shard: Shard, job: AddJob, req: AddRequest,
+                   t0: float) -> None:
+        def done(task: asyncio.Task[DqError | None]) -> None:
+            many.set(i, DqError(UNAVAILABLE, "the server is stopping; retry on another dq "
+                                "server") if task.cancelled() else task.result())
+
+        asyncio.ensure_future(self._add_retry(shard, job, req, t0)).add_done_callback(done)
+
     async def _add_slow(self, shard: Shard, job: AddJob, req: AddRequest, t0: float) -> bytes:
+        error = await self._add_retry(shard, job, req, t0)
+        return protocol.OK_EMPTY if error is None else protocol.error_reply(error)
+
+    async def _add_retry(self, shard: Shard, job: AddJob, req: AddRequest,
+                         t0: float) -> DqError | None:
+        """An add the batch could not store (scripts not loaded, an error, a shard down),
+        tried once more on its own: None when stored, else the error for its client."""
         try:
             try:
                 await shard.evalsha(self.store.add_args([job]))
@@ -165,12 +240,12 @@ class Handler:
         except DqError as exc:
             self.stats["fail"] += 1
             log_request("add", req.topic, req.id, exc.err, t0, shard.name, exc.msg)
-            return protocol.error_reply(exc)
+            return exc
         except Exception as exc:
-            return self._unexpected(req, exc)
+            return self._unexpected_error(req, exc)
         self.stats["add"] += 1
         log_request("add", req.topic, req.id, "ok", t0, shard.name)
-        return protocol.OK_EMPTY
+        return None
 
     def _add_job(self, req: AddRequest, exclude: tuple[str, ...] = ()) -> tuple[Shard, AddJob]:
         topic = self.topic(req.topic)
@@ -181,10 +256,13 @@ class Handler:
                                   due_ms=due_ms, delay_ms=delay_ms, exclude=exclude)
 
     def _unexpected(self, obj: object, exc: Exception) -> bytes:
+        return protocol.error_reply(self._unexpected_error(obj, exc))
+
+    def _unexpected_error(self, obj: object, exc: Exception) -> DqError:
         self.stats["fail"] += 1
         log.error("request failed: %r", obj, exc_info=exc)
-        return protocol.error_reply((UNAVAILABLE, f"the server could not complete the "
-                                     f"request ({exc.__class__.__name__}); retry shortly"))
+        return DqError(UNAVAILABLE, f"the server could not complete the request "
+                       f"({exc.__class__.__name__}); retry shortly")
 
     async def handle(self, obj: protocol.Frame) -> bytes:
         t0 = time.monotonic()
@@ -287,14 +365,14 @@ class Connection(asyncio.Protocol):
         backlog = self.backlog
         started = 0
         while backlog and len(self.replies) < MAX_OUTSTANDING and not self.closing:
-            if started == TURN_SLICE:
+            if started >= TURN_SLICE:
                 # The rest in a later loop turn, so this turn's adds go to Redis now and
                 # are worked on there while the next slice is decoded here.
                 self.resume_scheduled = True
                 handler.loop.call_soon(self._start_backlog)
                 return
-            started += 1
             item = backlog.popleft()
+            started += 1
             if isinstance(item, FrameError):
                 self._queue(protocol.error_reply(item))
                 if item.fatal:
@@ -304,6 +382,9 @@ class Connection(asyncio.Protocol):
             elif item.get("cmd") == "ping":
                 self._queue(protocol.OK_EMPTY)
             else:
+                jobs = item.get("jobs")  # an add_many frame's count as the adds they are
+                if type(jobs) is list:
+                    started += len(jobs) - 1
                 self._queue(handler.fast(item))
 
     # replies ---------------------------------------------------------------------------

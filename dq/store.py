@@ -239,13 +239,19 @@ class Store:
         self._times: dict[int, str] = {}
         self._queued: dict[tuple[str, Shard], list[tuple[Part, Done]]] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._k_stat: dict[str, str] = {}  # per topic: made once per add otherwise
 
     # keys -------------------------------------------------------------------------------
     def bucket(self, tid: str) -> int:
         return zlib.crc32(tid.encode()) % self.buckets
 
     def k_stat(self, topic: str) -> str:
-        return f"{self.prefix}stat:{topic}"
+        key = self._k_stat.get(topic)
+        if key is None:
+            if len(self._k_stat) >= 4096:
+                self._k_stat.clear()
+            key = self._k_stat[topic] = f"{self.prefix}stat:{topic}"
+        return key
 
     def k_hist(self, topic: str) -> str:
         return f"{self.prefix}hist:{topic}"

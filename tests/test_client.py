@@ -5,6 +5,7 @@ for the reply stream's awkward shapes."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from dq.client import AsyncDqClient, _add_frame_plain, _add_frames, add_frame
+from dq.client import AsyncDqClient, _add_frame_plain, _add_frames, _many_frames, add_frame
 from dq.errors import DqError
 from dq.protocol import OK_EMPTY, error_reply
 from tests.conftest import RedisProcess
@@ -245,7 +246,7 @@ async def test_replies_split_anywhere_and_odd_successes_parse(
                 await writer.drain()
                 await asyncio.sleep(0)
 
-    client = AsyncDqClient([await fake(script)])
+    client = AsyncDqClient([await fake(script)], many_frames=False)
     jobs = jobs_of(300)
     for i in (0, 77, 299):
         jobs[i] = {"topic": "bad", "id": str(i)}
@@ -278,7 +279,7 @@ async def test_garbled_reply_resends_unanswered_jobs_to_next_server(
     for _ in range(30):  # the client tries live servers in random order: see both orders
         seen["bad"].clear()
         seen["good"].clear()
-        client = AsyncDqClient(servers)
+        client = AsyncDqClient(servers, many_frames=False)
         res = await client.add_many(jobs_of(100), window=100)
         assert res == [None] * 100
         if seen["bad"]:  # the garbling server was tried first: the 40 it answered stay done
@@ -295,11 +296,103 @@ async def test_silent_server_times_out_as_unavailable(
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()
 
-    client = AsyncDqClient([await fake(silent)], timeout=0.3)
+    client = AsyncDqClient([await fake(silent)], timeout=0.3, many_frames=False)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     with pytest.raises(DqError) as info:
         await client.add_many(jobs_of(10_000))
     assert info.value.err == "unavailable"
     assert loop.time() - t0 < 2  # the stall is noticed, not waited out for 10 s of budget
+    await client.close()
+
+
+# -- add_many frames ---------------------------------------------------------------------------
+
+def test_many_frames_pack_jobs_up_to_the_count_and_size_limits() -> None:
+    jobs = jobs_of(450)
+    jobs[10] = {"topic": "order", "id": "big", "body": {"s": "x" * 9940}}  # fits only alone
+    jobs[20] = {"topic": "order", "id": "half", "body": {"s": "y" * 6000}}
+    frames = _many_frames(jobs, 1000)
+    singles = _add_frames(jobs)
+    assert frames[0].start == 1000 and frames[-1].stop == 1450
+    assert all(a.stop == b.start for a, b in itertools.pairwise(frames))
+    assert [(f.start, f.many) for f in frames if not f.many] == [(1010, False)]
+    assert frames[1].data == singles[10]  # "big" goes as the add frame add() would send
+    for f in frames:
+        assert len(f.data) - 4 == int(f.data[:4]) <= 9999
+        if not f.many:
+            continue
+        req = json.loads(f.data[4:])
+        assert list(req) == ["cmd", "jobs"] and req["cmd"] == "add_many"
+        # each job is its add frame's JSON without "cmd"
+        assert req["jobs"] == [{k: v for k, v in json.loads(singles[i - 1000][4:]).items()
+                                if k != "cmd"} for i in range(f.start, f.stop)]
+        assert f.stop - f.start <= 200
+        if f.stop < 1450 and f.stop != 1010:  # full: the next job would not have fitted
+            assert f.stop - f.start == 200 or len(f.data) + len(singles[f.stop - 1000]) > 9999
+    small = _many_frames([{"topic": "o", "id": i} for i in range(450)])  # 200 fit in one
+    assert [(f.start, f.stop) for f in small] == [(0, 200), (200, 400), (400, 450)]
+
+
+async def test_add_many_falls_back_to_add_frames_when_add_many_is_refused(
+        fake: Callable[[Script], Awaitable[str]]) -> None:
+    """dq 0.2 answers an add_many frame "cmd must be one of add, get, del, ping": the jobs
+    go again as add frames, and the client sends no more add_many frames after that."""
+    cmds: list[str] = []
+
+    async def old_dq(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            [req] = await read_frames(reader, 1)
+            cmds.append(req["cmd"])
+            if req["cmd"] == "add":
+                ok = req["topic"] == "order"
+                writer.write(OK_EMPTY if ok else error_reply(("unknown_topic", "no topic")))
+            else:
+                writer.write(error_reply(("bad_request", "cmd must be one of add, get, del, "
+                                                         "ping (got 'add_many')")))
+
+    client = AsyncDqClient([await fake(old_dq)])
+    jobs = jobs_of(450)
+    jobs[5] = {"topic": "nope", "id": "x"}
+    res = await client.add_many(jobs)
+    assert [i for i, r in enumerate(res) if r is not None] == [5]
+    assert isinstance(res[5], DqError) and res[5].err == "unknown_topic"
+    assert cmds.count("add") == 450 and 1 <= cmds.count("add_many") <= 3
+    cmds.clear()
+    assert await client.add_many(jobs_of(300)) == [None] * 300
+    assert cmds == ["add"] * 300
+    await client.close()
+
+
+async def test_many_frames_false_sends_add_frames_only(
+        fake: Callable[[Script], Awaitable[str]]) -> None:
+    """php-delayqueue's server does not answer a command it does not know: its clients
+    are made with many_frames=False and send add frames only."""
+    cmds: list[str] = []
+
+    async def php(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            [req] = await read_frames(reader, 1)
+            cmds.append(req["cmd"])
+            if req["cmd"] == "add":
+                writer.write(b'0033{"code":1,"msg":"succ","data":[]}')
+
+    client = AsyncDqClient([await fake(php)], many_frames=False, timeout=1)
+    assert await client.add_many(jobs_of(250)) == [None] * 250
+    assert cmds == ["add"] * 250
+    await client.close()
+
+
+async def test_add_many_frames_against_real_servers_store_in_job_order(
+        two: list[Running]) -> None:
+    """The same id twice in one add_many frame and across frames: the last add wins."""
+    client = AsyncDqClient([two[0].addr])
+    jobs = jobs_of(500)
+    for n, at in enumerate((3, 150, 199, 200, 499)):
+        jobs[at] = {"topic": "order", "id": "same", "body": {"n": n}, "delay": 60}
+    assert await client.add_many(jobs) == [None] * 500
+    body = await client.get("order", "same")
+    assert body is not None and body["n"] == 4
+    assert await stored(two[0]) == 500 - 5 + 1
+    assert two[0].server.handler.stats["add"] == 500
     await client.close()

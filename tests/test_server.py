@@ -277,3 +277,76 @@ async def test_batched_adds_survive_redis_losing_its_scripts(dq: Running) -> Non
         assert body is not None and body["i"] == i
     assert dq.server.handler.stats["add"] == 401 and dq.server.handler.stats["fail"] == 0
     await client.close()
+
+
+# -- add_many frames ---------------------------------------------------------------------------
+
+async def test_add_many_frame_answers_each_job_in_place(dq: Running) -> None:
+    """One add_many frame: every job is an add of its own, a bad one fails alone with the
+    error a lone add would get, and the reply lists the results in job order."""
+    jobs: list[Any] = [
+        {"topic": "order", "id": "m1", "body": {"i": 1}, "delay": 60},
+        {"topic": "nope", "id": "m2"},
+        {"topic": "order", "id": "", "body": {}},
+        "not an object",
+        {"topic": "off", "id": "m5"},
+        {"topic": "order", "id": 6, "body": {"i": 6}, "due_ms": int(time.time() * 1000) + 9000},
+        {"topic": "order", "id": "m7", "body": {"i": 7}, "delay": 1, "fix_time": "x"},
+    ]
+    [reply] = await asyncio.to_thread(raw_exchange, dq.port, frame({"cmd": "add_many",
+                                                                    "jobs": jobs}))
+    assert reply["code"] == 1
+    data = reply["data"]
+    assert len(data) == len(jobs)
+    assert data[0] == 1 and data[5] == 1
+    assert [d["err"] for d in (data[1], data[2], data[3], data[4], data[6])] == [
+        "unknown_topic", "bad_request", "bad_request", "topic_offline", "bad_request"]
+    assert "not registered" in data[1]["msg"] and "each job of add_many" in data[3]["msg"]
+    assert "at most one of fix_time" in data[6]["msg"]
+    assert await dq.store.shards.shards[0].client.hlen(dq.store.k_jobs) == 2
+    body = await dq.store.get("order", "6")
+    assert body is not None and body["i"] == 6
+    info = await dq.store.lookup("order", "m1")
+    assert info is not None and abs(info.due_ms - (time.time() + 60) * 1000) < 2000
+    assert dq.server.handler.stats["add"] == 2 and dq.server.handler.stats["fail"] == 5
+
+
+@pytest.mark.parametrize("jobs", [None, [], "x", [{}] * 201])
+async def test_add_many_frame_without_a_usable_job_list_is_refused_whole(
+        dq: Running, jobs: Any) -> None:
+    data = frame({"cmd": "add_many"} if jobs is None else {"cmd": "add_many", "jobs": jobs})
+    bad, pong = await asyncio.to_thread(raw_exchange, dq.port, data + frame({"cmd": "ping"}),
+                                        read=2)
+    assert bad["code"] == 0 and bad["err"] == "bad_request"
+    assert "jobs must be a list of 1 to 200" in bad["msg"]
+    assert pong["code"] == 1  # the connection goes on
+    assert await dq.store.shards.shards[0].client.hlen(dq.store.k_jobs) == 0
+
+
+async def test_add_many_frame_with_its_shard_down_says_unavailable_per_job(
+        tmp_path: Path, redis_server: RedisProcess) -> None:
+    running, ctx, task = await start_server(tmp_path, [redis_server.url])
+    redis_server.stop()
+    jobs = [{"topic": "order", "id": str(i), "body": {}} for i in range(3)] + [
+        {"topic": "nope", "id": "x"}]
+    [reply] = await asyncio.to_thread(raw_exchange, running.port,
+                                      frame({"cmd": "add_many", "jobs": jobs}), timeout=10)
+    assert [d if d == 1 else d["err"] for d in reply["data"]] == [
+        "unavailable", "unavailable", "unavailable", "unknown_topic"]
+    assert "retry" in reply["data"][0]["msg"]
+    ctx.stopping.set()
+    await task
+    await running.store.shards.close()
+
+
+async def test_sync_client_add_many_sends_add_many_frames(dq: Running) -> None:
+    client = DqClient([dq.addr])
+    jobs = [{"topic": "order", "id": f"s{i}", "body": {"i": i}, "delay": 60} for i in range(450)]
+    jobs[300] = {"topic": "nope", "id": "x"}
+    res = await asyncio.to_thread(client.add_many, jobs, chunk=200)
+    assert [i for i, r in enumerate(res) if r is not None] == [300]
+    assert isinstance(res[300], DqError) and res[300].err == "unknown_topic"
+    assert await dq.store.shards.shards[0].client.hlen(dq.store.k_jobs) == 449
+    body = await asyncio.to_thread(client.get, "order", "s449")
+    assert body is not None and body["i"] == 449
+    client.close()
