@@ -178,8 +178,7 @@ def _spread(frames: Sequence[_ManyFrame], replies: Sequence[Any],
             out: list[Any]) -> tuple[list[int], bool]:
     """Put each job's result (None or its DqError) from its frame's reply into out. Returns
     the jobs to send again one by one (their frame failed as a whole) and whether a frame
-    was refused (dq answers add_many per job, so a server that fails the frame is one from
-    before add_many)."""
+    was refused as an unknown command (by a server from before add_many)."""
     again: list[int] = []
     refused = False
     for frame, reply in zip(frames, replies, strict=True):
@@ -189,7 +188,10 @@ def _spread(frames: Sequence[_ManyFrame], replies: Sequence[Any],
             for i, res in enumerate(reply, frame.start):
                 out[i] = None if res == 1 else _job_error(res)
         else:
-            refused = refused or isinstance(reply, DqError)
+            # A server from before add_many says so; other failures of a whole frame (a job
+            # that is not JSON, say) send its jobs one by one, where each fails alone.
+            refused = refused or (isinstance(reply, DqError) and "cmd must be one of" in
+                                  reply.msg and "add_many" not in reply.msg.split("(got")[0])
             again.extend(range(frame.start, frame.stop))
     return again, refused
 

@@ -396,3 +396,18 @@ async def test_add_many_frames_against_real_servers_store_in_job_order(
     assert await stored(two[0]) == 500 - 5 + 1
     assert two[0].server.handler.stats["add"] == 500
     await client.close()
+
+
+async def test_a_job_that_is_not_json_fails_alone_and_batching_goes_on(
+        two: list[Running]) -> None:
+    """A NaN makes its add_many frame invalid JSON: that frame's jobs are sent again one by
+    one, so only the bad job fails, and the next add_many still sends add_many frames."""
+    client = AsyncDqClient([two[0].addr])
+    jobs = jobs_of(300)
+    jobs[250] = {"topic": "order", "id": "nan", "body": {"f": float("nan")}}
+    res = await client.add_many(jobs)
+    assert [i for i, r in enumerate(res) if r is not None] == [250]
+    assert isinstance(res[250], DqError) and res[250].err == "bad_request"
+    assert await stored(two[0]) == 299
+    assert client._many  # the next add_many sends add_many frames again
+    await client.close()
