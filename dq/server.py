@@ -80,20 +80,31 @@ class Pending:
 
 
 class _Many:
-    """The results of an add_many frame's jobs, in order; its reply is set when the last
-    one is known."""
+    """An add_many frame's jobs on their way: their results in order, and the frame's reply
+    once the last one is known."""
 
-    __slots__ = ("left", "reply", "results")
+    __slots__ = ("handler", "left", "reply", "results", "sent", "t0")
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, handler: Handler, n: int, t0: float) -> None:
+        self.handler, self.t0 = handler, t0
         self.results: list[DqError | None] = [None] * n
+        # per job: what was queued for the batch, until it is retried alone
+        self.sent: list[tuple[AddRequest, Shard, AddJob] | None] = [None] * n
         self.left = n
         self.reply = Pending()
+
+    def stored(self, i: int, res: Any, exc: BaseException | None) -> None:
+        """The batch's answer for job i (the store's callback)."""
+        if exc is not None:
+            self.handler._many_slow(self, i)
+        else:
+            self.set(i, None)
 
     def set(self, i: int, error: DqError | None) -> None:
         self.results[i] = error
         self.left -= 1
         if not self.left:
+            self.handler._many_stored(self)
             self.reply.set(protocol.many_reply(self.results))
 
 
@@ -177,11 +188,13 @@ class Handler:
             self.stats["fail"] += 1
             log_request("add_many", None, None, exc.err, t0)
             return protocol.error_reply(exc)
-        many = _Many(len(items))
+        many = _Many(self, len(items), t0)
+        parse, zone, add_job, add_nowait = (protocol.parse_add, self.settings.zone,
+                                            self._add_job, self.store.add_nowait)
         for i, item in enumerate(items):
             try:
-                req = protocol.parse_add(item, tz=self.settings.zone)
-                shard, job = self._add_job(req)
+                req = parse(item, tz=zone)
+                shard, job = add_job(req)
             except DqError as exc:
                 self.stats["fail"] += 1
                 log_request("add", item.get("topic") if isinstance(item, dict) else None,
@@ -191,29 +204,35 @@ class Handler:
             except Exception as exc:  # a bug must cost one job, not the connection
                 many.set(i, self._unexpected_error(item, exc))
                 continue
+            many.sent[i] = (req, shard, job)
             if shard.conn.connected:
-                self.store.add_nowait(shard, job, functools.partial(
-                    self._many_done, many, i, shard, job, req, t0))
+                add_nowait(shard, job, functools.partial(many.stored, i))
             else:
-                self._many_slow(many, i, shard, job, req, t0)
-        return many.reply if many.left else protocol.many_reply(many.results)
+                self._many_slow(many, i)
+        return many.reply if many.reply.data is None else many.reply.data
 
-    def _many_done(self, many: _Many, i: int, shard: Shard, job: AddJob, req: AddRequest,
-                   t0: float, res: Any, exc: BaseException | None) -> None:
-        if exc is not None:
-            self._many_slow(many, i, shard, job, req, t0)
-            return
-        self.stats["add"] += 1
-        log_request("add", req.topic, req.id, "ok", t0, shard.name)
-        many.set(i, None)
+    def _many_slow(self, many: _Many, i: int) -> None:
+        """A job of an add_many frame the batch could not store, tried once more alone."""
+        sent = many.sent[i]
+        assert sent is not None
+        req, shard, job = sent
+        many.sent[i] = None  # it is counted and logged by _add_retry
 
-    def _many_slow(self, many: _Many, i: int, shard: Shard, job: AddJob, req: AddRequest,
-                   t0: float) -> None:
         def done(task: asyncio.Task[DqError | None]) -> None:
             many.set(i, DqError(UNAVAILABLE, "the server is stopping; retry on another dq "
                                 "server") if task.cancelled() else task.result())
 
-        asyncio.ensure_future(self._add_retry(shard, job, req, t0)).add_done_callback(done)
+        asyncio.ensure_future(self._add_retry(shard, job, req, many.t0)).add_done_callback(done)
+
+    def _many_stored(self, many: _Many) -> None:
+        """Count (and log) an add_many frame's jobs its batches stored, once they all have
+        their results."""
+        added = [sent for sent, res in zip(many.sent, many.results, strict=True)
+                 if sent is not None and res is None]
+        self.stats["add"] += len(added)
+        if request_log.isEnabledFor(logging.INFO):
+            for req, shard, _ in added:
+                log_request("add", req.topic, req.id, "ok", many.t0, shard.name)
 
     async def _add_slow(self, shard: Shard, job: AddJob, req: AddRequest, t0: float) -> bytes:
         error = await self._add_retry(shard, job, req, t0)

@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import secrets
 import time
 import zlib
@@ -65,6 +66,17 @@ def split_tid(tid: str) -> tuple[str, str]:
 
 _VERSION_PREFIX = secrets.token_hex(4)
 _version_seq = itertools.count(1)
+
+
+def _new_prefix() -> None:
+    """A forked child makes versions of its own: the parent's prefix and counter would
+    give another child's versions too."""
+    global _VERSION_PREFIX, _version_seq
+    _VERSION_PREFIX = secrets.token_hex(4)
+    _version_seq = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_prefix)
 
 
 def new_version() -> str:
@@ -296,7 +308,7 @@ class Store:
         """The shard an add goes to and its part of an add script call. The shard is the
         tid's owner, else the next healthy one; shards named in `exclude` (they just
         failed this add) are passed over."""
-        tid = make_tid(topic, job_id)
+        tid = f"{topic}:{job_id}"  # make_tid, spelled out: this runs once per add
         now_ms = int(time.time() * 1000)
         if due_ms is None:
             delay_ms = max(0, delay_ms or 0)
@@ -305,8 +317,9 @@ class Store:
             est_due = due_ms
         if "notify_time" in body:  # the original overwrites it (kept in its place)
             body = {**body, "notify_time": self.fmt_time(est_due)}
-        text = payload(version=new_version(), priority=priority, due_ms=est_due, attempt=0,
-                       set_ms=now_ms, body=fastjson.dumps(body))
+        # payload(version=new_version(), attempt=0, ...), spelled out for the same reason
+        text = (f"{_VERSION_PREFIX}{next(_version_seq):x}|{priority}|0|{est_due:x}|"
+                f"{est_due - now_ms:x}|{fastjson.dumps(body)}")
         b = self.bucket(tid)
         shard, owned = self.shards.route(tid, exclude)
         if owned:
