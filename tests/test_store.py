@@ -364,3 +364,24 @@ def test_resp_pack_spells_each_argument_type_and_names_a_bad_one() -> None:
         b"$2\r\n-3\r\n$3\r\n1.5\r\n")
     with pytest.raises(TypeError, match="cannot send NoneType to redis"):
         pack(("SET", "k", None))
+
+
+def test_a_forked_child_makes_job_versions_of_its_own() -> None:
+    """dq-server processes are forked: a version prefix (and counter) shared with the
+    parent would let two servers give two adds of one job the same version."""
+    import os
+
+    from dq.store import new_version
+
+    parent = new_version()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next version and leave at once
+        os.write(w, new_version().encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    child = os.read(r, 100).decode()
+    os.close(r)
+    assert child and child[:8] != parent[:8]
+    assert new_version()[:8] == parent[:8]  # the parent's own prefix is unchanged
