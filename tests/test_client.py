@@ -15,7 +15,14 @@ from typing import Any
 
 import pytest
 
-from dq.client import AsyncDqClient, _add_frame_plain, _add_frames, _many_frames, add_frame
+from dq.client import (
+    AsyncDqClient,
+    _add_frame_of,
+    _add_frame_plain,
+    _add_frames,
+    _many_frames,
+    add_frame,
+)
 from dq.errors import DqError
 from dq.protocol import OK_EMPTY, error_reply
 from tests.conftest import RedisProcess
@@ -53,6 +60,10 @@ def test_fast_frames_are_byte_identical_to_plain_encoding() -> None:
     for job in FRAME_CASES:
         assert add_frame(job["topic"], job["id"], job.get("body"), delay=job.get("delay"),
                          fix_time=job.get("fix_time"), due_ms=job.get("due_ms")) == plain(job)
+    # add_many parts: the same JSON without the length and "cmd", and back again
+    parts = _add_frames(FRAME_CASES, parts=True)
+    assert parts == [b"{" + plain(j)[4 + len('{"cmd":"add",'):] for j in FRAME_CASES]
+    assert [_add_frame_of(p) for p in parts] == [plain(j) for j in FRAME_CASES]
     # the PHP client's framing, "/" escaped as PHP's json_encode does
     assert add_frame("order", "5f/1", {"u": "a/b"}, delay=30) == (
         b'0073{"cmd":"add","topic":"order","id":"5f\\/1","body":{"u":"a\\/b"},"delay":30}')
