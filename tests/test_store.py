@@ -132,6 +132,15 @@ async def test_add_wakes_timer_only_for_new_earliest(store: Store) -> None:
     await shard.client.delete(wake)
     await store.add("t", "x", {}, delay_ms=20_000)  # still the earliest (only one)
     assert await shard.client.llen(wake) == 1
+    await shard.client.delete(wake)
+    # another job of the bucket, due after x: the timer already sleeps until x
+    later = next(f"y{i}" for i in range(100)
+                 if store.bucket(make_tid("t", f"y{i}")) == store.bucket(tid))
+    await store.add("t", later, {}, delay_ms=30_000)
+    assert await shard.client.llen(wake) == 0
+    # and due before x: it is the bucket's earliest now
+    await store.add("t", later, {}, delay_ms=5_000)
+    assert await shard.client.llen(wake) == 1
 
 
 async def test_add_due_beyond_the_longest_tick_wakes_no_timer(store: Store) -> None:

@@ -14,7 +14,6 @@ local out = {}
 local writes = {}      -- topic stat key -> jobs written
 local buckets = {}     -- delay key -> wake key, for the buckets written to
 local soonest = {}     -- delay key -> earliest due of this batch's jobs in it
-local added = {}       -- tid -> true
 local n = (#ARGV - 2) / 5
 for j = 0, n - 1 do
   local k, a = 7 + 3 * j, 3 + 5 * j
@@ -31,18 +30,18 @@ for j = 0, n - 1 do
   if ARGV[a + 4] == '1' then redis.call('SADD', KEYS[6], tid) end
   buckets[KEYS[k]] = KEYS[k + 1]
   if not soonest[KEYS[k]] or due < soonest[KEYS[k]] then soonest[KEYS[k]] = due end
-  added[tid] = true
   writes[KEYS[k + 2]] = (writes[KEYS[k + 2]] or 0) + 1
   out[2 * j + 1] = 1 - created
   out[2 * j + 2] = due
 end
--- Wake a bucket's timer only when one of these jobs became the bucket's earliest. A timer
--- looks again within its tick (at most WAKE_WITHIN = 60 s, dq/config.py), so a job due later
--- than that needs no wake and no look at the bucket.
+-- Wake a bucket's timer only when one of these jobs became the bucket's earliest (its due
+-- is the earliest there; a tie with an older job wakes the timer for nothing, harmlessly).
+-- A timer looks again within its tick (at most WAKE_WITHIN = 60 s, dq/config.py), so a job
+-- due later than that needs no wake and no look at the bucket.
 for delay, wake in pairs(buckets) do
   if soonest[delay] < now + 60000 then
-    local first = redis.call('ZRANGE', delay, 0, 0)
-    if first[1] and added[first[1]] then
+    local first = redis.call('ZRANGE', delay, 0, 0, 'WITHSCORES')
+    if first[2] and tonumber(first[2]) >= soonest[delay] then
       redis.call('RPUSH', wake, 1)
       redis.call('LTRIM', wake, -1, -1)
     end
