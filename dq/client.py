@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from dq.errors import NOT_FOUND, UNAVAILABLE, DqError
+from dq.errors import BAD_REQUEST, NOT_FOUND, TOO_LARGE, UNAVAILABLE, DqError
 from dq.protocol import MAX_FRAME, MAX_MANY, OK_EMPTY, decode_reply, encode_frame
 
 DEAD_FOR = 5.0  # seconds a server that failed is skipped
@@ -82,7 +82,8 @@ def _value_encoder() -> Callable[[Any, int], list[str]]:
 _encode_value = _value_encoder()
 
 
-def _add_frames(jobs: Iterable[Mapping[str, Any]], *, parts: bool = False) -> list[bytes]:
+def _add_frames(jobs: Iterable[Mapping[str, Any]], *, parts: bool = False,
+                errors: dict[int, Exception] | None = None) -> list[bytes]:
     """The add frame of each job (a dict of add()'s arguments), byte for byte what
     `_add_frame_plain` builds, at half its cost: the request's JSON is written around the
     body's instead of through a new dict, the topic's part is reused, and strings and
@@ -90,14 +91,24 @@ def _add_frames(jobs: Iterable[Mapping[str, Any]], *, parts: bool = False) -> li
     hold, a frame too large) goes the plain way, which raises what it always has.
 
     With `parts`, each job's part of an add_many frame instead: the same JSON without the
-    length and "cmd" (`_add_frame_of` makes the add frame of a part)."""
+    length and "cmd" (`_add_frame_of` makes the add frame of a part). With `errors`, a job
+    that cannot be encoded is not raised: its exception goes there under the job's index,
+    and b"" in its place."""
     enc, join, esc, int_repr = _encode_value, "".join, _esc, int.__repr__
     lead, room = ("{", MAX_FRAME - _CMD_LEN) if parts else ('{"cmd":"add",', MAX_FRAME)
     prefixes: dict[str, str] = {}
     out: list[bytes] = []
     append = out.append
-    for job in jobs:
-        topic, job_id, body = job["topic"], job["id"], job.get("body")
+    for i, job in enumerate(jobs):
+        try:
+            topic, job_id = job["topic"], job["id"]
+        except (KeyError, TypeError) as exc:
+            if errors is None:
+                raise
+            errors[i] = exc
+            append(b"")
+            continue
+        body = job.get("body")
         delay, fix_time, due_ms = job.get("delay"), job.get("fix_time"), job.get("due_ms")
         try:
             head = prefixes.get(topic) if type(topic) is str else None
@@ -129,8 +140,15 @@ def _add_frames(jobs: Iterable[Mapping[str, Any]], *, parts: bool = False) -> li
                 raise ValueError("too large")
             append(text.encode("ascii") if parts else f"{len(text):04d}{text}".encode("ascii"))
         except Exception:
-            frame = _add_frame_plain(topic, job_id, body, delay=delay, fix_time=fix_time,
-                                     due_ms=due_ms)
+            try:
+                frame = _add_frame_plain(topic, job_id, body, delay=delay, fix_time=fix_time,
+                                         due_ms=due_ms)
+            except Exception as exc:
+                if errors is None:
+                    raise
+                errors[i] = exc
+                append(b"")
+                continue
             append(b"{" + frame[4 + _CMD_LEN + 1:] if parts else frame)
     return out
 
@@ -145,6 +163,7 @@ def _add_frame_of(part: bytes) -> bytes:
 
 _MANY_SLICE = 5 * MAX_MANY  # add_many: jobs encoded at a time, as the window moves on
 _MANY_HEAD = b'{"cmd":"add_many","jobs":['
+MANY_RETRY = 60.0  # seconds a client that was refused add_many frames sends add frames
 
 
 class _ManyFrame:
@@ -157,61 +176,126 @@ class _ManyFrame:
         self.data, self.start, self.stop, self.many = data, start, stop, many
 
 
-def _many_frames(jobs: Sequence[Mapping[str, Any]], first: int = 0) -> list[_ManyFrame]:
-    """The jobs in add_many frames, in order, each as full as MAX_MANY jobs and MAX_FRAME
-    bytes allow. A job's part is its add frame's JSON without "cmd", the same bytes.
-    `first` is the index of jobs[0] in the caller's list (the frames' start and stop)."""
-    out: list[_ManyFrame] = []
-    parts: list[bytes] = []
-    start, empty = first, len(_MANY_HEAD) + 2
-    size = empty
-
-    def close(stop: int) -> None:
-        text = _MANY_HEAD + b",".join(parts) + b"]}"
-        out.append(_ManyFrame(b"%04d" % len(text) + text, start, stop, True))
-
-    for i, part in enumerate(_add_frames(jobs, parts=True), first):
-        if parts and (len(parts) == MAX_MANY or size + len(part) > MAX_FRAME):
-            close(i)
-            parts, start, size = [], i, empty
-        if size + len(part) > MAX_FRAME:  # too large to share a frame: an add frame
-            out.append(_ManyFrame(_add_frame_of(part), i, i + 1, False))
-            start = i + 1
-            continue
-        parts.append(part)
-        size += len(part) + 1
-    if parts:
-        close(first + len(jobs))
-    return out
+def _encode_error(job: Any, exc: Exception) -> DqError:
+    if isinstance(exc, DqError):  # too_large
+        return exc
+    return DqError(BAD_REQUEST, f"the job cannot be sent ({type(exc).__name__}: {exc}); a job "
+                   "is a dict with topic and id, and a body of JSON values (dict, list, str, "
+                   "int, float, bool, None)")
 
 
-def _spread(frames: Sequence[_ManyFrame], replies: Sequence[Any],
-            out: list[Any]) -> tuple[list[int], bool]:
-    """Put each job's result (None or its DqError) from its frame's reply into out. Returns
-    the jobs to send again one by one (their frame failed as a whole) and whether a frame
-    was refused as an unknown command (by a server from before add_many)."""
-    again: list[int] = []
-    refused = False
-    for frame, reply in zip(frames, replies, strict=True):
-        if not frame.many:
-            out[frame.start] = reply if isinstance(reply, DqError) else None
-        elif isinstance(reply, list) and len(reply) == frame.stop - frame.start:
-            for i, res in enumerate(reply, frame.start):
-                out[i] = None if res == 1 else _job_error(res)
-        else:
-            # A server from before add_many says so; other failures of a whole frame (a job
-            # that is not JSON, say) send its jobs one by one, where each fails alone.
-            refused = refused or (isinstance(reply, DqError) and "cmd must be one of" in
-                                  reply.msg and "add_many" not in reply.msg.split("(got")[0])
-            again.extend(range(frame.start, frame.stop))
-    return again, refused
+class _Many:
+    """How a client sends add_many's jobs: add_many frames of up to `limit` bytes, or add
+    frames while add_many frames are off (made so, or refused by an older server)."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+        self.off_until = 0.0  # refused: add frames until then, then add_many frames again
+        self.limit = MAX_FRAME  # halved when the server's max_frame refuses a full frame
+
+    def use(self) -> bool:
+        return self.on and time.monotonic() >= self.off_until
+
+    def frames(self, jobs: Sequence[Mapping[str, Any]], first: int,
+               failed: dict[int, DqError]) -> list[_ManyFrame]:
+        """The jobs in add_many frames, in order, each as full as MAX_MANY jobs and `limit`
+        bytes allow. A job's part is its add frame's JSON without "cmd", the same bytes.
+        `first` is the index of jobs[0] in the caller's list (the frames' start and stop,
+        and the keys of `failed`, which gets the jobs that cannot be encoded)."""
+        out: list[_ManyFrame] = []
+        parts: list[bytes] = []
+        limit = self.limit
+        start, empty = first, len(_MANY_HEAD) + 2
+        size = empty
+
+        def close(stop: int) -> None:
+            text = _MANY_HEAD + b",".join(parts) + b"]}"
+            out.append(_ManyFrame(b"%04d" % len(text) + text, start, stop, True))
+
+        errors: dict[int, Exception] = {}
+        for i, part in enumerate(_add_frames(jobs, parts=True, errors=errors), first):
+            if not part or (parts and (len(parts) == MAX_MANY or size + len(part) > limit)):
+                if parts:
+                    close(i)
+                parts, start, size = [], i, empty
+            if not part:  # it cannot be encoded: it fails here, alone
+                failed[i] = _encode_error(jobs[i - first], errors[i - first])
+                start = i + 1
+            elif size + len(part) > limit:  # too large to share a frame: an add frame
+                out.append(_ManyFrame(_add_frame_of(part), i, i + 1, False))
+                start = i + 1
+            else:
+                parts.append(part)
+                size += len(part) + 1
+        if parts:
+            close(first + len(jobs))
+        return out
+
+    def spread(self, jobs: Sequence[Mapping[str, Any]], frames: Sequence[_ManyFrame],
+               replies: Sequence[Any], out: list[Any]) -> list[int]:
+        """Put each job's result (None or its DqError) from its frame's reply into out.
+        Returns the jobs to send again in add frames, in order: those of frames that failed
+        as a whole, and the later adds of the same topic:id (already stored, so that the
+        last add of a job is still the one that stays)."""
+        again: list[int] = []
+        whole: list[Any] = []  # the replies of frames that failed as a whole
+        for frame, reply in zip(frames, replies, strict=True):
+            if not frame.many:
+                out[frame.start] = reply if isinstance(reply, DqError) else None
+            elif isinstance(reply, list) and len(reply) == frame.stop - frame.start:
+                said: dict[str, str] = {}  # a repeated message comes as "" (many_reply)
+                for i, res in enumerate(reply, frame.start):
+                    out[i] = None if res == 1 else _job_error(res, said)
+            else:
+                again.extend(range(frame.start, frame.stop))
+                whole.append(reply)
+        self._failed(whole)
+        if not again:
+            return again
+        redo = set(again)
+        keys = {_key(jobs[i]) for i in again}
+        return sorted(redo.union(j for j in range(again[0] + 1, len(jobs))
+                                 if j not in redo and _key(jobs[j]) in keys))
+
+    def _failed(self, replies: list[Any]) -> None:
+        """Frames failed as a whole: a server from before add_many said it does not know
+        the command, or its max_frame is smaller than the frames (they are made half as
+        large from the next call on). Otherwise a job in a frame was not JSON (a NaN, say):
+        its jobs go again one by one and each fails alone."""
+        errors = [r for r in replies if isinstance(r, DqError)]
+        if any("cmd must be one of" in r.msg and "add_many" not in r.msg.split("(got")[0]
+               for r in errors):
+            self.off_until = time.monotonic() + MANY_RETRY
+        if any(r.err == TOO_LARGE for r in errors):
+            self.limit = max(512, self.limit // 2)
 
 
-def _job_error(res: Any) -> DqError:
+def _key(job: Mapping[str, Any]) -> str:
+    return f"{job.get('topic')!r}:{job.get('id')!r}"
+
+
+def _job_error(res: Any, said: dict[str, str]) -> DqError:
     if isinstance(res, dict) and isinstance(res.get("err"), str):
-        return DqError(res["err"], str(res.get("msg") or f"the job was not stored "
-                                       f"({res['err']})"))
+        err, msg = res["err"], res.get("msg")
+        if isinstance(msg, str) and msg:
+            said[err] = msg
+        else:
+            msg = said.get(err) or f"the job was not stored ({err})"
+        return DqError(err, msg)
     return DqError(UNAVAILABLE, f"the server answered {res!r} for this job; add it again")
+
+
+def _singles(jobs: Sequence[Mapping[str, Any]], todo: Sequence[int],
+             failed: dict[int, DqError]) -> tuple[list[int], list[bytes]]:
+    """The add frames of jobs[i] for i in todo, but those known not to encode; a job that
+    does not encode goes into failed. Returns the indexes framed and their frames."""
+    todo = [i for i in todo if i not in failed]
+    errors: dict[int, Exception] = {}
+    frames = _add_frames((jobs[i] for i in todo), errors=errors)
+    for k, exc in errors.items():
+        failed[todo[k]] = _encode_error(jobs[todo[k]], exc)
+    return ([i for k, i in enumerate(todo) if k not in errors],
+            [f for k, f in enumerate(frames) if k not in errors])
 
 
 def _cmd_frame(cmd: str, topic: str, job_id: str | int) -> bytes:
@@ -262,7 +346,7 @@ class DqClient:
         self._sock: socket.socket | None = None
         self._server: tuple[str, int] | None = None
         self._buf = b""
-        self._many = many_frames  # add_many sends add_many frames (until one is refused)
+        self._many = _Many(many_frames)
 
     def __enter__(self) -> DqClient:
         return self
@@ -345,24 +429,27 @@ class DqClient:
     def add_many(self, jobs: Iterable[Mapping[str, Any]], *, chunk: int = 500) -> list[Any]:
         """Adds sent together: many jobs to an add_many frame, frames pipelined, `chunk`
         jobs at a time. Each job is a dict of add()'s arguments (topic, id, body, ...).
-        Returns, per job, None on success or the DqError it got. dq before 0.3 refuses
-        add_many frames and is then sent one add frame per job; php-delayqueue's server
-        does not answer them: make clients for it with `many_frames=False`."""
+        Returns, per job, None on success or the DqError it got (a job that cannot be
+        encoded gets a bad_request one). dq before 0.3 refuses add_many frames and is then
+        sent one add frame per job; php-delayqueue's server does not answer them: make
+        clients for it with `many_frames=False`."""
         jobs = list(jobs)
         out: list[Any] = [None] * len(jobs)
         for lo in range(0, len(jobs), chunk):
             part = jobs[lo:lo + chunk]
-            again = list(range(len(part)))
             res: list[Any] = [None] * len(part)
-            if self._many:
-                frames = _many_frames(part)
-                again, refused = _spread(frames, self._exchange([f.data for f in frames],
-                                                                tolerate=True), res)
-                self._many = not refused
-            if again:
-                singles = self._exchange(_add_frames(part[i] for i in again), tolerate=True)
-                for i, r in zip(again, singles, strict=True):
-                    res[i] = r if isinstance(r, DqError) else None
+            again = list(range(len(part)))
+            failed: dict[int, DqError] = {}
+            if self._many.use():
+                frames = self._many.frames(part, 0, failed)
+                again = self._many.spread(part, frames, self._exchange(
+                    [f.data for f in frames], tolerate=True), res)
+            sent, singles = _singles(part, again, failed)
+            for i, r in zip(sent, self._exchange(singles, tolerate=True) if singles else [],
+                            strict=True):
+                res[i] = r if isinstance(r, DqError) else None
+            for i, error in failed.items():
+                res[i] = error
             out[lo:lo + len(part)] = res
         return out
 
@@ -399,18 +486,23 @@ class _Batch:
     `more`, the frames are made as the window reaches them, so the server is at work on
     the first ones while the rest are being encoded."""
 
-    __slots__ = ("data", "done", "frames", "more", "out", "window")
+    __slots__ = ("data", "done", "frames", "more", "out", "weight", "window")
 
     def __init__(self, frames: Sequence[bytes], window: int, data: bool,
-                 more: Iterator[Sequence[bytes]] | None = None) -> None:
+                 more: Iterator[Sequence[bytes]] | None = None, weight: int = 1) -> None:
         self.frames, self.window, self.data, self.more = list(frames), window, data, more
+        self.weight = weight  # requests a frame may carry: the time a reply may take
         self.out: list[Any] = [None] * len(self.frames)
         self.done = 0  # frames[:done] are answered
 
     def fill(self, upto: int) -> int:
         """Make frames until there are `upto` (or no more); the number there are."""
         while self.more is not None and len(self.frames) < upto:
-            made = next(self.more, None)
+            try:
+                made = next(self.more, None)
+            except Exception as exc:  # a bug, not a broken connection: no other server
+                self.more = None
+                raise RuntimeError(f"the frames could not be made: {exc!r}") from exc
             if made is None:
                 self.more = None
             else:
@@ -433,7 +525,7 @@ class AsyncDqClient:
         self._server: tuple[str, int] | None = None
         self._lock: asyncio.Lock | None = None
         self._lanes: list[AsyncDqClient] = []  # add_many's extra connections
-        self._many = many_frames  # add_many sends add_many frames (until one is refused)
+        self._many = _Many(many_frames)
 
     async def __aenter__(self) -> AsyncDqClient:
         return self
@@ -459,11 +551,12 @@ class AsyncDqClient:
         self._conn = None
 
     async def _exchange(self, frames: Sequence[bytes], *, window: int = WINDOW,
-                        data: bool = True,
-                        more: Iterator[Sequence[bytes]] | None = None) -> list[Any]:
+                        data: bool = True, more: Iterator[Sequence[bytes]] | None = None,
+                        weight: int = 1) -> list[Any]:
         """Send frames (then those `more` makes), up to `window` of them unanswered at a
         time, and return per frame its reply's data (None for each success when `data` is
-        false) or its DqError.
+        false) or its DqError. `weight` is the requests a frame may carry (add_many's):
+        the server is given 1 ms per request to answer them all, beyond `timeout`.
 
         If the connection fails (closed, reset, a garbled reply, `timeout` seconds without
         a reply while some are owed), the frames not yet answered are sent again to the
@@ -471,7 +564,7 @@ class AsyncDqClient:
         when no server could finish them."""
         if self._lock is None:
             self._lock = asyncio.Lock()
-        batch = _Batch(frames, max(1, window), data, more)
+        batch = _Batch(frames, max(1, window), data, more, weight)
         errors = []
         async with self._lock:
             candidates = self._servers.candidates()
@@ -518,7 +611,7 @@ class AsyncDqClient:
         sent = min(n, done + window)
         writer.write(b"".join(frames[done:sent]))
         loop = asyncio.get_running_loop()
-        cap = loop.time() + self.timeout + 0.001 * (n - done)
+        cap = loop.time() + self.timeout + 0.001 * batch.weight * (n - done)
         buf, pos = b"", 0
         ok, ok_len, run, run_len = _OK, len(_OK), _OK_RUN, len(_OK_RUN)
         fast = not keep  # a success's data ([] in the constant frame) is not wanted
@@ -567,7 +660,7 @@ class AsyncDqClient:
                     batch.done = done
                     if sent - done <= window - step and n < done + window:
                         grown = batch.fill(done + window)
-                        cap += 0.001 * (grown - n)
+                        cap += 0.001 * batch.weight * (grown - n)
                         n = grown
                     if sent < n and sent - done <= window - step:
                         upto = min(n, done + window)
@@ -618,7 +711,7 @@ class AsyncDqClient:
         while len(self._lanes) < connections - 1:
             self._lanes.append(AsyncDqClient(self._server_list, timeout=self.timeout,
                                              connect_timeout=self.connect_timeout,
-                                             many_frames=self._many))
+                                             many_frames=self._many.on))
         lanes = [self, *self._lanes[:connections - 1]]
         for lane in lanes:
             # One at a time: connections made at the same instant tend to be accepted by
@@ -649,23 +742,34 @@ class AsyncDqClient:
         to a server that refuses them), about `window` jobs in flight."""
         out: list[Any] = [None] * len(jobs)
         again = list(range(len(jobs)))
-        if self._many and jobs:
+        failed: dict[int, DqError] = {}
+        if self._many.use() and jobs:
             frames: list[_ManyFrame] = []
 
             def more() -> Iterator[list[bytes]]:  # encoded while the first are stored
                 for lo in range(0, len(jobs), _MANY_SLICE):
-                    made = _many_frames(jobs[lo:lo + _MANY_SLICE], lo)
+                    made = self._many.frames(jobs[lo:lo + _MANY_SLICE], lo, failed)
                     frames.extend(made)
                     yield [f.data for f in made]
 
-            replies = await self._exchange([], window=max(2, window // MAX_MANY), more=more())
-            again, refused = _spread(frames, replies, out)
-            self._many = not refused
-        if again:
-            singles = await self._exchange(_add_frames(jobs[i] for i in again), window=window,
-                                           data=False)
-            for i, res in zip(again, singles, strict=True):
-                out[i] = res
+            try:
+                replies = await self._exchange([], window=max(2, window // MAX_MANY),
+                                               more=more(), weight=MAX_MANY)
+            except DqError as exc:
+                if exc.err != UNAVAILABLE:
+                    raise
+                raise DqError(UNAVAILABLE, f"{exc.msg} (php-delayqueue's server does not "
+                              "answer add_many frames: make its clients with "
+                              "many_frames=False)") from None
+            assert sum(f.stop - f.start for f in frames) + len(failed) == len(jobs)
+            again = self._many.spread(jobs, frames, replies, out)
+        sent, singles = _singles(jobs, again, failed)
+        if singles:
+            res = await self._exchange(singles, window=window, data=False)
+            for i, r in zip(sent, res, strict=True):
+                out[i] = r
+        for i, error in failed.items():
+            out[i] = error
         return out
 
     async def get(self, topic: str, job_id: str | int) -> dict[str, Any] | None:

@@ -130,8 +130,11 @@ def decode_payload(payload: bytes | bytearray) -> Frame | FrameError:
     if not isinstance(obj, dict):
         return FrameError(BAD_REQUEST, f"the frame must hold a JSON object, e.g. {_EXAMPLE}, "
                           f"not a JSON {type(obj).__name__}")
-    # The bracket count bounds the depth, so the walk runs only for unusual frames.
-    if payload.count(b"[") + payload.count(b"{") > MAX_DEPTH and _too_deep(obj, MAX_DEPTH):
+    # The bracket count bounds the depth, so the walk runs only for unusual frames. An
+    # add_many frame's jobs sit two levels deeper (its list, and the job) than an add's
+    # fields: their bodies may nest as deep as an add's.
+    if payload.count(b"[") + payload.count(b"{") > MAX_DEPTH and _too_deep(
+            obj, MAX_DEPTH + 2 if obj.get("cmd") == "add_many" else MAX_DEPTH):
         return _TOO_DEEP
     # Escapes like \\ud800 decode to lone surrogates; only look when one may be present.
     if b"\\u" in payload and _SURROGATE_ESCAPE.search(payload) and _lone_surrogate(obj):
@@ -370,6 +373,10 @@ def parse_add(obj: Any, *, now_ms: int | None = None, tz: ZoneInfo | None = None
     if not isinstance(obj, dict):
         raise _bad(f'each job of add_many must be an object like an add request, e.g. '
                    f'{{"topic":"order","id":"42","body":{{}}}} (got {_show(obj)})')
+    cmd = obj.get("cmd")
+    if cmd is not None and cmd != "add":
+        raise _bad(f'each job of add_many is an add: leave "cmd" out of it (got {_show(cmd)}); '
+                   "send other commands in frames of their own")
     return _parse_add(obj, now_ms, tz)
 
 
@@ -425,9 +432,25 @@ OK_EMPTY: Final = encode_frame({"code": 1, "msg": "succ", "data": []})
 
 def many_reply(results: Sequence[DqError | None]) -> bytes:
     """The reply to add_many: per job, in order, 1 when it was stored, else {"err","msg"}.
-    Messages are shortened, then left out, when all of them would not fit in one frame."""
-    for cut in (None, 80, 0):
-        data = [1 if r is None else {"err": r.err, "msg": r.msg[:cut]} for r in results]
+
+    When the messages do not all fit in one frame, a message repeated with the same err
+    is given once and then as "" (the same as the last message given with that err), then
+    the messages given are cut to 80 characters, then all are left out."""
+    for step in ("all", "once", "short", "none"):
+        data: list[Any] = []
+        last: dict[str, str] = {}
+        for r in results:
+            if r is None:
+                data.append(1)
+                continue
+            msg = r.msg
+            if step == "none" or (step != "all" and last.get(r.err) == msg):
+                msg = ""
+            else:
+                last[r.err] = msg
+                if step == "short":
+                    msg = msg[:80]
+            data.append({"err": r.err, "msg": msg})
         payload = _payload({"code": 1, "msg": "succ", "data": data})
         if len(payload) <= MAX_FRAME:
             break

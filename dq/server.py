@@ -38,8 +38,9 @@ from dq.worker import Context, open_store
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("dq.request")
 
-MAX_OUTSTANDING = 1024  # requests in progress per connection before reading pauses
-TURN_SLICE = 128  # adds of one connection started per loop turn (one more frame at most)
+MAX_OUTSTANDING = 1024  # requests in progress per connection before reading pauses (an
+#                        add_many frame counts as the adds it carries)
+TURN_SLICE = 128  # requests of one connection started per loop turn (one frame more at most)
 WRITE_HIGH = 256 * 1024  # reply bytes buffered for a slow reader before reading pauses
 FRAME_TIMEOUT = 10.0  # seconds a started frame may take to arrive in full
 
@@ -322,7 +323,9 @@ class Connection(asyncio.Protocol):
         self.server = server
         self.decoder = FrameDecoder(server.settings.max_frame)
         self.transport: asyncio.Transport | None = None
-        self.replies: collections.deque[Pending | bytes] = collections.deque()
+        # replies in request order, each with the number of requests it answers
+        self.replies: collections.deque[tuple[Pending | bytes, int]] = collections.deque()
+        self.in_progress = 0  # requests answered by the queued replies: their sum
         self.backlog: collections.deque[protocol.Frame | FrameError] = collections.deque()
         self.paused_writing = False
         self.reading = True
@@ -330,6 +333,7 @@ class Connection(asyncio.Protocol):
         self.last_active = time.monotonic()
         self.frame_started = 0.0
         self.resume_scheduled = False  # a later loop turn goes on with the backlog
+        self.starting = False  # _start_backlog is running (a reply it queued may flush)
 
     # asyncio callbacks -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -349,10 +353,11 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         self.closing = True
-        for item in self.replies:
+        for item, _ in self.replies:
             if isinstance(item, Pending):
                 item.on_set = None
         self.replies.clear()
+        self.in_progress = 0
         self.backlog.clear()
 
     def pause_writing(self) -> None:
@@ -377,42 +382,61 @@ class Connection(asyncio.Protocol):
         self._update_reading()
 
     def _start_backlog(self) -> None:
-        """Start decoded requests, at most MAX_OUTSTANDING at a time: one client's burst of
-        pipelined frames is worked off as its replies go out, not in one loop turn."""
+        """Start decoded requests while fewer than MAX_OUTSTANDING are in progress, and
+        TURN_SLICE of them a loop turn: one client's burst of pipelined frames is worked
+        off as its replies go out, and each slice's adds are in Redis while the next slice
+        is decoded here."""
         self.resume_scheduled = False
-        handler = self.server.handler
-        backlog = self.backlog
-        started = 0
-        while backlog and len(self.replies) < MAX_OUTSTANDING and not self.closing:
-            if started >= TURN_SLICE:
-                # The rest in a later loop turn, so this turn's adds go to Redis now and
-                # are worked on there while the next slice is decoded here.
-                self.resume_scheduled = True
-                handler.loop.call_soon(self._start_backlog)
-                return
-            item = backlog.popleft()
-            started += 1
-            if isinstance(item, FrameError):
-                self._queue(protocol.error_reply(item))
-                if item.fatal:
-                    backlog.clear()
-                    self._close_after_replies()
+        if self.starting:  # called again by a reply this loop queued: it goes on itself
+            return
+        self.starting = True
+        try:
+            handler = self.server.handler
+            backlog = self.backlog
+            started = 0
+            while backlog and self.in_progress < MAX_OUTSTANDING and not self.closing:
+                if started >= TURN_SLICE:
+                    self.resume_scheduled = True
+                    handler.loop.call_soon(self._resume)
                     return
-            elif item.get("cmd") == "ping":
-                self._queue(protocol.OK_EMPTY)
-            else:
-                jobs = item.get("jobs")  # an add_many frame's count as the adds they are
-                if type(jobs) is list:
-                    started += len(jobs) - 1
-                self._queue(handler.fast(item))
+                item = backlog.popleft()
+                count = 1
+                if isinstance(item, FrameError):
+                    self._queue(protocol.error_reply(item))
+                    if item.fatal:
+                        backlog.clear()
+                        self._close_after_replies()
+                        return
+                else:
+                    cmd = item.get("cmd")
+                    if cmd == "ping":
+                        self._queue(protocol.OK_EMPTY)
+                    else:
+                        jobs = item.get("jobs")  # an add_many frame: as many as its adds
+                        if cmd == "add_many" and type(jobs) is list and jobs:
+                            count = len(jobs)
+                        self._queue(handler.fast(item), count)
+                started += count
+        finally:
+            self.starting = False
+
+    def _resume(self) -> None:
+        """The next slice of the backlog, a loop turn later."""
+        if self.transport is None or self.transport.is_closing():
+            self.resume_scheduled = False
+            return
+        self._start_backlog()
+        self._update_reading()
 
     # replies ---------------------------------------------------------------------------
-    def _queue(self, reply: Pending | bytes) -> None:
+    def _queue(self, reply: Pending | bytes, count: int = 1) -> None:
+        """Queue the reply to `count` requests (an add_many frame's adds, else one)."""
         if isinstance(reply, bytes) and not self.replies:
             assert self.transport is not None
             self.transport.write(reply)
             return
-        self.replies.append(reply)
+        self.replies.append((reply, count))
+        self.in_progress += count
         if isinstance(reply, Pending) and reply.data is None:
             reply.on_set = self._reply_ready
         else:
@@ -432,7 +456,7 @@ class Connection(asyncio.Protocol):
         out = []
         replies = self.replies
         while replies:
-            head = replies[0]
+            head, count = replies[0]
             if isinstance(head, Pending):
                 if head.data is None:
                     break
@@ -440,12 +464,14 @@ class Connection(asyncio.Protocol):
             else:
                 out.append(head)
             replies.popleft()
+            self.in_progress -= count
         if out:
             self.transport.write(b"".join(out))
         if self.closing and not replies:
             self.transport.close()
             return
-        if self.backlog and len(replies) < MAX_OUTSTANDING // 2 and not self.resume_scheduled:
+        if (self.backlog and self.in_progress < MAX_OUTSTANDING // 2
+                and not self.resume_scheduled):
             self._start_backlog()
         self._update_reading()
 
@@ -457,7 +483,7 @@ class Connection(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             return
         want = (not self.paused_writing and not self.backlog
-                and len(self.replies) < MAX_OUTSTANDING)
+                and self.in_progress < MAX_OUTSTANDING)
         if want != self.reading:
             self.reading = want
             if want:

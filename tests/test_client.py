@@ -20,7 +20,7 @@ from dq.client import (
     _add_frame_of,
     _add_frame_plain,
     _add_frames,
-    _many_frames,
+    _Many,
     add_frame,
 )
 from dq.errors import DqError
@@ -323,7 +323,7 @@ def test_many_frames_pack_jobs_up_to_the_count_and_size_limits() -> None:
     jobs = jobs_of(450)
     jobs[10] = {"topic": "order", "id": "big", "body": {"s": "x" * 9940}}  # fits only alone
     jobs[20] = {"topic": "order", "id": "half", "body": {"s": "y" * 6000}}
-    frames = _many_frames(jobs, 1000)
+    frames = _Many(True).frames(jobs, 1000, {})
     singles = _add_frames(jobs)
     assert frames[0].start == 1000 and frames[-1].stop == 1450
     assert all(a.stop == b.start for a, b in itertools.pairwise(frames))
@@ -341,7 +341,7 @@ def test_many_frames_pack_jobs_up_to_the_count_and_size_limits() -> None:
         assert f.stop - f.start <= 200
         if f.stop < 1450 and f.stop != 1010:  # full: the next job would not have fitted
             assert f.stop - f.start == 200 or len(f.data) + len(singles[f.stop - 1000]) > 9999
-    small = _many_frames([{"topic": "o", "id": i} for i in range(450)])  # 200 fit in one
+    small = _Many(True).frames([{"topic": "o", "id": i} for i in range(450)], 0, {})  # 200 fit
     assert [(f.start, f.stop) for f in small] == [(0, 200), (200, 400), (400, 450)]
 
 
@@ -420,5 +420,5 @@ async def test_a_job_that_is_not_json_fails_alone_and_batching_goes_on(
     assert [i for i, r in enumerate(res) if r is not None] == [250]
     assert isinstance(res[250], DqError) and res[250].err == "bad_request"
     assert await stored(two[0]) == 299
-    assert client._many  # the next add_many sends add_many frames again
+    assert client._many.use()  # the next add_many sends add_many frames again
     await client.close()
