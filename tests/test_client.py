@@ -17,6 +17,7 @@ import pytest
 
 from dq.client import (
     AsyncDqClient,
+    DqClient,
     _add_frame_of,
     _add_frame_plain,
     _add_frames,
@@ -421,4 +422,113 @@ async def test_a_job_that_is_not_json_fails_alone_and_batching_goes_on(
     assert isinstance(res[250], DqError) and res[250].err == "bad_request"
     assert await stored(two[0]) == 299
     assert client._many.use()  # the next add_many sends add_many frames again
+    await client.close()
+
+
+async def test_a_job_that_cannot_be_encoded_fails_alone(two: list[Running]) -> None:
+    """Frames are made as the window moves on: a job that cannot be encoded (a circular
+    body, a set) gets its own bad_request, before or after the first frames were sent, on
+    a new or a kept connection, and every other job is stored."""
+    loop: dict[str, Any] = {}
+    loop["self"] = loop
+    client = AsyncDqClient([two[0].addr])
+    for rnd in range(2):  # the second time on the kept connection
+        jobs = jobs_of(3000, f"r{rnd}-")
+        jobs[5] = {"topic": "order", "id": "loop", "body": loop}
+        jobs[2500] = {"topic": "order", "id": "set", "body": {"s": {1, 2}}}
+        jobs[2999] = {"topic": "order"}  # no id
+        res = await client.add_many(jobs)
+        assert [i for i, r in enumerate(res) if r is not None] == [5, 2500, 2999]
+        assert all(isinstance(res[i], DqError) and res[i].err == "bad_request"
+                   for i in (5, 2500, 2999))
+        assert "Circular reference" in res[5].msg and "set" in res[2500].msg
+        assert await stored(two[0]) == 2997 * (rnd + 1)
+    sync = DqClient([two[0].addr])
+    res = await asyncio.to_thread(sync.add_many, [{"topic": "order", "id": "a", "body": loop},
+                                                  {"topic": "order", "id": "b"}])
+    assert isinstance(res[0], DqError) and res[0].err == "bad_request" and res[1] is None
+    sync.close()
+    await client.close()
+
+
+async def test_a_slow_but_steady_server_is_not_given_up(
+        fake: Callable[[Script], Awaitable[str]]) -> None:
+    """A reply comes every 20 ms, each answering 200 adds (10,000 adds/s): 40,000 adds take
+    4 s, far beyond timeout + 1 ms per frame, but within 1 ms per add."""
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            [req] = await read_frames(reader, 1)
+            await asyncio.sleep(0.02)
+            text = json.dumps({"code": 1, "msg": "succ", "data": [1] * len(req["jobs"])})
+            writer.write(b"%04d" % len(text) + text.encode())
+
+    client = AsyncDqClient([await fake(slow)], timeout=0.5)
+    jobs = [{"topic": "o", "id": i} for i in range(40_000)]  # 200 to a frame
+    assert await client.add_many(jobs, window=1000) == [None] * 40_000
+    await client.close()
+
+
+async def test_a_frame_failing_whole_keeps_the_last_add_of_a_job_last(
+        two: list[Running]) -> None:
+    """x is added in a frame that fails whole (a NaN in another job), then again in a
+    later frame: the failed frame's jobs are sent again after the later frames, and x's
+    later add with them, so x keeps its last body."""
+    client = AsyncDqClient([two[0].addr])
+    jobs = jobs_of(1000)
+    jobs[10] = {"topic": "order", "id": "x", "body": {"v": 1}, "delay": 60}
+    jobs[11] = {"topic": "order", "id": "nan", "body": {"f": float("nan")}}
+    jobs[900] = {"topic": "order", "id": "x", "body": {"v": 2}, "delay": 60}
+    res = await client.add_many(jobs)
+    assert [i for i, r in enumerate(res) if r is not None] == [11]
+    body = await client.get("order", "x")
+    assert body is not None and body["v"] == 2
+    await client.close()
+
+
+async def test_a_repeated_job_error_reaches_every_job_in_full(two: list[Running]) -> None:
+    client = AsyncDqClient([two[0].addr])
+    res = await client.add_many([{"topic": "nope", "id": str(i), "body": {"p": "x" * 30}}
+                                 for i in range(600)])
+    assert all(isinstance(r, DqError) and r.err == "unknown_topic" for r in res)
+    assert {r.msg for r in res} == {"topic 'nope' is not registered; register it in the "
+                                    "console (or the dq_topic table) before adding jobs to it"}
+    await client.close()
+
+
+async def test_a_server_with_a_small_max_frame_gets_smaller_frames(
+        tmp_path: Path, redis_server: RedisProcess) -> None:
+    running, ctx, task = await start_server(tmp_path, [redis_server.url], max_frame=3000)
+    client = AsyncDqClient([running.addr])
+    assert await client.add_many(jobs_of(2000)) == [None] * 2000  # too_large, then one by one
+    assert client._many.limit < 9999
+    while client._many.limit > 3000:  # each call that meets a too_large frame halves it
+        assert await client.add_many(jobs_of(500, "again")) == [None] * 500
+    fails = running.server.handler.stats["fail"]
+    assert await client.add_many(jobs_of(2000, "fit")) == [None] * 2000
+    assert running.server.handler.stats["fail"] == fails  # no frame refused any more
+    await client.close()
+    ctx.stopping.set()
+    await task
+    await running.store.shards.close()
+    running.registry.close()
+
+
+async def test_add_many_frames_are_tried_again_after_a_refusal(
+        fake: Callable[[Script], Awaitable[str]]) -> None:
+    cmds: list[str] = []
+
+    async def old_dq(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            [req] = await read_frames(reader, 1)
+            cmds.append(req["cmd"])
+            writer.write(OK_EMPTY if req["cmd"] == "add" else error_reply((
+                "bad_request", "cmd must be one of add, get, del, ping (got 'add_many')")))
+
+    client = AsyncDqClient([await fake(old_dq)])
+    assert await client.add_many(jobs_of(10)) == [None] * 10
+    assert cmds == ["add_many", *["add"] * 10]
+    cmds.clear()
+    client._many.off_until = 0.0  # MANY_RETRY seconds later: the server may be upgraded
+    assert await client.add_many(jobs_of(10)) == [None] * 10
+    assert cmds == ["add_many", *["add"] * 10]
     await client.close()

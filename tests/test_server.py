@@ -17,6 +17,7 @@ import pytest
 from dq.client import AsyncDqClient, DqClient
 from dq.config import Settings
 from dq.errors import DqError
+from dq.protocol import OK_EMPTY
 from dq.registry import Registry, Topic
 from dq.server import Server, run
 from dq.shards import ShardSet
@@ -203,7 +204,7 @@ async def test_prefix_longer_than_data_waits_without_stalling_others(dq: Running
 
 
 async def test_pipelined_requests_answered_in_order(dq: Running) -> None:
-    client = AsyncDqClient([dq.addr])
+    client = AsyncDqClient([dq.addr], many_frames=False)  # one add frame per job
     jobs = [{"topic": "order", "id": str(i), "body": {"i": i}, "delay": 60} for i in range(300)]
     jobs.insert(150, {"topic": "nope", "id": "x"})
     res = await client.add_many(jobs)
@@ -350,3 +351,35 @@ async def test_sync_client_add_many_sends_add_many_frames(dq: Running) -> None:
     body = await asyncio.to_thread(client.get, "order", "s449")
     assert body is not None and body["i"] == 449
     client.close()
+
+
+async def test_replies_ready_at_once_behind_a_pending_one_do_not_recurse(dq: Running) -> None:
+    """An add waiting for Redis, then 600 requests answered at once (unknown topics) in the
+    same read: each ready reply queues behind the pending one. All 601 are answered, in
+    order, and the connection goes on."""
+    good = frame({"cmd": "add", "topic": "order", "id": "first", "body": {}, "delay": 60})
+    bad = b"".join(frame({"cmd": "add", "topic": "nope", "id": str(i)}) for i in range(600))
+    replies = await asyncio.to_thread(raw_exchange, dq.port, good + bad + frame({"cmd": "ping"}),
+                                      read=602)
+    assert len(replies) == 602
+    assert replies[0]["code"] == 1 and replies[-1]["code"] == 1
+    assert {r["err"] for r in replies[1:-1]} == {"unknown_topic"}
+    assert dq.server.handler.stats["fail"] == 600
+
+
+async def test_a_burst_answered_at_once_leaves_the_connection_reading(dq: Running) -> None:
+    """200 pings in one write are started in slices of TURN_SLICE over several loop turns;
+    after the last slice the connection reads again: a ping sent later is answered."""
+    def talk() -> tuple[bytes, bytes]:
+        with socket.create_connection(("127.0.0.1", dq.port), timeout=5) as s:
+            s.sendall(frame({"cmd": "ping"}) * 200)
+            got = b""
+            while len(got) < len(OK_EMPTY) * 200:
+                got += s.recv(65536)
+            time.sleep(0.1)
+            s.sendall(frame({"cmd": "ping"}))
+            return got, s.recv(65536)
+
+    burst, later = await asyncio.to_thread(talk)
+    assert burst == OK_EMPTY * 200
+    assert later == OK_EMPTY
