@@ -38,8 +38,9 @@ from dq.worker import Context, open_store
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("dq.request")
 
-MAX_OUTSTANDING = 1024  # requests in progress per connection before reading pauses (an
-#                        add_many frame counts as the adds it carries)
+MAX_OUTSTANDING = 4096  # requests in progress per connection before reading pauses (an
+#                        add_many frame counts as the adds it carries) ...
+MAX_FRAMES_OUT = 1024  # ... or frames (at most 9,999 bytes each: 10 MB)
 TURN_SLICE = 128  # requests of one connection started per loop turn (one frame more at most)
 WRITE_HIGH = 256 * 1024  # reply bytes buffered for a slow reader before reading pauses
 FRAME_TIMEOUT = 10.0  # seconds a started frame may take to arrive in full
@@ -382,10 +383,10 @@ class Connection(asyncio.Protocol):
         self._update_reading()
 
     def _start_backlog(self) -> None:
-        """Start decoded requests while fewer than MAX_OUTSTANDING are in progress, and
-        TURN_SLICE of them a loop turn: one client's burst of pipelined frames is worked
-        off as its replies go out, and each slice's adds are in Redis while the next slice
-        is decoded here."""
+        """Start decoded requests while fewer than MAX_OUTSTANDING are in progress (in
+        fewer than MAX_FRAMES_OUT frames), TURN_SLICE of them a loop turn: one client's
+        burst of pipelined frames is worked off as its replies go out, and each slice's
+        adds are in Redis while the next slice is decoded here."""
         self.resume_scheduled = False
         if self.starting:  # called again by a reply this loop queued: it goes on itself
             return
@@ -394,7 +395,8 @@ class Connection(asyncio.Protocol):
             handler = self.server.handler
             backlog = self.backlog
             started = 0
-            while backlog and self.in_progress < MAX_OUTSTANDING and not self.closing:
+            while (backlog and self.in_progress < MAX_OUTSTANDING
+                   and len(self.replies) < MAX_FRAMES_OUT and not self.closing):
                 if started >= TURN_SLICE:
                     self.resume_scheduled = True
                     handler.loop.call_soon(self._resume)
@@ -471,6 +473,7 @@ class Connection(asyncio.Protocol):
             self.transport.close()
             return
         if (self.backlog and self.in_progress < MAX_OUTSTANDING // 2
+                and len(replies) < MAX_FRAMES_OUT // 2
                 and not self.resume_scheduled):
             self._start_backlog()
         self._update_reading()
@@ -483,7 +486,7 @@ class Connection(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             return
         want = (not self.paused_writing and not self.backlog
-                and self.in_progress < MAX_OUTSTANDING)
+                and self.in_progress < MAX_OUTSTANDING and len(self.replies) < MAX_FRAMES_OUT)
         if want != self.reading:
             self.reading = want
             if want:
