@@ -176,7 +176,7 @@ class _ManyFrame:
         self.data, self.start, self.stop, self.many = data, start, stop, many
 
 
-def _encode_error(job: Any, exc: Exception) -> DqError:
+def _encode_error(exc: Exception) -> DqError:
     if isinstance(exc, DqError):  # too_large
         return exc
     return DqError(BAD_REQUEST, f"the job cannot be sent ({type(exc).__name__}: {exc}); a job "
@@ -219,7 +219,7 @@ class _Many:
                     close(i)
                 parts, start, size = [], i, empty
             if not part:  # it cannot be encoded: it fails here, alone
-                failed[i] = _encode_error(jobs[i - first], errors[i - first])
+                failed[i] = _encode_error(errors[i - first])
                 start = i + 1
             elif size + len(part) > limit:  # too large to share a frame: an add frame
                 out.append(_ManyFrame(_add_frame_of(part), i, i + 1, False))
@@ -271,7 +271,7 @@ class _Many:
 
 
 def _key(job: Mapping[str, Any]) -> str:
-    return f"{job.get('topic')!r}:{job.get('id')!r}"
+    return f"{job.get('topic')}:{job.get('id')}"  # as the server reads it (id 42 is "42")
 
 
 def _job_error(res: Any, said: dict[str, str]) -> DqError:
@@ -280,7 +280,8 @@ def _job_error(res: Any, said: dict[str, str]) -> DqError:
         if isinstance(msg, str) and msg:
             said[err] = msg
         else:
-            msg = said.get(err) or f"the job was not stored ({err})"
+            msg = said.get(err) or f"the job was not stored ({err}); add it again, alone, to " \
+                "see why"
         return DqError(err, msg)
     return DqError(UNAVAILABLE, f"the server answered {res!r} for this job; add it again")
 
@@ -293,7 +294,7 @@ def _singles(jobs: Sequence[Mapping[str, Any]], todo: Sequence[int],
     errors: dict[int, Exception] = {}
     frames = _add_frames((jobs[i] for i in todo), errors=errors)
     for k, exc in errors.items():
-        failed[todo[k]] = _encode_error(jobs[todo[k]], exc)
+        failed[todo[k]] = _encode_error(exc)
     return ([i for k, i in enumerate(todo) if k not in errors],
             [f for k, f in enumerate(frames) if k not in errors])
 
