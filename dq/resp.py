@@ -26,7 +26,9 @@ def pack(args: tuple[Any, ...]) -> bytes:
     try:
         return cast(bytes, hiredis.pack_command(args))
     except TypeError:
-        bad = next(a for a in args if type(a) not in (str, int, float, bytes))
+        bad = next((a for a in args if type(a) not in (str, int, float, bytes)), None)
+        if bad is None:
+            raise
         raise TypeError(f"cannot send {type(bad).__name__} to redis") from None
 
 
