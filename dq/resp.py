@@ -26,10 +26,10 @@ def pack(args: tuple[Any, ...]) -> bytes:
     try:
         return cast(bytes, hiredis.pack_command(args))
     except TypeError:
-        bad = next((a for a in args if type(a) not in (str, int, float, bytes)), None)
-        if bad is None:
+        bad = [type(a).__name__ for a in args if type(a) not in (str, int, float, bytes)]
+        if not bad:
             raise
-        raise TypeError(f"cannot send {type(bad).__name__} to redis") from None
+        raise TypeError(f"cannot send {bad[0]} to redis") from None
 
 
 class _Protocol(asyncio.Protocol):
