@@ -24,6 +24,7 @@ from dq.supervise import (
     ROLE_PATHS,
     BootError,
     Counters,
+    LoadBoard,
     Slot,
     Worker,
     describe_exit,
@@ -55,6 +56,8 @@ class WorkerPool:
         self.counters = Counters()
         self.pipe: tuple[int, int] = (-1, -1)
         self.listener: socket.socket | None = None
+        self.board = LoadBoard()  # the servers' connection counts, shared with them
+        self.board_slots: dict[int, int] = {}  # server pid -> its slot on the board
         self.redis: EmbeddedRedis | None = None
         self.redis_slot = Slot()
         self.hb_dir = Path()
@@ -76,20 +79,26 @@ class WorkerPool:
         self.seq += 1
         hb = self.hb_dir / f"{role}-{index}-{self.seq}"
         hb.write_bytes(b"")
+        board_slot = self.board.claim() if role == "server" else -1
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
             pid = os.fork()
             if pid == 0:
-                self.child_main(role, index, hb)
+                self.child_main(role, index, hb, board_slot)
+        except OSError:
+            self.board.release(board_slot)
+            raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if board_slot >= 0:
+            self.board_slots[pid] = board_slot
         worker = Worker(pid, role, index, self.generation, hb, time.monotonic())
         self.workers[pid] = worker
         self.counters.spawned += 1
         log.debug("spawned %s (pid %d, generation %d)", worker.name, pid, self.generation)
         return worker
 
-    def child_main(self, role: str, index: int, hb: Path) -> NoReturn:
+    def child_main(self, role: str, index: int, hb: Path, board_slot: int = -1) -> NoReturn:
         """In the forked child: hand over to dq.worker.run_child; never return."""
         try:
             from dq.worker import run_child
@@ -102,6 +111,7 @@ class WorkerPool:
             run_child(self.cfg, role, index, role_path=ROLE_PATHS[role],
                       heartbeat=str(hb), master_pid=self.pid,
                       listen_sock=self.listener if role == "server" else None,
+                      board=self.board if board_slot >= 0 else None, board_slot=board_slot,
                       close_fds=close)
         except BaseException as exc:
             try:
@@ -201,6 +211,7 @@ class WorkerPool:
             if self.redis is not None and pid == self.redis.pid:
                 self.redis_exited(code)
                 continue
+            self.board.release(self.board_slots.pop(pid, -1))
             worker = self.workers.pop(pid, None)
             if worker is not None:
                 self.worker_exited(worker, code)

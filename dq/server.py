@@ -32,6 +32,7 @@ from dq.protocol import AddRequest, DelRequest, FrameDecoder, FrameError, GetReq
 from dq.registry import Registry, Topic
 from dq.shards import Shard
 from dq.store import AddJob, Store
+from dq.supervise import LoadBoard, bind_listener
 from dq.topics import TopicCache
 from dq.worker import Context, open_store
 
@@ -44,6 +45,7 @@ MAX_FRAMES_OUT = 1024  # ... or frames (at most 9,999 bytes each: 10 MB)
 TURN_SLICE = 128  # requests of one connection started per loop turn (one frame more at most)
 WRITE_HIGH = 256 * 1024  # reply bytes buffered for a slow reader before reading pauses
 FRAME_TIMEOUT = 10.0  # seconds a started frame may take to arrive in full
+DEFER = 0.002  # seconds a busier server leaves a new connection to the others
 
 
 class Pending:
@@ -353,6 +355,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        self.server._publish()
         self.closing = True
         for item, _ in self.replies:
             if isinstance(item, Pending):
@@ -509,18 +512,82 @@ class Server:
         self.connections: set[Connection] = set()
         self.ready: set[Connection] = set()  # with replies ready to be written
         self.refused = 0
-        self.aserver: asyncio.Server | None = None
+        self.listener: socket.socket | None = None
+        self.accepting = False
+        self._opening: set[asyncio.Task[Any]] = set()  # accepted, not yet connected
+        self._deferred: asyncio.TimerHandle | None = None
 
-    async def start(self) -> asyncio.Server:
-        loop = asyncio.get_running_loop()
-        if self.ctx.listen_sock is not None:
-            self.aserver = await loop.create_server(lambda: Connection(self),
-                                                    sock=self.ctx.listen_sock, backlog=1024)
+    async def start(self) -> None:
+        """Accept on the master's socket (or a socket of its own, when run alone)."""
+        sock = self.ctx.listen_sock
+        if sock is None:
+            sock = bind_listener(self.settings.host, self.settings.port)
+        self.listener = sock
+        self.accepting = True
+        self._publish()
+        self.handler.loop.add_reader(sock.fileno(), self._accept)
+
+    @property
+    def load(self) -> int:
+        return len(self.connections) + len(self._opening)
+
+    def _publish(self) -> None:
+        """Tell the other server processes how many connections this one holds."""
+        if self.ctx.board is not None:
+            self.ctx.board.set(self.ctx.board_slot,
+                               self.load if self.accepting else LoadBoard.DRAINING)
+
+    def _accept(self, force: bool = False) -> None:
+        """Accept one connection per loop turn, and none while this process holds more
+        than the least loaded other server (the master's LoadBoard): every server waits
+        on the master's socket, and the first awake would otherwise take them all (50
+        connections made together went 42 to one process, 8 to the other). A connection
+        the others leave waiting is taken after DEFER seconds all the same."""
+        assert self.listener is not None
+        loop = self.handler.loop
+        if not force and self.ctx.board is not None:
+            least = self.ctx.board.least_other(self.ctx.board_slot)
+            if least is not None and self.load > least:
+                loop.remove_reader(self.listener.fileno())
+                self._deferred = loop.call_later(DEFER, self._resume_accepting)
+                return
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return  # another process took it
+        except OSError as exc:  # out of file descriptors, or the peer gave up: go on
+            log.warning("accept failed: %s", exc)
+            return
+        task = loop.create_task(loop.connect_accepted_socket(lambda: Connection(self), sock))
+        self._opening.add(task)
+        task.add_done_callback(functools.partial(self._opened, sock))
+        self._publish()
+
+    def _resume_accepting(self) -> None:
+        self._deferred = None
+        if self.accepting and self.listener is not None:
+            self.handler.loop.add_reader(self.listener.fileno(), self._accept)
+            self._accept(force=True)
+
+    def _opened(self, sock: socket.socket, task: asyncio.Task[Any]) -> None:
+        self._opening.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("cannot serve an accepted connection: %s", task.exception())
+            sock.close()
+        self._publish()
+
+    def stop_accepting(self) -> None:
+        if not self.accepting or self.listener is None:
+            return
+        self.accepting = False
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
         else:
-            self.aserver = await loop.create_server(
-                lambda: Connection(self), self.settings.host, self.settings.port,
-                reuse_address=True, backlog=1024)
-        return self.aserver
+            self.handler.loop.remove_reader(self.listener.fileno())
+        self._publish()
+        if self.ctx.listen_sock is None:  # its own: nobody else accepts on it
+            self.listener.close()
 
     def flush_ready(self) -> None:
         ready, self.ready = self.ready, set()
@@ -529,8 +596,8 @@ class Server:
 
     @property
     def port(self) -> int:
-        assert self.aserver is not None
-        return int(self.aserver.sockets[0].getsockname()[1])
+        assert self.listener is not None
+        return int(self.listener.getsockname()[1])
 
     async def reap(self) -> None:
         """Close connections that idle too long or stall inside a frame."""
@@ -549,8 +616,7 @@ class Server:
 
     async def drain(self) -> None:
         """Stop accepting, answer every request already read, then close connections."""
-        if self.aserver is not None:
-            self.aserver.close()
+        self.stop_accepting()
         try:
             async with asyncio.timeout(self.settings.grace):
                 while any(c.busy for c in self.connections):

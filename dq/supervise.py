@@ -7,6 +7,7 @@ roles, redis-py, httpx or SQLAlchemy.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import signal
 import socket
@@ -96,6 +97,44 @@ def describe_exit(code: int) -> str:
         except ValueError:
             return f"was killed by signal {-code}"
     return f"exited with code {code}"
+
+
+class LoadBoard:
+    """How many connections each dq-server process holds, in memory the master maps before
+    forking and every child shares: a server that holds more than the least loaded other
+    one leaves the next connection to it (dq/server.py). A slot is FREE (no process),
+    DRAINING (no longer accepting) or a count of connections."""
+
+    FREE = -2
+    DRAINING = -1
+
+    def __init__(self, slots: int = 64) -> None:
+        self.slots = slots
+        self._mem = mmap.mmap(-1, 4 * slots)  # anonymous and shared: inherited by fork
+        self._view = memoryview(self._mem).cast("i")
+        for i in range(slots):
+            self._view[i] = self.FREE
+
+    def claim(self) -> int:
+        """A free slot for a server about to be forked (in the master), or -1: none left."""
+        for i in range(self.slots):
+            if self._view[i] == self.FREE:
+                self._view[i] = 0
+                return i
+        return -1
+
+    def release(self, slot: int) -> None:
+        if 0 <= slot < self.slots:
+            self._view[slot] = self.FREE
+
+    def set(self, slot: int, value: int) -> None:
+        if 0 <= slot < self.slots:
+            self._view[slot] = value
+
+    def least_other(self, slot: int) -> int | None:
+        """The fewest connections any other accepting server holds (None: no other)."""
+        loads = [v for i, v in enumerate(self._view) if v >= 0 and i != slot]
+        return min(loads) if loads else None
 
 
 @dataclass

@@ -30,6 +30,7 @@ from dq.health import HealthReader, health_path
 from dq.logs import setup_logging
 from dq.shards import ShardSet
 from dq.store import Store
+from dq.supervise import LoadBoard
 
 _T = TypeVar("_T")
 GC_THRESHOLD = 20_000  # allocations between young-generation collections (Python's: 700)
@@ -44,6 +45,8 @@ class Context:
     index: int = 0
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     listen_sock: socket.socket | None = None  # the master's TCP socket, for servers
+    board: LoadBoard | None = None  # the servers' connection counts (dq/supervise.py)
+    board_slot: int = -1  # this server's place on it
     master_pid: int | None = None  # the dq-master that forked this role (None: standalone)
     # A role may set this once it serves; otherwise it counts as booted after BOOT_WINDOW
     # seconds without failing. The master retires an old generation only when the new one
@@ -253,6 +256,7 @@ def _exit_now(code: int) -> NoReturn:
 
 def run_child(settings: Settings, role: str, index: int, *, role_path: str, heartbeat: str,
               master_pid: int, listen_sock: socket.socket | None = None,
+              board: LoadBoard | None = None, board_slot: int = -1,
               close_fds: Iterable[int] = ()) -> NoReturn:
     """Run one role in a just-forked child and exit with its code; never returns.
 
@@ -263,7 +267,8 @@ def run_child(settings: Settings, role: str, index: int, *, role_path: str, hear
     code = EXIT_BOOT
     hb = Path(heartbeat)
     started = time.monotonic()
-    ctx = Context(settings, role, index, listen_sock=listen_sock, master_pid=master_pid)
+    ctx = Context(settings, role, index, listen_sock=listen_sock, master_pid=master_pid,
+                  board=board, board_slot=board_slot)
     try:
         _post_fork(ctx.name, settings, close_fds)
         log.debug("%s started (pid %d, role %s)", ctx.name, os.getpid(), role_path)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from dq.supervise import BACKOFF_MIN, BACKOFF_RESET, BOOT_STREAK, Slot
+from dq.supervise import BACKOFF_MIN, BACKOFF_RESET, BOOT_STREAK, LoadBoard, Slot
 from tests.conftest import RedisProcess, free_port
 from tests.masters import REPO, Master, alive, children_of
 
@@ -552,3 +552,63 @@ def test_shard_registered_in_the_registry_is_used_after_an_automatic_reload(
 
     with redis_py.Redis.from_url(r2.url) as on_r2:
         assert on_r2.hget("dq:jobs", f"grow:{job}") is not None
+
+
+def socket_count(pid: int) -> int:
+    try:
+        return sum(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+                   for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def test_servers_share_connections_made_together(
+        redis_server: RedisProcess, master: Callable[..., Master]) -> None:
+    """40 connections made at once spread over --servers 2 (the LoadBoard): the process
+    that wakes first does not take them all. And a server that is stopped (SIGSTOP) does
+    not keep connections waiting: the other takes them after DEFER."""
+    m = master("--servers", "2", redis=redis_server)
+    kids = m.wait_titles(expected_titles(servers=2))
+    servers = [pid for pid, title in kids.items() if title.startswith("dq-server-")]
+    time.sleep(0.5)
+    before = {pid: socket_count(pid) for pid in servers}
+    conns = [socket.create_connection(("127.0.0.1", m.port), timeout=5) for _ in range(40)]
+    try:
+        for c in conns:
+            c.sendall(b'0014{"cmd":"ping"}')
+        for c in conns:
+            assert c.recv(100).startswith(b"00")
+        got = sorted(socket_count(pid) - before[pid] for pid in servers)
+        assert sum(got) == 40 and got[0] >= 15, got
+        os.kill(servers[0], signal.SIGSTOP)
+        try:
+            late = [socket.create_connection(("127.0.0.1", m.port), timeout=5)
+                    for _ in range(5)]
+            for c in late:
+                c.sendall(b'0014{"cmd":"ping"}')
+                assert c.recv(100).startswith(b"00")
+                c.close()
+        finally:
+            os.kill(servers[0], signal.SIGCONT)
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_load_board_is_shared_with_forked_children() -> None:
+    board = LoadBoard(slots=4)
+    a, b = board.claim(), board.claim()
+    assert (a, b) == (0, 1) and board.least_other(a) == 0
+    board.set(b, 7)
+    assert board.least_other(a) == 7 and board.least_other(b) == 0
+    pid = os.fork()
+    if pid == 0:  # a server child publishes its count; the master's mapping sees it
+        board.set(b, 3)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert board.least_other(a) == 3
+    board.set(b, LoadBoard.DRAINING)
+    assert board.least_other(a) is None  # a draining server does not count
+    board.release(a)
+    assert board.claim() == 0  # a dead server's slot is free again
+    assert [board.claim(), board.claim(), board.claim()] == [2, 3, -1]
