@@ -46,6 +46,7 @@ TURN_SLICE = 128  # requests of one connection started per loop turn (one frame 
 WRITE_HIGH = 256 * 1024  # reply bytes buffered for a slow reader before reading pauses
 FRAME_TIMEOUT = 10.0  # seconds a started frame may take to arrive in full
 DEFER = 0.002  # seconds a busier server leaves a new connection to the others
+ACCEPT_BURST = 16  # connections accepted a loop turn at most
 
 
 class Pending:
@@ -538,30 +539,34 @@ class Server:
                                self.load if self.accepting else LoadBoard.DRAINING)
 
     def _accept(self, force: bool = False) -> None:
-        """Accept one connection per loop turn, and none while this process holds more
-        than the least loaded other server (the master's LoadBoard): every server waits
-        on the master's socket, and the first awake would otherwise take them all (50
-        connections made together went 42 to one process, 8 to the other). A connection
-        the others leave waiting is taken after DEFER seconds all the same."""
+        """Accept up to ACCEPT_BURST connections a loop turn, and none while this process
+        holds more than the least loaded other server (the master's LoadBoard): every
+        server waits on the master's socket, and the first awake would otherwise take them
+        all (50 connections made together went 42 to one process, 8 to the other). A
+        connection the others leave waiting is taken after DEFER seconds all the same."""
         assert self.listener is not None
         loop = self.handler.loop
-        if not force and self.ctx.board is not None:
-            least = self.ctx.board.least_other(self.ctx.board_slot)
-            if least is not None and self.load > least:
-                loop.remove_reader(self.listener.fileno())
-                self._deferred = loop.call_later(DEFER, self._resume_accepting)
+        board = self.ctx.board
+        for _ in range(ACCEPT_BURST):
+            if not force and board is not None:
+                least = board.least_other(self.ctx.board_slot)
+                if least is not None and self.load > least:
+                    loop.remove_reader(self.listener.fileno())
+                    self._deferred = loop.call_later(DEFER, self._resume_accepting)
+                    return
+            force = False
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return  # none left, or another process took it
+            except OSError as exc:  # out of file descriptors, or the peer gave up: go on
+                log.warning("accept failed: %s", exc)
                 return
-        try:
-            sock, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return  # another process took it
-        except OSError as exc:  # out of file descriptors, or the peer gave up: go on
-            log.warning("accept failed: %s", exc)
-            return
-        task = loop.create_task(loop.connect_accepted_socket(lambda: Connection(self), sock))
-        self._opening.add(task)
-        task.add_done_callback(functools.partial(self._opened, sock))
-        self._publish()
+            task = loop.create_task(loop.connect_accepted_socket(lambda: Connection(self),
+                                                                 sock))
+            self._opening.add(task)
+            task.add_done_callback(functools.partial(self._opened, sock))
+            self._publish()
 
     def _resume_accepting(self) -> None:
         self._deferred = None
