@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import functools
 import logging
 import socket
@@ -47,6 +48,7 @@ WRITE_HIGH = 256 * 1024  # reply bytes buffered for a slow reader before reading
 FRAME_TIMEOUT = 10.0  # seconds a started frame may take to arrive in full
 DEFER = 0.002  # seconds a busier server leaves a new connection to the others
 ACCEPT_BURST = 16  # connections accepted a loop turn at most
+ACCEPT_RETRY = 1.0  # seconds without accepting after running out of file descriptors
 
 
 class Pending:
@@ -559,9 +561,16 @@ class Server:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return  # none left, or another process took it
-            except OSError as exc:  # out of file descriptors, or the peer gave up: go on
-                log.warning("accept failed: %s", exc)
-                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors or memory: the socket stays readable, so pause
+                    # (as asyncio's own server does) rather than spin on it.
+                    log.warning("cannot accept connections (%s); trying again in %g s",
+                                exc.strerror, ACCEPT_RETRY)
+                    loop.remove_reader(self.listener.fileno())
+                    self._deferred = loop.call_later(ACCEPT_RETRY, self._resume_accepting)
+                return  # otherwise the peer gave up (ECONNABORTED...): the next one
+
             task = loop.create_task(loop.connect_accepted_socket(lambda: Connection(self),
                                                                  sock))
             self._opening.add(task)

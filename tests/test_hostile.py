@@ -676,3 +676,39 @@ async def test_2000_connections_and_the_2001st_gets_a_clear_refusal(
     await asyncio.wait_for(task, 10)
     await running.store.shards.close()
     running.registry.close()
+
+
+CONNECT_AND_PING = r"""
+import socket, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(n)]
+for s in socks:
+    s.sendall(b'0014{"cmd":"ping"}')
+print(sum(s.recv(100).startswith(b"0033") for s in socks))
+"""
+
+
+async def test_running_out_of_file_descriptors_pauses_accepting_without_spinning(
+        dq: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no descriptor left for a new connection, accept() fails (EMFILE) while the
+    listening socket stays readable: the server pauses accepting instead of retrying every
+    loop turn, keeps serving its connections, and accepts the rest once it can."""
+    monkeypatch.setattr(dq_server, "ACCEPT_RETRY", 0.3)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (used + 2, hard))
+    try:
+        clients = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CONNECT_AND_PING, str(dq.port), "6",
+            stdout=asyncio.subprocess.PIPE)
+        await asyncio.sleep(0.3)
+        cpu0 = time.process_time()
+        await asyncio.sleep(1.0)
+        spent = time.process_time() - cpu0  # the server shares this process
+        held = len(dq.server.connections)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    out, _ = await asyncio.wait_for(clients.communicate(), 10)
+    assert held < 6  # it could not take them all while out of descriptors
+    assert spent < 0.3, f"the loop spun on the listening socket: {spent:.2f} s of CPU in 1 s"
+    assert int(out) == 6  # the rest were accepted once descriptors were free again
