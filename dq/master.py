@@ -27,6 +27,7 @@ from dq.logs import setup_logging
 from dq.pool import SIGNALS, STOP_MARGIN, WorkerPool
 from dq.supervise import (
     BootError,
+    LoadBoard,
     anchor_paths,
     bind_listener,
     check_pid_file,
@@ -266,6 +267,8 @@ class Arbiter(WorkerPool):
             assert self.listener is not None
             self.listener.close()  # the old generation keeps its copies until it exits
             self.listener = listener
+            # servers on the old socket must not leave connections to those on the new one
+            self.board = LoadBoard(max(64, 4 * cfg.servers))
         if cfg.embedded and self.redis is None:
             log.warning("reload: embedded Redis is only started at master start; restart "
                         "dq-master to use it")

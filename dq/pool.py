@@ -56,8 +56,8 @@ class WorkerPool:
         self.counters = Counters()
         self.pipe: tuple[int, int] = (-1, -1)
         self.listener: socket.socket | None = None
-        self.board = LoadBoard()  # the servers' connection counts, shared with them
-        self.board_slots: dict[int, int] = {}  # server pid -> its slot on the board
+        self.board = LoadBoard(max(64, 4 * cfg.servers))  # the servers' connection counts
+        self.board_slots: dict[int, tuple[LoadBoard, int]] = {}  # server pid -> its slot
         self.redis: EmbeddedRedis | None = None
         self.redis_slot = Slot()
         self.hb_dir = Path()
@@ -79,19 +79,25 @@ class WorkerPool:
         self.seq += 1
         hb = self.hb_dir / f"{role}-{index}-{self.seq}"
         hb.write_bytes(b"")
-        board_slot = self.board.claim() if role == "server" else -1
+        board, board_slot = self.board, -1
+        if role == "server":
+            board_slot = board.claim()
+            if board_slot < 0:
+                log.warning("no free slot for %s-%d on the servers' load board (%d slots): "
+                            "it accepts without regard to the others", role, index,
+                            board.slots)
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
             pid = os.fork()
             if pid == 0:
                 self.child_main(role, index, hb, board_slot)
         except OSError:
-            self.board.release(board_slot)
+            board.release(board_slot)
             raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if board_slot >= 0:
-            self.board_slots[pid] = board_slot
+            self.board_slots[pid] = (board, board_slot)
         worker = Worker(pid, role, index, self.generation, hb, time.monotonic())
         self.workers[pid] = worker
         self.counters.spawned += 1
@@ -211,7 +217,8 @@ class WorkerPool:
             if self.redis is not None and pid == self.redis.pid:
                 self.redis_exited(code)
                 continue
-            self.board.release(self.board_slots.pop(pid, -1))
+            board, board_slot = self.board_slots.pop(pid, (self.board, -1))
+            board.release(board_slot)
             worker = self.workers.pop(pid, None)
             if worker is not None:
                 self.worker_exited(worker, code)

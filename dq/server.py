@@ -344,6 +344,7 @@ class Connection(asyncio.Protocol):
     # asyncio callbacks -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.server.opening -= 1
         if len(self.server.connections) >= self.server.settings.max_connections:
             self.transport.write(protocol.error_reply((
                 TOO_MANY_CONNECTIONS, f"the server already has {len(self.server.connections)} "
@@ -518,7 +519,9 @@ class Server:
         self.listener: socket.socket | None = None
         self.accepting = False
         self._opening: set[asyncio.Task[Any]] = set()  # accepted, not yet connected
-        self._deferred: asyncio.TimerHandle | None = None
+        self.opening = 0  # of those, the ones whose Connection is not made yet
+        self._deferred: asyncio.TimerHandle | None = None  # accepting again then
+        self.paused = False  # out of file descriptors: not accepting for ACCEPT_RETRY
 
     async def start(self) -> None:
         """Accept on the master's socket (or a socket of its own, when run alone)."""
@@ -532,20 +535,22 @@ class Server:
 
     @property
     def load(self) -> int:
-        return len(self.connections) + len(self._opening)
+        return len(self.connections) + self.opening
 
     def _publish(self) -> None:
-        """Tell the other server processes how many connections this one holds."""
+        """Tell the other server processes how many connections this one holds (DRAINING:
+        none, it does not accept now)."""
         if self.ctx.board is not None:
-            self.ctx.board.set(self.ctx.board_slot,
-                               self.load if self.accepting else LoadBoard.DRAINING)
+            self.ctx.board.set(self.ctx.board_slot, self.load
+                               if self.accepting and not self.paused else LoadBoard.DRAINING)
 
     def _accept(self, force: bool = False) -> None:
         """Accept up to ACCEPT_BURST connections a loop turn, and none while this process
         holds more than the least loaded other server (the master's LoadBoard): every
         server waits on the master's socket, and the first awake would otherwise take them
-        all (50 connections made together went 42 to one process, 8 to the other). A
-        connection the others leave waiting is taken after DEFER seconds all the same."""
+        all (50 connections made together went 42 to one process, 8 to the other). After
+        DEFER seconds of leaving them to the others (a server that boots, hangs or is
+        stopped still counts until it is replaced), `force` takes a burst all the same."""
         assert self.listener is not None
         loop = self.handler.loop
         board = self.ctx.board
@@ -553,10 +558,8 @@ class Server:
             if not force and board is not None:
                 least = board.least_other(self.ctx.board_slot)
                 if least is not None and self.load > least:
-                    loop.remove_reader(self.listener.fileno())
-                    self._deferred = loop.call_later(DEFER, self._resume_accepting)
+                    self._wait(DEFER)
                     return
-            force = False
             try:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -567,27 +570,40 @@ class Server:
                     # (as asyncio's own server does) rather than spin on it.
                     log.warning("cannot accept connections (%s); trying again in %g s",
                                 exc.strerror, ACCEPT_RETRY)
-                    loop.remove_reader(self.listener.fileno())
-                    self._deferred = loop.call_later(ACCEPT_RETRY, self._resume_accepting)
+                    self.paused = True
+                    self._wait(ACCEPT_RETRY)
                 return  # otherwise the peer gave up (ECONNABORTED...): the next one
-
-            task = loop.create_task(loop.connect_accepted_socket(lambda: Connection(self),
-                                                                 sock))
+            self.opening += 1
+            task = loop.create_task(loop.connect_accepted_socket(
+                functools.partial(Connection, self), sock))
             self._opening.add(task)
             task.add_done_callback(functools.partial(self._opened, sock))
             self._publish()
 
+    def _wait(self, seconds: float) -> None:
+        """Stop watching the socket for `seconds`, then accept (a burst) again."""
+        assert self.listener is not None
+        loop = self.handler.loop
+        loop.remove_reader(self.listener.fileno())
+        self._deferred = loop.call_later(seconds, self._resume_accepting)
+        self._publish()
+
     def _resume_accepting(self) -> None:
         self._deferred = None
+        self.paused = False
         if self.accepting and self.listener is not None:
             self.handler.loop.add_reader(self.listener.fileno(), self._accept)
+            self._publish()
             self._accept(force=True)
 
     def _opened(self, sock: socket.socket, task: asyncio.Task[Any]) -> None:
         self._opening.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("cannot serve an accepted connection: %s", task.exception())
-            sock.close()
+        if task.cancelled() or task.exception() is not None:
+            if not task.cancelled():
+                log.warning("cannot serve an accepted connection: %s", task.exception())
+            self.opening -= 1  # its Connection was never made
+            if sock.fileno() != -1:
+                sock.close()
         self._publish()
 
     def stop_accepting(self) -> None:
@@ -631,6 +647,8 @@ class Server:
     async def drain(self) -> None:
         """Stop accepting, answer every request already read, then close connections."""
         self.stop_accepting()
+        if self._opening:  # accepted just before: serve them like the others
+            await asyncio.wait(self._opening, timeout=self.settings.grace)
         try:
             async with asyncio.timeout(self.settings.grace):
                 while any(c.busy for c in self.connections):

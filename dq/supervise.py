@@ -103,10 +103,12 @@ class LoadBoard:
     """How many connections each dq-server process holds, in memory the master maps before
     forking and every child shares: a server that holds more than the least loaded other
     one leaves the next connection to it (dq/server.py). A slot is FREE (no process),
-    DRAINING (no longer accepting) or a count of connections."""
+    BOOTING (forked, not accepting yet), DRAINING (no longer accepting) or a count of
+    connections; only counts make others wait."""
 
     FREE = -2
     DRAINING = -1
+    BOOTING = -3
 
     def __init__(self, slots: int = 64) -> None:
         self.slots = slots
@@ -119,7 +121,7 @@ class LoadBoard:
         """A free slot for a server about to be forked (in the master), or -1: none left."""
         for i in range(self.slots):
             if self._view[i] == self.FREE:
-                self._view[i] = 0
+                self._view[i] = self.BOOTING
                 return i
         return -1
 

@@ -681,6 +681,7 @@ async def test_2000_connections_and_the_2001st_gets_a_clear_refusal(
 CONNECT_AND_PING = r"""
 import socket, sys, time
 port, n = int(sys.argv[1]), int(sys.argv[2])
+sys.stdin.readline()  # go
 socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(n)]
 for s in socks:
     s.sendall(b'0014{"cmd":"ping"}')
@@ -694,13 +695,15 @@ async def test_running_out_of_file_descriptors_pauses_accepting_without_spinning
     listening socket stays readable: the server pauses accepting instead of retrying every
     loop turn, keeps serving its connections, and accepts the rest once it can."""
     monkeypatch.setattr(dq_server, "ACCEPT_RETRY", 0.3)
+    clients = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CONNECT_AND_PING, str(dq.port), "6",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert clients.stdin is not None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     used = len(os.listdir("/proc/self/fd"))
     resource.setrlimit(resource.RLIMIT_NOFILE, (used + 2, hard))
     try:
-        clients = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", CONNECT_AND_PING, str(dq.port), "6",
-            stdout=asyncio.subprocess.PIPE)
+        clients.stdin.write(b"go\n")
         await asyncio.sleep(0.3)
         cpu0 = time.process_time()
         await asyncio.sleep(1.0)
