@@ -575,7 +575,7 @@ async def test_client_that_never_reads_cannot_grow_server_memory(dq: Running, mi
     many = frame({"cmd": "add_many", "jobs": [{"topic": "order", "id": f"p{i}", "delay": 3600}
                                               for i in range(60)]})
     frames = {"get-add-ping": (get + add + PING) * 2000, "amplifying-gets": get * 6000,
-              "add-many": many * 500}[mix]
+              "add-many": (many + get) * 500}[mix]  # a fat reply per frame: they back up
     rss_before = rss_kb()
     async with Canary(dq.addr).running() as canary:
         accepted = await in_thread(lambda: pipeline_without_reading(dq.port, frames, 20.0))
