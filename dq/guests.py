@@ -13,8 +13,10 @@ in four steps, each an atomic script:
 4. commit (guest_land.lua, on the owner): scheduled; then the mark is cleared.
 
 The mark outlives a mover that dies, so a later sweep finishes or undoes any move; several
-movers may run at once. Meanwhile adds on a job's owner evict its older copies from shards
-known to hold guests (Store.add_job, dq/lua/evict.lua).
+movers may run at once. The shard list may change between a mover's death and that sweep,
+and with it the owner: a copy it landed is then looked for on every shard (committed where
+it is found, as a guest there, or undone). Meanwhile adds on a job's owner evict its older
+copies from shards known to hold guests (Store.add_job, dq/lua/evict.lua).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import NamedTuple
 
 from dq.errors import DqError
 from dq.shards import Shard
-from dq.store import Store, parse_payload
+from dq.store import GUESTS_FRESH_MS, Store, parse_payload
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +109,7 @@ class GuestMover:
         return _Keys(
             take=(st.k_jobs, st.k_delay[b], st.k_dead, st.k_guests, st.k_moving),
             land=(st.k_jobs, st.k_delay[b], st.k_wake[b], st.k_inflight, st.k_dead,
-                  st.k_dead_err),
+                  st.k_dead_err, st.k_guests),
             drop=(st.k_jobs, st.k_delay[b], st.k_guests, st.k_moving, st.k_wake[b]))
 
     async def _move_home(self, here: Shard, tid: str, usable: Callable[[Shard], bool]) -> str:
@@ -115,7 +117,7 @@ class GuestMover:
         owner = self.store.shards.owner(tid)
         keys = self._keys(tid)
         if owner is here:  # the shard list changed: this shard owns it now
-            return await self._owned(here, tid, keys)
+            return await self._owned(here, tid, keys, usable)
         res = await here.script("guest_take", keys.take, (tid,))
         status, payload, due, version = (res[0].decode(), res[1], int(res[2]),
                                          res[3].decode())
@@ -128,12 +130,13 @@ class GuestMover:
             return str((await here.script("guest_drop", keys.drop,
                                           (tid, "untake", version))).decode())
         if status == "commit":  # a mover stopped after dropping the copy here: finish it
-            await self._commit(owner, here, tid, version, due, keys)
-            return "moved"
+            return await self._commit(owner, here, tid, version, due, keys, usable)
         if status != "take":
             # An earlier move stopped midway (maybe after landing this version on the
-            # owner), and the job changed or died here since: undo that copy first.
-            await owner.script("guest_land", keys.land, (tid, "undo", version, "", 0, 0))
+            # owner, or on the owner of an earlier shard list), and the job changed or
+            # died here since: undo those copies first.
+            if not await self._undo(owner, here, tid, version, keys, usable):
+                return "busy"  # a shard that may hold a copy does not answer
             await here.script("guest_drop", keys.drop,
                               (tid, "forget" if status == "dead" else "drop", version))
             return status
@@ -163,17 +166,71 @@ class GuestMover:
         return "moved" if landed == b"landed" else "superseded"
 
     async def _commit(self, owner: Shard, here: Shard, tid: str, version: str, due: int,
-                      keys: _Keys) -> None:
-        await owner.script("guest_land", keys.land, (tid, "commit", version, "", due, 0))
+                      keys: _Keys, search: Callable[[Shard], bool] | None = None) -> str:
+        """Schedule the copy landed on the owner, then clear the mark here. Finishing a
+        move a mover left (`search`: which shards answer), a copy not on the owner may be
+        on another shard, the owner of the shard list of the land: it is scheduled there,
+        as a guest (a later sweep moves it home); "busy" (the mark stays) while a shard
+        that may hold it does not answer."""
+        committed = await owner.script("guest_land", keys.land,
+                                       (tid, "commit", version, "", due, 0))
+        if committed == b"none" and search is not None and not await self._commit_elsewhere(
+                owner, here, tid, version, due, keys, search):
+            return "busy"
         await here.script("guest_drop", keys.drop, (tid, "finish", version))
+        return "moved"
 
-    async def _owned(self, here: Shard, tid: str, keys: _Keys) -> str:
-        """A guest whose shard is now its owner (the shard list changed): no longer a guest;
-        a take a mover left unfinished goes back in its bucket."""
+    def _elsewhere(self, owner: Shard, here: Shard,
+                   usable: Callable[[Shard], bool]) -> tuple[list[Shard], bool]:
+        """The shards other than `owner` and `here` that answer, and whether all do."""
+        others = [s for s in self.store.shards.shards if s is not owner and s is not here]
+        reached = [s for s in others if usable(s)]
+        return reached, len(reached) == len(others)
+
+    async def _commit_elsewhere(self, owner: Shard, here: Shard, tid: str, version: str,
+                                due: int, keys: _Keys, usable: Callable[[Shard], bool],
+                                ) -> bool:
+        """Schedule, as a guest, the version's copy on a shard other than the owner; False
+        when not found and a shard that may hold it does not answer."""
+        reached, everywhere = self._elsewhere(owner, here, usable)
+        for shard in reached:
+            if await shard.script("guest_land", keys.land,
+                                  (tid, "commit", version, "", due, 0, "1")) == b"committed":
+                shard.guests_until = int(time.time() * 1000) + GUESTS_FRESH_MS
+                log.warning("guest %s: its landed copy is on %s, which no longer owns it (the "
+                            "shard list changed during a move); scheduled there as a guest",
+                            tid, shard.name)
+                return True
+        return everywhere
+
+    async def _undo(self, owner: Shard, here: Shard, tid: str, version: str, keys: _Keys,
+                    usable: Callable[[Shard], bool]) -> bool:
+        """Remove the version's copies an unfinished move may have landed (unscheduled),
+        on the owner and on the other shards (an owner of an earlier shard list), not
+        here; False when a shard that may hold one does not answer."""
+        reached, everywhere = self._elsewhere(owner, here, usable)
+        for shard in [owner, *reached] if owner is not here else reached:
+            await shard.script("guest_land", keys.land, (tid, "undo", version, "", 0, 0))
+        return everywhere
+
+    async def _owned(self, here: Shard, tid: str, keys: _Keys,
+                     usable: Callable[[Shard], bool]) -> str:
+        """A guest whose shard is now its owner (the shard list changed): no longer a guest.
+        A take a mover left unfinished goes back in its bucket, and copies it may have
+        landed elsewhere are undone; a move that had dropped the copy here is committed
+        where it landed (a guest there, moved back here by a later sweep)."""
         mark = await here.call("HGET", self.store.k_moving, tid)
         if mark is not None:
-            version = mark.split(b"|")[0]
-            await here.script("guest_drop", keys.drop, (tid, "untake", version))
+            version = mark.split(b"|")[0].decode()
+            if mark.endswith(b"|d"):
+                due = int(mark.split(b"|")[1])
+                if not await self._commit_elsewhere(here, here, tid, version, due, keys,
+                                                    usable):
+                    return "busy"
+            else:
+                await here.script("guest_drop", keys.drop, (tid, "untake", version))
+                if not await self._undo(here, here, tid, version, keys, usable):
+                    return "busy"
             await here.script("guest_drop", keys.drop, (tid, "forget", version))
         await here.call("SREM", self.store.k_guests, tid)
         return "owned"
