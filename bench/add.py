@@ -8,6 +8,12 @@ processes spent per add.
     python bench/add.py --client pipelined --n 200000 --conns 4 --servers 2
 
 Starts its own redis-servers (two shards, like the original's measurement) and dq-master.
+With --against HOST:PORT it starts nothing and drives a server already running there (the
+original php-delayqueue, for a side-by-side run: bench/RESULTS.md says how it was set up)
+with dqload, counting the CPU of the processes titled dq-server and of the --redis-pid
+processes; its topic "bench" must be registered.
+
+    python bench/add.py --against 127.0.0.1:6790 --redis-pid 123 --redis-pid 124
 Last line: RESULT mode=... qps=... p50_ms=... p99_ms=... server_us_per_add=...
 redis_us_per_add=... (pipelined also client_us_per_add=..., this process's CPU per add)
 """
@@ -84,9 +90,23 @@ def main() -> None:
     ap.add_argument("--servers", type=int, default=1)
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--body", type=int, default=64)
+    ap.add_argument("--against", metavar="HOST:PORT",
+                    help="drive the server running there with dqload; start nothing")
+    ap.add_argument("--redis-pid", type=int, action="append", default=[],
+                    help="with --against: a redis-server process behind it (repeat)")
     args = ap.parse_args()
     if args.conns is None:
         args.conns = 1 if args.client == "pipelined" else 50
+    if args.against:
+        host, _, port = args.against.rpartition(":")
+        servers = pids_titled("dq-server")
+        if not servers:
+            sys.exit(f"no process titled dq-server: start the server at {args.against} first")
+        s0, r0 = cpu_us(servers), cpu_us(args.redis_pid)
+        qps, p50, p99, total, fails = run_dqload(host, int(port), args)
+        s1, r1 = cpu_us(servers), cpu_us(args.redis_pid)
+        report(args, qps, p50, p99, total, fails, s1 - s0, r1 - r0, None)
+        return
     with tempdir() as t, redis_servers(args.shards, Path(t)) as shards:
         tmp = Path(t)
         db = f"sqlite:///{tmp / 'reg.sqlite3'}"
@@ -103,18 +123,7 @@ def main() -> None:
             s0, r0, t0 = cpu_us(servers), cpu_us(redis_pids), time.perf_counter()
             client_us = None
             if args.client == "dqload":
-                binary = dqload_binary()
-                if binary is None:
-                    sys.exit("dqload needs a C compiler and ../shared/tools/dqload.c")
-                out = subprocess.run(
-                    [binary, "-h", "127.0.0.1", "-p", str(port), "-t", "bench", "-c",
-                     str(args.conns), "-n", str(args.n), "-b", str(args.body), "-m", "add",
-                     "-f", "86400"], capture_output=True, text=True, check=True).stdout
-                line = out.strip().splitlines()[-1]
-                stats = dict(kv.split("=") for kv in line.split()[1:])
-                total = int(stats["ok"]) + int(stats["fail"])
-                qps, p50, p99, fails = (float(stats["qps"]), float(stats["p50_ms"]),
-                                        float(stats["p99_ms"]), int(stats["fail"]))
+                qps, p50, p99, total, fails = run_dqload("127.0.0.1", port, args)
             else:
                 if args.client == "python":
                     fails, lat = asyncio.run(python_closed_loop(port, args.conns, args.n))
@@ -129,10 +138,32 @@ def main() -> None:
                 qps = (total - fails) / elapsed
                 p50, p99 = percentile(lat, 50), percentile(lat, 99)
             s1, r1 = cpu_us(servers), cpu_us(redis_pids)
-    print(f"RESULT mode={args.client} conns={args.conns} servers={args.servers} "
+    report(args, qps, p50, p99, total, fails, s1 - s0, r1 - r0, client_us)
+
+
+def run_dqload(host: str, port: int, args: argparse.Namespace,
+               ) -> tuple[float, float, float, int, int]:
+    """dqload's closed loop: (qps, p50 ms, p99 ms, requests, failures)."""
+    binary = dqload_binary()
+    if binary is None:
+        sys.exit("dqload needs a C compiler and ../shared/tools/dqload.c")
+    out = subprocess.run(
+        [binary, "-h", host, "-p", str(port), "-t", "bench", "-c", str(args.conns), "-n",
+         str(args.n), "-b", str(args.body), "-m", "add", "-f", "86400"],
+        capture_output=True, text=True, check=True).stdout
+    line = out.strip().splitlines()[-1]
+    stats = dict(kv.split("=") for kv in line.split()[1:])
+    return (float(stats["qps"]), float(stats["p50_ms"]), float(stats["p99_ms"]),
+            int(stats["ok"]) + int(stats["fail"]), int(stats["fail"]))
+
+
+def report(args: argparse.Namespace, qps: float, p50: float, p99: float, total: int,
+           fails: int, server_us: float, redis_us: float, client_us: float | None) -> None:
+    target = f" against={args.against}" if args.against else ""
+    print(f"RESULT mode={args.client}{target} conns={args.conns} servers={args.servers} "
           f"shards={args.shards} total={total} fail={fails} qps={qps:.0f} p50_ms={p50:.3f} "
-          f"p99_ms={p99:.3f} server_us_per_add={(s1 - s0) / total:.1f} "
-          f"redis_us_per_add={(r1 - r0) / total:.1f}"
+          f"p99_ms={p99:.3f} server_us_per_add={server_us / total:.1f} "
+          f"redis_us_per_add={redis_us / total:.1f}"
           + ("" if client_us is None else f" client_us_per_add={client_us:.1f}"))
 
 
