@@ -55,8 +55,9 @@ class Pending:
     """A reply still being worked out, holding its place in the connection's reply queue.
 
     Cheaper than a Future on the hot path: setting it tells the connection directly, and
-    the connections with replies ready write once per batch (`Server.flush_ready`), not
-    once per reply through a loop callback each."""
+    the connections with replies ready write once per batch (`Server.flush_ready`, right
+    after the batch's Redis reply is handed out), not once per reply through a loop
+    callback each."""
 
     __slots__ = ("data", "on_set")
 
@@ -453,11 +454,13 @@ class Connection(asyncio.Protocol):
 
     def _reply_ready(self) -> None:
         """A queued reply is ready: write it (with any others ready by then) once the
-        current batch of Redis replies has been handed out, in one write per connection."""
+        current batch of Redis replies has been handed out (the store calls flush_ready
+        then), in one write per connection; ready otherwise, at the end of the loop turn."""
         server = self.server
-        if not server.ready:
-            server.handler.loop.call_soon(server.flush_ready)
         server.ready.add(self)
+        if not server.flush_scheduled and not server.handler.store.settling:
+            server.flush_scheduled = True
+            server.handler.loop.call_soon(server.flush_ready)
 
     def _flush(self) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -515,6 +518,7 @@ class Server:
         self.handler = Handler(store, topics, ctx)
         self.connections: set[Connection] = set()
         self.ready: set[Connection] = set()  # with replies ready to be written
+        self.flush_scheduled = False  # flush_ready is to run at the end of the loop turn
         self.refused = 0
         self.listener: socket.socket | None = None
         self.accepting = False
@@ -525,6 +529,7 @@ class Server:
 
     async def start(self) -> None:
         """Accept on the master's socket (or a socket of its own, when run alone)."""
+        self.handler.store.after_settle.append(self.flush_ready)
         sock = self.ctx.listen_sock
         if sock is None:
             sock = bind_listener(self.settings.host, self.settings.port)
@@ -620,9 +625,11 @@ class Server:
             self.listener.close()
 
     def flush_ready(self) -> None:
-        ready, self.ready = self.ready, set()
-        for conn in ready:
-            conn._flush()
+        self.flush_scheduled = False
+        if self.ready:
+            ready, self.ready = self.ready, set()
+            for conn in ready:
+                conn._flush()
 
     @property
     def port(self) -> int:
@@ -643,6 +650,11 @@ class Server:
                             BAD_REQUEST, f"the frame did not arrive in full within "
                             f"{FRAME_TIMEOUT:g}s; the connection is closed")))
                     conn.transport.close()
+
+    def stop(self) -> None:
+        """Closed down: the store no longer writes this server's replies."""
+        if self.flush_ready in self.handler.store.after_settle:
+            self.handler.store.after_settle.remove(self.flush_ready)
 
     async def drain(self) -> None:
         """Stop accepting, answer every request already read, then close connections."""
@@ -694,6 +706,7 @@ async def run(ctx: Context, store: Store | None = None, topics: TopicCache | Non
         await ctx.stopping.wait()
         await server.drain()
     finally:
+        server.stop()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

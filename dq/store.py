@@ -143,20 +143,6 @@ Done = Callable[[Any, BaseException | None], None]
 AddDone = Done
 
 
-def _settle(done: list[Done], width: int, sent: asyncio.Future[Any]) -> None:
-    if sent.cancelled():
-        exc: BaseException | None = asyncio.CancelledError()
-    else:
-        exc = sent.exception()
-    if exc is not None:
-        for cb in done:
-            cb(None, exc)
-        return
-    res = sent.result()
-    for i, cb in enumerate(done):
-        cb(res[width * i:width * i + width], None)
-
-
 def _to_future(fut: asyncio.Future[Any]) -> Done:
     def done(res: Any, exc: BaseException | None) -> None:
         if not fut.done():
@@ -252,6 +238,10 @@ class Store:
         self._queued: dict[tuple[str, Shard], list[tuple[Part, Done]]] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
         self._k_stat: dict[str, str] = {}  # per topic: made once per add otherwise
+        # Called after a batch's jobs were told their results (the server writes the
+        # replies they made ready then, in the same loop turn); `settling` while telling.
+        self.after_settle: list[Callable[[], None]] = []
+        self.settling = 0
 
     # keys -------------------------------------------------------------------------------
     def bucket(self, tid: str) -> int:
@@ -391,19 +381,34 @@ class Store:
         self.queue("add", shard, job, done)
 
     def _send(self, script: str, shard: Shard) -> None:
+        """The loop turn's batch for a shard, written at once (this runs after the turn's
+        reads: nothing more joins it), each job told its result as soon as Redis answers."""
         items = self._queued.pop((script, shard))
         width = BATCHED[script]
         for i in range(0, len(items), ADD_BATCH):
             chunk = items[i:i + ADD_BATCH]
             done = [d for _, d in chunk]
             try:
-                sent = shard.conn.call_nowait("EVALSHA", *self.batch_args(
-                    script, [part for part, _ in chunk]))
+                shard.conn.send_then(functools.partial(self._settle, done, width), "EVALSHA",
+                                     *self.batch_args(script, [part for part, _ in chunk]))
             except Exception as exc:  # a bug here must fail these jobs, not strand them
-                for cb in done:
-                    cb(None, exc)
-                continue
-            sent.add_done_callback(functools.partial(_settle, done, width))
+                self._settle(done, width, None, exc)
+
+    def _settle(self, done: list[Done], width: int, res: Any, exc: BaseException | None,
+                ) -> None:
+        """A batch's reply (or error), handed to each of its jobs; then `after_settle`."""
+        self.settling += 1
+        try:
+            for i, cb in enumerate(done):
+                try:
+                    cb(None if exc is not None else res[width * i:width * i + width], exc)
+                except Exception:  # one job's bug must not strand the others
+                    log.exception("a batched job's callback failed")
+        finally:
+            self.settling -= 1
+        if not self.settling:
+            for hook in self.after_settle:
+                hook()
 
     async def _batched(self, script: str, shard: Shard, part: Part) -> Any:
         """One job's call of a batched script, sharing the loop turn's call when the
