@@ -365,6 +365,76 @@ async def test_a_batch_that_cannot_be_sent_fails_its_jobs(store: Store) -> None:
     assert not (await store.add("t", "after", {"a": 1})).replaced
 
 
+async def until(cond: Callable[[], bool], seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+async def test_send_then_hands_each_reply_or_error_to_its_callback(store: Store) -> None:
+    """The hot path's reply callbacks: each gets its own command's reply or error, a
+    callback that raises does not leave the replies after it unmatched, and a lost or
+    closed connection fails them with an unavailable error that says which shard."""
+    from redis.exceptions import NoScriptError, ResponseError
+
+    from dq.errors import UNAVAILABLE, DqError
+
+    conn = store.shards.shards[0].conn
+    await conn.connect()
+    got: dict[str, tuple[object, BaseException | None]] = {}
+
+    def keep(name: str, fail: bool = False) -> Callable[[object, BaseException | None], None]:
+        def cb(res: object, exc: BaseException | None) -> None:
+            got[name] = (res, exc)
+            if fail:
+                raise RuntimeError("a bug in a callback")
+        return cb
+
+    conn.send_then(keep("set", fail=True), "SET", "k", "v")
+    conn.send_then(keep("get"), "GET", "k")
+    conn.send_then(keep("noscript"), "EVALSHA", "0" * 40, 0)
+    conn.send_then(keep("wrongtype"), "INCR", "k")
+    conn.send_then(keep("blocked"), "BLPOP", "nothing", 5)
+    await until(lambda: "wrongtype" in got)
+    assert got["set"] == (b"OK", None) and got["get"] == (b"v", None)
+    assert got["noscript"][0] is None and isinstance(got["noscript"][1], NoScriptError)
+    assert isinstance(got["wrongtype"][1], ResponseError)
+    assert "blocked" not in got
+    conn.close()  # the reply never comes
+    await until(lambda: "blocked" in got)
+    err = got["blocked"][1]
+    assert isinstance(err, DqError) and err.err == UNAVAILABLE and conn.name in err.msg
+    conn.send_then(keep("closed"), "PING")  # not connected: told at once
+    err = got["closed"][1]
+    assert isinstance(err, DqError) and err.err == UNAVAILABLE
+
+
+async def test_a_batch_tells_every_job_then_runs_after_settle_once(store: Store) -> None:
+    """One job's callback failing does not strand the others of its batch, and the store's
+    after_settle hooks (the server writes its replies there) run once the whole batch
+    has been told."""
+    shard = store.shards.shards[0]
+    await store.add("t", "warm", {})  # connects
+    got: list[str] = []
+    hooks: list[list[str]] = []
+    store.after_settle.append(lambda: hooks.append(list(got)))
+
+    def job(name: str) -> None:
+        def cb(res: object, exc: BaseException | None) -> None:
+            assert exc is None
+            got.append(name)
+            if name == "b":
+                raise RuntimeError("a bug in one job's callback")
+        store.queue("add", shard, ((store.k_delay[0], store.k_wake[0], store.k_stat("t")),
+                                   (f"t:{name}", "1|2|0|1|0|{}", "", 0, 0)), cb)
+
+    for name in "abc":
+        job(name)
+    await until(lambda: bool(hooks))
+    assert got == ["a", "b", "c"] and hooks == [["a", "b", "c"]]
+
+
 def test_resp_pack_spells_each_argument_type_and_names_a_bad_one() -> None:
     from dq.resp import pack
 
