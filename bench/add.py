@@ -15,7 +15,8 @@ processes; its topic "bench" must be registered.
 
     python bench/add.py --against 127.0.0.1:6790 --redis-pid 123 --redis-pid 124
 Last line: RESULT mode=... qps=... p50_ms=... p99_ms=... server_us_per_add=...
-redis_us_per_add=... (pipelined also client_us_per_add=..., this process's CPU per add)
+redis_us_per_add=... (dqload and pipelined also client_us_per_add=...: dqload's own CPU
+per request, or this process's per add)
 """
 
 from __future__ import annotations
@@ -103,9 +104,9 @@ def main() -> None:
         if not servers:
             sys.exit(f"no process titled dq-server: start the server at {args.against} first")
         s0, r0 = cpu_us(servers), cpu_us(args.redis_pid)
-        qps, p50, p99, total, fails = run_dqload(host, int(port), args)
+        qps, p50, p99, total, fails, client_us = run_dqload(host, int(port), args)
         s1, r1 = cpu_us(servers), cpu_us(args.redis_pid)
-        report(args, qps, p50, p99, total, fails, s1 - s0, r1 - r0, None)
+        report(args, qps, p50, p99, total, fails, s1 - s0, r1 - r0, client_us)
         return
     with tempdir() as t, redis_servers(args.shards, Path(t)) as shards:
         tmp = Path(t)
@@ -121,9 +122,10 @@ def main() -> None:
             servers = pids_titled("dq-server")
             redis_pids = [p.pid for _, p in shards]
             s0, r0, t0 = cpu_us(servers), cpu_us(redis_pids), time.perf_counter()
-            client_us = None
+            client_us: float | None = None
             if args.client == "dqload":
-                qps, p50, p99, total, fails = run_dqload("127.0.0.1", port, args)
+                qps, p50, p99, total, fails, client_us = run_dqload("127.0.0.1", port,
+                                                                    args)
             else:
                 if args.client == "python":
                     fails, lat = asyncio.run(python_closed_loop(port, args.conns, args.n))
@@ -142,8 +144,9 @@ def main() -> None:
 
 
 def run_dqload(host: str, port: int, args: argparse.Namespace,
-               ) -> tuple[float, float, float, int, int]:
-    """dqload's closed loop: (qps, p50 ms, p99 ms, requests, failures)."""
+               ) -> tuple[float, float, float, int, int, float]:
+    """dqload's closed loop: (qps, p50 ms, p99 ms, requests, failures, its CPU us per
+    request)."""
     binary = dqload_binary()
     if binary is None:
         sys.exit("dqload needs a C compiler and ../shared/tools/dqload.c")
@@ -154,7 +157,8 @@ def run_dqload(host: str, port: int, args: argparse.Namespace,
     line = out.strip().splitlines()[-1]
     stats = dict(kv.split("=") for kv in line.split()[1:])
     return (float(stats["qps"]), float(stats["p50_ms"]), float(stats["p99_ms"]),
-            int(stats["ok"]) + int(stats["fail"]), int(stats["fail"]))
+            int(stats["ok"]) + int(stats["fail"]), int(stats["fail"]),
+            float(stats["gen_cpu_us_per_req"]))
 
 
 def report(args: argparse.Namespace, qps: float, p50: float, p99: float, total: int,
