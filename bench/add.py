@@ -104,9 +104,9 @@ def main() -> None:
         if not servers:
             sys.exit(f"no process titled dq-server: start the server at {args.against} first")
         s0, r0 = cpu_us(servers), cpu_us(args.redis_pid)
-        qps, p50, p99, total, fails, client_us = run_dqload(host, int(port), args)
+        qps, p50, p99, total, fails, gen_us = run_dqload(host, int(port), args)
         s1, r1 = cpu_us(servers), cpu_us(args.redis_pid)
-        report(args, qps, p50, p99, total, fails, s1 - s0, r1 - r0, client_us)
+        report(args, qps, p50, p99, total, fails, s1 - s0, r1 - r0, gen_us)
         return
     with tempdir() as t, redis_servers(args.shards, Path(t)) as shards:
         tmp = Path(t)
