@@ -1,9 +1,11 @@
 """A lean auto-pipelining Redis connection for the hot path.
 
-Every command a process sends to a shard in one event-loop turn is packed by hand (RESP),
-written with one `transport.write`, and its reply matched in order by hiredis. That is
-what the server, timers and consumers need per request: no pool, no per-command timeout
-object, no per-command task. redis-py is still used for blocking and admin commands.
+Commands are packed by hiredis (RESP) and pipelined: those queued in one event-loop turn
+are written with one `transport.write` at its end (`call_nowait`), a batch its caller
+gathered itself at once (`send_then`), and replies are matched in order by hiredis. That
+is what the server, timers and consumers need per request: no pool, no per-command
+timeout object, no per-command task. redis-py is still used for blocking and admin
+commands.
 """
 
 from __future__ import annotations
@@ -157,7 +159,8 @@ class RespConnection:
         """Write a command now (after any queued before it) on an open connection, for a
         caller that batched the loop turn's work itself; `callback` gets its reply (or
         error) as soon as it is read. No future and no scheduled callback: the hot path
-        saves two loop turns. Not connected, the callback gets the error at once."""
+        saves two loop turns. Not connected, the callback gets the error at once. Raises
+        only for an argument that cannot be sent, before anything is queued."""
         if self.transport is None or self.transport.is_closing() or self.loop is None:
             _call(callback, None, self._unavailable("not connected"))
             return
@@ -180,7 +183,14 @@ class RespConnection:
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self._out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(self._out))
+            data = b"".join(self._out)
+            self._out.clear()
+            try:
+                self.transport.write(data)
+            except Exception:  # not seen with asyncio's or uvloop's transports
+                # Its commands are lost: closing tells their waiters (lost()), once.
+                log.exception("writing to redis shard %s failed; reconnecting", self.name)
+                self.transport.abort()
         self._out.clear()
 
     def lost(self, exc: Exception | None) -> None:

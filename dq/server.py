@@ -458,7 +458,7 @@ class Connection(asyncio.Protocol):
         then), in one write per connection; ready otherwise, at the end of the loop turn."""
         server = self.server
         server.ready.add(self)
-        if not server.flush_scheduled and not server.handler.store.settling:
+        if not server.flush_scheduled and not (server.hooked and server.handler.store.settling):
             server.flush_scheduled = True
             server.handler.loop.call_soon(server.flush_ready)
 
@@ -519,6 +519,7 @@ class Server:
         self.connections: set[Connection] = set()
         self.ready: set[Connection] = set()  # with replies ready to be written
         self.flush_scheduled = False  # flush_ready is to run at the end of the loop turn
+        self.hooked = False  # the store calls flush_ready after each batch's reply
         self.refused = 0
         self.listener: socket.socket | None = None
         self.accepting = False
@@ -529,10 +530,11 @@ class Server:
 
     async def start(self) -> None:
         """Accept on the master's socket (or a socket of its own, when run alone)."""
-        self.handler.store.after_settle.append(self.flush_ready)
         sock = self.ctx.listen_sock
         if sock is None:
             sock = bind_listener(self.settings.host, self.settings.port)
+        self.handler.store.after_settle.append(self.flush_ready)
+        self.hooked = True
         self.listener = sock
         self.accepting = True
         self._publish()
@@ -629,7 +631,12 @@ class Server:
         if self.ready:
             ready, self.ready = self.ready, set()
             for conn in ready:
-                conn._flush()
+                try:
+                    conn._flush()
+                except Exception:  # a bug must cost that connection, not the others
+                    log.exception("writing the replies of a connection failed")
+                    if conn.transport is not None:
+                        conn.transport.abort()
 
     @property
     def port(self) -> int:
@@ -652,8 +659,10 @@ class Server:
                     conn.transport.close()
 
     def stop(self) -> None:
-        """Closed down: the store no longer writes this server's replies."""
-        if self.flush_ready in self.handler.store.after_settle:
+        """Closed down: the store no longer calls flush_ready (a reply made ready later
+        is written at the end of its loop turn)."""
+        if self.hooked:
+            self.hooked = False
             self.handler.store.after_settle.remove(self.flush_ready)
 
     async def drain(self) -> None:

@@ -1,9 +1,10 @@
 """Redis shards: connections, auto-pipelining, Lua script loading, rendezvous routing.
 
 Every call a process makes to a shard goes through `Shard.call` on one pipelined
-connection (dq/resp.py): what is queued in one event-loop turn goes out in one write.
-So a server with 50 busy connections talks to each shard in batches, not one command per
-round trip. `Shard.client` (redis-py) is kept for blocking and admin commands.
+connection (dq/resp.py): what is queued in one event-loop turn goes out in one write, and
+a loop turn's adds (or acks) are one script call (Store.queue). So a server with 50 busy
+connections talks to each shard in batches, not one command per round trip.
+`Shard.client` (redis-py) is kept for blocking and admin commands.
 """
 
 from __future__ import annotations

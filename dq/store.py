@@ -408,7 +408,10 @@ class Store:
             self.settling -= 1
         if not self.settling:
             for hook in self.after_settle:
-                hook()
+                try:
+                    hook()
+                except Exception:
+                    log.exception("an after_settle hook failed")
 
     async def _batched(self, script: str, shard: Shard, part: Part) -> Any:
         """One job's call of a batched script, sharing the loop turn's call when the

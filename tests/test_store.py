@@ -418,7 +418,11 @@ async def test_a_batch_tells_every_job_then_runs_after_settle_once(store: Store)
     await store.add("t", "warm", {})  # connects
     got: list[str] = []
     hooks: list[list[str]] = []
-    store.after_settle.append(lambda: hooks.append(list(got)))
+
+    def broken_hook() -> None:
+        raise RuntimeError("a bug in another hook")
+
+    store.after_settle += [broken_hook, lambda: hooks.append(list(got))]
 
     def job(name: str) -> None:
         def cb(res: object, exc: BaseException | None) -> None:
@@ -433,6 +437,28 @@ async def test_a_batch_tells_every_job_then_runs_after_settle_once(store: Store)
         job(name)
     await until(lambda: bool(hooks))
     assert got == ["a", "b", "c"] and hooks == [["a", "b", "c"]]
+
+
+async def test_a_failed_write_to_redis_fails_its_commands_once(store: Store) -> None:
+    """A write the transport refuses (not seen with real transports: a bug) closes the
+    connection, so each command's waiter is told once that the shard is unavailable, and
+    the next call reconnects."""
+    from dq.errors import UNAVAILABLE, DqError
+
+    conn = store.shards.shards[0].conn
+    await conn.connect()
+    assert conn.transport is not None
+    told: list[BaseException | None] = []
+
+    def refuse(data: bytes) -> None:
+        raise RuntimeError("refused")
+
+    conn.transport.write = refuse  # type: ignore[method-assign]
+    conn.send_then(lambda res, exc: told.append(exc), "PING")
+    await until(lambda: bool(told))
+    await asyncio.sleep(0.05)
+    assert len(told) == 1 and isinstance(told[0], DqError) and told[0].err == UNAVAILABLE
+    assert await store.shards.shards[0].call("PING") in (b"PONG", "PONG", True)
 
 
 def test_resp_pack_spells_each_argument_type_and_names_a_bad_one() -> None:
