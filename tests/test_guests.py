@@ -441,86 +441,85 @@ async def holds(store: Store, shard: Shard, job: str) -> tuple[bool, bool, bool]
             await shard.call("SISMEMBER", store.k_guests, tid) == 1)
 
 
+Stores = Callable[..., Store]
+
+
 @pytest.fixture
-async def trio(redis_factory: Callable[[], RedisProcess],
-               ) -> AsyncIterator[tuple[RedisProcess, RedisProcess, RedisProcess]]:
-    yield redis_factory(), redis_factory(), redis_factory()
+async def stores(redis_factory: Callable[[], RedisProcess]) -> AsyncIterator[Stores]:
+    """Stores over three redis-servers r1, r2, r3, each with its own shard list (name, i):
+    what processes see before and after the shard list changed."""
+    procs = [redis_factory() for _ in range(3)]
+    made: list[Store] = []
+
+    def make(*shards: tuple[str, int]) -> Store:
+        store = named_store(*((name, procs[i]) for name, i in shards))
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        await store.shards.close()
 
 
 async def test_a_dropped_move_is_committed_where_it_landed_after_the_list_changed(
-        trio: tuple[RedisProcess, RedisProcess, RedisProcess]) -> None:
+        stores: Stores) -> None:
     """The mover died between the drop and the commit, and a shard was added before the
     next sweep: the job's owner is now the new shard, which has no copy. The copy landed on
     the owner of then is scheduled there as a guest (it must not stay in no bucket, never
     to fire), and the sweep of that shard moves it home."""
-    r1, r2, r3 = trio
-    old = named_store(("a", r1), ("b", r2))
-    new = named_store(("a", r1), ("b", r2), ("c", r3))
-    try:
-        job = job_owned(old, new, "b", "c")
-        await guest_taken_and_landed(old, named(old, "a"), named(old, "b"), job, drop=True)
-        mover = GuestMover(new)
-        a, b, c = named(new, "a"), named(new, "b"), named(new, "c")
-        # "b" may hold the copy and does not answer: the mark stays for a later sweep
-        assert dict(await mover.sweep(a, lambda s: s is not b)) == {"busy": 1}
-        assert await a.call("HLEN", new.k_moving) == 1
-        assert dict(await mover.sweep(a, everyone)) == {"moved": 1}
-        assert await holds(new, b, job) == (True, True, True)
-        assert await a.call("HLEN", new.k_moving) == 0
-        assert dict(await mover.sweep(b, everyone)) == {"moved": 1}
-        assert await holds(new, b, job) == (False, False, False)
-        assert await holds(new, c, job) == (True, True, False)
-        assert await deliver_all(new) == [(job, 1)]
-    finally:
-        await old.shards.close()
-        await new.shards.close()
+    old = stores(("a", 0), ("b", 1))
+    new = stores(("a", 0), ("b", 1), ("c", 2))
+    job = job_owned(old, new, "b", "c")
+    await guest_taken_and_landed(old, named(old, "a"), named(old, "b"), job, drop=True)
+    mover = GuestMover(new)
+    a, b, c = named(new, "a"), named(new, "b"), named(new, "c")
+    # "b" may hold the copy and does not answer: the mark stays for a later sweep
+    assert dict(await mover.sweep(a, lambda s: s is not b)) == {"busy": 1}
+    assert await a.call("HLEN", new.k_moving) == 1
+    assert dict(await mover.sweep(a, everyone)) == {"moved": 1}
+    assert await holds(new, b, job) == (True, True, True)
+    assert await a.call("HLEN", new.k_moving) == 0
+    assert dict(await mover.sweep(b, everyone)) == {"moved": 1}
+    assert await holds(new, b, job) == (False, False, False)
+    assert await holds(new, c, job) == (True, True, False)
+    assert await deliver_all(new) == [(job, 1)]
 
 
 async def test_a_dropped_move_whose_shard_became_the_owner_is_committed_and_moved_back(
-        trio: tuple[RedisProcess, RedisProcess, RedisProcess]) -> None:
+        stores: Stores) -> None:
     """As above, but the new list makes the guest's own shard the owner (the landing
     shard was renamed): its copy was dropped, so the landed one is committed as a guest and
     moved back."""
-    r1, r2, _ = trio
-    old = named_store(("a", r1), ("b", r2))
-    new = named_store(("a", r1), ("b2", r2))
-    try:
-        job = job_owned(old, new, "b", "a")
-        await guest_taken_and_landed(old, named(old, "a"), named(old, "b"), job, drop=True)
-        mover = GuestMover(new)
-        a, b2 = named(new, "a"), named(new, "b2")
-        assert dict(await mover.sweep(a, everyone)) == {"owned": 1}
-        assert await holds(new, b2, job) == (True, True, True)
-        assert dict(await mover.sweep(b2, everyone)) == {"moved": 1}
-        assert await holds(new, a, job) == (True, True, False)
-        assert await holds(new, b2, job) == (False, False, False)
-        assert await deliver_all(new) == [(job, 1)]
-    finally:
-        await old.shards.close()
-        await new.shards.close()
+    old = stores(("a", 0), ("b", 1))
+    new = stores(("a", 0), ("b2", 1))
+    job = job_owned(old, new, "b", "a")
+    await guest_taken_and_landed(old, named(old, "a"), named(old, "b"), job, drop=True)
+    mover = GuestMover(new)
+    a, b2 = named(new, "a"), named(new, "b2")
+    assert dict(await mover.sweep(a, everyone)) == {"owned": 1}
+    assert await holds(new, b2, job) == (True, True, True)
+    assert dict(await mover.sweep(b2, everyone)) == {"moved": 1}
+    assert await holds(new, a, job) == (True, True, False)
+    assert await holds(new, b2, job) == (False, False, False)
+    assert await deliver_all(new) == [(job, 1)]
 
 
 async def test_a_landed_copy_of_a_changed_job_is_undone_after_the_list_changed(
-        trio: tuple[RedisProcess, RedisProcess, RedisProcess]) -> None:
+        stores: Stores) -> None:
     """The mover died after the land; the guest was then added again (a new version, a guest
     too) and a shard was added. The stale copy on the owner of then is undone, not left
     behind, and the new version alone is delivered."""
-    r1, r2, r3 = trio
-    old = named_store(("a", r1), ("b", r2))
-    new = named_store(("a", r1), ("b", r2), ("c", r3))
-    try:
-        job = job_owned(old, new, "b", "c")
-        await guest_taken_and_landed(old, named(old, "a"), named(old, "b"), job, drop=False)
-        a, b, c = named(new, "a"), named(new, "b"), named(new, "c")
-        b.open_until = c.open_until = 1e18
-        assert (await new.add("t", job, {"gen": 2}, delay_ms=0)).shard == "a"
-        b._recovered()
-        c._recovered()
-        mover = GuestMover(new)
-        assert dict(await mover.sweep(a, everyone)) == {"changed": 1}
-        assert await holds(new, b, job) == (False, False, False)
-        assert dict(await mover.sweep(a, everyone)) == {"moved": 1}
-        assert await deliver_all(new) == [(job, 2)]
-    finally:
-        await old.shards.close()
-        await new.shards.close()
+    old = stores(("a", 0), ("b", 1))
+    new = stores(("a", 0), ("b", 1), ("c", 2))
+    job = job_owned(old, new, "b", "c")
+    await guest_taken_and_landed(old, named(old, "a"), named(old, "b"), job, drop=False)
+    a, b, c = named(new, "a"), named(new, "b"), named(new, "c")
+    b.open_until = c.open_until = 1e18
+    assert (await new.add("t", job, {"gen": 2}, delay_ms=0)).shard == "a"
+    b._recovered()
+    c._recovered()
+    mover = GuestMover(new)
+    assert dict(await mover.sweep(a, everyone)) == {"changed": 1}
+    assert await holds(new, b, job) == (False, False, False)
+    assert dict(await mover.sweep(a, everyone)) == {"moved": 1}
+    assert await deliver_all(new) == [(job, 2)]
