@@ -383,3 +383,19 @@ async def test_a_burst_answered_at_once_leaves_the_connection_reading(dq: Runnin
     burst, later = await asyncio.to_thread(talk)
     assert burst == OK_EMPTY * 200
     assert later == OK_EMPTY
+
+
+async def test_replies_are_written_with_or_without_the_stores_hook(dq: Running) -> None:
+    """While serving, the store calls the server's flush_ready right after a batch's Redis
+    reply is handed out (the replies go out in that loop turn); once the hook is removed
+    (Server.stop, e.g. a cancelled server), a reply made ready inside a batch's reply is
+    still written, at the end of its loop turn."""
+    add = frame({"cmd": "add", "topic": "order", "id": "hooked", "body": {}, "delay": 60})
+    assert dq.server.flush_ready in dq.store.after_settle
+    assert await asyncio.to_thread(raw_exchange, dq.port, add) == [
+        {"code": 1, "msg": "succ", "data": []}]
+    dq.server.stop()
+    assert dq.server.flush_ready not in dq.store.after_settle
+    add = frame({"cmd": "add", "topic": "order", "id": "unhooked", "body": {}, "delay": 60})
+    assert await asyncio.to_thread(raw_exchange, dq.port, add) == [
+        {"code": 1, "msg": "succ", "data": []}]
