@@ -30,17 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (
-    cpu_us,
-    dq_master,
-    dqload_binary,
-    free_port,
-    percentile,
-    pids_titled,
-    redis_servers,
-    register,
-    tempdir,
-)
+from bench.common import cpu_us, dq_stack, dqload_binary, percentile, pids_titled
 from dq.client import AsyncDqClient
 
 
@@ -108,38 +98,26 @@ def main() -> None:
         s1, r1 = cpu_us(servers), cpu_us(args.redis_pid)
         report(args, qps, p50, p99, total, fails, s1 - s0, r1 - r0, gen_us)
         return
-    with tempdir() as t, redis_servers(args.shards, Path(t)) as shards:
-        tmp = Path(t)
-        db = f"sqlite:///{tmp / 'reg.sqlite3'}"
-        register(db, "bench")
-        port = free_port()
-        flags = ["--db", db, "--servers", str(args.servers), "--timers", "1",
-                 "--consumers", "1", "--no-web"]
-        for url, _ in shards:
-            flags += ["--redis", url]
-        with dq_master(flags, port, tmp):
-            time.sleep(1.0)
-            servers = pids_titled("dq-server")
-            redis_pids = [p.pid for _, p in shards]
-            s0, r0, t0 = cpu_us(servers), cpu_us(redis_pids), time.perf_counter()
-            client_us: float | None = None
-            if args.client == "dqload":
-                qps, p50, p99, total, fails, client_us = run_dqload("127.0.0.1", port,
-                                                                    args)
+    with dq_stack(args.servers, args.shards) as (port, redis_pids):
+        servers = pids_titled("dq-server")
+        s0, r0, t0 = cpu_us(servers), cpu_us(redis_pids), time.perf_counter()
+        client_us: float | None = None
+        if args.client == "dqload":
+            qps, p50, p99, total, fails, client_us = run_dqload("127.0.0.1", port, args)
+        else:
+            if args.client == "python":
+                fails, lat = asyncio.run(python_closed_loop(port, args.conns, args.n))
+                total = args.conns * args.n
+                elapsed = time.perf_counter() - t0
             else:
-                if args.client == "python":
-                    fails, lat = asyncio.run(python_closed_loop(port, args.conns, args.n))
-                    total = args.conns * args.n
-                    elapsed = time.perf_counter() - t0
-                else:
-                    fails, lat, client_us = asyncio.run(python_pipelined(port, args.n,
-                                                                         args.conns))
-                    total = args.n
-                    # the add_many call's own time: not the building of the job list
-                    elapsed = lat[0] / 1000
-                qps = (total - fails) / elapsed
-                p50, p99 = percentile(lat, 50), percentile(lat, 99)
-            s1, r1 = cpu_us(servers), cpu_us(redis_pids)
+                fails, lat, client_us = asyncio.run(python_pipelined(port, args.n,
+                                                                     args.conns))
+                total = args.n
+                # the add_many call's own time: not the building of the job list
+                elapsed = lat[0] / 1000
+            qps = (total - fails) / elapsed
+            p50, p99 = percentile(lat, 50), percentile(lat, 99)
+        s1, r1 = cpu_us(servers), cpu_us(redis_pids)
     report(args, qps, p50, p99, total, fails, s1 - s0, r1 - r0, client_us)
 
 

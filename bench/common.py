@@ -120,6 +120,25 @@ def dq_master(args: Sequence[str], port: int, tmp: Path) -> Iterator[subprocess.
         log.close()
 
 
+@contextmanager
+def dq_stack(servers: int = 1, shards: int = 2) -> Iterator[tuple[int, list[int]]]:
+    """`shards` redis-servers, a registry with the topic "bench", and a dq-master with
+    `servers` server processes (1 timer, 1 consumer, no console) on a free port, up and
+    settled: (its port, the redis-servers' pids)."""
+    with tempdir() as t, redis_servers(shards, Path(t)) as procs:
+        tmp = Path(t)
+        db = f"sqlite:///{tmp / 'reg.sqlite3'}"
+        register(db, "bench")
+        port = free_port()
+        flags = ["--db", db, "--servers", str(servers), "--timers", "1", "--consumers", "1",
+                 "--no-web"]
+        for url, _ in procs:
+            flags += ["--redis", url]
+        with dq_master(flags, port, tmp):
+            time.sleep(1.0)
+            yield port, [p.pid for _, p in procs]
+
+
 def dqload_binary() -> str | None:
     """Build ../shared/tools/dqload.c into bench/dqload when a C compiler is there."""
     out = ROOT / "bench" / "dqload"

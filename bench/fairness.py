@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import dq_master, free_port, percentile, redis_servers, register, tempdir
+from bench.common import dq_stack, percentile
 from dq.client import AsyncDqClient
 
 
@@ -62,28 +62,18 @@ def main() -> None:
     ap.add_argument("--servers", type=int, default=1)
     args = ap.parse_args()
     ctx = mp.get_context("fork")
-    with tempdir() as t, redis_servers(2, Path(t)) as shards:
-        tmp = Path(t)
-        db = f"sqlite:///{tmp / 'reg.sqlite3'}"
-        register(db, "bench")
-        port = free_port()
-        flags = ["--db", db, "--servers", str(args.servers), "--timers", "1",
-                 "--consumers", "1", "--no-web"]
-        for url, _ in shards:
-            flags += ["--redis", url]
-        with dq_master(flags, port, tmp):
-            time.sleep(1.0)
-            stop, added = ctx.Event(), ctx.Value("q", 0)
-            bulk = ctx.Process(target=_bulk_main, args=(port, stop, added))
-            bulk.start()
-            try:
-                time.sleep(1.0)  # the bulk load under way
-                before = added.value
-                lat = asyncio.run(_canary(port, args.n))
-                during = added.value - before
-            finally:
-                stop.set()
-                bulk.join(60)
+    with dq_stack(args.servers) as (port, _):
+        stop, added = ctx.Event(), ctx.Value("q", 0)
+        bulk = ctx.Process(target=_bulk_main, args=(port, stop, added))
+        bulk.start()
+        try:
+            time.sleep(1.0)  # the bulk load under way
+            before = added.value
+            lat = asyncio.run(_canary(port, args.n))
+            during = added.value - before
+        finally:
+            stop.set()
+            bulk.join(60)
     print(f"RESULT canary_adds={len(lat)} p50_ms={percentile(lat, 50):.2f} "
           f"p99_ms={percentile(lat, 99):.2f} max_ms={max(lat):.1f} bulk_adds={during}")
 
