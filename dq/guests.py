@@ -14,9 +14,10 @@ in four steps, each an atomic script:
 
 The mark outlives a mover that dies, so a later sweep finishes or undoes any move; several
 movers may run at once. The shard list may change between a mover's death and that sweep,
-and with it the owner: a copy it landed is then looked for on every shard (committed where
-it is found, as a guest there, or undone). Meanwhile adds on a job's owner evict its older
-copies from shards known to hold guests (Store.add_job, dq/lua/evict.lua).
+and with it the owner: a copy it landed is then looked for on every shard, and moved from
+there to the owner (or undone, when the job was added again since). Meanwhile adds on a
+job's owner evict its older copies from shards known to hold guests (Store.add_job,
+dq/lua/evict.lua).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import NamedTuple
 
 from dq.errors import DqError
 from dq.shards import Shard
-from dq.store import GUESTS_FRESH_MS, Store, parse_payload
+from dq.store import Store, parse_payload
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class GuestMover:
         return _Keys(
             take=(st.k_jobs, st.k_delay[b], st.k_dead, st.k_guests, st.k_moving),
             land=(st.k_jobs, st.k_delay[b], st.k_wake[b], st.k_inflight, st.k_dead,
-                  st.k_dead_err, st.k_guests),
+                  st.k_dead_err),
             drop=(st.k_jobs, st.k_delay[b], st.k_guests, st.k_moving, st.k_wake[b]))
 
     async def _move_home(self, here: Shard, tid: str, usable: Callable[[Shard], bool]) -> str:
@@ -168,14 +169,14 @@ class GuestMover:
     async def _commit(self, owner: Shard, here: Shard, tid: str, version: str, due: int,
                       keys: _Keys, search: Callable[[Shard], bool] | None = None) -> str:
         """Schedule the copy landed on the owner, then clear the mark here. Finishing a
-        move a mover left (`search`: which shards answer), a copy not on the owner may be
-        on another shard, the owner of the shard list of the land: it is scheduled there,
-        as a guest (a later sweep moves it home); "busy" (the mark stays) while a shard
+        move a mover left (`search`: which shards answer), the owner may not hold that
+        version: the land may have gone to another shard, the owner of the shard list
+        of then, and `_adopt` brings it from there; "busy" (the mark stays) while a shard
         that may hold it does not answer."""
         committed = await owner.script("guest_land", keys.land,
                                        (tid, "commit", version, "", due, 0))
-        if committed == b"none" and search is not None and not await self._commit_elsewhere(
-                owner, here, tid, version, due, keys, search):
+        if committed in (b"none", b"skipped") and search is not None \
+                and not await self._adopt(owner, here, tid, version, due, keys, search):
             return "busy"
         await here.script("guest_drop", keys.drop, (tid, "finish", version))
         return "moved"
@@ -187,20 +188,34 @@ class GuestMover:
         reached = [s for s in others if usable(s)]
         return reached, len(reached) == len(others)
 
-    async def _commit_elsewhere(self, owner: Shard, here: Shard, tid: str, version: str,
-                                due: int, keys: _Keys, usable: Callable[[Shard], bool],
-                                ) -> bool:
-        """Schedule, as a guest, the version's copy on a shard other than the owner; False
-        when not found and a shard that may hold it does not answer."""
+    async def _adopt(self, owner: Shard, here: Shard, tid: str, version: str, due: int,
+                     keys: _Keys, usable: Callable[[Shard], bool]) -> bool:
+        """A dropped move whose landed copy is not on the owner: look for it on the other
+        shards (a mover of an earlier shard list landed it on its owner of then), and move
+        it from there as a guest is moved: land on the owner (which keeps a copy written
+        as late or later), undo it there, commit. When the job has been added here again
+        since the drop, that later add wins: the copy is only undone. False when it was
+        not found and a shard that may hold it does not answer."""
+        st = self.store
         reached, everywhere = self._elsewhere(owner, here, usable)
+        added_again = bool(await here.call("HEXISTS", st.k_jobs, tid))
         for shard in reached:
-            if await shard.script("guest_land", keys.land,
-                                  (tid, "commit", version, "", due, 0, "1")) == b"committed":
-                shard.guests_until = int(time.time() * 1000) + GUESTS_FRESH_MS
-                log.warning("guest %s: its landed copy is on %s, which no longer owns it (the "
-                            "shard list changed during a move); scheduled there as a guest",
-                            tid, shard.name)
-                return True
+            raw = await shard.call("HGET", st.k_jobs, tid)
+            if raw is None or parse_payload(raw).version != version:
+                continue
+            landed = None
+            if not added_again:
+                landed = await owner.script("guest_land", keys.land, (
+                    tid, "land", version, raw, due, parse_payload(raw).set_ms))
+            await shard.script("guest_land", keys.land, (tid, "undo", version, "", 0, 0))
+            if landed == b"landed":
+                await owner.script("guest_land", keys.land,
+                                   (tid, "commit", version, "", due, 0))
+            log.warning("guest %s: its landed copy was on %s, no longer its owner (the shard "
+                        "list changed during a move); %s", tid, shard.name,
+                        f"moved to {owner.name}" if landed == b"landed"
+                        else "a later add of the job wins")
+            return True
         return everywhere
 
     async def _undo(self, owner: Shard, here: Shard, tid: str, version: str, keys: _Keys,
@@ -217,20 +232,19 @@ class GuestMover:
                      usable: Callable[[Shard], bool]) -> str:
         """A guest whose shard is now its owner (the shard list changed): no longer a guest.
         A take a mover left unfinished goes back in its bucket, and copies it may have
-        landed elsewhere are undone; a move that had dropped the copy here is committed
-        where it landed (a guest there, moved back here by a later sweep)."""
+        landed elsewhere are undone; the copy of a move that had dropped it here is
+        brought back from where it landed (`_adopt`)."""
         mark = await here.call("HGET", self.store.k_moving, tid)
         if mark is not None:
-            version = mark.split(b"|")[0].decode()
-            if mark.endswith(b"|d"):
-                due = int(mark.split(b"|")[1])
-                if not await self._commit_elsewhere(here, here, tid, version, due, keys,
-                                                    usable):
+            version, due = mark.split(b"|")[0].decode(), int(mark.split(b"|")[1])
+            dropped = mark.endswith(b"|d") or await here.script(
+                "guest_drop", keys.drop, (tid, "untake", version)) == b"dropped"
+            # (untake finds "|d" when a mover of another shard list dropped it just now)
+            if dropped:
+                if not await self._adopt(here, here, tid, version, due, keys, usable):
                     return "busy"
-            else:
-                await here.script("guest_drop", keys.drop, (tid, "untake", version))
-                if not await self._undo(here, here, tid, version, keys, usable):
-                    return "busy"
+            elif not await self._undo(here, here, tid, version, keys, usable):
+                return "busy"
             await here.script("guest_drop", keys.drop, (tid, "forget", version))
         await here.call("SREM", self.store.k_guests, tid)
         return "owned"

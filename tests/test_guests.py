@@ -461,12 +461,12 @@ async def stores(redis_factory: Callable[[], RedisProcess]) -> AsyncIterator[Sto
         await store.shards.close()
 
 
-async def test_a_dropped_move_is_committed_where_it_landed_after_the_list_changed(
+async def test_a_dropped_move_is_finished_from_where_it_landed_after_the_list_changed(
         stores: Stores) -> None:
     """The mover died between the drop and the commit, and a shard was added before the
     next sweep: the job's owner is now the new shard, which has no copy. The copy landed on
-    the owner of then is scheduled there as a guest (it must not stay in no bucket, never
-    to fire), and the sweep of that shard moves it home."""
+    the owner of then is moved from there to the new owner (it must not stay in no
+    bucket, never to fire)."""
     old = stores(("a", 0), ("b", 1))
     new = stores(("a", 0), ("b", 1), ("c", 2))
     job = job_owned(old, new, "b", "c")
@@ -477,19 +477,16 @@ async def test_a_dropped_move_is_committed_where_it_landed_after_the_list_change
     assert dict(await mover.sweep(a, lambda s: s is not b)) == {"busy": 1}
     assert await a.call("HLEN", new.k_moving) == 1
     assert dict(await mover.sweep(a, everyone)) == {"moved": 1}
-    assert await holds(new, b, job) == (True, True, True)
     assert await a.call("HLEN", new.k_moving) == 0
-    assert dict(await mover.sweep(b, everyone)) == {"moved": 1}
     assert await holds(new, b, job) == (False, False, False)
     assert await holds(new, c, job) == (True, True, False)
     assert await deliver_all(new) == [(job, 1)]
 
 
-async def test_a_dropped_move_whose_shard_became_the_owner_is_committed_and_moved_back(
+async def test_a_dropped_move_whose_shard_became_the_owner_is_brought_back(
         stores: Stores) -> None:
     """As above, but the new list makes the guest's own shard the owner (the landing
-    shard was renamed): its copy was dropped, so the landed one is committed as a guest and
-    moved back."""
+    shard was renamed): its copy was dropped, so the landed one is moved back."""
     old = stores(("a", 0), ("b", 1))
     new = stores(("a", 0), ("b2", 1))
     job = job_owned(old, new, "b", "a")
@@ -497,8 +494,6 @@ async def test_a_dropped_move_whose_shard_became_the_owner_is_committed_and_move
     mover = GuestMover(new)
     a, b2 = named(new, "a"), named(new, "b2")
     assert dict(await mover.sweep(a, everyone)) == {"owned": 1}
-    assert await holds(new, b2, job) == (True, True, True)
-    assert dict(await mover.sweep(b2, everyone)) == {"moved": 1}
     assert await holds(new, a, job) == (True, True, False)
     assert await holds(new, b2, job) == (False, False, False)
     assert await deliver_all(new) == [(job, 1)]
@@ -523,3 +518,60 @@ async def test_a_landed_copy_of_a_changed_job_is_undone_after_the_list_changed(
     assert await holds(new, b, job) == (False, False, False)
     assert dict(await mover.sweep(a, everyone)) == {"moved": 1}
     assert await deliver_all(new) == [(job, 2)]
+
+
+async def test_a_later_add_wins_over_a_dropped_moves_copy_after_the_list_changed(
+        stores: Stores) -> None:
+    """A dropped move's copy sits on the owner of the old list; before the sweep the job is
+    added again: on its new owner, or (its new owner failing) as a guest on the shard the
+    move began from. The old copy is undone, not moved or scheduled: only the later add
+    fires (a helper session's review found both firing)."""
+    for renamed in (True, False):
+        old = stores(("a", 0), ("b", 1))
+        new = stores(("a", 0), ("b2", 1)) if renamed else stores(("a", 0), ("b", 1), ("c", 2))
+        job = job_owned(old, new, "b", "a" if renamed else "c")
+        await guest_taken_and_landed(old, named(old, "a"), named(old, "b"), job, drop=True)
+        a, b = named(new, "a"), named(new, "b2" if renamed else "b")
+        if not renamed:
+            b.open_until = named(new, "c").open_until = 1e18
+        assert (await new.add("t", job, {"gen": 2}, delay_ms=0)).shard == "a"
+        for shard in new.shards.shards:
+            shard._recovered()
+        mover = GuestMover(new)
+        assert dict(await mover.sweep(a, everyone)) == ({"owned": 1} if renamed
+                                                        else {"moved": 1})
+        assert await holds(new, b, job) == (False, False, False)
+        assert await deliver_all(new) == [(job, 2)]
+
+
+async def test_a_new_list_sweep_racing_an_old_list_mover_keeps_the_job(
+        stores: Stores) -> None:
+    """During a rollout, a mover with the old list (owner b) and one with the new list (b
+    renamed b2: the guest's shard a owns the job) work on the same take: the new one reads
+    the mark, the old one drops the copy on a, the new one's untake finds the drop. The
+    job must end up scheduled once (the review found it lost)."""
+    old = stores(("a", 0), ("b", 1))
+    new = stores(("a", 0), ("b2", 1))
+    job = job_owned(old, new, "b", "a")
+    tid = f"t:{job}"
+    oa, ob = named(old, "a"), named(old, "b")
+    await guest_taken_and_landed(old, oa, ob, job, drop=False)
+    old_mover = GuestMover(old)
+    keys = old_mover._keys(tid)
+    mark = await oa.call("HGET", old.k_moving, tid)
+    version, due = mark.split(b"|")[0].decode(), int(mark.split(b"|")[1])
+    na = named(new, "a")
+    real = na.call
+
+    async def drop_after_the_mark_is_read(*args: Any) -> Any:
+        res = await real(*args)
+        if args[:2] == ("HGET", new.k_moving):
+            assert await oa.script("guest_drop", keys.drop, (tid, "drop", version)) \
+                == b"dropped"
+        return res
+
+    na.call = drop_after_the_mark_is_read  # type: ignore[method-assign]
+    assert dict(await GuestMover(new).sweep(na, everyone)) == {"owned": 1}
+    na.call = real  # type: ignore[method-assign]
+    await old_mover._commit(ob, oa, tid, version, due, keys)  # the old mover goes on
+    assert await deliver_all(new) == [(job, 1)]

@@ -7,13 +7,11 @@
 -- ARGV[1] tid   ARGV[2] mode 'land' | 'commit' | 'undo'   ARGV[3] version
 -- ARGV[4] payload ('land')   ARGV[5] due ms ('land', 'commit')
 -- ARGV[6] the payload's set ms ('land')
--- KEYS[7] guests set, ARGV[7] '1' ('commit' on a shard that no longer owns the job: the
--- shard list changed since the land; the job is scheduled there as a guest, which a later
--- sweep moves home)
 -- Returns 'landed' (written, or already there), 'owner' (the owner's copy is as new or
--- newer: nothing written); 'committed', 'skipped' (the copy here is another version: a
--- newer add came first) or 'none' (no copy here: a delete came first, or it landed on
--- another shard) for commit; 'undone' or 'kept' (undo).
+-- newer: nothing written); for commit 'committed', 'skipped' (the copy here is another
+-- version: a later add, or a copy from before the owner's outage) or 'none' (no copy here:
+-- a delete came first, or the land went to another shard, the owner of an earlier shard
+-- list); 'undone' or 'kept' (undo).
 local tid = ARGV[1]
 local cur = redis.call('HGET', KEYS[1], tid)
 local mine = cur and job_vp(cur) == ARGV[3]
@@ -37,7 +35,6 @@ if ARGV[2] == 'commit' then
     redis.call('ZADD', KEYS[2], ARGV[5], tid)
     wake_if_first(KEYS[2], KEYS[3], tid)
   end
-  if ARGV[7] == '1' then redis.call('SADD', KEYS[7], tid) end
   return 'committed'
 end
 if cur then
