@@ -399,3 +399,19 @@ async def test_replies_are_written_with_or_without_the_stores_hook(dq: Running) 
     add = frame({"cmd": "add", "topic": "order", "id": "unhooked", "body": {}, "delay": 60})
     assert await asyncio.to_thread(raw_exchange, dq.port, add) == [
         {"code": 1, "msg": "succ", "data": []}]
+
+
+async def test_a_server_that_cannot_listen_leaves_no_hook_on_its_store(
+        dq: Running) -> None:
+    """A second server on the first one's port cannot listen: it says why, and the store
+    it shares keeps no hook of it (a stale hook would hold the server for good)."""
+    from dq.supervise import BootError
+
+    topics = TopicCache(dq.registry, refresh=0.2)
+    await topics.refresh(force=True)
+    settings = Settings(port=dq.port, host="127.0.0.1", redis=())
+    other = Server(Context(settings, "server"), dq.store, topics)
+    hooks = list(dq.store.after_settle)
+    with pytest.raises(BootError, match=f"cannot listen on 127.0.0.1:{dq.port}"):
+        await other.start()
+    assert dq.store.after_settle == hooks and not other.hooked
