@@ -90,9 +90,14 @@ def dead_letter_mail(topic: Topic, claimed: Claimed,
     """(subject, text) of the mail sent when a job becomes a dead letter."""
     attempts = error.get("attempts", claimed.attempt + 1)
     subject = f"[dq] {topic.topic}:{claimed.id} failed after {attempts} attempts"
+    first = f"dq gave up delivering a job of topic {topic.topic!r} ({topic.name or topic.topic})."
+    if claimed.unreadable:
+        subject = f"[dq] {topic.topic}:{claimed.id} cannot be read"
+        first = (f"dq could not read a stored job of topic {topic.topic!r} "
+                 f"({topic.name or topic.topic}), so its callback was not called.")
     status = error.get("status", 0)
     lines = [
-        f"dq gave up delivering a job of topic {topic.topic!r} ({topic.name or topic.topic}).",
+        first,
         "",
         f"topic:        {topic.topic}",
         f"id:           {claimed.id}",

@@ -245,6 +245,9 @@ class Consumer:
         except Exception:
             log.exception("%s: topic lookup for %s failed; job parked", self.ctx.name, c.tid)
             topic = None
+        if c.unreadable:
+            await self._shielded(self._bury_unreadable(topic, c))
+            return
         if topic is None or not topic.online:
             self.parked += 1
             log.debug("%s: %s parked: topic %s", self.ctx.name, c.tid,
@@ -317,9 +320,32 @@ class Consumer:
             self.dead += 1
             log.warning("%s: %s is a dead letter after %d attempts: %s", self.ctx.name, c.tid,
                         c.attempt + 1, out.error)
-            task = asyncio.create_task(self._alert(topic, c, error))
-            self.alerts.add(task)
-            task.add_done_callback(self.alerts.discard)
+            self._alert_later(topic, c, error)
+
+    async def _bury_unreadable(self, topic: Topic | None, c: Claimed) -> None:
+        """A job whose stored form cannot be read (written by hand, or damaged): kept as a
+        dead letter without a call, with why, and its topic's owners told."""
+        error = {"status": 0, "error": f"the stored job cannot be read ({c.unreadable}); it "
+                 "was not called: delete it, or add it again", "reply": "",
+                 "attempts": c.attempt, "at": int(time.time() * 1000)}
+        try:
+            buried = await self.store.bury(c, error, called=False)
+        except SHARD_ERRORS as exc:
+            self.failed += 1
+            log.warning("%s: could not keep unreadable job %s as a dead letter (%s); it is "
+                        "looked at again after its lease", self.ctx.name, c.tid, exc)
+            return
+        if buried:
+            self.dead += 1
+            log.error("%s: %s cannot be read (%s); kept as a dead letter", self.ctx.name,
+                      c.tid, c.unreadable)
+            if topic is not None:
+                self._alert_later(topic, c, error)
+
+    def _alert_later(self, topic: Topic, c: Claimed, error: dict[str, Any]) -> None:
+        task = asyncio.create_task(self._alert(topic, c, error))
+        self.alerts.add(task)
+        task.add_done_callback(self.alerts.discard)
 
     async def _alert(self, topic: Topic, c: Claimed, error: dict[str, Any]) -> None:
         try:

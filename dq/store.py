@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import time
 import zlib
@@ -123,15 +124,40 @@ def payload(*, version: str, priority: int, due_ms: int, attempt: int, set_ms: i
     return f"{version}|{priority}|{attempt}|{due_ms:x}|{due_ms - set_ms:x}|{body}"
 
 
+class BadPayload(ValueError):
+    """A stored job that cannot be read (written by hand, or damaged): says what is wrong."""
+
+
+# The version a script reads off a payload (job_vp in dq/lua/_job.lua), for one whose other
+# parts cannot be read.
+_VERSION_OF = re.compile(rb'^([0-9A-Fa-f]+)\|\d\||^\{"v":"([0-9A-Fa-f]+)","p":\d')
+
+
+def payload_version(raw: bytes) -> str:
+    """The version the scripts see in a payload ("" when there is none)."""
+    m = _VERSION_OF.match(raw)
+    return "" if m is None else (m.group(1) or m.group(2)).decode()
+
+
 def parse_payload(raw: bytes) -> Stored:
-    if raw[:1] == b"{":  # dq 0.1 stored JSON: {"v":..,"p":..,"due":..,"n":..,"set":..,"body":..}
-        data = json.loads(raw)
-        return Stored(str(data["v"]), int(data.get("p", 2)), int(data.get("n", 0)),
-                      int(data.get("due", 0)), int(data.get("set", 0)), data.get("body", {}))
-    version, prio, attempt, due_hex, ahead, body = raw.split(b"|", 5)
-    due = int(due_hex, 16)
-    data = fastjson.loads(body)
-    return Stored(version.decode(), int(prio), int(attempt), due, due - int(ahead, 16), data)
+    """Read a stored payload; BadPayload when it cannot be (its body must be a JSON object)."""
+    try:
+        # dq 0.1 stored JSON: {"v":..,"p":..,"due":..,"n":..,"set":..,"body":..}
+        if raw[:1] == b"{":
+            data = json.loads(raw)
+            stored = Stored(str(data["v"]), int(data.get("p", 2)), int(data.get("n", 0)),
+                            int(data.get("due", 0)), int(data.get("set", 0)),
+                            data.get("body", {}))
+        else:
+            version, prio, attempt, due_hex, ahead, body = raw.split(b"|", 5)
+            due = int(due_hex, 16)
+            stored = Stored(version.decode(), int(prio), int(attempt), due,
+                            due - int(ahead, 16), fastjson.loads(body))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BadPayload(f"{exc.__class__.__name__}: {exc}"[:200]) from None
+    if not isinstance(stored.body, dict):
+        raise BadPayload(f"its body is a JSON {type(stored.body).__name__}, not an object")
+    return stored
 
 
 # One job's part of a batched script call: its keys and its arguments. For an add:
@@ -191,6 +217,7 @@ class Claimed:
     set_ms: int
     body: dict[str, Any]
     claimed_ms: int  # shard clock at claim
+    unreadable: str = ""  # why the stored job cannot be read: not called, kept as dead
 
 
 @dataclass(frozen=True)
@@ -473,7 +500,16 @@ class Store:
         found = await self._find(make_tid(topic, job_id))
         if found is None:
             return None
-        return self.full_body(parse_payload(found[1]))
+        return self.full_body(self._readable(make_tid(topic, job_id), found[1]))
+
+    @staticmethod
+    def _readable(tid: str, raw: bytes) -> Stored:
+        """parse_payload, failing with what a client or the console can act on."""
+        try:
+            return parse_payload(raw)
+        except BadPayload as exc:
+            raise DqError(UNAVAILABLE, f"job {tid} is stored in a form dq cannot read ({exc}); "
+                          "delete it and add it again") from None
 
     async def delete(self, topic: str, job_id: str) -> bool:
         """Remove the job from every shard that has it; True when one was removed."""
@@ -506,7 +542,13 @@ class Store:
         if found is None:
             return None
         shard, raw = found
-        data = parse_payload(raw)
+        try:
+            data = parse_payload(raw)
+            body = self.full_body(data)
+            unreadable = ""
+        except BadPayload as exc:  # shown (with why), so that it can be deleted
+            data = Stored(payload_version(raw), 2, 0, 0, 0, {})
+            body, unreadable = {}, f"the stored job cannot be read: {exc}"
         b = self.bucket(tid)
         delay_score, inflight, dead, err = await asyncio.gather(
             shard.call("ZSCORE", self.k_delay[b], tid),
@@ -523,9 +565,11 @@ class Store:
             state, due = "delayed", int(float(delay_score))
         else:
             state = "ready"
+        error = json.loads(err) if err else None
+        if unreadable and error is None:
+            error = {"error": unreadable}
         return JobInfo(shard=shard.name, topic=topic, id=job_id, state=state, due_ms=due,
-                       attempt=data.attempt, priority=data.priority,
-                       body=self.full_body(data), error=json.loads(err) if err else None)
+                       attempt=data.attempt, priority=data.priority, body=body, error=error)
 
     # timer ------------------------------------------------------------------------------
     async def move_due(self, shard: Shard, buckets: Sequence[int],
@@ -555,7 +599,16 @@ class Store:
         for i in range(0, len(flat) - 1, 2):
             tid = flat[i].decode()
             topic, job_id = split_tid(tid)
-            data = parse_payload(flat[i + 1])
+            try:
+                data = parse_payload(flat[i + 1])
+            except BadPayload as exc:
+                # Leased with the others: handed out too (the consumer buries it), so it
+                # cannot hold the batch's good jobs back.
+                out.append(Claimed(
+                    shard=shard, tid=tid, topic=topic, id=job_id,
+                    version=payload_version(flat[i + 1]), priority=2, attempt=0, due_ms=now,
+                    set_ms=now, body={}, claimed_ms=now, unreadable=str(exc)))
+                continue
             out.append(Claimed(
                 shard=shard, tid=tid, topic=topic, id=job_id, version=data.version,
                 priority=data.priority, attempt=data.attempt, due_ms=data.due_ms or now,
@@ -622,13 +675,14 @@ class Store:
         return out
 
     async def redrive(self, topic: str, job_id: str) -> bool:
-        """Give a dead letter fresh attempts and make it due now."""
+        """Give a dead letter fresh attempts and make it due now. BadPayload when its
+        stored job cannot be read."""
         tid = make_tid(topic, job_id)
         found = await self._find(tid)
         if found is None:
             return False
         shard, raw = found
-        data = parse_payload(raw)
+        data = parse_payload(raw)  # BadPayload: it cannot be (delete it instead)
         b = self.bucket(tid)
         now_ms = int(time.time() * 1000)
         text = payload(version=new_version(), priority=data.priority, due_ms=now_ms,

@@ -16,11 +16,13 @@ from typing import Any
 from urllib.parse import unquote
 
 import pytest
+import redis
 from aiosmtpd.controller import Controller
 
 from dq import consumer, timer
 from dq.config import Settings
 from dq.consumer import priority_order, retry_delay_ms
+from dq.errors import DqError
 from dq.registry import AlertConf, Registry, Topic
 from dq.store import Store
 from dq.worker import Context, open_store
@@ -399,3 +401,45 @@ async def test_graceful_stop_finishes_callback_in_flight(
     assert await store.get("slow", "1") is None
     assert (await store.depths(store.shards.shards[0]))["inflight"] == 0
     assert (await store.topic_stats("slow"))["ok"] == 1
+
+
+async def test_unreadable_jobs_become_dead_letters_and_do_not_hold_back_their_batch(
+        store: Store, receiver: Receiver, roles: Roles, topic: Callable[..., Topic],
+        registry: Registry, smtp: tuple[Mailbox, int], redis_server: RedisProcess) -> None:
+    """Jobs whose stored form cannot be read (written by hand, or damaged), leased in the
+    same claim as good ones: the good ones are called, the others kept as dead letters with
+    why, their owners mailed, and the console can show and delete them."""
+    box, port = smtp
+    registry.save_alert(AlertConf(host="127.0.0.1", port=port, sender="dq@example.test"))
+    topic("p", emails=("ops@example.test",))
+    r = redis.Redis.from_url(redis_server.url)
+    now = int(time.time() * 1000)
+    bad = {"notjson": f"abc|2|0|{now:x}|0|{{not json", "list": f"abd|2|0|{now:x}|0|[1,2]",
+           "fields": "abe|2|zz|-|0|{}"}
+    try:
+        for job_id, raw in bad.items():  # ahead of the good jobs in the ready list
+            r.hset("dq:jobs", f"p:{job_id}", raw)
+            r.rpush("dq:ready:2", f"{raw.split('|')[0]}|p:{job_id}")
+        for i in range(5):
+            await store.add("p", f"good{i}", {"i": i}, delay_ms=0)
+    finally:
+        r.close()
+    roles.start("timer", lease=1.0)
+    roles.start("consumer", lease=1.0)
+    await receiver.wait_calls(5, timeout=10)
+    async with asyncio.timeout(5):
+        while len(box.messages) < 3:
+            await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)
+    assert sorted(c.job_id for c in receiver.calls()) == [f"good{i}" for i in range(5)]
+    dead = {d.id: d for d in await store.dead_letters("p")}
+    assert sorted(dead) == sorted(bad)
+    for d in dead.values():
+        assert d.error is not None and "cannot be read" in d.error["error"]
+        assert d.error["status"] == 0 and d.body == {}
+    assert "JSON list, not an object" in dead["list"].error["error"]  # type: ignore[index]
+    assert all("cannot be read" in mail for _, mail in box.messages)
+    with pytest.raises(DqError, match=r"cannot read.*delete it"):
+        await store.get("p", "notjson")
+    assert await store.delete("p", "notjson")
+    assert (await store.depths(store.shards.shards[0]))["jobs"] == 2

@@ -127,6 +127,32 @@ async def test_dead_letters_and_redrive(web: Web) -> None:
     assert (await web.api.get("/api/dead")).json() == {"dead": []}
 
 
+
+async def test_an_unreadable_dead_letter_is_listed_and_deleted_not_redriven(web: Web) -> None:
+    """A dead letter whose stored form cannot be read (written by hand, or damaged) is shown
+    with why, is left alone by a bulk redrive, refused alone with a clear error, and can be
+    deleted."""
+    await make_topic(web, topic="order")
+    await bury(web.store, "order", "1")
+    await bury(web.store, "order", "2")
+    shard = web.store.shards.shards[0]
+    raw = await shard.call("HGET", web.store.k_jobs, "order:2")
+    await shard.call("HSET", web.store.k_jobs, "order:2", raw.split(b"|", 1)[0] + b"|2|0|x")
+
+    dead = {j["id"]: j for j in (await web.api.get("/api/dead")).json()["dead"]}
+    assert set(dead) == {"1", "2"}
+    assert dead["2"]["body"] == {} and dead["2"]["error"] == {"status": 500, "error": "boom"}
+    job = (await web.api.get("/api/jobs/order/2")).json()
+    assert job["state"] == "dead"
+    r = await web.api.post("/api/dead/order/2/redrive")
+    assert_error(r, 400, "bad_request")
+    assert "cannot read" in r.json()["detail"] and "delete it" in r.json()["detail"]
+    r = await web.api.post("/api/dead/redrive")
+    assert r.status_code == 200 and r.json()["detail"].startswith("1 "), r.text
+    assert (await web.api.delete("/api/jobs/order/2")).status_code == 200
+    assert (await web.api.get("/api/dead")).json() == {"dead": []}
+
+
 # -- statistics, metrics, docs ----------------------------------------------------------
 
 async def test_stats(web: Web) -> None:

@@ -16,6 +16,7 @@ from dq.alert import send_alert
 from dq.errors import BAD_REQUEST, NOT_FOUND, TOPIC_OFFLINE, UNKNOWN_TOPIC, DqError
 from dq.protocol import AddRequest, parse_request
 from dq.registry import Topic
+from dq.store import BadPayload
 from web import schemas as s
 from web.auth import require_api
 from web.errors import EXISTS, MAIL_FAILED, NOT_CONFIGURED, ApiError, Invalid
@@ -263,7 +264,12 @@ async def list_dead(st: St, topic: str = "",
              tags=["dead letters"], responses=_ERRORS)
 async def redrive(topic: str, job_id: str, st: St) -> dict[str, Any]:
     """Give a dead letter fresh attempts and make it due now."""
-    if not await st.store.redrive(topic, job_id):
+    try:
+        redriven = await st.store.redrive(topic, job_id)
+    except BadPayload as exc:
+        raise ApiError(400, BAD_REQUEST, f"job {topic}:{job_id} is stored in a form dq cannot "
+                       f"read ({exc}), so it cannot be redriven; delete it") from None
+    if not redriven:
         raise ApiError(404, NOT_FOUND, f"job {topic}:{job_id} is not a dead letter")
     return {"ok": True, "detail": f"job {topic}:{job_id} redriven"}
 

@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 from dq.errors import DqError
 from dq.registry import Topic
 from dq.shards import Shard
-from dq.store import STAT_FIELDS, JobInfo, Store
+from dq.store import STAT_FIELDS, BadPayload, JobInfo, Store
 from web.forms import mask_url
 from web.state import WebState, db
 
@@ -131,6 +131,10 @@ async def redrive_all(store: Store, topic: str | None, limit: int = 10_000) -> i
     done = 0
     for i in range(0, len(dead), 100):
         chunk = dead[i:i + 100]
-        results = await asyncio.gather(*(store.redrive(j.topic, j.id) for j in chunk))
-        done += sum(results)
+        results = await asyncio.gather(*(store.redrive(j.topic, j.id) for j in chunk),
+                                       return_exceptions=True)
+        for r in results:  # one whose stored job cannot be read is left as it is
+            if isinstance(r, BaseException) and not isinstance(r, BadPayload):
+                raise r
+        done += sum(r is True for r in results)
     return done
