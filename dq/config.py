@@ -61,6 +61,7 @@ class Settings:
     heartbeat_timeout: float = 30.0
     checker_interval: float = 1.0
     shard_down_after: float = 10.0
+    redis_timeout: float = 5.0  # seconds a shard may leave commands unanswered: then failed
     log_dir: str = ""
     log_format: str = "text"  # text | json
     log_level: str = "INFO"
@@ -137,6 +138,7 @@ def _validate(s: Settings) -> Settings:
         need(getattr(s, name) >= 1, f"{name} must be at least 1 (got {getattr(s, name)})")
     need(s.retry_unit > 0, "retry_unit must be a positive number of seconds")
     need(s.lease > 0, "lease must be a positive number of seconds")
+    need(s.redis_timeout > 0, "redis_timeout must be a positive number of seconds")
     # dq/lua/add.lua wakes a timer only for jobs due within WAKE_WITHIN: a timer must look
     # at its buckets at least that often on its own.
     need(0 < s.timer_tick <= WAKE_WITHIN, f"timer_tick must be more than 0 and at most "

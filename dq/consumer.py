@@ -1,8 +1,10 @@
 """Consumer role: claim ready jobs, call their topic's callback, then ack, retry or bury.
 
 Per shard one claim loop leases up to the free slots (`settings.concurrency` callbacks in
-flight per consumer process), trying the ready lists in a weighted random priority order,
-and backs off from 5 to 50 ms while nothing is ready. Each claimed job runs as its own task:
+flight per consumer process; at most the shard's share of them at a time, so a claim on a
+shard that hangs leaves the others theirs), trying the ready lists in a weighted random
+priority order, and backs off from 5 to 50 ms while nothing is ready. Each claimed job runs
+as its own task:
 
 - success (see dq/callback.py for the request, its signature and what counts as success):
   ack; the job is gone.
@@ -117,14 +119,15 @@ class Slots:
         self.free = n
         self.freed = asyncio.Event()
 
-    async def take(self, stopping: asyncio.Event) -> int:
-        """All free slots (at least one), or 0 once stopping is set."""
+    async def take(self, stopping: asyncio.Event, most: int) -> int:
+        """The free slots, `most` at most (at least one), or 0 once stopping is set."""
         while self.free == 0 and not stopping.is_set():
             self.freed.clear()
             await self.freed.wait()
         if stopping.is_set():
             return 0
-        n, self.free = self.free, 0
+        n = min(self.free, most)
+        self.free -= n
         return n
 
     def give(self, n: int = 1) -> None:
@@ -203,11 +206,14 @@ class Consumer:
     async def _claim_loop(self, shard: Shard) -> None:
         idle, backoff = IDLE_MIN, BACKOFF_MIN
         weights = self.settings.priority_weights
+        # A claim holds its slots until Redis answers: one on a shard that hangs must
+        # leave slots to the other shards' loops (a loop with work claims again at once).
+        share = -(-self.settings.concurrency // len(self.store.shards.shards))
         while not self.ctx.stopping.is_set():
             if not shard.up:  # marked down by the checker, or its breaker is open
                 await self._pause(DOWN_WAIT)
                 continue
-            n = await self.slots.take(self.ctx.stopping)
+            n = await self.slots.take(self.ctx.stopping, share)
             if n == 0:
                 break
             try:

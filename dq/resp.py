@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any, TypeAlias, cast
 from urllib.parse import unquote, urlparse
@@ -49,6 +51,7 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
+        self.conn.heard = time.monotonic()
         waiting = self.conn.waiting
         while True:
             reply = self.reader.gets()
@@ -84,14 +87,26 @@ def _call(callback: ReplyCallback, reply: Any, error: BaseException | None) -> N
 
 
 class RespConnection:
-    """One connection to one Redis, (re)connected on demand, commands pipelined."""
+    """One connection to one Redis, (re)connected on demand, commands pipelined.
 
-    def __init__(self, url: str, *, name: str, connect_timeout: float = 1.0) -> None:
+    A Redis that stops answering (a hung host, a network that drops packets, a stopped
+    process) keeps the connection open, so nothing would ever fail: when commands are
+    waiting and no reply has come for `command_timeout` seconds, the connection is dropped
+    and everything waiting on it fails as unavailable (callers retry, or the shard's
+    breaker opens). One timer per connection checks this, not one per command."""
+
+    def __init__(self, url: str, *, name: str, connect_timeout: float = 1.0,
+                 command_timeout: float = 5.0) -> None:
         self.url = url
         self.name = name
         self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
         self.transport: asyncio.Transport | None = None
         self.waiting: collections.deque[Waiter] = collections.deque()
+        # monotonic: the last reply, or the send that found nothing waiting, if later
+        self.heard = 0.0
+        self._watch: asyncio.TimerHandle | None = None
+        self._why = ""  # why this side dropped the connection
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._connecting: asyncio.Future[None] | None = None
@@ -118,6 +133,10 @@ class RespConnection:
         except (OSError, TimeoutError) as exc:
             raise self._unavailable(exc or "connect timed out") from None
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._why = ""
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         hello: list[tuple[Any, ...]] = []
         if u.password:
             user = unquote(u.username) if u.username else None
@@ -165,15 +184,39 @@ class RespConnection:
             _call(callback, None, self._unavailable("not connected"))
             return
         self._out.append(pack(args))
-        self.waiting.append(callback)
+        self._waits(callback)
         self._flush()
 
     def _queue(self, command: bytes, waiter: Waiter) -> None:
         self._out.append(command)
-        self.waiting.append(waiter)
+        self._waits(waiter)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             cast(asyncio.AbstractEventLoop, self.loop).call_soon(self._flush)
+
+    def _waits(self, waiter: Waiter) -> None:
+        """Add a waiter for the next reply, and watch that replies keep coming."""
+        if not self.waiting:
+            self.heard = time.monotonic()  # the clock starts now, not at the last reply
+        self.waiting.append(waiter)
+        if self._watch is None:
+            self._watch = cast(asyncio.AbstractEventLoop, self.loop).call_later(
+                self.command_timeout / 2, self._check)
+
+    def _check(self) -> None:
+        """Drop a connection whose Redis has not answered for command_timeout seconds
+        while commands wait; look again in half that while they do."""
+        self._watch = None
+        if not self.waiting or self.transport is None or self.transport.is_closing():
+            return
+        if time.monotonic() - self.heard >= self.command_timeout:
+            self._why = f"no reply within {self.command_timeout:g} s"
+            log.warning("redis shard %s: %s with %d command(s) waiting; dropping the "
+                        "connection", self.name, self._why, len(self.waiting))
+            self.transport.abort()
+            return
+        self._watch = cast(asyncio.AbstractEventLoop, self.loop).call_later(
+            self.command_timeout / 2, self._check)
 
     async def call(self, *args: Any) -> Any:
         if self.transport is None or self.transport.is_closing():
@@ -195,7 +238,10 @@ class RespConnection:
 
     def lost(self, exc: Exception | None) -> None:
         self.transport = None
-        err = self._unavailable(exc or "connection closed")
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        err = self._unavailable(self._why or exc or "connection closed")
         while self.waiting:
             waiter = self.waiting.popleft()
             if not isinstance(waiter, asyncio.Future):

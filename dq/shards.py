@@ -85,7 +85,8 @@ class Shard:
             url, socket_connect_timeout=connect_timeout, socket_timeout=command_timeout,
             health_check_interval=0, max_connections=64, **tcp,
         )
-        self.conn = RespConnection(url, name=name, connect_timeout=connect_timeout)
+        self.conn = RespConnection(url, name=name, connect_timeout=connect_timeout,
+                                   command_timeout=command_timeout)
         self.marked_up = True
         self.has_guests = False  # the checker saw guests here (dq/health.py)
         self.guests_until = 0  # epoch ms: this process wrote a guest here lately

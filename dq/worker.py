@@ -93,7 +93,8 @@ def shard_urls(settings: Settings, extra: list[tuple[str, str]] | None = None) -
 def open_store(settings: Settings, extra_shards: list[tuple[str, str]] | None = None) -> Store:
     """A Store over every shard. Connections are made lazily, inside the running loop.
     The shards follow the checker's shared health record (dq/health.py)."""
-    shards = ShardSet.from_urls(shard_urls(settings, extra_shards))
+    shards = ShardSet.from_urls(shard_urls(settings, extra_shards),
+                                command_timeout=settings.redis_timeout)
     shards.attach_health(HealthReader(health_path(settings)))
     return Store(shards, prefix=settings.prefix, buckets=settings.buckets, zone=settings.zone)
 
