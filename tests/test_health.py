@@ -4,9 +4,12 @@ a real SMTP inbox (aiosmtpd) and a SQLite registry; every role runs as a task of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -138,6 +141,89 @@ async def test_breaker_fails_fast_then_closes(redis_server: RedisProcess) -> Non
         assert shard.up and shard.open_until == 0.0
     finally:
         await shard.close()
+
+
+
+@contextlib.contextmanager
+def hung(proc: RedisProcess) -> Iterator[None]:
+    """The shard stops answering and keeps its connections open (a stopped process, or a
+    network that drops packets)."""
+    assert proc.proc is not None
+    os.kill(proc.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(proc.proc.pid, signal.SIGCONT)
+
+
+async def test_a_hung_shard_fails_its_commands_after_redis_timeout(
+        redis_server: RedisProcess) -> None:
+    shard = Shard("s", redis_server.url, command_timeout=0.6)
+    try:
+        assert await shard.call("PING") == b"PONG"
+        with hung(redis_server):
+            t0 = time.monotonic()
+            async with asyncio.timeout(5):
+                calls = await asyncio.gather(shard.call("PING"), shard.call("GET", "x"),
+                                             return_exceptions=True)
+            took = time.monotonic() - t0
+            assert all(isinstance(c, DqError) and c.err == UNAVAILABLE for c in calls), calls
+            assert "no reply within 0.6 s" in str(calls[0])
+            assert 0.55 < took < 1.5, took  # between the timeout and 1.5x it
+            assert not shard.up  # the breaker is open: callers go elsewhere meanwhile
+        await asyncio.sleep(COOLOFF_MIN + 0.05)
+        assert await shard.call("PING") == b"PONG"  # a new connection, once it answers
+        # A quiet connection is never dropped: the clock runs only while commands wait.
+        await asyncio.sleep(1.0)
+        assert shard.conn.connected and await shard.call("PING") == b"PONG"
+    finally:
+        await shard.close()
+
+
+async def test_a_hung_shard_leaves_the_other_shards_delivering_and_adding(
+        redis_factory: Callable[[], RedisProcess], tmp_path: Path) -> None:
+    """A consumer's claim on a hung shard holds only that shard's share of the callback
+    slots, so jobs on the other shard are still called; an add whose owner hangs is
+    answered once redis_timeout passes, written to the other shard."""
+    a, b = redis_factory(), redis_factory()
+    settings = Settings(redis=(a.url, b.url), db=f"sqlite:///{tmp_path / 'dq.sqlite3'}",
+                        buckets=4, timers=1, concurrency=8, lease=30.0, timer_tick=0.2,
+                        grace=1.0, registry_refresh=0.2, redis_timeout=1.0,
+                        data_dir=str(tmp_path))
+    reg = Registry(settings.db)
+    store = open_store(settings)
+    sa, sb = store.shards.shards
+
+    def owned_by(shard: Shard, tag: str) -> str:
+        return next(f"{tag}{i}" for i in range(1000) if store.shards.owner(f"t:{tag}{i}") is shard)
+
+    ctxs = [Context(settings, "timer", 0), Context(settings, "consumer", 0)]
+    tasks = [asyncio.create_task(timer.run(ctxs[0])), asyncio.create_task(consumer.run(ctxs[1]))]
+    try:
+        async with Receiver() as rcv:
+            reg.save_topic(Topic(topic="t", name="t", callback=rcv.url("/t"), method="POST"))
+            for shard, tag in ((sa, "warm-a"), (sb, "warm-b")):
+                await store.add("t", owned_by(shard, tag), {}, delay_ms=0)
+            await rcv.wait_calls(2, timeout=5)
+            with hung(a):
+                await asyncio.sleep(0.5)  # the consumer's next claim on A is waiting now
+                late = owned_by(sb, "late")
+                await store.add("t", late, {}, delay_ms=0)
+                t0 = time.monotonic()
+                await rcv.wait_calls(1, job_id=late, timeout=3)  # not held up by A
+                assert time.monotonic() - t0 < 1.0
+                away = owned_by(sa, "away")
+                t0 = time.monotonic()
+                async with asyncio.timeout(5):
+                    res = await store.add("t", away, {}, delay_ms=0)
+                assert res.shard == sb.name and time.monotonic() - t0 < 2.5
+                await rcv.wait_calls(1, job_id=away, timeout=3)
+    finally:
+        for c in ctxs:
+            c.stopping.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
+        await store.shards.close()
+        reg.close()
 
 
 async def test_writable_skips_down_and_excluded_shards(tmp_path: Path) -> None:
