@@ -8,7 +8,9 @@ comma-separated), or by the caller's overrides (the CLI's flags).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -31,7 +33,10 @@ class Settings:
     port: int = 6789
     servers: int = 1
     max_connections: int = 2000
-    idle_timeout: float = 300.0
+    # seconds a connection may stay quiet before it is closed; 0 = never, as the original
+    # did: its PHP client keeps one connection for the life of its process and never
+    # reconnects, so closing it would fail every later add of that process
+    idle_timeout: float = 0.0
     max_frame: int = 9999  # bytes of JSON in one frame; the 4-digit prefix caps it at 9999
     # storage
     redis: tuple[str, ...] = ()  # shard URLs; empty = embedded redis-server
@@ -139,6 +144,8 @@ def _validate(s: Settings) -> Settings:
     need(s.retry_unit > 0, "retry_unit must be a positive number of seconds")
     need(s.lease > 0, "lease must be a positive number of seconds")
     need(s.redis_timeout > 0, "redis_timeout must be a positive number of seconds")
+    need(s.idle_timeout >= 0, "idle_timeout must be 0 (never close a quiet connection) or a "
+         "positive number of seconds")
     # dq/lua/add.lua wakes a timer only for jobs due within WAKE_WITHIN: a timer must look
     # at its buckets at least that often on its own.
     need(0 < s.timer_tick <= WAKE_WITHIN, f"timer_tick must be more than 0 and at most "
@@ -151,6 +158,16 @@ def _validate(s: Settings) -> Settings:
     for url in s.redis:
         need(url.split("://", 1)[0] in ("redis", "rediss", "unix"),
              f"redis shard {url!r} must be a redis://, rediss:// or unix:// URL")
+    if s.db:
+        why = db_url_problem(s.db)
+        need(not why, f"db is not a valid SQLAlchemy URL ({why}); write it as "
+             "dialect+driver://user:password@host[:port]/database, e.g. "
+             "mysql+pymysql://user:pass@host/dq or sqlite:///path/to/dq.sqlite3")
+    # Without a password the console trusts whoever reaches it: that may only be this machine.
+    need(not s.web or bool(s.web_password) or not s.web_host or is_loopback(s.web_host),
+         f"web_host {s.web_host!r} without a web_password would open the console and its "
+         "admin API to anyone who can reach it: set web_password (DQ_WEB_PASSWORD, "
+         "--web-password), or bind web_host 127.0.0.1, or turn the console off (--no-web)")
     if s.timezone:
         try:
             ZoneInfo(s.timezone)
@@ -158,6 +175,59 @@ def _validate(s: Settings) -> Settings:
             raise ConfigError(f"timezone {s.timezone!r} is not a known IANA zone, "
                               "e.g. Asia/Shanghai or UTC") from None
     return s
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names only this machine: localhost, 127.0.0.0/8 or ::1."""
+    name = host.strip().lower()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+# The URL grammar of SQLAlchemy's make_url (sqlalchemy/engine/url.py, _parse_url), copied
+# so that the master, which must not import SQLAlchemy (0.3 s, 24 MB, and its children would
+# inherit that copy across a reload), refuses what make_url would (tests/test_config.py
+# checks that the two agree).
+_SQLA_URL = re.compile(
+    r"""
+        (?P<name>[\w\+]+)://
+        (?:
+            (?P<username>[^:/]*)
+            (?::(?P<password>[^@]*))?
+        @)?
+        (?:
+            (?:
+                \[(?P<ipv6host>[^/\?]+)\] |
+                (?P<ipv4host>[^/:\?]+)
+            )?
+            (?::(?P<port>[^/\?]*))?
+        )?
+        (?:/(?P<database>[^\?]*))?
+        (?:\?(?P<query>.*))?
+    """,
+    re.X,
+)
+
+
+def db_url_problem(url: str) -> str:
+    """Why sqlalchemy.engine.make_url would refuse `url` ('' when it would not). The
+    message leaves the URL out: it may hold a password."""
+    m = _SQLA_URL.match(url)
+    if m is None:
+        return "it does not start with dialect+driver://"
+    port = m.group("port")
+    if port is not None:
+        try:
+            int(port)
+        except ValueError:
+            return f"port {port!r} is not a number"
+    return ""
 
 
 def load_settings(

@@ -3,8 +3,9 @@
 Each connection is an asyncio Protocol. Requests on one connection are handled
 concurrently and answered in order (clients may pipeline); every Redis call goes through
 the shard's batching queue, so requests from many connections share round trips. A
-connection that sends garbage, stalls inside a frame, never reads its replies or idles
-too long is answered or closed on its own; it never holds up the others.
+connection that sends garbage, stalls inside a frame or never reads its replies (or, with
+`idle_timeout` set, idles too long) is answered or closed on its own; it never holds up the
+others. A client that half-closes is answered in full, then closed.
 """
 
 from __future__ import annotations
@@ -337,6 +338,7 @@ class Connection(asyncio.Protocol):
         self.paused_writing = False
         self.reading = True
         self.closing = False
+        self.eof = False  # the client sent all it will: close once it is answered
         self.last_active = time.monotonic()
         self.frame_started = 0.0
         self.resume_scheduled = False  # a later loop turn goes on with the backlog
@@ -368,6 +370,14 @@ class Connection(asyncio.Protocol):
         self.replies.clear()
         self.in_progress = 0
         self.backlog.clear()
+
+    def eof_received(self) -> bool | None:
+        """The client half-closed (as `nc -N` does): answer every request it sent, then
+        close, as the original server did. True keeps the transport open to write."""
+        self.eof = True
+        if not self.busy:
+            return None  # nothing owed: asyncio closes it
+        return True
 
     def pause_writing(self) -> None:
         self.paused_writing = True
@@ -427,6 +437,8 @@ class Connection(asyncio.Protocol):
                             count = len(jobs)
                         self._queue(handler.fast(item), count)
                 started += count
+            if self.eof and not self.busy and self.transport is not None:
+                self.transport.close()  # half-closed, and all answered (without a flush)
         finally:
             self.starting = False
 
@@ -479,7 +491,7 @@ class Connection(asyncio.Protocol):
             self.in_progress -= count
         if out:
             self.transport.write(b"".join(out))
-        if self.closing and not replies:
+        if not replies and (self.closing or (self.eof and not self.backlog)):
             self.transport.close()
             return
         if (self.backlog and self.in_progress < MAX_OUTSTANDING // 2
@@ -501,6 +513,8 @@ class Connection(asyncio.Protocol):
             self.reading = want
             if want:
                 self.transport.resume_reading()
+                if self.frame_started:  # its clock stood still while we did not read
+                    self.frame_started = time.monotonic()
             else:
                 self.transport.pause_reading()
 
@@ -648,9 +662,14 @@ class Server:
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
+            idle_timeout = self.settings.idle_timeout
             for conn in list(self.connections):
-                stalled = conn.frame_started and now - conn.frame_started > FRAME_TIMEOUT
-                idle = not conn.busy and now - conn.last_active > self.settings.idle_timeout
+                # A frame stalls only while the server reads: not while it has paused
+                # reading (a backlog, or a client slow to read its replies).
+                stalled = (conn.reading and conn.frame_started
+                           and now - conn.frame_started > FRAME_TIMEOUT)
+                idle = (idle_timeout > 0 and not conn.busy
+                        and now - conn.last_active > idle_timeout)
                 if (stalled or idle) and conn.transport is not None:
                     if stalled:
                         conn.transport.write(protocol.error_reply((

@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
+from dq import server as dq_server
 from dq.client import AsyncDqClient, DqClient
-from dq.config import Settings
-from dq.errors import DqError
+from dq.config import Settings, load_settings
+from dq.errors import ConfigError, DqError
 from dq.protocol import OK_EMPTY
 from dq.registry import Registry, Topic
 from dq.server import Server, run
@@ -415,3 +416,93 @@ async def test_a_server_that_cannot_listen_leaves_no_hook_on_its_store(
     with pytest.raises(BootError, match=f"cannot listen on 127.0.0.1:{dq.port}"):
         await other.start()
     assert dq.store.after_settle == hooks and not other.hooked
+
+
+def read_frames(s: socket.socket, n: int | None = None) -> list[dict[str, Any]]:
+    """Reply frames from a blocking socket: n of them, or all until the server closes."""
+    out: list[dict[str, Any]] = []
+    buf = b""
+    while n is None or len(out) < n:
+        while len(buf) >= 4 and len(buf) >= 4 + int(buf[:4]):
+            size = int(buf[:4])
+            out.append(json.loads(buf[4:4 + size]))
+            buf = buf[4 + size:]
+            if n is not None and len(out) == n:
+                return out
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return out
+
+
+async def test_a_half_closed_connection_gets_every_reply_then_is_closed(dq: Running) -> None:
+    """A client that sends its requests and then shuts its side down (as `nc -N` does) is
+    answered in full, as by the original server, even past one loop turn's slice."""
+    await dq.store.add("order", "7", {"a": 1}, delay_ms=600_000)
+    first = (frame({"cmd": "ping"}) + frame({"cmd": "get", "topic": "order", "id": "7"})
+             + frame({"cmd": "add", "topic": "order", "id": "8", "body": {}}))
+    many = frame({"cmd": "ping"}) * 300 + frame({"cmd": "del", "topic": "order", "id": "7"})
+
+    def half_close(data: bytes) -> list[dict[str, Any]]:
+        with socket.create_connection(("127.0.0.1", dq.port), timeout=5) as s:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            return read_frames(s)  # until the server closes
+
+    got = await asyncio.to_thread(half_close, first)
+    assert [r["code"] for r in got] == [1, 1, 1]
+    assert got[1]["data"]["a"] == 1 and await dq.store.get("order", "8") is not None
+    got = await asyncio.to_thread(half_close, many)
+    assert len(got) == 301 and all(r["code"] == 1 for r in got)
+    assert await dq.store.get("order", "7") is None
+    assert await asyncio.to_thread(half_close, b"") == []  # nothing sent: closed at once
+
+
+async def test_quiet_connections_stay_open_unless_idle_timeout_is_set(
+        tmp_path: Path, redis_server: RedisProcess) -> None:
+    """The original never closed a quiet connection, and its PHP client keeps one for the
+    life of its process without reconnecting: by default dq does not close them either."""
+    def two_adds(port: int, gap: float) -> list[dict[str, Any]]:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            got = []
+            for i in range(2):
+                time.sleep(gap if i else 0)
+                s.sendall(frame({"cmd": "add", "topic": "order", "id": f"q{i}", "body": {}}))
+                got += read_frames(s, 1)
+            return got
+
+    for idle, expected in ((0.0, [1, 1]), (1.0, [1])):
+        running, ctx, task = await start_server(tmp_path, [redis_server.url], idle_timeout=idle)
+        try:
+            got = await asyncio.to_thread(two_adds, running.port, 2.5)
+            assert [r["code"] for r in got] == expected, (idle, got)
+        finally:
+            ctx.stopping.set()
+            await asyncio.wait_for(task, 10)
+            await running.store.shards.close()
+            running.registry.close()
+    with pytest.raises(ConfigError, match="idle_timeout"):
+        load_settings({"idle_timeout": -1}, env={})
+
+
+async def test_a_frame_is_not_stalled_while_the_server_is_not_reading(
+        dq: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pipelining client whose replies it reads slowly makes the server pause reading
+    with part of a frame read: that frame's clock stands still meanwhile, and the reaper
+    does not close the connection as stalled."""
+    monkeypatch.setattr(dq_server, "FRAME_TIMEOUT", 0.5)
+    await dq.store.add("order", "big", {"pad": "x" * 8000}, delay_ms=600_000)
+    get = frame({"cmd": "get", "topic": "order", "id": "big"})
+    last = frame({"cmd": "ping"})
+
+    def slow_reader() -> list[dict[str, Any]]:
+        with socket.create_connection(("127.0.0.1", dq.port), timeout=10) as s:
+            s.sendall(get * 1500 + last[:5])  # ~12 MB of replies, then half a frame
+            time.sleep(2.5)  # the reaper looks twice while the server cannot write
+            got = read_frames(s, 1500)
+            s.sendall(last[5:])
+            return got + read_frames(s, 1)
+
+    got = await asyncio.to_thread(slow_reader)
+    assert len(got) == 1501 and all(r["code"] == 1 for r in got)
