@@ -721,7 +721,9 @@ class AsyncDqClient:
                 await lane.ping()
         picks: list[list[int]] = [[] for _ in lanes]
         for i, job in enumerate(jobs):
-            picks[zlib.crc32(f"{job['topic']}:{job['id']}".encode()) % len(lanes)].append(i)
+            # A job without a topic or id still goes (to be refused alone, as with one lane).
+            key = _key(job) if isinstance(job, Mapping) else ""
+            picks[zlib.crc32(key.encode()) % len(lanes)].append(i)
         used = [(lane, pick) for lane, pick in zip(lanes, picks, strict=True) if pick]
         tasks = [asyncio.ensure_future(lane._add_many([jobs[i] for i in pick], chunk or window))
                  for lane, pick in used]

@@ -301,6 +301,17 @@ def _body(obj: Frame) -> dict[str, Any]:
         return body
     if body is None or body == []:  # PHP encodes an empty array as []
         return {}
+    if isinstance(body, list):  # a PHP list: the original stored it keyed by position
+        return {str(i): v for i, v in enumerate(body)}
+    if isinstance(body, str):
+        # The original's Java client sends the body as a string (DqRequestAdd.body is a
+        # String): one holding a JSON object's text is that object.
+        decoded = decode_payload(body.encode("utf-8", "surrogatepass"))
+        if isinstance(decoded, dict):
+            return decoded
+        raise _bad(f'body was a string that does not hold a JSON object (got {_show(body)}); '
+                   'send the object itself, e.g. "body":{"order_id":42}, or its JSON text '
+                   'as the string, e.g. "body":"{\\"order_id\\":42}"')
     raise _bad(f'body must be a JSON object, e.g. {{"order_id":42}} (got {_show(body)})')
 
 

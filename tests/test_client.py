@@ -141,17 +141,19 @@ async def test_add_many_over_several_connections(two: list[Running]) -> None:
     client = AsyncDqClient([two[0].addr])
     jobs = jobs_of(3000)
     jobs[7] = {"topic": "nope", "id": "x"}
+    jobs[8] = {"topic": "order"}  # no id: refused alone, as on one connection
     # the same job three times, last body wins as it would on one connection
     jobs += [{"topic": "order", "id": "again", "body": {"i": n}, "delay": 600}
              for n in range(3)]
     res = await client.add_many(jobs, connections=3, window=50)
     assert len(res) == len(jobs)
     assert isinstance(res[7], DqError) and res[7].err == "unknown_topic"
-    assert [i for i, r in enumerate(res) if r is not None] == [7]
+    assert isinstance(res[8], DqError) and res[8].err == "bad_request"
+    assert [i for i, r in enumerate(res) if r is not None] == [7, 8]
     assert len(two[0].server.connections) == 3
     body = await client.get("order", "again")
     assert body is not None and body["i"] == 2
-    assert await stored(two[0]) == 3000 - 1 + 1
+    assert await stored(two[0]) == 3000 - 2 + 1
     # the extra connections are kept for the next call, and closed with the client
     await client.add_many(jobs_of(10, "k"), connections=3)
     assert len(two[0].server.connections) == 3
