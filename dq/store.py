@@ -637,11 +637,16 @@ class Store:
         return bool(res[0])
 
     async def retry(self, c: Claimed, delay_ms: int, *, took_ms: int | None = None) -> bool:
-        """Reschedule after a failed attempt; False when the job changed meanwhile."""
+        """Reschedule after a failed attempt; False when the job changed meanwhile. As the
+        original did, the body's notify_time becomes the retry's due time and its
+        exp_notify_nums counts the failed attempts so far."""
         b = self.bucket(c.tid)
-        text = payload(version=new_version(), priority=c.priority,
-                       due_ms=int(time.time() * 1000) + delay_ms, attempt=c.attempt + 1,
-                       set_ms=c.set_ms, body=fastjson.dumps(c.body))
+        due_ms = int(time.time() * 1000) + delay_ms
+        failed = c.body.get("exp_notify_nums")
+        body = {**c.body, "notify_time": self.fmt_time(due_ms),
+                "exp_notify_nums": failed + 1 if type(failed) is int else 1}
+        text = payload(version=new_version(), priority=c.priority, due_ms=due_ms,
+                       attempt=c.attempt + 1, set_ms=c.set_ms, body=fastjson.dumps(body))
         keys = (self.k_jobs, self.k_inflight, self.k_delay[b], self.k_wake[b],
                 self.k_stat(c.topic), self.k_minute(), self.k_hist(c.topic))
         res = await c.shard.script(
@@ -685,9 +690,11 @@ class Store:
         data = parse_payload(raw)  # BadPayload: it cannot be (delete it instead)
         b = self.bucket(tid)
         now_ms = int(time.time() * 1000)
+        # Fresh attempts: due now, and no failed ones counted (see `retry`).
+        body = {k: v for k, v in self.full_body(data).items() if k != "exp_notify_nums"}
+        body["notify_time"] = self.fmt_time(now_ms)
         text = payload(version=new_version(), priority=data.priority, due_ms=now_ms,
-                       attempt=0, set_ms=data.set_ms or now_ms,
-                       body=fastjson.dumps(self.full_body(data)))
+                       attempt=0, set_ms=data.set_ms or now_ms, body=fastjson.dumps(body))
         keys = (self.k_jobs, self.k_dead, self.k_dead_err, self.k_delay[b], self.k_wake[b],
                 self.k_guests)
         # A dead letter that died away from its owner lives on as a guest: moved home later.

@@ -93,13 +93,20 @@ async def test_retry_then_bury_and_redrive(store: Store) -> None:
     await store.add("t", "1", {}, delay_ms=0)
     await store.move_due(shard, range(store.buckets))
     [c] = await store.claim(shard, 1, [1, 2, 3], 30_000)
-    assert await store.retry(c, 200)
+    assert await store.retry(c, 1000)  # due in another second than the add was
     info = await store.lookup("t", "1")
     assert info is not None and info.state == "delayed" and info.attempt == 1
-    await asyncio.sleep(0.25)
+    await asyncio.sleep(1.05)
     await store.move_due(shard, range(store.buckets))
     [c2] = await store.claim(shard, 1, [1, 2, 3], 30_000)
     assert c2.attempt == 1 and c2.version != c.version
+    # as the original: notify_time is the retry's due time, exp_notify_nums the failures
+    assert c2.body["exp_notify_nums"] == 1 and c2.body["dq_set_time"] == c.body["dq_set_time"]
+    assert c2.body["notify_time"] == store.fmt_time(c2.due_ms) != c.body["notify_time"]
+    assert await store.retry(c2, 0)
+    await store.move_due(shard, range(store.buckets))
+    [c2] = await store.claim(shard, 1, [1, 2, 3], 30_000)
+    assert c2.attempt == 2 and c2.body["exp_notify_nums"] == 2
     assert await store.bury(c2, {"status": 500})
     info = await store.lookup("t", "1")
     assert info is not None and info.state == "dead" and info.error == {"status": 500}
@@ -108,8 +115,9 @@ async def test_retry_then_bury_and_redrive(store: Store) -> None:
     assert await store.redrive("t", "1")
     info = await store.lookup("t", "1")
     assert info is not None and info.state == "delayed" and info.attempt == 0
+    assert "exp_notify_nums" not in info.body
     stats = await store.topic_stats("t")
-    assert stats["retries"] == 1 and stats["dead"] == 1 and stats["fail"] == 2
+    assert stats["retries"] == 2 and stats["dead"] == 1 and stats["fail"] == 3
 
 
 async def test_expired_lease_requeues(store: Store) -> None:
