@@ -10,10 +10,10 @@ What a receiver sees
   always uses the query string; body_format only matters for POST.
 
 Form and query fields are the body's top-level members, URL-encoded with `+` for spaces:
-strings as they are, numbers in their JSON spelling, true/false as 1/0 (PHP's
-http_build_query does the same), null members are left out, and nested arrays and objects
-as their compact JSON text (`items=[1,2]`), which receivers decode with one json_decode
-instead of PHP's `items[0]=1&items[1]=2` brackets.
+strings as they are, numbers in their JSON spelling, true as 1 and false and null as empty
+values (`off=&none=`, as the original's DqCurl sent them: PHP's string of the value), and
+nested arrays and objects as their compact JSON text (`items=[1,2]`), which receivers
+decode with one json_decode (the original sent the word `Array`).
 
 Headers on every request: `X-Dq-Topic`, `X-Dq-Id` (percent-encoded when not printable
 ASCII) and `X-Dq-Attempt`, the 1-based attempt number, so receivers can be idempotent.
@@ -96,14 +96,14 @@ def open_session(limit: int) -> aiohttp.ClientSession:
         cookie_jar=aiohttp.DummyCookieJar(), raise_for_status=False)
 
 
-def _field(value: Any) -> str | None:
+def _field(value: Any) -> str:
     # Plain ints and floats skip json.dumps: str(int) and repr(float) are its spelling.
     if isinstance(value, str):
         return value
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "1" if value else "0"
+    if value is None or value is False:
+        return ""
+    if value is True:
+        return "1"
     if type(value) is int:
         return str(value)
     if type(value) is float:
@@ -124,8 +124,7 @@ def _quote(text: str) -> str:
 def form_encode(body: dict[str, Any]) -> str:
     """The body's top-level members as application/x-www-form-urlencoded text (the same
     text urllib's urlencode makes, built without its per-item checks)."""
-    return "&".join(f"{_quote(str(k))}={_quote(v)}"
-                    for k, v in ((k, _field(v)) for k, v in body.items()) if v is not None)
+    return "&".join(f"{_quote(str(k))}={_quote(_field(v))}" for k, v in body.items())
 
 
 def _header_value(text: str) -> str:

@@ -43,9 +43,10 @@ def topic(url: str, **kw: Any) -> Topic:
 
 def test_form_encode_spells_like_urlencode() -> None:
     body = {"s": "a b&c=d/中", "i": -12, "f": 0.1, "big": 10**20, "inf": float("inf"),
-            "t": True, "n": None, "l": [1, "x"], "plain": "Az09_.~-"}
+            "t": True, "off": False, "n": None, "l": [1, "x"], "plain": "Az09_.~-"}
+    # true/false/null as the original's DqCurl sent them: PHP's string of each ("1", "")
     assert form_encode(body) == ("s=a+b%26c%3Dd%2F%E4%B8%AD&i=-12&f=0.1&big=100000000000000000000"
-                                 "&inf=inf&t=1&l=%5B1%2C%22x%22%5D&plain=Az09_.~-")
+                                 "&inf=inf&t=1&off=&n=&l=%5B1%2C%22x%22%5D&plain=Az09_.~-")
 
 
 async def test_redirect_is_a_failure_and_not_followed(
