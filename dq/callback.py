@@ -6,8 +6,11 @@ What a receiver sees
   (after any query the URL already has).
 - POST with the topic's body_format 'form' (the default): the fields as an
   `application/x-www-form-urlencoded` body.
-- POST with body_format 'json': the body object as `application/json` (UTF-8). A GET topic
-  always uses the query string; body_format only matters for POST.
+- POST with body_format 'json': the body object as `application/json` (UTF-8).
+- POST with body_format 'query': the fields in the query string, as for GET, and an empty
+  body: what php-delayqueue sent for every callback (DqCurl's query fields), so the
+  original's topics get it when dq upgrades their table. A GET topic always uses the query
+  string; body_format only matters for POST.
 
 Form and query fields are the body's top-level members, URL-encoded with `+` for spaces:
 strings as they are, numbers in their JSON spelling, true as 1 and false and null as empty
@@ -21,9 +24,10 @@ When the topic has a secret, also `X-Dq-Timestamp` (Unix seconds) and `X-Dq-Sign
 
     hex(HMAC-SHA256(key=secret as UTF-8, msg=timestamp + "." + signed bytes))
 
-where the signed bytes are, for POST, the raw request body exactly as sent, and for GET the
-request's whole query string exactly as sent on the request line (the bytes after `?`,
-including any query that was already part of the callback URL). Receivers should reject
+where the signed bytes are, for POST (form or json), the raw request body exactly as sent,
+and for GET (or POST with body_format 'query') the request's whole query string exactly as
+sent on the request line (the bytes after `?`, including any query that was already part
+of the callback URL). Receivers should reject
 stale timestamps (say, older than 5 minutes) to stop replays.
 
 Success is a 2xx reply within the topic's timeout whose retry_when expression (if any) is
@@ -166,9 +170,12 @@ def build_request(topic: Topic, c: Claimed, now: float) -> Request:
     body = c.body if isinstance(c.body, dict) else {"body": c.body}
     url = _encoded(topic.callback)
     content: bytes | None
-    if topic.method == "GET":
+    if topic.method == "GET" or topic.body_format == "query":
+        # body_format 'query': a POST with the fields in the query string and an empty
+        # body, as the original sent every callback (its topics keep it after an upgrade)
         url = URL(_with_query(str(url), form_encode(body)), encoded=True)
-        content, signed = None, url.raw_query_string.encode("ascii")
+        content = None if topic.method == "GET" else b""
+        signed = url.raw_query_string.encode("ascii")
     else:
         if topic.body_format == "json":
             content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 RETRY_PLACEHOLDER = "重试标记"  # the original's column default; it means "no expression"
 OFFLINE = 2  # what the original console writes for an offline topic
+# How a POST callback carries the body: form (urlencoded body), json, or query (the
+# fields in the query string and an empty body, as the original sent them; dq/callback.py)
+BODY_FORMATS = ("form", "json", "query")
 _MYSQL = ("mysql", "mariadb")
 _TABLE_ARGS = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"}
 _TINYINT = sa.SmallInteger().with_variant(mysql.TINYINT(), *_MYSQL)
@@ -129,7 +132,8 @@ class Topic:
     """A registered topic as workers see it: plain normalised values, no ORM session.
 
     Building one normalises it: method is 'GET' or 'POST', priority 1..3 (else 2),
-    body_format 'form' or 'json', and the original's placeholder retry flag becomes ''.
+    body_format one of BODY_FORMATS (else 'form'), and the original's placeholder retry flag
+    becomes ''.
     """
 
     id: int = 0
@@ -157,7 +161,7 @@ class Topic:
         retry = self.retry_when.strip()
         fix("retry_when", "" if retry == RETRY_PLACEHOLDER else retry)
         fmt = self.body_format.strip().lower()
-        fix("body_format", fmt if fmt in ("form", "json") else "form")
+        fix("body_format", fmt if fmt in BODY_FORMATS else "form")
         fix("emails", _split_list(self.emails))
         fix("callback", self.callback.strip())
         fix("delay", max(0, self.delay))
@@ -271,6 +275,11 @@ def _add_missing_columns(engine: sa.Engine) -> None:
                             table.name, column.name)
                 # DDL takes no bound parameters; every name here is one of our constants.
                 conn.exec_driver_sql(f"ALTER TABLE {prep.format_table(table)} ADD COLUMN {spec}")
+                if (table.name, column.name) == ("dq_topic", "body_format"):
+                    # The original's topics: it sent every callback's fields in the query
+                    # string, POST too (with an empty body); they keep that.
+                    conn.exec_driver_sql(f"UPDATE {prep.format_table(table)} "
+                                         f"SET {prep.quote(column.name)} = 'query'")
 
 
 def create_tables(engine: sa.Engine) -> None:

@@ -47,7 +47,7 @@ CREATE TABLE IF NOT EXISTS `dq_topic` (
   `priority` int(11) NOT NULL DEFAULT '2' COMMENT '1 high, 2 normal, 3 low',
   `max_attempts` int(11) NOT NULL DEFAULT '10' COMMENT '0 = the server default',
   `secret` varchar(255) NOT NULL DEFAULT '' COMMENT 'callback signing key',
-  `body_format` varchar(16) NOT NULL DEFAULT 'form' COMMENT 'form|json',
+  `body_format` varchar(16) NOT NULL DEFAULT 'form' COMMENT 'form|json|query',
   `updated_at` datetime DEFAULT NULL COMMENT 'set by dq; NULL for rows the original wrote',
   PRIMARY KEY (`id`),
   UNIQUE KEY `uk_topic` (`topic`)
@@ -72,6 +72,7 @@ CREATE TABLE IF NOT EXISTS `dq_stat` (
 -- ALTER TABLE `dq_topic` ADD COLUMN `max_attempts` int(11) NOT NULL DEFAULT '10';
 -- ALTER TABLE `dq_topic` ADD COLUMN `secret` varchar(255) NOT NULL DEFAULT '';
 -- ALTER TABLE `dq_topic` ADD COLUMN `body_format` varchar(16) NOT NULL DEFAULT 'form';
+-- UPDATE `dq_topic` SET `body_format` = 'query';  -- the original sent fields in the URL
 -- ALTER TABLE `dq_topic` ADD COLUMN `updated_at` datetime DEFAULT NULL;
 -- ALTER TABLE `dq_redis` ADD COLUMN `status` tinyint(4) NOT NULL DEFAULT '1';
 -- ALTER TABLE `dq_alert` ADD COLUMN `tls` varchar(16) NOT NULL DEFAULT '';

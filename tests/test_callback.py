@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from dq.callback import REPLY_CAP, ExprCache, call, form_encode, open_session
+from dq.callback import REPLY_CAP, ExprCache, call, form_encode, open_session, sign
 from dq.registry import Topic
 from dq.store import Claimed
 from tests.conftest import free_port
@@ -47,6 +47,21 @@ def test_form_encode_spells_like_urlencode() -> None:
     # true/false/null as the original's DqCurl sent them: PHP's string of each ("1", "")
     assert form_encode(body) == ("s=a+b%26c%3Dd%2F%E4%B8%AD&i=-12&f=0.1&big=100000000000000000000"
                                  "&inf=inf&t=1&off=&n=&l=%5B1%2C%22x%22%5D&plain=Az09_.~-")
+
+
+async def test_post_with_query_format_sends_the_fields_in_the_url_as_the_original(
+        receiver: Receiver, session: aiohttp.ClientSession) -> None:
+    """body_format 'query' (what the original sent for every callback, and what its topics
+    keep after an upgrade): a POST with the fields in the query string and an empty body,
+    signed over that query string."""
+    t = topic(receiver.url("/q?src=dq"), body_format="query", secret="k")
+    out = await call(session, ExprCache(), t, job("7", {"order_id": 42, "off": False}), 2.0)
+    assert out.ok
+    [req] = receiver.requests
+    assert req.method == "POST" and req.body == b""
+    assert req.query.startswith(b"src=dq&order_id=42&off=")
+    ts = req.headers["x-dq-timestamp"]
+    assert req.headers["x-dq-signature"] == sign("k", ts, req.query)
 
 
 async def test_redirect_is_a_failure_and_not_followed(

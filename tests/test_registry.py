@@ -206,7 +206,12 @@ def test_upgrade_old_php_delayqueue_tables(flavour: str, request: pytest.Fixture
         t = reg.get_topic("order")
         assert t is not None and t.id == 2 and t.callback == "http://127.0.0.1/newest"
         assert reg.topics()["order"] == t
-        assert (t.retry_when, t.max_attempts, t.body_format) == ("", 10, "form")
+        # The original sent every callback's fields in the query string, POST too: its
+        # topics keep that (body_format 'query'); topics made since default to 'form'.
+        assert (t.retry_when, t.max_attempts, t.body_format) == ("", 10, "query")
+        assert reg.save_topic(topic("new")).body_format == "form"
+        assert reg.get_topic("new").body_format == "form"  # type: ignore[union-attr]
+        assert reg.delete_topic("new")
         [shard] = reg.shards()
         assert (shard.name, shard.url, shard.enabled) == ("r1", "redis://:pw@10.0.0.1:6380/0", True)
         alert = reg.alert()

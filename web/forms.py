@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
-from dq.registry import AlertConf, Topic, normalise_redis_url
+from dq.registry import BODY_FORMATS, AlertConf, Topic, normalise_redis_url
 from dq.retry_expr import PLACEHOLDER, RetryExprError, parse
 from web.errors import Invalid
 
@@ -188,7 +188,7 @@ def validate_topic(data: Mapping[str, Any], *, existing: Topic | None = None,
         priority=f.integer("priority", 2, 1, 3, "1 high, 2 normal, 3 low"),
         online=f.choice("status", "online", ("online", "offline")) == "online",
         max_attempts=f.integer("max_attempts", 0, 0, 100, "0 for the server's default"),
-        secret=secret, body_format=f.choice("body_format", "form", ("form", "json")),
+        secret=secret, body_format=f.choice("body_format", "form", BODY_FORMATS),
         creator=f.text("creator", creator, limit=255) or creator,
     )
     errors.update(f.errors)

@@ -37,7 +37,7 @@ class TopicIn(BaseModel):
     secret: str | None = Field(None, description="signs callbacks; empty or null on update "
                                "keeps the stored one")
     clear_secret: bool = Field(False, description="remove the stored secret")
-    body_format: Literal["form", "json"] = "form"
+    body_format: Literal["form", "json", "query"] = "form"
     creator: str = ""
 
 
