@@ -45,6 +45,11 @@ ADD_BATCH = 500
 # After this process writes a guest to a shard, its adds evict older copies there for this
 # long (ms) even before the checker's record says the shard holds guests.
 GUESTS_FRESH_MS = 10_000
+# After the `buckets` setting changes, the delayed jobs are moved to their new buckets
+# (Store.rebucket), and gone through again on later calls for this long: processes still
+# on the old setting (a reload's draining generation) may add a few more meanwhile.
+REBUCKET_AGAIN_MS = 10 * 60 * 1000
+REBUCKET_BATCH = 500
 # The scripts that take many jobs per call, and how many reply values each job gets.
 BATCHED = {"add": 2, "ack": 1, "evict": 1}
 STAT_FIELDS = ("writes", "notifies", "ok", "fail", "retries", "dead", "dels")
@@ -257,6 +262,7 @@ class Store:
         self.k_dead_err = prefix + "dead:err"
         self.k_guests = prefix + "guests"
         self.k_moving = prefix + "moving"
+        self.k_layout = prefix + "layout"  # the bucket count the delayed jobs are kept in
         self.k_ready = tuple(f"{prefix}ready:{p}" for p in (1, 2, 3))
         self.k_delay = tuple(f"{prefix}delay:{b}" for b in range(buckets))
         self.k_wake = tuple(f"{prefix}wake:{b}" for b in range(buckets))
@@ -580,6 +586,69 @@ class Store:
         keys = (self.k_jobs, *self.k_ready, *(self.k_delay[b] for b in buckets))
         moved, nxt, now = await shard.script("move_due", keys, (limit,))
         return int(moved), (None if int(nxt) < 0 else int(nxt)), int(now)
+
+    async def rebucket(self, shard: Shard) -> int:
+        """Keep every delayed job in the bucket `buckets` gives it (crc32(tid) % buckets)
+        after that setting changed: otherwise a timer would never look at a bucket beyond
+        the new count, and a job added again, or deleted, would leave its old entry to
+        fire. The shard records the count in force ({prefix}layout); when it differs from
+        this store's, every bucket that may hold jobs is gone through and each misplaced
+        job moved (rebucket.lua), and again on each call for REBUCKET_AGAIN_MS. Cheap
+        otherwise (one HGETALL). Returns how many jobs moved."""
+        n = self.buckets
+        rec = {k: int(v) for k, v in _pairs(await shard.call("HGETALL", self.k_layout))}
+        now_ms = int(time.time() * 1000)
+        if not rec:
+            # A new shard, or one written before dq kept this record: the delay buckets
+            # it has tell (dq's keys are few: jobs are fields of one hash).
+            most = max([n, *(b + 1 for b in await self._delay_buckets(shard))])
+            rec = {"buckets": most if most > n else n, "most": most}
+            if most == n:
+                await shard.call("HSET", self.k_layout, "buckets", n, "most", n, "changed", 0)
+                return 0
+        cur, most, changed = rec.get("buckets", n), rec.get("most", n), rec.get("changed", 0)
+        if cur == n and now_ms - changed > REBUCKET_AGAIN_MS:
+            return 0
+        most = max(most, cur, n)
+        if cur != n:
+            log.warning("shard %s: the buckets setting changed from %d to %d; moving its "
+                        "delayed jobs to their new buckets", shard.name, cur, n)
+            changed = now_ms
+            # Recorded first: a pass cut short is done again by the next call.
+            await shard.call("HSET", self.k_layout, "buckets", n, "most", most,
+                             "changed", changed)
+        moved = 0
+        for b in range(most):
+            key = f"{self.prefix}delay:{b}"
+            cursor = 0
+            while True:
+                cursor, flat = await shard.call("ZSCAN", key, cursor, "COUNT", REBUCKET_BATCH)
+                keys: list[str] = [self.k_jobs, key]
+                args: list[Any] = []
+                for tid, score in _pairs(flat):
+                    nb = self.bucket(tid)
+                    if nb != b:
+                        keys += (self.k_delay[nb], self.k_wake[nb])
+                        args += (tid, score)
+                if args:
+                    moved += int(await shard.script("rebucket", keys, args))
+                cursor = int(cursor)
+                if not cursor:
+                    break
+        if moved:
+            log.warning("shard %s: %d delayed job(s) moved to their buckets", shard.name, moved)
+        return moved
+
+    async def _delay_buckets(self, shard: Shard) -> list[int]:
+        """The bucket numbers of the delay zsets `shard` holds."""
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + "delay:*"
+        found, cursor = [], 0
+        while True:
+            cursor, keys = await shard.call("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
+            found += [int(s) for k in keys if (s := k.decode().rpartition(":")[2]).isdigit()]
+            cursor = int(cursor)
+            if not cursor:
+                return found
 
     async def requeue_expired(self, shard: Shard, limit: int = 1000) -> int:
         keys = (self.k_jobs, self.k_inflight, *self.k_ready)

@@ -4,7 +4,8 @@ Timer `ctx.index` of `settings.timers` owns the buckets b with b % timers == ind
 shard, so timers never compete for a bucket. Per shard one task loops: move what is due
 (again at once while full batches come out), requeue jobs whose consumer lease ran out
 (at most every 100 ms), then sleep until the next due job or `timer_tick`, whichever is
-sooner.
+sooner. Timer 0 also keeps the delayed jobs in the buckets the `buckets` setting gives
+them, should that setting change (Store.rebucket).
 
 The sleep is timed here, not by Redis: a BLPOP's own timeout fires on Redis's cron (every
 100 ms at the default hz 10), which would make jobs up to 100 ms late. Instead a second task
@@ -37,6 +38,7 @@ BACKOFF_MAX = 5.0
 DOWN_WAIT = 0.25  # how often a shard loop looks again at a shard that is down
 MIN_WAIT = 0.001
 REQUEUE_EVERY = 0.1  # seconds; expired leases need no finer check than this
+LAYOUT_EVERY = 60.0  # seconds between timer 0's looks at each shard's bucket layout
 SHARD_ERRORS = (DqError, RedisError, OSError, asyncio.TimeoutError)
 
 
@@ -77,6 +79,8 @@ class Timer:
             return
         tasks = [asyncio.create_task(self._shard_loop(s), name=f"timer:{s.name}")
                  for s in self.store.shards.shards]
+        if self.ctx.index == 0:
+            tasks.append(asyncio.create_task(self._layout_loop(), name="timer:layout"))
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -142,6 +146,22 @@ class Timer:
         finally:
             stop.cancel()
             woken.cancel()
+
+    async def _layout_loop(self) -> None:
+        """Timer 0 keeps each shard's delayed jobs in the buckets the `buckets` setting
+        gives them (Store.rebucket): at start, after a change of the setting, and then
+        every LAYOUT_EVERY seconds (a shard that did not answer is looked at then)."""
+        while not self.ctx.stopping.is_set():
+            for shard in self.store.shards.shards:
+                if self.ctx.stopping.is_set():
+                    return
+                try:
+                    await self.store.rebucket(shard)
+                except SHARD_ERRORS as exc:
+                    log.warning("timer: checking the buckets of shard %s failed (%s: %s); "
+                                "trying again in %.0fs", shard.name, exc.__class__.__name__,
+                                exc, LAYOUT_EVERY)
+            await _sleep_unless(self.ctx.stopping, LAYOUT_EVERY)
 
     async def _wake_loop(self, shard: Shard, wake: asyncio.Event) -> None:
         """BLPOP the owned wake lists; set `wake` for every pop. Ends when stopping."""

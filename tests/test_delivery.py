@@ -443,3 +443,22 @@ async def test_unreadable_jobs_become_dead_letters_and_do_not_hold_back_their_ba
         await store.get("p", "notjson")
     assert await store.delete("p", "notjson")
     assert (await store.depths(store.shards.shards[0]))["jobs"] == 2
+
+
+async def test_jobs_added_with_more_buckets_are_delivered_after_the_setting_shrinks(
+        settings: Settings, receiver: Receiver, roles: Roles,
+        topic: Callable[..., Topic]) -> None:
+    """Jobs written while `buckets` was 8, then timers started with 4 (the fixture's): the
+    ones in buckets 4-7, where no timer looks now, are moved to theirs and delivered."""
+    topic("b")
+    wide = open_store(settings.replace(buckets=8))
+    try:
+        for i in range(40):
+            await wide.add("b", f"j{i}", {}, delay_ms=300)
+        assert any(wide.bucket(f"b:j{i}") >= 4 for i in range(40))
+    finally:
+        await wide.shards.close()
+    roles.start("timer")
+    roles.start("consumer")
+    calls = await receiver.wait_calls(40, timeout=10)
+    assert sorted(c.job_id for c in calls) == sorted(f"j{i}" for i in range(40))

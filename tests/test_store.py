@@ -493,3 +493,60 @@ def test_a_forked_child_makes_job_versions_of_its_own() -> None:
     os.close(r)
     assert child and child[:8] != parent[:8]
     assert new_version()[:8] == parent[:8]  # the parent's own prefix is unchanged
+
+
+async def test_a_changed_buckets_setting_moves_the_delayed_jobs(redis_server: RedisProcess,
+                                                                ) -> None:
+    """Jobs written with 8 buckets, then the setting becomes 3: timer 0's rebucket moves
+    each to its new bucket (none left where no timer looks, no stale entry of a job added
+    again or deleted meanwhile), again for jobs a process still on 8 adds after it."""
+    old = Store(ShardSet.from_urls([redis_server.url]), buckets=8)
+    new = Store(ShardSet.from_urls([redis_server.url]), buckets=3)
+    shard = new.shards.shards[0]
+
+    async def entries() -> dict[str, list[tuple[int, float]]]:
+        out: dict[str, list[tuple[int, float]]] = {}
+        for b in range(8):
+            for tid, score in await shard.client.zrange(f"dq:delay:{b}", 0, -1,
+                                                        withscores=True):
+                out.setdefault(tid.decode(), []).append((b, score))
+        return out
+
+    try:
+        for i in range(30):  # no layout recorded yet: as written by an older dq
+            await old.add("t", f"j{i}", {"i": i}, delay_ms=0 if i < 15 else 60_000)
+        before = await entries()
+        assert any(b >= 3 for v in before.values() for b, _ in v)
+        await new.add("t", "j20", {"again": True}, delay_ms=0)  # added again on 3
+        assert await new.delete("t", "j21")  # deleted on 3: its old entry stays behind
+        moved = await new.rebucket(shard)
+        after = await entries()
+        assert sorted(after) == sorted(t for t in before if t != "t:j21")
+        for tid, places in after.items():
+            assert places == [(new.bucket(tid), places[0][1])], (tid, places)
+            if tid != "t:j20":  # the others keep their due times
+                assert places[0][1] == before[tid][0][1]
+        assert after["t:j20"][0][1] < before["t:j20"][0][1]  # the later add's
+        assert moved == sum(old.bucket(t) != new.bucket(t) for t in after) - (
+            old.bucket("t:j20") != new.bucket("t:j20"))
+        layout = await shard.client.hgetall("dq:layout")
+        assert layout[b"buckets"] == b"3" and layout[b"most"] == b"8"
+        # the due ones are all moved by timers that look at buckets 0-2 only
+        moved_due, _, _ = await new.move_due(shard, range(3))
+        assert moved_due == 16
+
+        # A process still on 8 (a reload's draining generation) adds one more: the next
+        # call, within REBUCKET_AGAIN_MS of the change, moves it too; nothing else moves.
+        late = next(f"late{i}" for i in range(100) if old.bucket(f"t:late{i}") >= 3)
+        await old.add("t", late, {}, delay_ms=60_000)
+        assert await new.rebucket(shard) == 1
+        assert (await entries())[f"t:{late}"][0][0] == new.bucket(f"t:{late}")
+        # A shard whose layout is in force and unchanged for long is not gone through.
+        await shard.client.hset("dq:layout", "changed", 1)
+        stray = next(f"stray{i}" for i in range(100) if old.bucket(f"t:stray{i}") >= 3)
+        await old.add("t", stray, {}, delay_ms=60_000)
+        assert await new.rebucket(shard) == 0
+        assert (await entries())[f"t:{stray}"][0][0] >= 3
+    finally:
+        await old.shards.close()
+        await new.shards.close()
