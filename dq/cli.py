@@ -65,7 +65,8 @@ def _web_flags(parser: argparse.ArgumentParser, *, toggle: bool) -> None:
     g = parser.add_argument_group("web console")
     g.add_argument("--web-port", type=int, metavar="PORT", help="console port (default 8088)")
     g.add_argument("--web-host", metavar="ADDR",
-                   help="console address (default 0.0.0.0 with a password, else 127.0.0.1)")
+                   help="console address (default 0.0.0.0 with a password, else 127.0.0.1; "
+                        "without a password only a loopback address)")
     g.add_argument("--web-password", metavar="PW", help="password for the console")
     if toggle:
         g.add_argument("--no-web", dest="web", action="store_const", const=False,
@@ -118,8 +119,9 @@ def overrides_of(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _settings(args: argparse.Namespace, prog: str) -> tuple[Settings, dict[str, Any]]:
-    overrides = overrides_of(args)
+def _settings(args: argparse.Namespace, prog: str,
+              **forced: Any) -> tuple[Settings, dict[str, Any]]:
+    overrides = {**overrides_of(args), **forced}
     try:
         settings = anchor_paths(load_settings(overrides, config_file=args.config), Path.cwd())
         setup_logging(settings.replace(daemon=False), prog)
@@ -164,9 +166,11 @@ def web_main(argv: list[str] | None = None) -> NoReturn:
     import setproctitle
 
     args = build_web_parser().parse_args(argv)
-    settings, _ = _settings(args, "dq-web")
+    # web=True before validation: a console without a password must be on loopback even
+    # when the config file turns the master's console off.
+    settings, _ = _settings(args, "dq-web", web=True)
     setproctitle.setproctitle("dq-web")
-    asyncio.run(_serve_web(settings.replace(web=True)))
+    asyncio.run(_serve_web(settings))
     sys.exit(0)
 
 

@@ -13,6 +13,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -26,8 +27,10 @@ from dq.errors import EXIT_BOOT, ConfigError
 from dq.logs import setup_logging
 from dq.pool import SIGNALS, STOP_MARGIN, WorkerPool
 from dq.supervise import (
+    BOOT_STREAK,
     BootError,
     LoadBoard,
+    Slot,
     anchor_paths,
     bind_listener,
     check_pid_file,
@@ -38,6 +41,28 @@ from dq.supervise import (
 log = logging.getLogger(__name__)
 
 FAST_STOP = 3.0  # how long QUIT waits before SIGKILL
+
+
+def web_bind_host(cfg: Settings) -> str:
+    """Where dq-web listens (as web.app.bind_host, which the master must not import)."""
+    if cfg.web_host:
+        return cfg.web_host
+    return "0.0.0.0" if cfg.web_password else "127.0.0.1"
+
+
+def web_listen_error(cfg: Settings) -> str:
+    """Why dq-web could not listen on its address now ('' when it could): the master binds
+    it with SO_REUSEADDR, as dq-web will, and closes it again."""
+    host = web_bind_host(cfg)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, cfg.web_port))
+    except OSError as exc:
+        return (f"dq-web cannot listen on {host}:{cfg.web_port}: {exc.strerror or exc}; "
+                "set web_port or web_host, or --no-web")
+    return ""
 
 
 class Halt(Exception):
@@ -74,6 +99,12 @@ class Arbiter(WorkerPool):
             raise BootError(f"cannot create data dir {self.cfg.data_dir}: {exc.strerror}") \
                 from None
         self.listener = bind_listener(self.cfg.host, self.cfg.port)
+        if self.cfg.web:
+            why = web_listen_error(self.cfg)
+            if why:
+                self.listener.close()
+                self.listener = None
+                raise BootError(why)
         if self.cfg.embedded:
             try:
                 self.redis = EmbeddedRedis(self.cfg)
@@ -170,6 +201,33 @@ class Arbiter(WorkerPool):
                 time.sleep(0.02)
         if self.redis is not None:
             self.redis.stop()
+
+    def spawn_workers(self) -> None:
+        self.check_web_port()
+        super().spawn_workers()
+
+    def check_web_port(self) -> None:
+        """Before forking a dq-web, see that its port is free: when it is not (something
+        took it, or a reload moved the console to a taken port), count a boot failure for
+        the slot and say so in one line (once more after BOOT_STREAK failures, then only at
+        debug), instead of forking a child that fails with a traceback every 10 s."""
+        if not self.cfg.web or any(w.role == "web" for w in self.workers.values()):
+            return  # no console, or one still holds the port (it is retired first)
+        slot = self.slots.setdefault(("web", 0), Slot())
+        now = time.monotonic()
+        if now < slot.next_at:
+            return
+        why = web_listen_error(self.cfg)
+        if not why:
+            return
+        delay = slot.died(0, now, boot_failed=True)
+        if slot.boot_failures < BOOT_STREAK:
+            log.warning("%s; retrying in %.1f s", why, delay)
+        elif slot.boot_failures == BOOT_STREAK:
+            log.error("dq-web could not boot %d times in a row (%s); retrying every %.0f s "
+                      "until it boots", slot.boot_failures, why, delay)
+        else:
+            log.debug("dq-web could not boot again: %s", why)
 
     def escalated(self) -> bool:
         stops = {signal.SIGINT, signal.SIGTERM, signal.SIGQUIT}

@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -495,3 +496,47 @@ def test_xss_in_every_field_renders_inert_in_chromium(
         assert not problems, "\n".join(problems)
         print(f"\nXSS in Chromium: {len(xss_pages(keys))} pages, no dialog, no injected "
               f"element, {len(errors)} CSP reports", flush=True)
+
+
+# -- a console without a password stays on loopback ---------------------------------------
+
+def _dq_web(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`dq-web` as a real process; it should refuse at once, so 20 s means it serves."""
+    repo = Path(__file__).resolve().parent.parent
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DQ_")}
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", "from dq.cli import web_main; web_main()", *args],
+            capture_output=True, text=True, timeout=20, cwd=cwd,
+            env={**clean, "PYTHONPATH": str(repo), **env})
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"dq-web {' '.join(args)} served without a password instead "
+                             f"of refusing: {exc.stderr!r}") from None
+
+
+@pytest.mark.parametrize("env", [{}, {"DQ_WEB": "false"}])
+def test_dq_web_without_a_password_off_loopback_exits_2(tmp_path: Path,
+                                                       env: dict[str, str]) -> None:
+    """`dq-web --web-host 0.0.0.0` and no password would serve the admin API to anyone:
+    it exits 2 with one line saying what to do (also when the config turns the master's
+    console off, which dq-web ignores)."""
+    res = _dq_web("--web-host", "0.0.0.0", "--web-port", str(free_port()),
+                  "--data-dir", str(tmp_path), "--redis", "redis://127.0.0.1:1/0",
+                  env=env, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("dq-web: web_host '0.0.0.0' without a web_password")
+    assert res.stderr.count("\n") == 1 and "set web_password" in res.stderr, res.stderr
+    assert "127.0.0.1" in res.stderr
+
+
+async def test_run_refuses_an_open_console_built_in_code(redis_server: RedisProcess,
+                                                         tmp_path: Path) -> None:
+    """Settings made in code skip load_settings' checks; the web role checks again."""
+    from dq.errors import ConfigError
+    from dq.worker import Context
+    from web.app import run
+
+    settings = Settings(redis=(redis_server.url,), web_port=free_port(), web_host="0.0.0.0",
+                        db=f"sqlite:///{tmp_path / 'r.db'}")
+    with pytest.raises(ConfigError, match="without a web_password"):
+        await asyncio.wait_for(run(Context(settings, "web")), 10)

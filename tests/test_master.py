@@ -143,6 +143,103 @@ def test_log_files_route_by_logger_and_roll_at_midnight(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# Settings and ports the master refuses before it forks anything
+
+DEAD_REDIS = "redis://127.0.0.1:1/0"  # never reached: the master must stop before that
+
+
+def exit_status(m: Master, timeout: float = 20.0) -> int:
+    """The master's exit status; fails when it is still running after `timeout` s."""
+    try:
+        return m.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        tail = "\n".join(m.output().splitlines()[-20:])
+        raise AssertionError(f"dq-master still runs after {timeout:.0f} s; it should have "
+                             f"refused to start\n--- log tail ---\n{tail}") from None
+
+
+@pytest.mark.parametrize(("args", "env"), [(["--web-host", "0.0.0.0"], {}),
+                                           ([], {"DQ_WEB_HOST": "10.1.2.3"})])
+def test_console_without_a_password_off_loopback_exits_2_in_one_line(
+        master: Callable[..., Master], args: list[str], env: dict[str, str]) -> None:
+    """Without web_password the admin API trusts whoever reaches it: the console may then
+    only listen on loopback, and a master told otherwise does not start."""
+    m = master("--web-port", str(free_port()), "--redis", DEAD_REDIS, *args, web=True,
+               env=env)
+    assert exit_status(m) == 2
+    out = m.output()
+    assert out.startswith("dq-master: web_host ") and out.count("\n") == 1, out
+    assert "without a web_password" in out
+    assert "set web_password" in out and "127.0.0.1" in out
+
+
+@pytest.mark.parametrize("db", ["nonsense", "mysql+pymysql://dq:s3cr3t@db:port/dq"])
+def test_malformed_db_url_exits_2_in_one_line(master: Callable[..., Master], db: str) -> None:
+    m = master("--db", db, "--redis", DEAD_REDIS)
+    assert exit_status(m) == 2
+    out = m.output()
+    assert out.startswith("dq-master: db is not a valid SQLAlchemy URL") and \
+        out.count("\n") == 1, out
+    assert "mysql+pymysql://user:pass@host/dq" in out and "sqlite:///" in out
+    assert "s3cr3t" not in out  # a password in a malformed URL is not echoed
+
+
+def test_console_port_taken_exits_3_in_one_line(master: Callable[..., Master]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        m = master("--web-port", str(port), "--redis", DEAD_REDIS, web=True)
+        assert exit_status(m) == 3
+    assert m.output() == (f"dq-master: dq-web cannot listen on 127.0.0.1:{port}: Address "
+                          "already in use; set web_port or web_host, or --no-web\n")
+    # the same port with the console off is no obstacle
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        m = master("--web-port", str(port), "--redis", DEAD_REDIS)
+        time.sleep(1.5)
+        assert m.proc.poll() is None, m.output()
+
+
+def test_console_port_taken_later_is_said_in_one_line_until_it_is_free(
+        redis_server: RedisProcess, master: Callable[..., Master], tmp_path: Path) -> None:
+    """A reload moves the console to a port something else holds: no dq-web is forked
+    to fail with a traceback every 10 s; the master says why in one line, once more at the
+    boot streak, and starts the console once the port is free. The rest keeps running."""
+    first, taken = free_port(), free_port()
+    config = tmp_path / "dq.toml"
+    config.write_text(f"web_port = {first}\n")
+    m = master("--config", str(config), "--web-host", "127.0.0.1", redis=redis_server,
+               web=True)
+    m.wait_titles(expected_titles(web=True))
+    m.wait("the console", lambda: _http_answers(first))
+    streak = f"dq-web could not boot {BOOT_STREAK} times in a row"
+    why = (f"dq-web cannot listen on 127.0.0.1:{taken}: Address already in use; set "
+           "web_port or web_host, or --no-web")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", taken))
+        busy.listen()
+        config.write_text(f"web_port = {taken}\n")
+        m.kill(signal.SIGUSR2)
+        m.wait("the boot streak line", lambda: streak in m.output(), timeout=30)
+        m.wait("generation 1 of the other roles", lambda: m.titles() == expected_titles(),
+               timeout=30)
+        time.sleep(2.5)  # the next try is 10 s away: nothing more in the meantime
+        out = m.output()
+        assert out.count(streak) == 1
+        assert out.count(why) == BOOT_STREAK, out  # two warnings and the streak line
+        assert "Traceback" not in out, out
+        assert "dq-web" not in m.titles()
+        assert m.proc.poll() is None
+    m.wait("the console on the freed port", lambda: _http_answers(taken), timeout=20)
+    m.wait("the master noticing", lambda: re.search(r"dq-web booted after \d+ failed "
+                                                   "attempts", m.output()), timeout=5)
+    m.kill(signal.SIGTERM)
+    assert m.proc.wait(20) == 0
+
+
+# --------------------------------------------------------------------------------------
 # Supervision
 
 

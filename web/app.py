@@ -19,7 +19,8 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 
-from dq.config import Settings
+from dq.config import Settings, is_loopback
+from dq.errors import ConfigError
 from dq.registry import Registry
 from dq.store import Store
 from dq.worker import Context, open_store
@@ -52,11 +53,11 @@ def bind_host(settings: Settings) -> str:
 def allowed_hosts(settings: Settings) -> tuple[str, ...] | None:
     """Host names a console without a password answers to (None: any).
 
-    Without a password the console trusts whoever reaches it, so it answers only to
-    loopback names: a web page cannot then reach it through DNS rebinding. Binding to a
-    wildcard address without a password is an explicit choice to trust the network.
+    Without a password the console trusts whoever reaches it, so it listens only on a
+    loopback address (the settings refuse any other, see `run`) and answers only to
+    loopback names: a web page cannot then reach it through DNS rebinding.
     """
-    if settings.web_password or settings.web_host in ("0.0.0.0", "::"):
+    if settings.web_password:
         return None
     return (*_LOOPBACK, settings.web_host.lower()) if settings.web_host else _LOOPBACK
 
@@ -177,8 +178,12 @@ async def run(ctx: Context) -> None:
     """Serve the console until ctx.stopping is set, then finish open requests and stop."""
     settings = ctx.settings
     host = bind_host(settings)
-    if not settings.web_password and not settings.web_host:
-        log.warning("no web_password: console bound to 127.0.0.1 only")
+    if not settings.web_password:
+        if not is_loopback(host):  # dq.config refuses it; Settings built in code are not checked
+            raise ConfigError(f"web_host {host!r} without a web_password would open the "
+                              "console to anyone who can reach it: set web_password, or "
+                              "bind web_host 127.0.0.1")
+        log.warning("no web_password: console bound to %s only", host)
     registry = await asyncio.to_thread(Registry, settings.db_url())
     confs = await asyncio.to_thread(registry.shards)
     store = open_store(settings, [(s.name or s.url, s.url) for s in confs if s.enabled])
