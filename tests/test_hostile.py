@@ -456,9 +456,14 @@ async def test_string_body_is_refused_and_server_keeps_serving(dq: Running) -> N
     for _ in range(3):  # the PHP server died on the first one
         replies = await in_thread(lambda: raw_exchange(dq.port, bad + PING, read=2))
         assert replies[0]["code"] == 0 and replies[0]["err"] == "bad_request"
-        assert "body must be a JSON object" in replies[0]["msg"]
+        assert "body was a string that does not hold a JSON object" in replies[0]["msg"]
         assert replies[1] == OK
     assert await stored_tids(dq) == []
+    # What the original's Java client sends: the body's JSON text as a string.
+    java = frame({"body": '{"order_id": 42}', "cmd": "add", "topic": "order", "id": "j1"})
+    assert await in_thread(lambda: raw_exchange(dq.port, java)) == [OK]
+    body = await dq.store.get("order", "j1")
+    assert body is not None and body["order_id"] == 42
 
 
 @pytest.mark.parametrize("fix_time", [
