@@ -62,6 +62,8 @@ BACKOFF_MIN = 0.5
 BACKOFF_MAX = 5.0
 DOWN_WAIT = 0.25  # how often a claim loop looks again at a shard that is down
 LEASE_SHARE = 0.9  # of the lease a callback may take at most
+MIN_CALL = 0.5  # seconds (at most half the callback's share of the lease): with less of
+#                the lease left, a job is not called (it is delivered again after the lease)
 ALERT_WAIT = 12.0  # at stop, how long mails still being sent may take
 SHARD_ERRORS = (DqError, RedisError, OSError, asyncio.TimeoutError)
 _RNG = random.Random()
@@ -216,6 +218,7 @@ class Consumer:
             n = await self.slots.take(self.ctx.stopping, share)
             if n == 0:
                 break
+            leased = time.monotonic()  # no later than the lease's start on the shard
             try:
                 jobs = await self.store.claim(shard, n, priority_order(weights), self.lease_ms)
             except Exception as exc:
@@ -231,7 +234,7 @@ class Consumer:
             backoff = BACKOFF_MIN
             self.slots.give(n - len(jobs))
             for c in jobs:
-                task = asyncio.create_task(self._deliver(c))
+                task = asyncio.create_task(self._deliver(c, leased))
                 self.tasks.add(task)
                 task.add_done_callback(self._delivered)
             if jobs:
@@ -245,7 +248,7 @@ class Consumer:
         self.slots.give(1)
 
     # one job ----------------------------------------------------------------------------
-    async def _deliver(self, c: Claimed) -> None:
+    async def _deliver(self, c: Claimed, leased: float) -> None:
         try:
             topic = await self.topics.get(c.topic)
         except Exception:
@@ -259,7 +262,15 @@ class Consumer:
             log.debug("%s: %s parked: topic %s", self.ctx.name, c.tid,
                       "unknown" if topic is None else "offline")
             return
-        out = await self._call(topic, c)
+        timeout = self._timeout(topic, leased)
+        if timeout < min(MIN_CALL, self.settings.lease * LEASE_SHARE / 2):
+            # The lookup took most of the lease (a registry slow to answer): a call now
+            # could still run when the lease ends and the job is handed out again.
+            self.parked += 1
+            log.warning("%s: %s not called: %.1fs of its lease left; it is delivered again "
+                        "after the lease", self.ctx.name, c.tid, max(0.0, timeout))
+            return
+        out = await self._call(topic, c, timeout)
         level = logging.INFO if out.ok else logging.WARNING
         if notify_log.isEnabledFor(level):  # spares the extras when the line goes nowhere
             late_ms = max(0, c.claimed_ms - c.due_ms)
@@ -283,28 +294,27 @@ class Consumer:
                         "again after its lease", self.ctx.name, c.tid, exc.__class__.__name__,
                         exc)
 
-    async def _call(self, topic: Topic, c: Claimed) -> Outcome:
+    async def _call(self, topic: Topic, c: Claimed, timeout: float) -> Outcome:
         assert self.session is not None
         t0 = time.monotonic()
         try:
-            return await call(self.session, self.exprs, topic, c, self._timeout(topic))
+            return await call(self.session, self.exprs, topic, c, timeout)
         except Exception as exc:
             log.exception("%s: calling %s for %s failed unexpectedly", self.ctx.name,
                           topic.callback, c.tid)
             return Outcome(False, 0, f"{exc.__class__.__name__}: {exc}", "",
                            int((time.monotonic() - t0) * 1000))
 
-    def _timeout(self, topic: Topic) -> float:
-        """The topic's timeout, capped below the lease so no job is delivered twice at once."""
+    def _timeout(self, topic: Topic, leased: float) -> float:
+        """The topic's timeout, capped below what is left of the lease (taken at `leased`,
+        monotonic) so no job is delivered twice at once."""
         cap = self.settings.lease * LEASE_SHARE
-        if topic.timeout_ms / 1000 <= cap:
-            return topic.timeout_ms / 1000
-        if topic.topic not in self.capped:
+        if topic.timeout_ms / 1000 > cap and topic.topic not in self.capped:
             self.capped.add(topic.topic)
             log.warning("topic %s: timeout %d ms is not below the lease (%.1fs); callbacks "
                         "are cut off after %.1fs", topic.topic, topic.timeout_ms,
                         self.settings.lease, cap)
-        return cap
+        return min(topic.timeout_ms / 1000, cap - (time.monotonic() - leased))
 
     async def _shielded(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a final write to completion even if this delivery is cancelled meanwhile."""

@@ -25,6 +25,7 @@ from dq.consumer import priority_order, retry_delay_ms
 from dq.errors import DqError
 from dq.registry import AlertConf, Registry, Topic
 from dq.store import Store
+from dq.topics import TopicCache
 from dq.worker import Context, open_store
 from tests.conftest import RedisProcess, free_port
 from tests.receiver import Receiver, Reply, Request
@@ -462,3 +463,32 @@ async def test_jobs_added_with_more_buckets_are_delivered_after_the_setting_shri
     roles.start("consumer")
     calls = await receiver.wait_calls(40, timeout=10)
     assert sorted(c.job_id for c in calls) == sorted(f"j{i}" for i in range(40))
+
+
+async def test_a_job_is_called_only_within_what_is_left_of_its_lease(
+        settings: Settings, store: Store, registry: Registry, receiver: Receiver,
+        topic: Callable[..., Topic]) -> None:
+    """The callback's time counts from the claim, not from the call: when the topic lookup
+    (a registry slow to answer) took most of the lease, the job is not called, and its
+    lease runs out as usual; otherwise the call is cut off where the lease would end."""
+    topic("slow", timeout_ms=8000)
+    receiver.routes["/slow"] = lambda req: (200, b"ok")
+    ctx = Context(settings.replace(lease=10.0), "consumer")
+    topics = TopicCache(registry, refresh=60)
+    worker = consumer.Consumer(ctx, store, topics, registry)
+    shard = store.shards.shards[0]
+    for job_id in ("late", "early"):
+        await store.add("slow", job_id, {}, delay_ms=0)
+    await store.move_due(shard, range(store.buckets))
+    claimed = {c.id: c for c in await store.claim(shard, 10, [1, 2, 3], 10_000)}
+    async with consumer.open_session(4) as session:
+        worker.session = session
+        t0 = time.monotonic()
+        assert worker._timeout(registry.get_topic("slow"), t0 - 4.0) == pytest.approx(  # type: ignore[arg-type]
+            5.0, abs=0.1)  # 9 s of the lease's 90 %, 4 s gone: not the topic's 8 s
+        await worker._deliver(claimed["late"], t0 - 8.8)  # 0.2 s left of the 9 s
+        await worker._deliver(claimed["early"], t0)
+    assert [c.job_id for c in receiver.calls()] == ["early"]
+    assert worker.parked == 1 and worker.delivered == 1
+    info = await store.lookup("slow", "late")
+    assert info is not None and info.state == "inflight"  # delivered again after its lease
