@@ -574,8 +574,11 @@ class Store:
         error = json.loads(err) if err else None
         if unreadable and error is None:
             error = {"error": unreadable}
+        attempt = data.attempt  # failed calls before the next (or the current) one
+        if state == "dead" and isinstance(error, dict) and type(error.get("attempts")) is int:
+            attempt = error["attempts"]  # the last call failed too
         return JobInfo(shard=shard.name, topic=topic, id=job_id, state=state, due_ms=due,
-                       attempt=data.attempt, priority=data.priority, body=body, error=error)
+                       attempt=attempt, priority=data.priority, body=body, error=error)
 
     # timer ------------------------------------------------------------------------------
     async def move_due(self, shard: Shard, buckets: Sequence[int],

@@ -209,6 +209,7 @@ async def test_retry_schedule_then_dead_letter_and_one_mail(
     [dead] = await store.dead_letters("broken")
     assert dead.id == "b1" and dead.error is not None
     assert dead.error["status"] == 503 and dead.error["attempts"] == 3
+    assert dead.attempt == 3  # failed calls, as the console shows them
     assert len(dead.error["reply"]) == 500
     [(rcpt, mail)] = box.messages
     assert sorted(rcpt) == ["dev@example.test", "ops@example.test"]
