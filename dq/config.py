@@ -98,8 +98,9 @@ _HINTS = get_type_hints(Settings)
 _FIELDS = {f.name for f in fields(Settings)}
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Turn a TOML or environment value into the field's type, or say what is wrong."""
+def _coerce(name: str, value: Any, source: str = "") -> Any:
+    """Turn a TOML or environment value into the field's type, or say what is wrong (and,
+    given its `source`, where it was set)."""
     hint = _HINTS[name]
     try:
         if hint is bool:
@@ -126,8 +127,10 @@ def _coerce(name: str, value: Any) -> Any:
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(int(v) for v in items)
     except (TypeError, ValueError):
+        where = f" (from {source})" if source else ""
         raise ConfigError(
-            f"setting {name!r}: {value!r} is not a valid {getattr(hint, '__name__', hint)}"
+            f"setting {name!r}{where}: {value!r} is not a valid "
+            f"{getattr(hint, '__name__', hint)}"
         ) from None
     raise ConfigError(f"setting {name!r} has an unsupported type")  # pragma: no cover
 
@@ -256,11 +259,11 @@ def load_settings(
         for key, value in data.items():
             if key not in _FIELDS:
                 raise ConfigError(f"config file {path}: unknown setting {key!r}")
-            values[key] = _coerce(key, value)
+            values[key] = _coerce(key, value, f"config file {path}")
     for name in _FIELDS:
         raw = env.get("DQ_" + name.upper())
         if raw is not None:
-            values[name] = _coerce(name, raw)
+            values[name] = _coerce(name, raw, "DQ_" + name.upper())
     for key, value in (overrides or {}).items():
         if value is None:
             continue

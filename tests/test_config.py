@@ -96,3 +96,12 @@ def test_checking_the_db_url_does_not_import_sqlalchemy_into_the_master() -> Non
                          env={**os.environ, "PYTHONPATH": str(REPO)}, check=True,
                          cwd=REPO)
     assert res.stdout.strip() == "False"
+
+
+def test_a_bad_value_says_where_it_was_set(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"'consumers' \(from DQ_CONSUMERS\): 'x' is not"):
+        load_settings(env={"DQ_CONSUMERS": "x"})
+    conf = tmp_path / "dq.toml"
+    conf.write_text('consumers = "four"\n')
+    with pytest.raises(ConfigError, match=rf"'consumers' \(from config file {conf}\): 'four'"):
+        load_settings(config_file=str(conf), env={})
