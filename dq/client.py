@@ -43,6 +43,9 @@ def _add_frame_plain(topic: str, job_id: str | int, body: Mapping[str, Any] | No
                      delay: float | None = None, fix_time: str | None = None,
                      due_ms: int | None = None) -> bytes:
     """The reference encoding of an add: `_add_frames` must produce exactly these bytes."""
+    if body and isinstance(body, str | bytes | bytearray):  # dict() would say less
+        raise DqError(BAD_REQUEST, f"body must be a dict (a JSON object), e.g. "
+                      f"{{'order_id': 42}}, not a {type(body).__name__}")
     req: dict[str, Any] = {"cmd": "add", "topic": topic, "id": job_id, "body": dict(body or {})}
     if delay is not None:
         req["delay"] = delay

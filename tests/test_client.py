@@ -80,6 +80,9 @@ def test_fast_frames_raise_what_the_plain_encoding_raises() -> None:
     loop["self"] = loop
     with pytest.raises(ValueError, match="Circular reference"):
         _add_frames([{"topic": "order", "id": "x", "body": loop}])
+    with pytest.raises(DqError, match=r"body must be a dict .* not a str") as info:
+        _add_frames([{"topic": "order", "id": "x", "body": '{"a": 1}'}])
+    assert info.value.err == "bad_request"
     # a job after one that failed to encode is still framed right
     jobs = [{"topic": "order", "id": "a", "body": {"x": float("nan")}}, FRAME_CASES[3]]
     assert _add_frames(jobs) == [plain(j) for j in jobs]
