@@ -11,8 +11,9 @@ as its own task:
 - failure with attempts left (attempt n, 0-based, of max_attempts = the topic's, else the
   settings'): retry at +(2n+1) retry units.
 - failure on the last attempt: bury as a dead letter with the last status, error and reply
-  excerpt, and mail the topic's alert addresses (in the background; a mail failure is
-  only logged).
+  excerpt, and mail the topic's alert addresses (in the background). The mail is owed
+  until sent (Store.owed_alerts): one its consumer did not get out (it died or was stopped
+  first, or the mail server failed) is mailed by consumer 0's sweep, for up to 24 hours.
 - a topic that is unknown or offline: the job is parked, not called, not counted as an
   attempt and not lost. Nothing is written: its lease runs out and a timer puts it back at
   the head of its ready list, so it is looked at again every `lease` seconds until the
@@ -49,7 +50,7 @@ from dq.config import Settings
 from dq.errors import DqError
 from dq.registry import Registry, Topic
 from dq.shards import Shard
-from dq.store import Claimed, Store
+from dq.store import Claimed, Store, split_tid
 from dq.topics import TopicCache
 from dq.worker import Context, open_store
 
@@ -65,6 +66,8 @@ LEASE_SHARE = 0.9  # of the lease a callback may take at most
 MIN_CALL = 0.5  # seconds (at most half the callback's share of the lease): with less of
 #                the lease left, a job is not called (it is delivered again after the lease)
 ALERT_WAIT = 12.0  # at stop, how long mails still being sent may take
+ALERT_SWEEP = 30.0  # seconds between consumer 0's looks for alert mails still owed
+ALERT_GIVE_UP_MS = 24 * 3600 * 1000  # an alert not mailed within this is dropped
 SHARD_ERRORS = (DqError, RedisError, OSError, asyncio.TimeoutError)
 _RNG = random.Random()
 
@@ -167,6 +170,8 @@ class Consumer:
             try:
                 loops = [asyncio.create_task(self._claim_loop(s), name=f"claim:{s.name}")
                          for s in self.store.shards.shards]
+                if self.ctx.index == 0:
+                    loops.append(asyncio.create_task(self._alert_sweep(), name="alerts"))
                 await self.ctx.stopping.wait()
                 self.slots.freed.set()  # wake claim loops waiting for a slot
                 await asyncio.gather(*loops)
@@ -364,15 +369,56 @@ class Consumer:
         task.add_done_callback(self.alerts.discard)
 
     async def _alert(self, topic: Topic, c: Claimed, error: dict[str, Any]) -> None:
+        """Mail a dead letter's alert; once mailed (or with nobody to mail) it is no longer
+        owed. One that fails stays owed: consumer 0's sweep tries it again later."""
         try:
             if self.registry is None:
                 self.registry = await asyncio.to_thread(Registry, self.settings.db_url())
                 self.owns_registry = True
             conf = await asyncio.to_thread(self.registry.alert)
             subject, text = dead_letter_mail(topic, c, error)
-            await send_alert(conf, topic.emails, subject, text)
+            sent = await send_alert(conf, topic.emails, subject, text)
+            if sent or not (conf.host and any(a.strip() for a in topic.emails)):
+                await self.store.alert_done(c.shard, c.tid)
         except Exception:
             log.exception("%s: alert for dead letter %s failed", self.ctx.name, c.tid)
+
+    async def _alert_sweep(self) -> None:
+        """Consumer 0 mails, every ALERT_SWEEP seconds, the alerts still owed: their
+        consumer died or was stopped before mailing, or the mail server failed."""
+        while not self.ctx.stopping.is_set():
+            await self._pause(ALERT_SWEEP)
+            for shard in self.store.shards.shards:
+                if self.ctx.stopping.is_set() or not shard.up:
+                    continue
+                try:
+                    for tid in await self.store.owed_alerts(shard):
+                        await self._owed_alert(shard, tid)
+                except SHARD_ERRORS as exc:
+                    log.warning("%s: looking for alerts owed on shard %s failed (%s: %s)",
+                                self.ctx.name, shard.name, exc.__class__.__name__, exc)
+
+    async def _owed_alert(self, shard: Shard, tid: str) -> None:
+        topic_key, job_id = split_tid(tid)
+        info = await self.store.lookup(topic_key, job_id)
+        if info is None or info.state != "dead" or info.shard != shard.name:
+            await self.store.alert_done(shard, tid)  # redriven or deleted since
+            return
+        error = info.error or {}
+        at = error.get("at")
+        if type(at) is int and time.time() * 1000 - at > ALERT_GIVE_UP_MS:
+            log.warning("%s: the alert for dead letter %s could not be mailed within %d h; "
+                        "giving up", self.ctx.name, tid, ALERT_GIVE_UP_MS // 3_600_000)
+            await self.store.alert_done(shard, tid)
+            return
+        topic = await self.topics.get(topic_key)
+        if topic is None:
+            await self.store.alert_done(shard, tid)  # its topic is gone: nobody to tell
+            return
+        await self._alert(topic, Claimed(
+            shard=shard, tid=tid, topic=topic_key, id=job_id, version="",
+            priority=info.priority, attempt=max(0, info.attempt - 1), due_ms=info.due_ms,
+            set_ms=0, body=info.body, claimed_ms=0, unreadable=info.unreadable), error)
 
 
 async def run(ctx: Context, store: Store | None = None, topics: TopicCache | None = None,

@@ -50,6 +50,9 @@ GUESTS_FRESH_MS = 10_000
 # on the old setting (a reload's draining generation) may add a few more meanwhile.
 REBUCKET_AGAIN_MS = 10 * 60 * 1000
 REBUCKET_BATCH = 500
+# A dead letter's alert mail is owed until sent (the alerts zset): the burying consumer
+# has this head start (ms) before a sweep may mail it, and a sweep's claim lasts as long.
+ALERT_HEAD_START_MS = 5 * 60 * 1000
 # The scripts that take many jobs per call, and how many reply values each job gets.
 BATCHED = {"add": 2, "ack": 1, "evict": 1}
 STAT_FIELDS = ("writes", "notifies", "ok", "fail", "retries", "dead", "dels")
@@ -238,6 +241,7 @@ class JobInfo:
     priority: int
     body: dict[str, Any]
     error: dict[str, Any] | None = None
+    unreadable: str = ""  # why the stored job cannot be read (its body is then {})
 
 
 @dataclass(frozen=True)
@@ -263,6 +267,7 @@ class Store:
         self.k_guests = prefix + "guests"
         self.k_moving = prefix + "moving"
         self.k_layout = prefix + "layout"  # the bucket count the delayed jobs are kept in
+        self.k_alerts = prefix + "alerts"  # dead letters whose alert mail is owed
         self.k_ready = tuple(f"{prefix}ready:{p}" for p in (1, 2, 3))
         self.k_delay = tuple(f"{prefix}delay:{b}" for b in range(buckets))
         self.k_wake = tuple(f"{prefix}wake:{b}" for b in range(buckets))
@@ -578,7 +583,8 @@ class Store:
         if state == "dead" and isinstance(error, dict) and type(error.get("attempts")) is int:
             attempt = error["attempts"]  # the last call failed too
         return JobInfo(shard=shard.name, topic=topic, id=job_id, state=state, due_ms=due,
-                       attempt=attempt, priority=data.priority, body=body, error=error)
+                       attempt=attempt, priority=data.priority, body=body, error=error,
+                       unreadable=unreadable)
 
     # timer ------------------------------------------------------------------------------
     async def move_due(self, shard: Shard, buckets: Sequence[int],
@@ -728,11 +734,24 @@ class Store:
 
     async def bury(self, c: Claimed, error: dict[str, Any], *, called: bool = True,
                    took_ms: int | None = None) -> bool:
+        """Keep a job that used up its attempts as a dead letter, its alert mail owed (see
+        `owed_alerts`); False when it changed meanwhile."""
         keys = (self.k_jobs, self.k_inflight, self.k_dead, self.k_dead_err,
-                self.k_stat(c.topic), self.k_minute(), self.k_hist(c.topic))
+                self.k_stat(c.topic), self.k_minute(), self.k_hist(c.topic), self.k_alerts)
         args = (c.tid, c.version, fastjson.dumps(error), self.day(), MINUTE_TTL, 1 if called else 0,
-                *self.observe(c, took_ms if called else None))
+                ALERT_HEAD_START_MS, *self.observe(c, took_ms if called else None))
         return bool(await c.shard.script("bury", keys, args))
+
+    async def owed_alerts(self, shard: Shard, limit: int = 20) -> list[str]:
+        """Dead letters on `shard` whose alert mail is owed and whose burying consumer's
+        head start is over (it died, was stopped, or the mail server failed), claimed for
+        ALERT_HEAD_START_MS: mail each, then `alert_done`."""
+        got = await shard.script("alert_claim", (self.k_alerts,), (limit, ALERT_HEAD_START_MS))
+        return [t.decode() for t in got]
+
+    async def alert_done(self, shard: Shard, tid: str) -> None:
+        """The alert mail of dead letter `tid` is sent, or not owed any more."""
+        await shard.call("ZREM", self.k_alerts, tid)
 
     # dead letters -----------------------------------------------------------------------
     async def dead_letters(self, topic: str | None = None, limit: int = 100) -> list[JobInfo]:

@@ -20,6 +20,7 @@ import redis
 from aiosmtpd.controller import Controller
 
 from dq import consumer, timer
+from dq import store as store_module
 from dq.config import Settings
 from dq.consumer import priority_order, retry_delay_ms
 from dq.errors import DqError
@@ -493,3 +494,42 @@ async def test_a_job_is_called_only_within_what_is_left_of_its_lease(
     assert worker.parked == 1 and worker.delivered == 1
     info = await store.lookup("slow", "late")
     assert info is not None and info.state == "inflight"  # delivered again after its lease
+
+
+async def test_an_alert_the_mail_server_refused_is_mailed_once_it_answers(
+        store: Store, receiver: Receiver, roles: Roles, topic: Callable[..., Topic],
+        registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead letter's alert mail is owed until sent: one the mail server could not take
+    is mailed by consumer 0's sweep once it answers, once; one whose dead letter was
+    deleted meanwhile is not mailed."""
+    monkeypatch.setattr(consumer, "ALERT_SWEEP", 0.2)
+    monkeypatch.setattr(store_module, "ALERT_HEAD_START_MS", 300)
+    port = free_port()  # nothing listens there yet
+    registry.save_alert(AlertConf(host="127.0.0.1", port=port, sender="dq@example.test"))
+    topic("broken", max_attempts=1, emails=("ops@example.test",))
+    receiver.routes["/broken"] = lambda req: (500, b"down")
+    roles.start("timer")
+    roles.start("consumer")
+    for job_id in ("b1", "b2"):
+        await store.add("broken", job_id, {}, delay_ms=0)
+    async with asyncio.timeout(10):
+        while len(await store.dead_letters("broken")) < 2:
+            await asyncio.sleep(0.05)
+    shard = store.shards.shards[0]
+    assert sorted(await shard.client.zrange(store.k_alerts, 0, -1)) == [b"broken:b1",
+                                                                       b"broken:b2"]
+    assert await store.delete("broken", "b2")
+    await asyncio.sleep(0.6)  # the sweep finds the mail server still down: b1 stays owed
+    box = Mailbox()
+    ctl = Controller(box, hostname="127.0.0.1", port=port)
+    ctl.start()
+    try:
+        async with asyncio.timeout(10):
+            while not box.messages:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # several sweeps more: no second mail
+    finally:
+        ctl.stop()
+    [(rcpt, mail)] = box.messages
+    assert rcpt == ["ops@example.test"] and "broken:b1" in mail
+    assert await shard.client.zcard(store.k_alerts) == 0
