@@ -158,7 +158,7 @@ class Checker:
                 else:
                     counts = await mover.put_back_stranded(shard, self.answering)
             except DqError as exc:
-                log.debug("%s: cannot sweep guests on %s: %s", self.ctx.name, shard.name, exc)
+                log.debug("%s: cannot sweep guests on %s: %s", self.ctx.name, shard.label, exc)
                 continue
             homed = counts["moved"] + counts["superseded"]
             if homed or counts["error"]:

@@ -230,7 +230,7 @@ class Consumer:
                 self.slots.give(n)
                 if isinstance(exc, SHARD_ERRORS):
                     log.warning("%s: claim on shard %s failed (%s: %s); retrying in %.1fs",
-                                self.ctx.name, shard.name, exc.__class__.__name__, exc, backoff)
+                                self.ctx.name, shard.label, exc.__class__.__name__, exc, backoff)
                 else:
                     log.exception("%s: claim on shard %s failed", self.ctx.name, shard.name)
                 await self._pause(backoff)
@@ -396,7 +396,7 @@ class Consumer:
                         await self._owed_alert(shard, tid)
                 except SHARD_ERRORS as exc:
                     log.warning("%s: looking for alerts owed on shard %s failed (%s: %s)",
-                                self.ctx.name, shard.name, exc.__class__.__name__, exc)
+                                self.ctx.name, shard.label, exc.__class__.__name__, exc)
 
     async def _owed_alert(self, shard: Shard, tid: str) -> None:
         topic_key, job_id = split_tid(tid)

@@ -212,8 +212,8 @@ class GuestMover:
                 await owner.script("guest_land", keys.land,
                                    (tid, "commit", version, "", due, 0))
             log.warning("guest %s: its landed copy was on %s, no longer its owner (the shard "
-                        "list changed during a move); %s", tid, shard.name,
-                        f"moved to {owner.name}" if landed == b"landed"
+                        "list changed during a move); %s", tid, shard.label,
+                        f"moved to {owner.label}" if landed == b"landed"
                         else "a later add of the job wins")
             return True
         return everywhere

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dq.config import Settings
+from dq.resp import safe_name
 
 if TYPE_CHECKING:
     from dq.shards import Shard
@@ -34,11 +34,6 @@ log = logging.getLogger(__name__)
 
 HEALTH_FILE = "health.json"
 POLL_EVERY = 0.5  # seconds between checks of the file's identity
-
-
-def safe_name(text: str) -> str:
-    """A shard name or URL with any password masked, fit for a log line or the record."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", text)
 
 
 def health_path(settings: Settings) -> Path:

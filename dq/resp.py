@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
 import socket
 import ssl
 import time
@@ -30,6 +31,12 @@ log = logging.getLogger(__name__)
 # Gets a command's reply, or the exception it failed with, as soon as it is read.
 ReplyCallback: TypeAlias = Callable[[Any, BaseException | None], None]
 Waiter: TypeAlias = "asyncio.Future[Any] | ReplyCallback"
+
+
+def safe_name(text: str) -> str:
+    """A shard name or URL with any password masked, fit for a log line, an error or the
+    health record (a shard from the settings is named by its URL)."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", text)
 
 
 def pack(args: tuple[Any, ...]) -> bytes:
@@ -99,6 +106,7 @@ class RespConnection:
                  command_timeout: float = 5.0) -> None:
         self.url = url
         self.name = name
+        self.label = safe_name(name)  # the name, shown: without a password
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.transport: asyncio.Transport | None = None
@@ -115,7 +123,7 @@ class RespConnection:
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def _unavailable(self, why: object) -> DqError:
-        return DqError(UNAVAILABLE, f"redis shard {self.name} is unavailable ({why}); "
+        return DqError(UNAVAILABLE, f"redis shard {self.label} is unavailable ({why}); "
                        "retry shortly")
 
     async def _open(self) -> None:
@@ -212,7 +220,7 @@ class RespConnection:
         if time.monotonic() - self.heard >= self.command_timeout:
             self._why = f"no reply within {self.command_timeout:g} s"
             log.warning("redis shard %s: %s with %d command(s) waiting; dropping the "
-                        "connection", self.name, self._why, len(self.waiting))
+                        "connection", self.label, self._why, len(self.waiting))
             self.transport.abort()
             return
         self._watch = cast(asyncio.AbstractEventLoop, self.loop).call_later(
@@ -232,7 +240,7 @@ class RespConnection:
                 self.transport.write(data)
             except Exception:  # not seen with asyncio's or uvloop's transports
                 # Its commands are lost: closing tells their waiters (lost()), once.
-                log.exception("writing to redis shard %s failed; reconnecting", self.name)
+                log.exception("writing to redis shard %s failed; reconnecting", self.label)
                 self.transport.abort()
         self._out.clear()
 

@@ -177,7 +177,7 @@ class Handler:
         def done(res: Any, exc: BaseException | None) -> None:
             if exc is None:
                 self.stats["add"] += 1
-                log_request("add", req.topic, req.id, "ok", t0, shard.name)
+                log_request("add", req.topic, req.id, "ok", t0, shard.label)
                 reply.set(protocol.OK_EMPTY)
                 return
             # scripts not loaded yet, or an error: the ordinary path retries or explains
@@ -241,7 +241,7 @@ class Handler:
         self.stats["add"] += len(added)
         if request_log.isEnabledFor(logging.INFO):
             for req, shard, _ in added:
-                log_request("add", req.topic, req.id, "ok", many.t0, shard.name)
+                log_request("add", req.topic, req.id, "ok", many.t0, shard.label)
 
     async def _add_slow(self, shard: Shard, job: AddJob, req: AddRequest, t0: float) -> bytes:
         error = await self._add_retry(shard, job, req, t0)
@@ -267,12 +267,12 @@ class Handler:
                 await shard.evalsha(self.store.add_args([job]))
         except DqError as exc:
             self.stats["fail"] += 1
-            log_request("add", req.topic, req.id, exc.err, t0, shard.name, exc.msg)
+            log_request("add", req.topic, req.id, exc.err, t0, shard.label, exc.msg)
             return exc
         except Exception as exc:
             return self._unexpected_error(req, exc)
         self.stats["add"] += 1
-        log_request("add", req.topic, req.id, "ok", t0, shard.name)
+        log_request("add", req.topic, req.id, "ok", t0, shard.label)
         return None
 
     def _add_job(self, req: AddRequest, exclude: tuple[str, ...] = ()) -> tuple[Shard, AddJob]:

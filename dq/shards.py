@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from dq.errors import UNAVAILABLE, DqError
-from dq.resp import RespConnection
+from dq.resp import RespConnection, safe_name
 
 if TYPE_CHECKING:
     from dq.health import HealthReader
@@ -74,6 +74,7 @@ class Shard:
     def __init__(self, name: str, url: str, *, connect_timeout: float | None = None,
                  command_timeout: float = 5.0) -> None:
         self.name = name
+        self.label = safe_name(name)  # the name, shown: without a password
         self.url = url
         self._name_hash = hashlib.blake2b(f"{name}\0".encode(), digest_size=8)
         if connect_timeout is None:
@@ -99,7 +100,7 @@ class Shard:
         self._loading: asyncio.Future[Any] | None = None
 
     def __repr__(self) -> str:
-        return f"<Shard {self.name} {'up' if self.up else 'down'}>"
+        return f"<Shard {self.label} {'up' if self.up else 'down'}>"
 
     def weight(self, key: bytes) -> int:
         """`_weight(self.name, key)`, from a hash state that has already read the name."""
@@ -169,12 +170,12 @@ class Shard:
         self.open_until = now + self._cooloff
         self._broken = exc.msg
         if self._cooloff == COOLOFF_MIN:
-            log.warning("redis shard %s failed: %s; calls fail fast for %.1f s", self.name,
+            log.warning("redis shard %s failed: %s; calls fail fast for %.1f s", self.label,
                         exc, self._cooloff)
 
     def _recovered(self) -> None:
         if self.open_until:
-            log.info("redis shard %s answers again", self.name)
+            log.info("redis shard %s answers again", self.label)
         self.failures = 0
         self.open_until = 0.0
         self._cooloff = 0.0

@@ -621,7 +621,7 @@ class Store:
         most = max(most, cur, n)
         if cur != n:
             log.warning("shard %s: the buckets setting changed from %d to %d; moving its "
-                        "delayed jobs to their new buckets", shard.name, cur, n)
+                        "delayed jobs to their new buckets", shard.label, cur, n)
             changed = now_ms
             # Recorded first: a pass cut short is done again by the next call.
             await shard.call("HSET", self.k_layout, "buckets", n, "most", most,
@@ -645,7 +645,7 @@ class Store:
                 if not cursor:
                     break
         if moved:
-            log.warning("shard %s: %d delayed job(s) moved to their buckets", shard.name, moved)
+            log.warning("shard %s: %d delayed job(s) moved to their buckets", shard.label, moved)
         return moved
 
     async def _delay_buckets(self, shard: Shard) -> list[int]:

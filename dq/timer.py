@@ -107,7 +107,7 @@ class Timer:
                     backoff = min(backoff * 2, BACKOFF_MAX)
                     continue
                 if backoff > BACKOFF_MIN:
-                    log.info("timer: shard %s answers again", shard.name)
+                    log.info("timer: shard %s answers again", shard.label)
                 backoff = BACKOFF_MIN
                 if wait > 0:
                     await self._wait(wake, wait)
@@ -159,7 +159,7 @@ class Timer:
                     await self.store.rebucket(shard)
                 except SHARD_ERRORS as exc:
                     log.warning("timer: checking the buckets of shard %s failed (%s: %s); "
-                                "trying again in %.0fs", shard.name, exc.__class__.__name__,
+                                "trying again in %.0fs", shard.label, exc.__class__.__name__,
                                 exc, LAYOUT_EVERY)
             await _sleep_unless(self.ctx.stopping, LAYOUT_EVERY)
 
@@ -182,7 +182,7 @@ class Timer:
     def _failed(self, shard: Shard, what: str, exc: BaseException, backoff: float) -> None:
         self.errors += 1
         log.warning("timer: %s on shard %s failed (%s: %s); retrying in %.1fs", what,
-                    shard.name, exc.__class__.__name__, exc, backoff)
+                    shard.label, exc.__class__.__name__, exc, backoff)
 
 
 async def run(ctx: Context, store: Store | None = None) -> None:

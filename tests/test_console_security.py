@@ -9,7 +9,10 @@ where a fired `alert` or an element the payload made would show.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import hmac
 import os
 import re
 import subprocess
@@ -540,3 +543,92 @@ async def test_run_refuses_an_open_console_built_in_code(redis_server: RedisProc
                         db=f"sqlite:///{tmp_path / 'r.db'}")
     with pytest.raises(ConfigError, match="without a web_password"):
         await asyncio.wait_for(run(Context(settings, "web")), 10)
+
+
+# -- what a stranger can learn or cost the server ----------------------------------------
+
+async def test_a_session_cookie_does_not_make_the_password_cheap_to_guess_offline(
+        console: Console) -> None:
+    """Anyone gets a signed cookie from GET /login. Its key is scrypt of the password, not
+    a plain HMAC of it: a cookie signed the old, cheap way is refused, and checking one
+    guess against a cookie costs a scrypt."""
+    page = await console.anon.get("/login")
+    cookie = console.anon.cookies["dq_session"]
+    text, _, sig = cookie.rpartition(".")
+    slow = hashlib.scrypt(PW.encode(), salt=b"dq-session", n=2**14, r=8, p=1, dklen=32)
+    assert sig == _b64u(hmac.new(slow, text.encode(), hashlib.sha256).digest())
+    cheap = hmac.new(PW.encode(), b"dq-session", hashlib.sha256).digest()
+    nonce, _auth, issued = text.split(".")
+    logged_in = f"{nonce}.1.{issued}"  # the same session, logged in, signed the cheap way
+    forged = f"{logged_in}.{_b64u(hmac.new(cheap, logged_in.encode(), hashlib.sha256).digest())}"
+    stranger = httpx.AsyncClient(transport=console.transport, base_url=BASE,
+                                 cookies={"dq_session": forged})
+    async with stranger:
+        r = await stranger.get("/topics")
+    assert r.status_code == 303 and r.headers["location"].startswith("/login")
+    assert page.status_code == 200
+
+
+def _b64u(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+async def test_an_oversized_body_is_refused_before_it_is_read(console: Console) -> None:
+    """A form is read before its session is checked, and an API body before its password:
+    a body larger than anything here takes gets 413 at once, with or without credentials."""
+    big = {"password": "x" * (300 * 1024)}
+    r = await console.anon.post("/login", data=big)
+    assert r.status_code == 413 and r.json()["err"] == "too_large"
+    r = await console.api.post("/api/jobs", json={"topic": "t", "id": "1", "body": {
+        "pad": "x" * (300 * 1024)}})
+    assert r.status_code == 413 and "KiB" in r.json()["detail"]
+    r = await console.anon.post("/login", data={"csrf": "x", "password": "y"})
+    assert r.status_code != 413  # an ordinary form still goes through
+
+
+async def test_a_shards_password_is_not_shown_when_it_is_down(redis_server: RedisProcess,
+                                                              tmp_path: Path) -> None:
+    """A shard from the settings is named by its URL: when it does not answer, its error
+    names it too, and the password in it must not reach pages, the API or the log."""
+    down = f"redis://:TopSecretRedisPw@127.0.0.1:{free_port()}/0"
+    settings = Settings(redis=(redis_server.url, down), web_password=PW,
+                        db=f"sqlite:///{tmp_path / 'dq.sqlite3'}")
+    registry = Registry(settings.db)
+    store = open_store(settings)
+    app = create_app(settings, registry=registry, store=store)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url=BASE,
+                                     auth=("admin", PW)) as api:
+            shards = await api.get("/api/shards")
+            dead = await api.get("/api/dead")
+            page = await api.get("/shards")
+        assert "TopSecretRedisPw" not in shards.text + dead.text + page.text
+        assert any("***@" in s["error"] for s in shards.json())
+        assert dead.status_code == 503 and "***@" in dead.json()["detail"]
+    finally:
+        await store.shards.close()
+        registry.close()
+
+
+async def test_a_stored_mail_password_is_not_sent_to_another_server(console: Console) -> None:
+    """Leaving the password field empty keeps the stored one only for the same host, port
+    and user: pointed elsewhere (where "test mail" would hand it over), it is dropped."""
+    token = await login(console.anon)
+    form = {"csrf": token, "host": "smtp.corp.example", "port": "587", "user": "dq@corp",
+            "password": "Corp-Mail-Pw", "tls": "starttls", "sender": "dq@corp.example",
+            "redis_emails": ""}
+    assert (await console.anon.post("/alert", data=form)).status_code == 303
+    assert console.registry.alert().password == "Corp-Mail-Pw"
+    same = {**form, "password": "", "sender": "alerts@corp.example"}
+    assert (await console.anon.post("/alert", data=same)).status_code == 303
+    assert console.registry.alert().password == "Corp-Mail-Pw"  # kept: the same server
+    moved = {**form, "password": "", "host": "127.0.0.1", "port": "2525"}
+    assert (await console.anon.post("/alert", data=moved)).status_code == 303
+    assert console.registry.alert().password == ""
+
+
+async def test_a_link_cannot_put_its_words_in_the_consoles_messages(console: Console) -> None:
+    await login(console.anon)
+    lure = "Your session expired. Log in at https:evil.example"
+    r = await console.anon.get(f"/topics/{quote(lure)}/edit", follow_redirects=True)
+    assert "evil.example" not in r.text and "does not exist" in r.text

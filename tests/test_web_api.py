@@ -346,9 +346,14 @@ async def test_alert_settings(web: Web) -> None:
     assert r.json()["redis_emails"] == ["a@example.com", "b@example.com"]
     assert "mailpw" not in (await web.api.get("/api/alert")).text
 
+    r = await web.api.put("/api/alert", json={"sender": "ops@example.com", "password": ""})
+    assert r.json()["sender"] == "ops@example.com" and r.json()["password_set"] is True
+    assert web.registry.alert().password == "mailpw"  # kept: the same server and user
     r = await web.api.put("/api/alert", json={"port": 2525, "password": ""})
     assert r.json()["port"] == 2525 and r.json()["host"] == "smtp.example.com"
-    assert web.registry.alert().password == "mailpw"
+    # another server: the stored password would go to it, so it must be given again
+    assert r.json()["password_set"] is False and web.registry.alert().password == ""
+    r = await web.api.put("/api/alert", json={"password": "mailpw"})
     r = await web.api.put("/api/alert", json={"clear_password": True, "tls": "none"})
     assert r.json()["password_set"] is False and web.registry.alert().tls == ""
 

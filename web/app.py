@@ -26,7 +26,7 @@ from dq.store import Store
 from dq.worker import Context, open_store
 from web import api, errors, metrics, pages, pages_ops
 from web.auth import SESSION_COOKIE, SESSION_TTL, Keys
-from web.errors import FORBIDDEN, ApiError
+from web.errors import FORBIDDEN, TOO_LARGE, ApiError
 from web.state import WebState
 from web.views import HERE, make_templates
 
@@ -40,6 +40,7 @@ SECURITY_HEADERS: Final = {
     "Referrer-Policy": "same-origin",
 }
 _SAFE_METHODS: Final = ("GET", "HEAD", "OPTIONS")
+MAX_BODY: Final = 256 * 1024  # bytes of a request body: a job's body is at most 9,999
 _LOOPBACK: Final = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -88,6 +89,21 @@ def _refusal(request: Request, hosts: tuple[str, ...] | None) -> str:
     return "cross-site requests are refused; use the console itself or the API" if cross else ""
 
 
+def _too_big(request: Request) -> str:
+    """Why a request's body must not be read ('' when it may): every form and API body
+    here is small, and it is read (a form before its session is checked) into memory."""
+    if request.method in _SAFE_METHODS:
+        return ""
+    length = request.headers.get("content-length")
+    if length is None:
+        if request.headers.get("transfer-encoding"):
+            return "send the request with a Content-Length header"
+        return ""
+    if not length.isdigit() or int(length) > MAX_BODY:
+        return f"the request body is over {MAX_BODY // 1024} KiB; nothing here takes that much"
+    return ""
+
+
 def create_app(settings: Settings, *, registry: Registry | None = None,
                store: Store | None = None) -> FastAPI:
     """The console and API over `registry` and `store` (opened from settings when None;
@@ -129,8 +145,11 @@ def create_app(settings: Settings, *, registry: Registry | None = None,
                     call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         st.counters["requests"] += 1
         why = _refusal(request, hosts)
+        too_big = _too_big(request)
         if why:
             response: Response = errors.json_error(ApiError(403, FORBIDDEN, why))
+        elif too_big:
+            response = errors.json_error(ApiError(413, TOO_LARGE, too_big))
         else:
             response = await call_next(request)
         if response.status_code >= 500:

@@ -3,14 +3,19 @@
 One password (settings.web_password) guards everything but /healthz (and /metrics when
 public). The API takes HTTP Basic (any user name) or `Authorization: Bearer <password>`.
 Pages use a login form and a signed session cookie; every HTML form carries a CSRF token
-derived from the session. The signing key is HMAC-SHA256(password, "dq-session"): the same
-in every process and instance, and changing the password ends every session.
+derived from the session. The signing key is scrypt(password, salt "dq-session"): the same
+in every process and instance, and changing the password ends every session. A signed
+cookie is handed to anyone who opens the login page, so the key must be dear to guess
+offline: scrypt (n=2**14, r=8: ~16 MB and tens of ms a guess) where a plain HMAC cost a
+few microseconds. Failed API logins wait FAILED_AUTH_WAIT, as the login form does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import secrets
@@ -25,6 +30,7 @@ from web.errors import FORBIDDEN, UNAUTHORIZED, ApiError, LoginRequired
 
 SESSION_COOKIE: Final = "dq_session"
 SESSION_TTL: Final = 12 * 3600
+FAILED_AUTH_WAIT: Final = 0.3  # seconds a wrong password waits before its answer
 _CHALLENGE: Final = {"WWW-Authenticate": 'Basic realm="dq", charset="UTF-8"'}
 _API_HELP: Final = ("send HTTP Basic auth (any user name, the console password) or the header "
                     "'Authorization: Bearer <password>'")
@@ -45,12 +51,19 @@ class Session:
     csrf: str
 
 
+@functools.lru_cache(maxsize=4)
+def session_key(password: str) -> bytes:
+    """The key session cookies and CSRF tokens are signed with (once per process)."""
+    return hashlib.scrypt(password.encode(), salt=b"dq-session", n=2**14, r=8, p=1,
+                          dklen=32)
+
+
 class Keys:
     """Password checks, session cookies and CSRF tokens, all derived from the password."""
 
     def __init__(self, password: str) -> None:
         self.password = password
-        self._key = hmac.new(password.encode(), b"dq-session", hashlib.sha256).digest()
+        self._key = session_key(password)
 
     def _sign(self, text: str) -> str:
         return _b64(hmac.new(self._key, text.encode(), hashlib.sha256).digest())
@@ -131,7 +144,7 @@ def require_page(request: Request) -> Session:
     raise LoginRequired(target if request.method == "GET" else "/")
 
 
-def require_api(request: Request) -> None:
+async def require_api(request: Request) -> None:
     """Dependency of every API route: Basic or Bearer with the password."""
     keys = _keys(request)
     header = request.headers.get("authorization")
@@ -139,17 +152,18 @@ def require_api(request: Request) -> None:
         raise ApiError(401, UNAUTHORIZED, f"this API needs the console password: {_API_HELP}",
                        headers=_CHALLENGE)
     if not keys.api_ok(header or ""):
+        await asyncio.sleep(FAILED_AUTH_WAIT)  # slows guessing, as the login form does
         raise ApiError(401, UNAUTHORIZED, f"wrong credentials: {_API_HELP}", headers=_CHALLENGE)
 
 
-def require_docs(request: Request) -> None:
+async def require_docs(request: Request) -> None:
     """The API docs: a logged-in browser session or the API's credentials."""
     sess = current_session(request)
     if sess is not None and sess.auth:
         request.state.session = sess
         return
     if request.headers.get("authorization") or request.url.path.endswith(".json"):
-        require_api(request)
+        await require_api(request)
         return
     require_page(request)
 

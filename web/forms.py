@@ -263,12 +263,16 @@ def validate_alert(data: Mapping[str, Any], current: AlertConf) -> AlertConf:
     sender = f.text("sender", current.sender)
     if sender and not EMAIL.fullmatch(sender):
         f.fail("sender", "sender must be an email address, e.g. dq@example.com")
+    port = f.integer("port", current.port, 0, 65535, "587 (0 picks the default)")
+    user = f.text("user", current.user)
     password = f.text("password", "")
-    if not password and not f.flag("clear_password"):
+    # An empty password keeps the stored one, but only for the same server and user: sent
+    # to another server (whose "test mail" would then receive it), it must be typed again.
+    if not password and not f.flag("clear_password") \
+            and (host, port, user) == (current.host, current.port, current.user):
         password = current.password
     conf = AlertConf(
-        host=host, port=f.integer("port", current.port, 0, 65535, "587 (0 picks the default)"),
-        user=f.text("user", current.user), password=password,
+        host=host, port=port, user=user, password=password,
         tls="" if tls == "none" else tls, sender=sender,
         redis_emails=f.emails("redis_emails", current.redis_emails), ext=current.ext)
     errors.update(f.errors)

@@ -56,7 +56,7 @@ async def metrics(request: Request) -> Response:
     liveness, for Prometheus."""
     st = state(request)
     if not st.settings.metrics_public:
-        require_api(request)
+        await require_api(request)
     topics = list((await db(st.registry.topics)).values())
     events = CounterMetricFamily("dq_topic_events", "Job events per topic since counting began",
                                  labels=["topic", "event"])

@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 
 from dq.errors import DqError
 from dq.registry import Topic
+from dq.resp import safe_name
 from dq.shards import Shard
 from dq.store import STAT_FIELDS, BadPayload, JobInfo, Store
 from web.forms import mask_url
@@ -49,7 +50,7 @@ async def probe(store: Store, shard: Shard, view: ShardView) -> None:
             await shard.call("PING")
             info, depths = await asyncio.gather(shard.call("INFO"), store.depths(shard))
     except (DqError, RedisError, OSError, TimeoutError) as exc:
-        view.error = str(exc) or exc.__class__.__name__
+        view.error = safe_name(str(exc)) or exc.__class__.__name__
         if isinstance(exc, TimeoutError):
             view.error = f"no answer within {PROBE_TIMEOUT:g} s"
         return

@@ -18,6 +18,7 @@ from starlette.datastructures import FormData
 
 from web import chart
 from web.auth import (
+    FAILED_AUTH_WAIT,
     SESSION_COOKIE,
     Session,
     check_csrf,
@@ -73,7 +74,7 @@ async def login(request: Request, st: St) -> Response:
     target = safe_next(_text(form, "next"))
     password = form.get("password")
     if not isinstance(password, str) or not st.keys.check_password(password):
-        await asyncio.sleep(0.3)  # slows guessing a little without a lockout to abuse
+        await asyncio.sleep(FAILED_AUTH_WAIT)  # slows guessing without a lockout to abuse
         request.state.session = sess
         return render(request, "login.html", {"next": target, "error": "Wrong password."},
                       status=401)
@@ -161,7 +162,8 @@ async def new_topic_page(request: Request, sess: PageSession) -> Response:
 async def edit_topic_page(key: str, request: Request, st: St, sess: PageSession) -> Response:
     topic = await db(st.registry.get_topic, key)
     if topic is None:
-        return redirect("/topics", f"Topic {key} does not exist.", error=True)
+        # Not repeating the key: a link from another site could make it say anything.
+        return redirect("/topics", "That topic does not exist.", error=True)
     return _form_page(request, topic_input(topic), key=key, secret_set=bool(topic.secret))
 
 
