@@ -39,7 +39,9 @@ from tests.conftest import RedisProcess
 from tests.test_server import Running, frame, raw_exchange, start_server
 
 MAX_FRAME = 4096  # below 9999, so declared lengths can also be too large
-CANARY_P99_MS = 50.0
+# Isolation, not speed: a hostile client that stalls the loop costs the canary seconds. 50 ms
+# was missed (51.4 ms) on a slow 2-vCPU VM while other test runs loaded it.
+CANARY_P99_MS = 100.0
 FUZZ_EXAMPLES = int(os.environ.get("DQ_FUZZ_EXAMPLES", "1000"))
 PING = frame({"cmd": "ping"})
 OK = {"code": 1, "msg": "succ", "data": []}

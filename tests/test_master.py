@@ -681,15 +681,28 @@ def test_servers_share_connections_made_together(
     m.wait("generation 0 up", lambda: "generation 0 is up" in m.output())
     servers = [pid for pid, title in kids.items() if title.startswith("dq-server-")]
     ping = b'0014{"cmd":"ping"}'
-    conns = [socket.create_connection(("127.0.0.1", m.port), timeout=5) for _ in range(40)]
+    conns: list[socket.socket] = []
     late: list[socket.socket] = []
     try:
-        for c in conns:
-            c.sendall(ping)
-        for c in conns:
-            assert c.recv(100).startswith(b"00")
-        held = {pid: clients_of(pid, m.port) for pid in servers}
-        assert sum(held.values()) == 40 and min(held.values()) >= 10, held
+        # On a loaded machine a server may not wake within DEFER, and the other then takes
+        # a burst (the fallback): up to three rounds; without the LoadBoard every round
+        # splits about 42/8.
+        for _ in range(3):
+            for c in conns:
+                c.close()
+            m.wait("connections closed", lambda: all(clients_of(p, m.port) == 0
+                                                     for p in servers))
+            conns = [socket.create_connection(("127.0.0.1", m.port), timeout=5)
+                     for _ in range(40)]
+            for c in conns:
+                c.sendall(ping)
+            for c in conns:
+                assert c.recv(100).startswith(b"00")
+            held = {pid: clients_of(pid, m.port) for pid in servers}
+            assert sum(held.values()) == 40, held
+            if min(held.values()) >= 10:
+                break
+        assert min(held.values()) >= 10, held
         fewer = min(servers, key=lambda pid: held[pid])
         os.kill(fewer, signal.SIGSTOP)
         try:
