@@ -133,6 +133,10 @@ def _settings(args: argparse.Namespace, prog: str,
 
 def master_main(argv: list[str] | None = None) -> NoReturn:
     """`dq-master`: parse flags, bind the port, maybe daemonize, run the arbiter."""
+    # Until the arbiter's handlers are installed, a reload or scaling signal (systemctl
+    # reload right after start) must not kill the master with its default action.
+    for sig in (signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(sig, signal.SIG_IGN)
     args = build_master_parser().parse_args(argv)
     settings, overrides = _settings(args, "dq-master")
     arbiter = Arbiter(settings, overrides=overrides)

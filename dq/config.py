@@ -149,6 +149,10 @@ def _validate(s: Settings) -> Settings:
     need(s.redis_timeout > 0, "redis_timeout must be a positive number of seconds")
     need(s.idle_timeout >= 0, "idle_timeout must be 0 (never close a quiet connection) or a "
          "positive number of seconds")
+    need(s.grace >= 0, "grace must be 0 or more seconds")
+    # children beat every second (dq/worker.py HEARTBEAT_EVERY)
+    need(s.heartbeat_timeout >= 2, "heartbeat_timeout must be at least 2 seconds (children "
+         "beat every second; a shorter one aborts healthy children)")
     # dq/lua/add.lua wakes a timer only for jobs due within WAKE_WITHIN: a timer must look
     # at its buckets at least that often on its own.
     need(0 < s.timer_tick <= WAKE_WITHIN, f"timer_tick must be more than 0 and at most "

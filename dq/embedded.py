@@ -61,15 +61,23 @@ def command(conn: socket.socket, *args: str) -> bytes:
     return reply.split(b"\r\n", 1)[0]
 
 
-def ping(path: str | Path, timeout: float = 0.5) -> bool:
-    """True when a Redis answers PING on the unix socket `path`."""
+def state(path: str | Path, timeout: float = 0.5) -> str:
+    """What a Redis on the unix socket `path` says to PING: 'ready', 'loading' (its data set
+    is still being read into memory: it answers -LOADING) or 'down' (no answer)."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.settimeout(timeout)
             conn.connect(str(path))
-            return command(conn, "PING") == b"+PONG"
+            reply = command(conn, "PING")
     except OSError:
-        return False
+        return "down"
+    return "ready" if reply == b"+PONG" else "loading" if reply.startswith(b"-LOADING") \
+        else "down"
+
+
+def ping(path: str | Path, timeout: float = 0.5) -> bool:
+    """True when a Redis answers PING on the unix socket `path`."""
+    return state(path, timeout) == "ready"
 
 
 class EmbeddedRedis:
@@ -133,7 +141,7 @@ class EmbeddedRedis:
         We hold the data dir lock, so no live master owns it; SHUTDOWN makes it write its
         AOF and exit before a new one opens the same files.
         """
-        if not ping(self.socket):
+        if state(self.socket) == "down":  # a loading one is alive too: it answers -LOADING
             return
         log.warning("a redis-server left by an earlier dq-master answers on %s; "
                     "shutting it down", self.socket)
@@ -145,16 +153,40 @@ class EmbeddedRedis:
         except OSError:
             pass
         deadline = time.monotonic() + 10
-        while ping(self.socket) and time.monotonic() < deadline:
+        while state(self.socket) != "down" and time.monotonic() < deadline:
             time.sleep(0.1)
 
     def wait_ready(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
+        """Wait until the redis-server answers PING: up to `timeout` seconds to start, and
+        for as long as it says it is loading its data (a large AOF takes minutes) while
+        its process lives."""
+        start = time.monotonic()
+        deadline = start + timeout
+        said = start
         while time.monotonic() < deadline:
-            if ping(self.socket):
+            now_state = state(self.socket)
+            if now_state == "ready":
                 return True
+            if now_state == "loading" and self.alive():
+                deadline = time.monotonic() + timeout
+                if time.monotonic() - said >= 10:
+                    said = time.monotonic()
+                    log.info("embedded redis-server is loading its data (%.0f s so far)",
+                             said - start)
             time.sleep(0.05)
         return False
+
+    def alive(self) -> bool:
+        """Whether the redis-server this object started still runs (not reaped here)."""
+        if not self.pid:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
     def stop(self, timeout: float = 10.0) -> None:
         """TERM (Redis writes its AOF and exits), wait, then KILL; reaps the pid."""

@@ -143,11 +143,16 @@ def setup_logging(settings: Settings, role: str) -> None:
         raise ConfigError(f"log_level {settings.log_level!r} is not one of DEBUG, INFO, "
                           "WARNING, ERROR")
     _process_name = role
+    try:  # the new handlers first: a log dir that cannot be used leaves the old ones
+        handlers = make_handlers(settings)
+    except OSError as exc:
+        raise ConfigError(f"log_dir {settings.log_dir!r} cannot be used ({exc.strerror or exc}); "
+                          "create it, or set log_dir to a directory dq may write") from None
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
         old.close()
-    for handler in make_handlers(settings):
+    for handler in handlers:
         root.addHandler(handler)
     root.setLevel(level)
     # httpx logs every request at INFO; consumers make thousands.

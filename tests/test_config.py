@@ -105,3 +105,11 @@ def test_a_bad_value_says_where_it_was_set(tmp_path: Path) -> None:
     conf.write_text('consumers = "four"\n')
     with pytest.raises(ConfigError, match=rf"'consumers' \(from config file {conf}\): 'four'"):
         load_settings(config_file=str(conf), env={})
+
+
+def test_grace_and_heartbeat_timeout_are_checked() -> None:
+    with pytest.raises(ConfigError, match="heartbeat_timeout must be at least 2"):
+        load(heartbeat_timeout=0)
+    with pytest.raises(ConfigError, match="grace must be 0 or more"):
+        load(grace=-1)
+    assert load(grace=0, heartbeat_timeout=2).grace == 0

@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from dq.config import Settings
+from dq.embedded import EmbeddedRedis, command, find_binary, state
 from dq.supervise import BACKOFF_MIN, BACKOFF_RESET, BOOT_STREAK, LoadBoard, Slot
 from tests.conftest import RedisProcess, free_port
 from tests.masters import REPO, Master, alive, children_of
@@ -182,6 +184,28 @@ def test_malformed_db_url_exits_2_in_one_line(master: Callable[..., Master], db:
         out.count("\n") == 1, out
     assert "mysql+pymysql://user:pass@host/dq" in out and "sqlite:///" in out
     assert "s3cr3t" not in out  # a password in a malformed URL is not echoed
+
+
+def test_unusable_log_dir_exits_2_in_one_line(master: Callable[..., Master]) -> None:
+    m = master("--log-dir", "/proc/no-such/log", "--redis", DEAD_REDIS)
+    assert exit_status(m) == 2
+    out = m.output()
+    assert out.startswith("dq-master: log_dir '/proc/no-such/log' cannot be used") and \
+        out.count("\n") == 1, out
+
+
+def test_reload_signals_right_after_start_do_not_kill_the_master(
+        master: Callable[..., Master]) -> None:
+    """`systemctl reload` right after `start`: HUP and USR2 that arrive while the master is
+    still starting (here: waiting for its embedded Redis, before its own handlers are
+    installed) are ignored, not its death."""
+    m = master()  # embedded Redis
+    m.wait("the embedded Redis starting", lambda: "embedded redis-server started"
+           in m.output(), timeout=20)
+    m.kill(signal.SIGHUP)
+    m.kill(signal.SIGUSR2)
+    m.wait_titles(expected_titles(), exact=False)
+    assert m.proc.poll() is None
 
 
 def test_console_port_taken_exits_3_in_one_line(master: Callable[..., Master]) -> None:
@@ -354,6 +378,12 @@ def test_ttin_ttou_and_a_reload_that_rereads_the_config(
     m.kill(signal.SIGUSR2)
     m.wait("the refused reload", lambda: "reload refused" in m.output())
     assert set(m.workers()) == before
+    # A log dir that cannot be made is refused too, and the old log handlers stay.
+    (m.home / "dq.toml").write_text('log_dir = "/proc/no-such/log"\n')
+    m.kill(signal.SIGHUP)
+    m.wait("the refused log dir", lambda: "log_dir '/proc/no-such/log' cannot be used"
+           in m.output())
+    assert set(m.workers()) == before and m.proc.poll() is None
     (m.home / "dq.toml").write_text("servers = 2\n")
     m.kill(signal.SIGUSR2)
     want = expected_titles(servers=2, consumers=2)
@@ -744,3 +774,45 @@ def test_load_board_is_shared_with_forked_children() -> None:
     board.release(a)
     assert board.claim() == 0  # a dead server's slot is free again
     assert [board.claim(), board.claim(), board.claim()] == [2, 3, -1]
+
+
+def test_embedded_redis_loading_a_large_data_set_is_waited_for(tmp_path: Path) -> None:
+    """A redis-server still reading a large AOF answers -LOADING: that counts as alive (the
+    master used to give up after REDIS_READY and exit 3, at every start), and a master
+    finding such an orphan must not start a second Redis over the same files."""
+    settings = Settings(data_dir=str(tmp_path / "var"))
+    emb = EmbeddedRedis(settings)
+    emb.dir.mkdir(parents=True)
+    binary = find_binary()
+    with subprocess.Popen([*emb.argv(binary), "--enable-debug-command", "yes"]) as seed:
+        assert emb.wait_ready(10)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(60)
+            conn.connect(str(emb.socket))
+            assert command(conn, "DEBUG", "POPULATE", "3000000") == b"+OK"
+            assert command(conn, "BGREWRITEAOF").startswith(b"+")
+            while b"aof_rewrite_in_progress:0" not in _info(conn, "persistence") or \
+                    b"aof_rewrite_scheduled:0" not in _info(conn, "persistence"):
+                time.sleep(0.1)
+            command(conn, "SHUTDOWN")
+        seed.wait(30)
+    emb.spawn()
+    try:
+        t0 = time.monotonic()
+        assert state(emb.socket) != "ready"  # it is reading the AOF
+        assert emb.wait_ready(0.3), "a Redis loading its data was given up on"
+        print(f"\nloaded 3,000,000 keys in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    finally:
+        emb.stop()
+
+
+def _info(conn: socket.socket, section: str) -> bytes:
+    conn.sendall(f"*2\r\n$4\r\nINFO\r\n${len(section)}\r\n{section}\r\n".encode())
+    head = b""
+    while not head.endswith(b"\r\n"):
+        head += conn.recv(1)
+    size = int(head[1:-2])
+    body = b""
+    while len(body) < size + 2:
+        body += conn.recv(size + 2 - len(body))
+    return body
