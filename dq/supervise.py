@@ -180,9 +180,18 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
 
 def check_pid_file(path: str) -> None:
-    """Refuse to start when the pid file names a live process other than us."""
+    """Refuse to start when the pid file cannot be written (before daemonizing, while the
+    error can still be shown) or names a live process other than us."""
     if not path:
         return
+    probe = f"{path}.{os.getpid()}.tmp"
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(probe).write_text("")
+        os.unlink(probe)
+    except OSError as exc:
+        raise BootError(f"cannot write the pid file {path} ({exc.strerror or exc}); use "
+                        "another --pid-file, or create its directory for dq") from None
     try:
         pid = int(Path(path).read_text().strip() or 0)
     except (OSError, ValueError):

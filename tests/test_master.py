@@ -186,6 +186,17 @@ def test_malformed_db_url_exits_2_in_one_line(master: Callable[..., Master], db:
     assert "s3cr3t" not in out  # a password in a malformed URL is not echoed
 
 
+def test_pid_file_that_cannot_be_written_exits_3_in_one_line_even_as_a_daemon(
+        tmp_path: Path) -> None:
+    """Checked before daemonizing: the launcher says why and exits 3, instead of 0 with a
+    daemon that dies on it."""
+    res = run_cli("--daemon", "--pid-file", "/proc/no-such/dq.pid", "--redis", DEAD_REDIS,
+                  "--port", str(free_port()), "--no-web", "--data-dir", str(tmp_path / "var"))
+    assert res.returncode == 3, res
+    assert res.stderr.startswith("dq-master: cannot write the pid file /proc/no-such/dq.pid")
+    assert res.stderr.count("\n") == 1, res.stderr
+
+
 def test_unusable_log_dir_exits_2_in_one_line(master: Callable[..., Master]) -> None:
     m = master("--log-dir", "/proc/no-such/log", "--redis", DEAD_REDIS)
     assert exit_status(m) == 2
