@@ -320,7 +320,10 @@ class Arbiter(WorkerPool):
             try:
                 listener = bind_listener(cfg.host, cfg.port)
             except BootError as exc:
-                log.error("reload refused, the running configuration stays: %s", exc)
+                hint = ("; a new host on the same port cannot be bound while the old one "
+                        "listens: restart dq-master to change it"
+                        if cfg.port == self.cfg.port else "")
+                log.error("reload refused, the running configuration stays: %s%s", exc, hint)
                 return
             assert self.listener is not None
             self.listener.close()  # the old generation keeps its copies until it exits
