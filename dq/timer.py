@@ -157,7 +157,7 @@ class Timer:
                     return
                 try:
                     await self.store.rebucket(shard)
-                except SHARD_ERRORS as exc:
+                except Exception as exc:  # not fatal to the timer: it moves due jobs on
                     log.warning("timer: checking the buckets of shard %s failed (%s: %s); "
                                 "trying again in %.0fs", shard.label, exc.__class__.__name__,
                                 exc, LAYOUT_EVERY)
