@@ -5,12 +5,11 @@ What a receiver sees
 - GET: the job's body fields are appended to the callback URL's query string
   (after any query the URL already has).
 - POST with the topic's body_format 'form' (the default): the fields as an
-  `application/x-www-form-urlencoded` body.
+  `application/x-www-form-urlencoded` body, as php-delayqueue sent them
+  (DqCurl::add_post_field, http_build_query); the original's topics get it.
 - POST with body_format 'json': the body object as `application/json` (UTF-8).
 - POST with body_format 'query': the fields in the query string, as for GET, and an empty
-  body: what php-delayqueue sent for every callback (DqCurl's query fields), so the
-  original's topics get it when dq upgrades their table. A GET topic always uses the query
-  string; body_format only matters for POST.
+  body. A GET topic always uses the query string; body_format only matters for POST.
 
 Form and query fields are the body's top-level members, URL-encoded with `+` for spaces:
 strings as they are, numbers in their JSON spelling, true as 1 and false and null as empty
@@ -171,8 +170,7 @@ def build_request(topic: Topic, c: Claimed, now: float) -> Request:
     url = _encoded(topic.callback)
     content: bytes | None
     if topic.method == "GET" or topic.body_format == "query":
-        # body_format 'query': a POST with the fields in the query string and an empty
-        # body, as the original sent every callback (its topics keep it after an upgrade)
+        # body_format 'query': a POST with the fields in the query string and an empty body
         url = URL(_with_query(str(url), form_encode(body)), encoded=True)
         content = None if topic.method == "GET" else b""
         signed = url.raw_query_string.encode("ascii")

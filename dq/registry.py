@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 RETRY_PLACEHOLDER = "重试标记"  # the original's column default; it means "no expression"
 OFFLINE = 2  # what the original console writes for an offline topic
-# How a POST callback carries the body: form (urlencoded body), json, or query (the
-# fields in the query string and an empty body, as the original sent them; dq/callback.py)
+# How a POST callback carries the body: form (urlencoded body, as the original sent it),
+# json, or query (the fields in the query string and an empty body; dq/callback.py)
 BODY_FORMATS = ("form", "json", "query")
 _MYSQL = ("mysql", "mariadb")
 _TABLE_ARGS = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"}
@@ -275,11 +275,22 @@ def _add_missing_columns(engine: sa.Engine) -> None:
                             table.name, column.name)
                 # DDL takes no bound parameters; every name here is one of our constants.
                 conn.exec_driver_sql(f"ALTER TABLE {prep.format_table(table)} ADD COLUMN {spec}")
-                if (table.name, column.name) == ("dq_topic", "body_format"):
-                    # The original's topics: it sent every callback's fields in the query
-                    # string, POST too (with an empty body); they keep that.
-                    conn.exec_driver_sql(f"UPDATE {prep.format_table(table)} "
-                                         f"SET {prep.quote(column.name)} = 'query'")
+        _repair_query_topics(conn)
+
+
+def _repair_query_topics(conn: sa.Connection) -> None:
+    """The original sent a POST's fields as a form body (DqModule::send_http_request ->
+    DqCurl::add_post_field), so its topics get the column default 'form'. dq up to 0.3
+    marked them 'query' when it added the column: rows it marked then and that nobody has
+    saved since (dq's own saves set updated_at) are put right. A read first, so that a
+    start takes no write lock when there is nothing to repair."""
+    t = TopicRow
+    marked = sa.and_(t.body_format == "query", t.updated_at.is_(None))
+    if not conn.scalar(sa.select(sa.func.count()).select_from(t).where(marked)):
+        return
+    fixed = conn.execute(sa.update(t).where(marked).values(body_format="form")).rowcount
+    log.warning("registry: %d topic(s) that an earlier dq upgrade set to body_format 'query' "
+                "send their POST fields as a form body again, as php-delayqueue did", fixed)
 
 
 def create_tables(engine: sa.Engine) -> None:

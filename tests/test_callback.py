@@ -49,10 +49,9 @@ def test_form_encode_spells_like_urlencode() -> None:
                                  "&inf=inf&t=1&off=&n=&l=%5B1%2C%22x%22%5D&plain=Az09_.~-")
 
 
-async def test_post_with_query_format_sends_the_fields_in_the_url_as_the_original(
+async def test_post_with_query_format_sends_the_fields_in_the_url(
         receiver: Receiver, session: aiohttp.ClientSession) -> None:
-    """body_format 'query' (what the original sent for every callback, and what its topics
-    keep after an upgrade): a POST with the fields in the query string and an empty body,
+    """body_format 'query': a POST with the fields in the query string and an empty body,
     signed over that query string."""
     t = topic(receiver.url("/q?src=dq"), body_format="query", secret="k")
     out = await call(session, ExprCache(), t, job("7", {"order_id": 42, "off": False}), 2.0)

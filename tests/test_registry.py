@@ -206,9 +206,9 @@ def test_upgrade_old_php_delayqueue_tables(flavour: str, request: pytest.Fixture
         t = reg.get_topic("order")
         assert t is not None and t.id == 2 and t.callback == "http://127.0.0.1/newest"
         assert reg.topics()["order"] == t
-        # The original sent every callback's fields in the query string, POST too: its
-        # topics keep that (body_format 'query'); topics made since default to 'form'.
-        assert (t.retry_when, t.max_attempts, t.body_format) == ("", 10, "query")
+        # The original sent a POST's fields as a form body (DqCurl::add_post_field,
+        # http_build_query): its topics get 'form', as topics made since do.
+        assert (t.retry_when, t.max_attempts, t.body_format) == ("", 10, "form")
         assert reg.save_topic(topic("new")).body_format == "form"
         assert reg.get_topic("new").body_format == "form"  # type: ignore[union-attr]
         assert reg.delete_topic("new")
@@ -228,6 +228,46 @@ def test_upgrade_old_php_delayqueue_tables(flavour: str, request: pytest.Fixture
         assert reg.topics() == {}
     finally:
         reg.close()
+        engine.dispose()
+
+
+@pytest.mark.parametrize("flavour", ["sqlite", "mariadb"])
+def test_topics_an_earlier_upgrade_marked_query_are_repaired(
+        flavour: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """dq up to 0.3 set body_format 'query' on every row of an original table it upgraded
+    (updated_at stays NULL: only dq's own saves set it). Those rows send a form body again;
+    a topic saved through dq as 'query' since keeps it."""
+    if flavour == "sqlite":
+        url, ddl = f"sqlite:///{tmp_path / 'old.sqlite3'}", ORIGINAL_SQLITE
+    else:
+        url, ddl = request.getfixturevalue("mariadb_url"), ORIGINAL_MYSQL
+    engine = make_engine(url)
+    try:
+        run_script(engine, ddl)
+        raw(engine, OLD_ROW.text, topic="legacy")
+        raw(engine, OLD_ROW.text, topic="chosen")
+        # What an earlier dq's upgrade left: the new columns, every topic 'query'.
+        for column in ("max_attempts int NOT NULL DEFAULT 10",
+                       "secret varchar(255) NOT NULL DEFAULT ''",
+                       "body_format varchar(16) NOT NULL DEFAULT 'form'",
+                       "updated_at datetime NULL"):
+            raw(engine, f"ALTER TABLE dq_topic ADD COLUMN {column}")
+        raw(engine, "UPDATE dq_topic SET body_format = 'query'")
+        raw(engine, "UPDATE dq_topic SET updated_at = '2026-01-02 03:04:05' "
+                    "WHERE topic = 'chosen'")  # saved in dq's console since, as 'query'
+        reg = Registry(url)
+        try:
+            assert reg.get_topic("legacy").body_format == "form"  # type: ignore[union-attr]
+            assert reg.get_topic("chosen").body_format == "query"  # type: ignore[union-attr]
+            reg.save_topic(topic("legacy", method="POST", body_format="query"))
+        finally:
+            reg.close()
+        reg = Registry(url)  # a later start leaves a 'query' saved through dq alone
+        try:
+            assert reg.get_topic("legacy").body_format == "query"  # type: ignore[union-attr]
+        finally:
+            reg.close()
+    finally:
         engine.dispose()
 
 
