@@ -76,7 +76,8 @@ def _web_flags(parser: argparse.ArgumentParser, *, toggle: bool) -> None:
 def _log_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("logs")
     g.add_argument("--log-dir", metavar="DIR",
-                   help="also write daily request_/notify_/error_/dq_YYYYMMDD.log files here")
+                   help="also write daily request_/notify_/err_/notice_YYYYMMDD.txt files "
+                        "here (php-delayqueue's names)")
     g.add_argument("--log-format", choices=("text", "json"), help="text (default) or json")
     g.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO (default), WARNING, ERROR")
 

@@ -1,9 +1,10 @@
 """Logging for every dq process: stderr in the foreground, daily files in the log dir.
 
-With `settings.log_dir` the files are named like the original's: `request_YYYYMMDD.log`
-(logger "dq.request"), `notify_YYYYMMDD.log` ("dq.notify"), `error_YYYYMMDD.log` (WARNING
-and above from every logger) and `dq_YYYYMMDD.log` (everything else). All processes
-append to the same files with O_APPEND, which keeps line-sized records whole.
+With `settings.log_dir` the files are named as php-delayqueue's DqLog named them, so
+scripts written for it find them: `request_YYYYMMDD.txt` (logger "dq.request"),
+`notify_YYYYMMDD.txt` ("dq.notify"), `err_YYYYMMDD.txt` (WARNING and above from every
+logger) and `notice_YYYYMMDD.txt` (everything else). All processes append to the same
+files with O_APPEND, which keeps line-sized records whole.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from typing import Any
 from dq.config import Settings
 from dq.errors import ConfigError
 
-# Loggers whose records go to their own daily file instead of dq_YYYYMMDD.log.
+# Loggers whose records go to their own daily file instead of notice_YYYYMMDD.txt.
 OWN_FILES = {"dq.request": "request", "dq.notify": "notify"}
+OTHER_FILE = "notice"  # the rest
+ERROR_FILE = "err"  # WARNING and above, from every logger (also in their own file)
+SUFFIX = ".txt"
 
 _process_name = "dq"
 
@@ -84,7 +88,7 @@ class JsonFormatter(logging.Formatter):
 
 
 class DailyFileHandler(logging.FileHandler):
-    """Appends to `<dir>/<stem>_YYYYMMDD.log`, moving to a new file when the date changes."""
+    """Appends to `<dir>/<stem>_YYYYMMDD.txt`, moving to a new file when the date changes."""
 
     def __init__(self, directory: str | Path, stem: str) -> None:
         self.directory = Path(directory)
@@ -93,7 +97,7 @@ class DailyFileHandler(logging.FileHandler):
         super().__init__(self._path(), mode="a", encoding="utf-8", delay=True)
 
     def _path(self) -> str:
-        return str(self.directory / f"{self.stem}_{self.day}.log")
+        return str(self.directory / f"{self.stem}_{self.day}{SUFFIX}")
 
     def emit(self, record: logging.LogRecord) -> None:
         day = time.strftime("%Y%m%d", time.localtime(record.created))
@@ -124,9 +128,9 @@ def make_handlers(settings: Settings) -> list[logging.Handler]:
             own = DailyFileHandler(settings.log_dir, stem)
             own.addFilter(_Route({name}, include=True))
             out.append(own)
-        rest = DailyFileHandler(settings.log_dir, "dq")
+        rest = DailyFileHandler(settings.log_dir, OTHER_FILE)
         rest.addFilter(_Route(set(OWN_FILES), include=False))
-        errors = DailyFileHandler(settings.log_dir, "error")
+        errors = DailyFileHandler(settings.log_dir, ERROR_FILE)
         errors.setLevel(logging.WARNING)
         out += [rest, errors]
     for handler in out:

@@ -133,15 +133,20 @@ def test_log_files_route_by_logger_and_roll_at_midnight(tmp_path: Path) -> None:
 
     def read(stem: str, at: float = today) -> list[dict[str, Any]]:
         day = time.strftime("%Y%m%d", time.localtime(at))
-        path = tmp_path / f"{stem}_{day}.log"
+        path = tmp_path / f"{stem}_{day}.txt"
         return [json.loads(line) for line in path.read_text().splitlines()]
 
+    # php-delayqueue's names (DqLog::writeLog): request_, notify_, err_, notice_Ymd.txt
+    day = time.strftime("%Y%m%d", time.localtime(today))
+    assert {p.name for p in tmp_path.iterdir()} == {
+        f"request_{day}.txt", f"notify_{day}.txt", f"err_{day}.txt", f"notice_{day}.txt",
+        time.strftime("notice_%Y%m%d.txt", time.localtime(today + 86400))}
     assert [r["msg"] for r in read("request")] == ["add order:1"]
     assert read("request")[0]["tid"] == "order:1"  # `extra` fields become JSON members
     assert [r["msg"] for r in read("notify")] == ["called"]
-    assert [r["msg"] for r in read("error")] == ["slow callback"]
-    assert [r["msg"] for r in read("dq")] == ["slow callback"]
-    assert [r["msg"] for r in read("dq", today + 86400)] == ["tomorrow"]
+    assert [r["msg"] for r in read("err")] == ["slow callback"]
+    assert [r["msg"] for r in read("notice")] == ["slow callback"]
+    assert [r["msg"] for r in read("notice", today + 86400)] == ["tomorrow"]
 
 
 # --------------------------------------------------------------------------------------
@@ -419,10 +424,10 @@ def test_child_that_cannot_boot_backs_off_and_says_why(
     assert "dq-checker" in m.titles()
 
     day = time.strftime("%Y%m%d")
-    lines = [json.loads(line) for line in (logs / f"dq_{day}.log").read_text().splitlines()]
+    lines = [json.loads(line) for line in (logs / f"notice_{day}.txt").read_text().splitlines()]
     assert {"ts", "level", "logger", "process", "pid", "msg"} <= set(lines[0])
     assert any(r["process"] == "dq-master" and "started" in r["msg"] for r in lines)
-    errors = [json.loads(line) for line in (logs / f"error_{day}.log").read_text().splitlines()]
+    errors = [json.loads(line) for line in (logs / f"err_{day}.txt").read_text().splitlines()]
     assert any(r["process"] == "dq-master" and streak in r["msg"] for r in errors)
     assert all(r["level"] in ("WARNING", "ERROR", "CRITICAL") for r in errors)
 
@@ -517,7 +522,7 @@ def test_daemon_writes_pid_file_and_logs(redis_server: RedisProcess, tmp_path: P
         kids = children_of(pid)
         assert sorted(kids.values()) == want
         day = time.strftime("%Y%m%d")
-        assert "dq-master started" in (logs / f"dq_{day}.log").read_text()
+        assert "dq-master started" in (logs / f"notice_{day}.txt").read_text()
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
         while alive(pid) and time.monotonic() < deadline:
