@@ -29,8 +29,11 @@ sent on the request line (the bytes after `?`, including any query that was alre
 of the callback URL). Receivers should reject
 stale timestamps (say, older than 5 minutes) to stop replays.
 
-Success is a 2xx reply within the topic's timeout whose retry_when expression (if any) is
-false. Redirects are not followed: a 3xx is a failure, as with the original's curl. No
+Success is a 2xx reply within the topic's timeout whose body is not empty (neither "" nor
+"0", which the original took as no reply) and, when the body is a JSON object or array,
+for which the topic's retry_when expression (if any) is false: as in the original, any
+other non-empty reply (`ok`, HTML, a JSON string or number) is a success whatever
+retry_when says. Redirects are not followed: a 3xx is a failure, as with the original's curl. No
 proxy is taken from the environment, and cookies a reply sets are not sent back.
 
 Requests go out through one aiohttp session per consumer process (pooled keep-alive
@@ -214,10 +217,20 @@ class ExprCache:
         return expr
 
 
+EMPTY_REPLIES = ("", "0")  # what PHP's empty() calls empty: the original's "no reply"
+
+
 def judge(exprs: ExprCache, topic: Topic, status: int, reply: str, ms: int) -> Outcome:
-    """The outcome of a reply that arrived."""
+    """The outcome of a reply that arrived: a failure unless 2xx and non-empty, and then
+    a failure only when the reply is a JSON object or array for which retry_when is true
+    (the original's rule: any other non-empty reply is a success whatever the flag)."""
     if not 200 <= status < 300:
         return Outcome(False, status, f"HTTP {status}", reply, ms)
+    if reply in EMPTY_REPLIES:
+        # The original (DqModule::send_http_request) took an empty reply, or "0", as no
+        # reply at all: a failed notification, retried.
+        return Outcome(False, status, f"empty reply {reply!r} (HTTP {status}): a receiver must "
+                       "answer with a non-empty body, as php-delayqueue required", reply, ms)
     if should_retry(exprs.get(topic.retry_when), status, reply):
         return Outcome(False, status, f"retry_when matched: {topic.retry_when}", reply, ms)
     return Outcome(True, status, "", reply, ms)

@@ -360,12 +360,22 @@ def compile_retry_when(text: str) -> Expr | None:
     return parse(text)
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # PHP's json_decode refuses NaN and Infinity
+
+
 def should_retry(expr: Expr | None, status: int, body_text: str) -> bool:
-    """True when a reply must be retried although its HTTP status said success."""
+    """True when a reply must be retried although its HTTP status said success.
+
+    As the original's DqModule::notify: the expression is evaluated only when the reply
+    decodes to a JSON object or array; any other reply (plain text, HTML, a JSON string
+    or number, JSON nested too deep to decode) is not judged by it."""
     if expr is None:
         return False
     try:
-        res: Any = json.loads(body_text)
-    except (ValueError, RecursionError):  # not JSON (or absurdly nested): match on the text
-        res = body_text
+        res: Any = json.loads(body_text, parse_constant=_not_json)
+    except (ValueError, RecursionError):  # not JSON (or absurdly nested)
+        return False
+    if not isinstance(res, dict | list):
+        return False
     return expr.evaluate({"res": res, "status": status, "body": body_text})

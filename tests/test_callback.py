@@ -125,3 +125,76 @@ async def test_get_signs_exactly_the_query_it_sends(
     ts = req.headers["x-dq-timestamp"]
     want = hmac.new(b"k", ts.encode() + b"." + req.query, hashlib.sha256).hexdigest()
     assert req.headers["x-dq-signature"] == want
+
+
+# The original's rule for a reply, as facts from php-delayqueue's DqModule.php:
+# send_http_request() returns the reply body; notify() counts empty($response) (the
+# empty string or "0") as no reply, a failure retried later; otherwise, when the topic's
+# re_notify_flag is not empty and json_decode($response, true) is an array (a JSON object
+# or list), the flag is evaluated and true means retry; any other reply is a success.
+# Each row: reply body, whether PHP's json_decode makes it an array, and the flag's value
+# for each flag below when it is evaluated (None when it is not).
+FLAGS = ("", "{res.code}!=0", "{res.code}!=200 && {res.data.status}!=2 || {res.data.msg}=='failed'",
+         "true")
+REPLIES: list[tuple[bytes, bool, tuple[bool | None, ...]]] = [
+    (b"ok", False, (None, None, None, None)),
+    (b"OK\n", False, (None, None, None, None)),
+    (b"success", False, (None, None, None, None)),
+    (b"<html><body>done</body></html>", False, (None, None, None, None)),
+    (b'"ok"', False, (None, None, None, None)),
+    (b"1", False, (None, None, None, None)),
+    (b"200", False, (None, None, None, None)),
+    (b"true", False, (None, None, None, None)),
+    (b"null", False, (None, None, None, None)),
+    (b" ", False, (None, None, None, None)),
+    (b"{code:0}", False, (None, None, None, None)),  # not JSON: keys unquoted
+    (b'{"code":0}', True, (None, False, True, True)),
+    (b'{"code":1}', True, (None, True, True, True)),
+    (b'{"code":"0"}', True, (None, False, True, True)),
+    (b'{"code":200,"data":{"status":1}}', True, (None, True, False, True)),
+    (b'{"code":500,"data":{"status":2}}', True, (None, True, False, True)),
+    (b'{"code":200,"data":{"status":2,"msg":"failed"}}', True, (None, True, True, True)),
+    (b' {"code":1} ', True, (None, True, True, True)),
+    (b"[1,2]", True, (None, None, None, True)),
+    (b"", False, (None, None, None, None)),
+    (b"0", False, (None, None, None, None)),
+]
+
+
+def original_retries(reply: bytes, is_array: bool, flag: str, value: bool | None) -> bool:
+    if reply in (b"", b"0"):  # PHP's empty()
+        return True
+    if flag.strip() and is_array:
+        assert value is not None
+        return value
+    return False
+
+
+async def test_replies_are_judged_as_the_original_judged_them(
+        receiver: Receiver, session: aiohttp.ClientSession) -> None:
+    receiver.default = lambda req: (200, REPLIES[int(req.job_id.split("-")[1])][0])
+    exprs = ExprCache()
+    decided = 0
+    for f, flag in enumerate(FLAGS):
+        for r, (reply, is_array, values) in enumerate(REPLIES):
+            if values[f] is None and is_array and flag.strip():
+                continue  # a pair the table leaves to test_retry_expr (PHP's null compares)
+            out = await call(session, exprs, topic(receiver.url("/"), retry_when=flag),
+                             job(f"{f}-{r}"), 5.0)
+            want = original_retries(reply, is_array, flag, values[f])
+            assert out.ok is not want, (flag, reply, out)
+            assert out.status == 200 and out.reply == reply.decode()
+            if reply in (b"", b"0"):
+                assert "empty reply" in out.error
+            decided += 1
+    assert decided >= 80
+    assert len(receiver.requests) == decided
+
+
+async def test_a_non_2xx_reply_fails_whatever_its_body(
+        receiver: Receiver, session: aiohttp.ClientSession) -> None:
+    # dq departs from the original on purpose here: it took any non-empty reply, even an
+    # HTTP 500 page, as a success.
+    receiver.routes["/500"] = lambda req: (500, b"ok")
+    out = await call(session, ExprCache(), topic(receiver.url("/500")), job(), 2.0)
+    assert not out.ok and out.error == "HTTP 500"

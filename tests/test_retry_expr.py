@@ -209,13 +209,19 @@ def test_should_retry() -> None:
     assert should_retry(None, 200, '{"code": 500}') is False
     assert should_retry(expr, 200, '{"code": 200, "data": {"status": 2}}') is False
     assert should_retry(expr, 200, '{"code": 500, "data": {"status": 1}}') is True
-    assert should_retry(expr, 200, "<html>oops</html>") is True
-    assert should_retry(parse("{res}=='OK'"), 200, "OK") is True
-    assert should_retry(parse("{body}=='\"OK\"'"), 200, '"OK"') is True
-    assert should_retry(parse("{res}=='OK'"), 200, '"OK"') is True
-    assert should_retry(parse("{status}!=200"), 204, "") is True
+    # The original evaluates re_notify_flag only on a reply that json_decode()s to an array
+    # (a JSON object or list): anything else is not judged by the expression.
+    assert should_retry(expr, 200, "<html>oops</html>") is False
+    assert should_retry(parse("{res}=='OK'"), 200, "OK") is False
+    assert should_retry(parse("{body}=='\"OK\"'"), 200, '"OK"') is False
+    assert should_retry(parse("{res}=='OK'"), 200, '"OK"') is False
+    assert should_retry(parse("{status}!=200"), 204, "") is False
+    assert should_retry(parse("true"), 200, "[NaN]") is False  # PHP's json_decode refuses it
     assert should_retry(parse("{res.code}==1"), 200, "[" * 100_000) is False
-    assert should_retry(parse("{res}>0"), 200, "9" * 10_000) is True
+    assert should_retry(parse("{res}>0"), 200, "9" * 10_000) is False
+    assert should_retry(parse("{status}==202"), 202, "{}") is True
+    assert should_retry(parse("{body}=='[]'"), 200, "[]") is True
+    assert should_retry(parse("{res.0}==1"), 200, " [1] ") is True
 
 
 def test_source_has_no_dynamic_evaluation() -> None:
