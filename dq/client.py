@@ -33,14 +33,14 @@ def _parse_server(server: str) -> tuple[str, int]:
 
 
 def add_frame(topic: str, job_id: str | int, body: Mapping[str, Any] | None, *,
-              delay: float | None = None, fix_time: str | None = None,
+              delay: float | None = None, fix_time: str | int | None = None,
               due_ms: int | None = None) -> bytes:
     return _add_frames(({"topic": topic, "id": job_id, "body": body, "delay": delay,
                          "fix_time": fix_time, "due_ms": due_ms},))[0]
 
 
 def _add_frame_plain(topic: str, job_id: str | int, body: Mapping[str, Any] | None, *,
-                     delay: float | None = None, fix_time: str | None = None,
+                     delay: float | None = None, fix_time: str | int | None = None,
                      due_ms: int | None = None) -> bytes:
     """The reference encoding of an add: `_add_frames` must produce exactly these bytes."""
     if body and isinstance(body, str | bytes | bytearray):  # dict() would say less
@@ -423,7 +423,7 @@ class DqClient:
             pass
 
     def add(self, topic: str, job_id: str | int, body: Mapping[str, Any] | None = None, *,
-            delay: float | None = None, fix_time: str | None = None,
+            delay: float | None = None, fix_time: str | int | None = None,
             due_ms: int | None = None) -> None:
         """Add or replace a job; due at fix_time, after delay seconds, at due_ms, or after
         the topic's delay."""
@@ -684,7 +684,7 @@ class AsyncDqClient:
         return res
 
     async def add(self, topic: str, job_id: str | int, body: Mapping[str, Any] | None = None,
-                  *, delay: float | None = None, fix_time: str | None = None,
+                  *, delay: float | None = None, fix_time: str | int | None = None,
                   due_ms: int | None = None) -> None:
         await self._one(add_frame(topic, job_id, body, delay=delay, fix_time=fix_time,
                                   due_ms=due_ms))

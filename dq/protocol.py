@@ -13,12 +13,12 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, ClassVar, Final, TypeAlias
 from zoneinfo import ZoneInfo
 
 import orjson
 
+from dq import fixtime
 from dq.errors import BAD_REQUEST, TOO_LARGE, UNAVAILABLE, DqError
 from dq.fastjson import has_long_number
 
@@ -26,7 +26,7 @@ MAX_FRAME: Final = 9999  # the most 4 decimal digits can declare
 MAX_DEPTH: Final = 100  # JSON nesting we accept, so anything decoded can be re-encoded anywhere
 MAX_TOPIC: Final = 255
 MAX_ID: Final = 200
-MAX_DUE_MS: Final = 253_402_300_799_999  # 9999-12-31 23:59:59.999 UTC
+MAX_DUE_MS: Final = fixtime.MAX_DUE_MS  # 9999-12-31 23:59:59.999 UTC
 MAX_MANY: Final = 200  # jobs in one add_many frame (their errors still fit one reply)
 COMMANDS: Final = ("add", "add_many", "get", "del", "ping")
 
@@ -256,9 +256,6 @@ class PingRequest:
 Request: TypeAlias = AddRequest | GetRequest | DelRequest | PingRequest
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_FIX_TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2})", re.ASCII)
-_FIX_TIME_HELP = "fix_time must be a real date and time as 'YYYY-MM-DD HH:MM:SS', e.g. " \
-                 "'2030-01-31 08:00:00'"
 
 
 def _bad(msg: str) -> DqError:
@@ -318,32 +315,19 @@ def _body(obj: Frame) -> dict[str, Any]:
 _fix_times: dict[tuple[str, ZoneInfo | None], int] = {}
 
 
-def _fix_time_ms(value: Any, tz: ZoneInfo | None) -> int:
-    """Epoch ms of a 'Y-m-d H:i:s' in zone tz. Clients send the same few strings over and
-    over (one per second at most), so the answers are kept."""
+def _fix_time(value: Any, now_ms: int | None, tz: ZoneInfo | None) -> tuple[int | None, int | None]:
+    """(due_ms, delay_ms) of a fix_time (dq/fixtime.py). Clients send the same few
+    absolute strings over and over (one per second at most), so those answers are kept."""
     if isinstance(value, str):
         cached = _fix_times.get((value, tz))
         if cached is not None:
-            return cached
-    ms = _parse_fix_time(value, tz)
-    if len(_fix_times) >= 4096:
-        _fix_times.clear()
-    _fix_times[(value, tz)] = ms
-    return ms
-
-
-def _parse_fix_time(value: Any, tz: ZoneInfo | None) -> int:
-    match = _FIX_TIME.fullmatch(value) if isinstance(value, str) else None
-    if match is None:
-        raise _bad(f"{_FIX_TIME_HELP} (got {_show(value)})")
-    try:
-        year, month, day, hour, minute, second = map(int, match.groups())
-        local = datetime(year, month, day, hour, minute, second)
-        # A naive datetime's timestamp() reads it in this machine's zone.
-        stamp = (local if tz is None else local.replace(tzinfo=tz)).timestamp()
-    except (ValueError, OverflowError, OSError):
-        raise _bad(f"{_FIX_TIME_HELP} (got {_show(value)})") from None
-    return min(max(0, int(stamp) * 1000), MAX_DUE_MS)
+            return cached, None
+    due_ms, delay_ms = fixtime.parse(value, tz, now_ms)
+    if due_ms is not None and isinstance(value, str):
+        if len(_fix_times) >= 4096:
+            _fix_times.clear()
+        _fix_times[(value, tz)] = due_ms
+    return due_ms, delay_ms
 
 
 def _when(obj: Frame, now_ms: int | None, tz: ZoneInfo | None) -> tuple[int | None, int | None]:
@@ -358,7 +342,7 @@ def _when(obj: Frame, now_ms: int | None, tz: ZoneInfo | None) -> tuple[int | No
         names = [k for k in ("fix_time", "delay", "due_ms") if obj.get(k) is not None]
         raise _bad(f"give at most one of fix_time, delay and due_ms (got {', '.join(names)})")
     if fix is not None:
-        return _fix_time_ms(fix, tz), None
+        return _fix_time(fix, now_ms, tz)
     if due is not None:
         if type(due) is not int or not 0 <= due <= MAX_DUE_MS:
             raise _bad(f"due_ms must be an integer of epoch milliseconds, e.g. 1893456000000 "
@@ -405,7 +389,8 @@ def parse_many(obj: Frame) -> list[Any]:
 def parse_request(obj: Frame, *, now_ms: int | None = None,
                   tz: ZoneInfo | None = None) -> Request:
     """Validate a decoded request. `tz` is the zone of fix_time (None: local); `now_ms`
-    (default: the clock) only bounds `delay`. Raises DqError('bad_request', msg)."""
+    (default: the clock) bounds `delay` and anchors a relative fix_time ('+2 days').
+    Raises DqError('bad_request', msg)."""
     cmd = obj.get("cmd")
     if cmd == "add":
         return _parse_add(obj, now_ms, tz)

@@ -69,8 +69,17 @@ async def test_fix_time_uses_the_configured_zone(redis_server: RedisProcess,
         await w.api.post("/api/topics", json={"topic": "z", "callback": "http://h/"})
         r = await w.api.post("/api/jobs", json={"topic": "z", "id": "1",
                                                 "fix_time": "2030-01-31 08:00:00"})
+        # the other spellings PHP's strtotime() read (dq/fixtime.py)
+        others = [await w.api.post("/api/jobs", json={"topic": "z", "id": str(i),
+                                                      "fix_time": v})
+                  for i, v in enumerate(["2030/01/31 08:00", "2030-01-31T00:00:00Z",
+                                         1896048000, "@1896048000"], 2)]
+        before = time.time() * 1000
+        rel = await w.api.post("/api/jobs", json={"topic": "z", "id": "r", "fix_time": "+1 day"})
     want = datetime(2030, 1, 31, 8, tzinfo=ZoneInfo("Asia/Shanghai")).timestamp() * 1000
     assert r.json()["due_ms"] == want
+    assert [o.json()["due_ms"] for o in others] == [want] * 4
+    assert before + 86_395_000 <= rel.json()["due_ms"] <= time.time() * 1000 + 86_405_000
 
 
 async def test_add_refusals_match_the_tcp_server(web: Web) -> None:

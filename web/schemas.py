@@ -116,7 +116,10 @@ class JobIn(BaseModel):
     id: str | int = Field(examples=["42"])
     body: dict[str, Any] = Field(default_factory=dict)
     delay: float | None = Field(None, description="seconds from now")
-    fix_time: str | None = Field(None, description="'YYYY-MM-DD HH:MM:SS' in the server's zone")
+    fix_time: str | int | None = Field(None, description=(
+        "'YYYY-MM-DD HH:MM:SS', 'YYYY-MM-DD HH:MM', 'YYYY-MM-DD', 'YYYY/MM/DD HH:MM:SS', ISO 8601 "
+        "with 'T' and an optional 'Z' or offset, Unix seconds, or '+N minutes' (second, "
+        "minute, hour, day, week); without an offset, in the server's zone"))
     due_ms: int | None = Field(None, description="epoch milliseconds")
 
 
