@@ -17,8 +17,11 @@ values (`off=&none=`, as the original's DqCurl sent them: PHP's string of the va
 nested arrays and objects as their compact JSON text (`items=[1,2]`), which receivers
 decode with one json_decode (the original sent the word `Array`).
 
-Headers on every request: `X-Dq-Topic`, `X-Dq-Id` (percent-encoded when not printable
-ASCII) and `X-Dq-Attempt`, the 1-based attempt number, so receivers can be idempotent.
+Headers on every request: `X-Dq-Topic` and `X-Dq-Id`, percent-encoded (`header_value`: the
+text's UTF-8 bytes, every byte but A-Z a-z 0-9 - . _ ~ written %XX, so two ids never share
+a header; `urllib.parse.unquote` or PHP's `rawurldecode` gives the text back), and
+`X-Dq-Attempt`, the 1-based number of this delivery (a delivery cut off by its consumer's
+death counts: see dq/consumer.py), so receivers can be idempotent.
 When the topic has a secret, also `X-Dq-Timestamp` (Unix seconds) and `X-Dq-Signature`:
 
     hex(HMAC-SHA256(key=secret as UTF-8, msg=timestamp + "." + signed bytes))
@@ -133,8 +136,11 @@ def form_encode(body: dict[str, Any]) -> str:
     return "&".join(f"{_quote(str(k))}={_quote(_field(v))}" for k, v in body.items())
 
 
-def _header_value(text: str) -> str:
-    return text if text.isascii() and text.isprintable() else quote(text, safe="")
+def header_value(text: str) -> str:
+    """`text` as an X-Dq-Id / X-Dq-Topic value: its UTF-8 bytes with every byte outside
+    unreserved ASCII (A-Z a-z 0-9 - . _ ~) percent-encoded, `%` and spaces included, so
+    distinct texts never share a header and urllib.parse.unquote gives the text back."""
+    return text if _PLAIN(text) else quote(text, safe="", errors="surrogatepass")
 
 
 def sign(secret: str, timestamp: str, data: bytes) -> str:
@@ -165,8 +171,8 @@ def build_request(topic: Topic, c: Claimed, now: float) -> Request:
     Raises ValueError when the topic's callback URL does not parse."""
     headers = {
         "User-Agent": USER_AGENT,
-        "X-Dq-Topic": _header_value(c.topic),
-        "X-Dq-Id": _header_value(c.id),
+        "X-Dq-Topic": header_value(c.topic),
+        "X-Dq-Id": header_value(c.id),
         "X-Dq-Attempt": str(c.attempt + 1),
     }
     body = c.body if isinstance(c.body, dict) else {"body": c.body}

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 
 @dataclass
@@ -29,7 +29,9 @@ class Request:
 
     @property
     def job_id(self) -> str:
-        return self.headers.get("x-dq-id", "")
+        """The job's id: X-Dq-Id decoded (dq percent-encodes every byte but A-Z a-z 0-9
+        - . _ ~ of its UTF-8, so this is the id exactly)."""
+        return unquote(self.headers.get("x-dq-id", ""), errors="strict")
 
     @property
     def attempt(self) -> int:

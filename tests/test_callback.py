@@ -6,13 +6,23 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import random
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
 import pytest
 
-from dq.callback import REPLY_CAP, ExprCache, call, form_encode, open_session, sign
+from dq.callback import (
+    REPLY_CAP,
+    ExprCache,
+    call,
+    form_encode,
+    header_value,
+    open_session,
+    sign,
+)
 from dq.registry import Topic
 from dq.store import Claimed
 from tests.conftest import free_port
@@ -47,6 +57,20 @@ def test_form_encode_spells_like_urlencode() -> None:
     # true/false/null as the original's DqCurl sent them: PHP's string of each ("1", "")
     assert form_encode(body) == ("s=a+b%26c%3Dd%2F%E4%B8%AD&i=-12&f=0.1&big=100000000000000000000"
                                  "&inf=inf&t=1&off=&n=&l=%5B1%2C%22x%22%5D&plain=Az09_.~-")
+
+
+def test_header_value_is_injective_and_unquote_reverses_it() -> None:
+    """X-Dq-Id: distinct ids never share a header, and urllib's unquote (PHP's
+    rawurldecode) gives each id back: every byte but unreserved ASCII is %XX."""
+    rng = random.Random(17)
+    alphabet = "aZ09-._~ %+:|/?#&=\"'\\é✓😀中\u00a0\u2028"
+    ids = {"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) for _ in range(20000)}
+    ids |= {"é✓😀", "%C3%A9%E2%9C%93%F0%9F%98%80", " lead", "lead", "%", "%25"}
+    headers = {header_value(i): i for i in ids}
+    assert len(headers) == len(ids)
+    assert all(unquote(h, errors="strict") == i for h, i in headers.items())
+    assert all(h.isascii() and " " not in h for h in headers)
+    assert header_value("Az09-._~") == "Az09-._~" and header_value("%") == "%25"
 
 
 async def test_post_with_query_format_sends_the_fields_in_the_url(

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -365,6 +366,35 @@ async def test_formats_headers_and_signature(
     assert j.headers["content-type"] == "application/json"
     assert {k: v for k, v in j.json().items() if k in BODY} == BODY
     assert "notify_time" in j.json()
+
+
+# ids that a lossy X-Dq-Id would confuse: each pair used to arrive with one header
+TRICKY_IDS = ("é✓😀", "%C3%A9%E2%9C%93%F0%9F%98%80", " lead", "lead", "trail ", "a b",
+              "a+b", "a%20b", "50%", "%", "a:b", "order:42|x", "|", "~._-", "中文 订单",
+              "tab\u00a0nbsp", "a/b?c#d&e=f")
+
+
+async def test_x_dq_id_is_unambiguous_for_any_id(
+        store: Store, receiver: Receiver, roles: Roles, topic: Callable[..., Topic]) -> None:
+    """Every id arrives as its UTF-8 bytes with all but A-Z a-z 0-9 - . _ ~ percent-encoded:
+    unquote gives the id back exactly (spaces, '%', ':', '|' and non-ASCII included), and
+    no two ids share a header. X-Dq-Topic is encoded the same way."""
+    topic("ids")
+    topic("t.é 1")  # a key only a hand-written registry row can hold
+    roles.start("timer")
+    roles.start("consumer")
+    for job_id in TRICKY_IDS:
+        await store.add("ids", job_id, {}, delay_ms=0)
+    await store.add("t.é 1", "x", {}, delay_ms=0)
+    calls = await receiver.wait_calls(len(TRICKY_IDS), path="/ids")
+    raw = {c.headers["x-dq-id"] for c in calls}
+    assert len(raw) == len(TRICKY_IDS)  # one header per id: none taken for another
+    assert sorted(unquote(h, errors="strict") for h in raw) == sorted(TRICKY_IDS)
+    assert all(re.fullmatch(r"(?:[A-Za-z0-9._~-]|%[0-9A-F]{2})+", h) for h in raw), raw
+    assert {c.headers["x-dq-id"] for c in calls if c.job_id in ("é✓😀", " lead")} == {
+        "%C3%A9%E2%9C%93%F0%9F%98%80", "%20lead"}
+    [t] = await receiver.wait_calls(1, path="/t.%C3%A9%201")
+    assert t.headers["x-dq-topic"] == "t.%C3%A9%201"
 
 
 async def test_offline_topic_keeps_its_jobs(
