@@ -15,11 +15,16 @@ as its own task:
   until sent (Store.owed_alerts): one its consumer did not get out (it died or was stopped
   first, or the mail server failed) is mailed by consumer 0's sweep, for up to 24 hours.
 - a topic that is unknown or offline: the job is parked, not called, not counted as an
-  attempt and not lost. Nothing is written: its lease runs out and a timer puts it back at
-  the head of its ready list, so it is looked at again every `lease` seconds until the
-  topic is online (or the job is deleted).
+  attempt and not lost: it goes back to its delay bucket (dq/lua/park.lua), due again in
+  `lease` seconds, so it is looked at every `lease` seconds until the topic is online (or
+  the job is deleted).
 - anything unexpected while calling counts as a failed attempt; a write that fails leaves
   the lease to expire, so the job is delivered again (at-least-once).
+- a delivery cut off (its consumer died or hung, so its lease ran out) counts as an
+  attempt: the timer that requeues it adds one (dq/lua/requeue_expired.lua), the next
+  call says `X-Dq-Attempt: 2`, and a job claimed with all its attempts used that way is
+  kept as a dead letter without another call (a job whose call kills its consumer cannot
+  loop). max_attempts thus caps the calls started, whatever became of them.
 - a callback never runs longer than 90% of the lease (a topic timeout beyond that is cut,
   with one warning), so a job is not delivered a second time while its first call runs.
 
@@ -263,17 +268,21 @@ class Consumer:
             await self._shielded(self._bury_unreadable(topic, c))
             return
         if topic is None or not topic.online:
-            self.parked += 1
             log.debug("%s: %s parked: topic %s", self.ctx.name, c.tid,
                       "unknown" if topic is None else "offline")
+            await self._park(c)
+            return
+        if c.attempt >= max_attempts(topic, self.settings):
+            await self._shielded(self._bury_spent(topic, c))
             return
         timeout = self._timeout(topic, leased)
         if timeout < min(MIN_CALL, self.settings.lease * LEASE_SHARE / 2):
             # The lookup took most of the lease (a registry slow to answer): a call now
             # could still run when the lease ends and the job is handed out again.
-            self.parked += 1
             log.warning("%s: %s not called: %.1fs of its lease left; it is delivered again "
-                        "after the lease", self.ctx.name, c.tid, max(0.0, timeout))
+                        "after %.0fs", self.ctx.name, c.tid, max(0.0, timeout),
+                        self.settings.lease)
+            await self._park(c)
             return
         out = await self._call(topic, c, timeout)
         level = logging.INFO if out.ok else logging.WARNING
@@ -341,6 +350,42 @@ class Consumer:
             self.dead += 1
             log.warning("%s: %s is a dead letter after %d attempts: %s", self.ctx.name, c.tid,
                         c.attempt + 1, out.error)
+            self._alert_later(topic, c, error)
+
+    async def _park(self, c: Claimed) -> None:
+        """Look at a job that was not called again after `lease` seconds, without counting
+        an attempt. If the write fails, the lease runs out instead (and counts one)."""
+        self.parked += 1
+        try:
+            await self._shielded(self._park_write(c))
+        except SHARD_ERRORS as exc:
+            log.warning("%s: could not park %s (%s: %s); it is delivered again after its "
+                        "lease", self.ctx.name, c.tid, exc.__class__.__name__, exc)
+
+    async def _park_write(self, c: Claimed) -> None:
+        await self.store.park(c, self.lease_ms)
+
+    async def _bury_spent(self, topic: Topic, c: Claimed) -> None:
+        """A job claimed with its attempts used up, the last one cut off (its consumer died
+        or hung mid-call and the lease ran out, which counts as an attempt): kept as a
+        dead letter without calling it again, so a job that kills its consumer cannot loop."""
+        most = max_attempts(topic, self.settings)
+        error = {"status": 0, "error": f"not called again: it has had {c.attempt} deliveries "
+                 f"and max_attempts is {most}; the last ended with no outcome recorded (its "
+                 "consumer stopped or hung and its lease ran out) or max_attempts was lowered "
+                 "since. Redrive it to call it again", "reply": "", "attempts": c.attempt,
+                 "at": int(time.time() * 1000)}
+        try:
+            buried = await self.store.bury(c, error, called=False)
+        except SHARD_ERRORS as exc:
+            self.failed += 1
+            log.warning("%s: could not keep %s as a dead letter (%s); it is looked at again "
+                        "after its lease", self.ctx.name, c.tid, exc)
+            return
+        if buried:
+            self.dead += 1
+            log.warning("%s: %s is a dead letter: %d deliveries, the last cut off by an "
+                        "expired lease", self.ctx.name, c.tid, c.attempt)
             self._alert_later(topic, c, error)
 
     async def _bury_unreadable(self, topic: Topic | None, c: Claimed) -> None:

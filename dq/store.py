@@ -5,9 +5,10 @@ the job's shard (see DESIGN.md section 2); this module builds the keys and argum
 routes each tid to its shard and decodes what the scripts return.
 
 A job's payload is "<version>|<priority>|<attempt>|<due>|<due - set>|<body JSON>", times
-in hex milliseconds (set: when it was added). The scripts read version and priority with
-a prefix match (dq/lua/_job.lua) instead of decoding the body, and the fixed part costs
-~35 bytes per pending job.
+in hex milliseconds (set: when it was added), attempt the deliveries made so far (failed
+ones, and ones cut off by an expired lease: requeue_expired.lua counts those). The scripts
+read version and priority with a prefix match (dq/lua/_job.lua) instead of decoding the
+body, and the fixed part costs ~35 bytes per pending job.
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ class Claimed:
     id: str
     version: str
     priority: int
-    attempt: int  # failed attempts before this one (0 on the first delivery)
+    attempt: int  # deliveries before this one: failed, or cut off by an expired lease
     due_ms: int
     set_ms: int
     body: dict[str, Any]
@@ -660,6 +661,8 @@ class Store:
                 return found
 
     async def requeue_expired(self, shard: Shard, limit: int = 1000) -> int:
+        """Put jobs whose lease ran out back at the head of their ready lists, each with one
+        more attempt counted (the delivery cut off); how many."""
         keys = (self.k_jobs, self.k_inflight, *self.k_ready)
         return int(await shard.script("requeue_expired", keys, (limit,)))
 
@@ -731,6 +734,13 @@ class Store:
             "retry", keys, (c.tid, c.version, text, delay_ms, self.day(), MINUTE_TTL,
                             *self.observe(c, took_ms)))
         return bool(res[0])
+
+    async def park(self, c: Claimed, delay_ms: int) -> bool:
+        """Put a claimed job that was not called back in its delay bucket, due in `delay_ms`,
+        without counting an attempt; False when it changed meanwhile."""
+        b = self.bucket(c.tid)
+        keys = (self.k_jobs, self.k_inflight, self.k_delay[b])
+        return bool(await c.shard.script("park", keys, (c.tid, c.version, delay_ms)))
 
     async def bury(self, c: Claimed, error: dict[str, Any], *, called: bool = True,
                    took_ms: int | None = None) -> bool:

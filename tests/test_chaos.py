@@ -295,6 +295,7 @@ async def test_consumer_killed_mid_callback_does_not_lose_the_job(
     again, attempt = arrivals[1]
     print(f"\nconsumer killed mid-callback: called again {again - killed:.1f} s after the "
           f"kill (lease 2 s), X-Dq-Attempt {attempt}", file=sys.stderr)
+    assert [a for _, a in arrivals[:2]] == [1, 2], "the redelivery must say it is the second"
     assert rc == 0
 
 

@@ -254,11 +254,49 @@ async def test_killed_consumer_job_redelivered_after_lease(
     roles.start("consumer", 1, lease=1.0)
     calls = await receiver.wait_calls(2, job_id="k", timeout=5)
     assert time.monotonic() - t_kill > 0.5  # only after the lease ran out
-    assert calls[1].attempt == 1  # an expired lease is not a failed attempt
+    assert [c.attempt for c in calls] == [1, 2]  # the call cut off counts as a delivery
     async with asyncio.timeout(2):
         while await store.get("hang", "k") is not None:
             await asyncio.sleep(0.02)
     hang.set()
+
+
+async def test_a_job_whose_consumer_keeps_dying_is_buried_not_looped(
+        store: Store, receiver: Receiver, roles: Roles, topic: Callable[..., Topic],
+        smtp: tuple[Mailbox, int], registry: Registry) -> None:
+    """Each delivery cut off by a dead consumer counts as an attempt: with max_attempts 2
+    the job is called twice (X-Dq-Attempt 1, then 2), and when the second consumer dies
+    too it becomes a dead letter that says why, without a third call, and is mailed."""
+    box, port = smtp
+    registry.save_alert(AlertConf(host="127.0.0.1", port=port, sender="dq@example.test"))
+    topic("deadly", timeout_ms=30_000, max_attempts=2, emails=("ops@example.test",))
+    hang = asyncio.Event()
+
+    async def never_answers(req: Request) -> Reply:
+        await hang.wait()
+        return 200, b"ok"
+    receiver.routes["/deadly"] = never_answers
+    roles.start("timer")
+    await store.add("deadly", "k", {}, delay_ms=0)
+    for n in (1, 2):
+        _, victim = roles.start("consumer", n, lease=1.0)
+        await receiver.wait_calls(n, job_id="k", timeout=10)
+        roles.kill(victim)
+        await asyncio.gather(victim, return_exceptions=True)
+    roles.start("consumer", 3, lease=1.0)
+    async with asyncio.timeout(10):
+        while not (dead := await store.dead_letters("deadly")):
+            await asyncio.sleep(0.05)
+    hang.set()
+    assert [c.attempt for c in receiver.calls(job_id="k")] == [1, 2]
+    [info] = dead
+    assert info.attempt == 2 and info.error is not None
+    assert "lease ran out" in info.error["error"] and "max_attempts is 2" in info.error["error"]
+    async with asyncio.timeout(10):
+        while not box.messages:
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(1.5)  # a third call would come within a lease
+    assert len(receiver.calls(job_id="k")) == 2
 
 
 async def test_del_of_ready_job_prevents_delivery(
@@ -523,7 +561,9 @@ async def test_a_job_is_called_only_within_what_is_left_of_its_lease(
     assert [c.job_id for c in receiver.calls()] == ["early"]
     assert worker.parked == 1 and worker.delivered == 1
     info = await store.lookup("slow", "late")
-    assert info is not None and info.state == "inflight"  # delivered again after its lease
+    # parked: delivered again after a lease's time, with no attempt counted
+    assert info is not None and info.state == "delayed" and info.attempt == 0
+    assert info.due_ms - time.time() * 1000 > 8_000
 
 
 async def test_an_alert_the_mail_server_refused_is_mailed_once_it_answers(

@@ -129,7 +129,43 @@ async def test_expired_lease_requeues(store: Store) -> None:
     await asyncio.sleep(0.1)
     assert await store.requeue_expired(shard) == 1
     [again] = await store.claim(shard, 1, [1, 2, 3], 30_000)
-    assert again.tid == c.tid
+    assert again.tid == c.tid and again.version == c.version
+    assert (c.attempt, again.attempt) == (0, 1)  # the delivery cut off counts
+    assert again.body == c.body and (again.due_ms, again.set_ms) == (c.due_ms, c.set_ms)
+
+
+async def test_expired_lease_of_a_dq01_payload_counts_too(store: Store) -> None:
+    """A dq 0.1 JSON payload keeps its form; its "n" goes up, whatever its body holds."""
+    shard = store.shards.shards[0]
+    tid = make_tid("t", "old")
+    old = json.dumps({"v": "abc1", "p": 2, "topic": "t", "id": "old", "due": 1000, "n": 3,
+                      "set": 900, "body": {"n": 7, "x": ',"n":1'}}, separators=(",", ":"))
+    await shard.client.hset(store.k_jobs, tid, old)
+    await shard.client.rpush(store.k_ready[1], f"abc1|{tid}")
+    [c] = await store.claim(shard, 1, [1, 2, 3], 10)
+    await asyncio.sleep(0.05)
+    assert await store.requeue_expired(shard) == 1
+    [again] = await store.claim(shard, 1, [1, 2, 3], 30_000)
+    assert (c.attempt, again.attempt) == (3, 4) and again.version == "abc1"
+    assert again.body["n"] == 7 and again.body["x"] == ',"n":1'
+
+
+async def test_park_puts_a_job_back_without_counting(store: Store) -> None:
+    shard = store.shards.shards[0]
+    await store.add("t", "p", {}, delay_ms=0)
+    await store.move_due(shard, range(store.buckets))
+    [c] = await store.claim(shard, 1, [1, 2, 3], 30_000)
+    assert await store.park(c, 200)
+    info = await store.lookup("t", "p")
+    assert info is not None and info.state == "delayed" and info.attempt == 0
+    await asyncio.sleep(0.3)
+    await store.move_due(shard, range(store.buckets))
+    [again] = await store.claim(shard, 1, [1, 2, 3], 30_000)
+    assert again.attempt == 0 and again.version == c.version
+    await store.add("t", "p", {"new": 1}, delay_ms=60_000)  # replaced while claimed
+    assert not await store.park(again, 0)
+    info = await store.lookup("t", "p")
+    assert info is not None and info.state == "delayed" and info.body["new"] == 1
 
 
 async def test_add_wakes_timer_only_for_new_earliest(store: Store) -> None:

@@ -30,3 +30,16 @@ local function wake_if_first(delay, wake, tid)
     redis.call('LTRIM', wake, -1, -1)
   end
 end
+-- The payload with its attempt number one higher (a delivery was cut off), or nil when
+-- it has none to bump (unreadable). dq 0.1's JSON keeps the count in "n", before "body".
+local function job_count_delivery(payload)
+  local head, n, rest = string.match(payload, '^(%x+|%d|)(%d+)(|.*)$')
+  if head then return head .. (tonumber(n) + 1) .. rest end
+  if string.sub(payload, 1, 1) ~= '{' then return nil end
+  local cut = string.find(payload, '"body":', 1, true) or (#payload + 1)
+  local fields, bumped = string.sub(payload, 1, cut - 1), 0
+  fields, bumped = string.gsub(fields, '([{,]"n":)(%d+)',
+                               function(k, m) return k .. (tonumber(m) + 1) end, 1)
+  if bumped == 0 then return nil end
+  return fields .. string.sub(payload, cut)
+end

@@ -1,5 +1,8 @@
 -- requeue_expired: jobs whose consumer lease ran out (the consumer died or hung) go back to
--- the head of their ready list, so they are delivered again (at-least-once).
+-- the head of their ready list, so they are delivered again (at-least-once). The delivery
+-- that was cut off counts as an attempt: the payload's attempt number goes up by one (the
+-- version stays, so the ready entry matches), so the next call says X-Dq-Attempt 2 and a
+-- job whose consumer keeps dying runs out of attempts (dq/consumer.py) instead of looping.
 -- KEYS[1] jobs hash   KEYS[2] inflight zset   KEYS[3] ready:1   KEYS[4] ready:2   KEYS[5] ready:3
 -- ARGV[1] most jobs to requeue
 -- Returns the number requeued.
@@ -12,6 +15,8 @@ for _, tid in ipairs(tids) do
   local payload = redis.call('HGET', KEYS[1], tid)
   if payload then
     local v, p = job_vp(payload)
+    local counted = job_count_delivery(payload)
+    if counted then redis.call('HSET', KEYS[1], tid, counted) end
     redis.call('LPUSH', KEYS[2 + p], (v or '0') .. '|' .. tid)
     n = n + 1
   end
