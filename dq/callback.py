@@ -62,6 +62,7 @@ from urllib.parse import quote, quote_plus
 import aiohttp
 from yarl import URL
 
+from dq import __version__
 from dq.registry import Topic
 from dq.retry_expr import Expr, RetryExprError, compile_retry_when, should_retry
 from dq.store import Claimed
@@ -70,7 +71,7 @@ log = logging.getLogger(__name__)
 
 REPLY_CAP = 256 * 1024  # bytes of a reply read for retry_when; the rest is not read
 EXCERPT = 500  # characters of a reply kept with a dead letter
-USER_AGENT = "dq/0.1"
+USER_AGENT = f"dq/{__version__}"
 # aiohttp rounds a timeout of 5 s or more up to a whole second of the loop clock; the
 # topic's timeout is kept exactly by asyncio.timeout around the whole attempt instead.
 _NO_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=None, sock_read=None)

@@ -9,10 +9,24 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, get_type_hints
 
-from dq.config import Settings, load_settings
+from dq import __version__
+from dq.config import (
+    DELIVERY,
+    LOGS,
+    PROCESS,
+    STORAGE,
+    SUPERVISION,
+    TCP,
+    WEB,
+    Settings,
+    flag_name,
+    load_settings,
+    shown_default,
+)
 from dq.errors import EXIT_BOOT, EXIT_CONFIG, ConfigError
 from dq.logs import setup_logging
 from dq.master import Arbiter
@@ -26,8 +40,11 @@ processes. With no --redis it runs its own redis-server in the data dir, so a ba
 `dq-master` is a working system.
 
 Settings come from defaults < the config file (dq.toml) < DQ_* environment variables <
-these flags. Signals: TERM/INT stop gracefully, QUIT stops fast, HUP/USR2 reload,
-TTIN/TTOU add/remove a consumer."""
+these flags. Each flag below is a setting: --some-name is some_name in dq.toml and
+DQ_SOME_NAME in the environment (lists comma-separated).
+
+Signals: TERM/INT stop gracefully, QUIT stops fast, HUP/USR2 reload, TTIN/TTOU add/remove
+a consumer."""
 
 EPILOG = """\
 examples:
@@ -47,68 +64,51 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_CONFIG, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _storage_flags(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("storage")
-    g.add_argument("--redis", action="append", metavar="URL",
-                   help="a Redis shard, redis://host:port/db, rediss:// or unix://path; "
-                        "repeat for several shards (default: embedded redis-server)")
-    g.add_argument("--db", metavar="URL",
-                   help="registry database, a SQLAlchemy URL such as "
-                        "mysql+pymysql://user:pw@host/dq (default: SQLite in the data dir)")
-    g.add_argument("--data-dir", metavar="DIR",
-                   help="where the embedded Redis and SQLite live (default ./var)")
-    g.add_argument("--config", metavar="FILE",
-                   help="TOML config file (default: $DQ_CONFIG, else ./dq.toml if present)")
+def _setting_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...],
+                   skip: tuple[str, ...] = ()) -> None:
+    """One flag per setting of these groups, its help taken from the setting's definition
+    (dq/config.py): --help and README's settings table cannot drift apart."""
+    hints = get_type_hints(Settings)
+    for group in groups:
+        g = parser.add_argument_group(group)
+        for f in fields(Settings):
+            if f.metadata["group"] != group or f.name in skip:
+                continue
+            hint = hints[f.name]
+            text = f"{f.metadata['help']} (default: {shown_default(f)})".replace("%", "%%")
+            opts: dict[str, Any] = {"dest": "config" if f.name == "config_file" else f.name,
+                                    "help": text}
+            if hint is bool:
+                opts["action"] = argparse.BooleanOptionalAction
+            else:
+                opts["metavar"] = f.metadata["metavar"] or None
+                if f.metadata["choices"]:
+                    opts["choices"] = f.metadata["choices"]
+                elif hint is int or hint is float:
+                    opts["type"] = hint
+                if f.name == "redis":
+                    opts["action"] = "append"
+            g.add_argument(flag_name(f.name), **opts)
 
 
-def _web_flags(parser: argparse.ArgumentParser, *, toggle: bool) -> None:
-    g = parser.add_argument_group("web console")
-    g.add_argument("--web-port", type=int, metavar="PORT", help="console port (default 8088)")
-    g.add_argument("--web-host", metavar="ADDR",
-                   help="console address (default 0.0.0.0 with a password, else 127.0.0.1; "
-                        "without a password only a loopback address)")
-    g.add_argument("--web-password", metavar="PW", help="password for the console")
-    if toggle:
-        g.add_argument("--no-web", dest="web", action="store_const", const=False,
-                       help="do not run the console")
-
-
-def _log_flags(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("logs")
-    g.add_argument("--log-dir", metavar="DIR",
-                   help="also write daily request_/notify_/err_/notice_YYYYMMDD.txt files "
-                        "here (php-delayqueue's names)")
-    g.add_argument("--log-format", choices=("text", "json"), help="text (default) or json")
-    g.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO (default), WARNING, ERROR")
+MASTER_GROUPS = (TCP, STORAGE, DELIVERY, WEB, SUPERVISION, LOGS, PROCESS)
 
 
 def build_master_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dq-master", description=DESCRIPTION, epilog=EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = parser.add_argument_group("TCP server")
-    g.add_argument("--host", metavar="ADDR", help="address to listen on (default 0.0.0.0)")
-    g.add_argument("--port", type=int, metavar="PORT", help="TCP port (default 6789)")
-    g.add_argument("--servers", type=int, metavar="N", help="server processes (default 1)")
-    _storage_flags(parser)
-    g = parser.add_argument_group("delivery")
-    g.add_argument("--timers", type=int, metavar="N", help="timer processes (default 2)")
-    g.add_argument("--consumers", type=int, metavar="N",
-                   help="consumer processes (default 2)")
-    _web_flags(parser, toggle=True)
-    g = parser.add_argument_group("process")
-    g.add_argument("--daemon", action="store_const", const=True,
-                   help="run in the background (logs go to --log-dir, else DATA_DIR/log)")
-    g.add_argument("--pid-file", metavar="PATH", help="write the master's pid here")
-    _log_flags(parser)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _setting_flags(parser, MASTER_GROUPS)
     return parser
 
 
 def build_web_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dq-web", description="Run only the dq web console, in the "
                      "foreground, against the same Redis and registry as dq-master.")
-    _storage_flags(parser)
-    _web_flags(parser, toggle=False)
-    _log_flags(parser)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _setting_flags(parser, (STORAGE, WEB, LOGS), skip=("web",))
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (default: "
+                        "$DQ_CONFIG, else ./dq.toml if present)")
     return parser
 
 

@@ -24,55 +24,112 @@ from dq.errors import ConfigError
 # no timer may sleep longer than this between looks at its buckets (timer_tick).
 WAKE_WITHIN = 60.0
 
+TCP, STORAGE, DELIVERY, WEB, SUPERVISION, LOGS, PROCESS = (
+    "TCP server", "storage", "delivery", "web console", "supervision", "logs", "process")
+
+
+def setting(default: Any, help: str, *, group: str, shown: str = "", metavar: str = "",
+            choices: tuple[str, ...] = (), compare: bool = True) -> Any:
+    """A Settings field with its documentation: `help` says what it does, `group` where
+    --help and README list it, `shown` how to read an empty default. `dq-master --help` and
+    README's settings table (`python -m dq.config --update-readme`) are made from these."""
+    return field(default=default, compare=compare, metadata={
+        "help": help, "group": group, "shown": shown, "metavar": metavar, "choices": choices})
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a dq process needs to know, read once at start (and on reload)."""
 
-    # TCP server
-    host: str = "0.0.0.0"
-    port: int = 6789
-    servers: int = 1
-    max_connections: int = 2000
-    # seconds a connection may stay quiet before it is closed; 0 = never, as the original
-    # did: its PHP client keeps one connection for the life of its process and never
-    # reconnects, so closing it would fail every later add of that process
-    idle_timeout: float = 0.0
-    max_frame: int = 9999  # bytes of JSON in one frame; the 4-digit prefix caps it at 9999
-    # storage
-    redis: tuple[str, ...] = ()  # shard URLs; empty = embedded redis-server
-    db: str = ""  # SQLAlchemy URL; empty = SQLite in the data dir
-    data_dir: str = "./var"
-    prefix: str = "dq:"
-    buckets: int = 8  # delay zsets per shard; timers share them out
-    # delivery
-    timers: int = 2
-    consumers: int = 2
-    concurrency: int = 64  # callbacks in flight per consumer
-    retry_unit: float = 60.0  # seconds; attempt n is retried at +(2n+1) units
-    max_attempts: int = 10
-    lease: float = 60.0  # seconds a claimed job may stay in flight before it is requeued
-    priority_weights: tuple[int, ...] = (5, 3, 2)
-    timer_tick: float = 1.0  # longest a timer sleeps when nothing is due (<= WAKE_WITHIN)
-    timezone: str = ""  # zone of `fix_time`; empty = this machine's local zone
-    registry_refresh: float = 2.0  # seconds between registry polls in workers
-    # web console
-    web_host: str = ""  # empty = 0.0.0.0 with a password, 127.0.0.1 without
-    web_port: int = 8088
-    web: bool = True
-    web_password: str = ""
-    metrics_public: bool = False
-    # supervision and logs
-    grace: float = 30.0
-    heartbeat_timeout: float = 30.0
-    checker_interval: float = 1.0
-    shard_down_after: float = 10.0
-    redis_timeout: float = 5.0  # seconds a shard may leave commands unanswered: then failed
-    log_dir: str = ""
-    log_format: str = "text"  # text | json
-    log_level: str = "INFO"
-    daemon: bool = False
-    pid_file: str = ""
-    config_file: str = field(default="", compare=False)
+    host: str = setting("0.0.0.0", "address the TCP server listens on", group=TCP,
+                        metavar="ADDR")
+    port: int = setting(6789, "TCP port of the server (add/get/del)", group=TCP,
+                        metavar="PORT")
+    servers: int = setting(1, "server processes sharing the one port", group=TCP,
+                           metavar="N")
+    max_connections: int = setting(2000, "client connections one server process holds; "
+                                   "more are refused with too_many_connections", group=TCP,
+                                   metavar="N")
+    # 0 as the original did: its PHP client keeps one connection for the life of its
+    # process and never reconnects, so closing it would fail every later add of it
+    idle_timeout: float = setting(0.0, "seconds a client connection may stay quiet before it "
+                                  "is closed; 0 = never (php-delayqueue's PHP client never "
+                                  "reconnects)", group=TCP, metavar="S")
+    max_frame: int = setting(9999, "bytes of JSON in one request frame, 64 to 9999 (the "
+                             "4-digit length prefix caps it)", group=TCP, metavar="BYTES")
+    redis: tuple[str, ...] = setting((), "Redis shards, each redis://host:port/db, rediss:// or "
+                                     "unix://path: repeat the flag per shard (comma-separated "
+                                     "in DQ_REDIS)", group=STORAGE,
+                                     shown="none: an embedded redis-server", metavar="URL")
+    db: str = setting("", "registry database (topics, shards, alert settings), a SQLAlchemy "
+                      "URL such as mysql+pymysql://user:pw@host/dq", group=STORAGE,
+                      shown="SQLite in the data dir", metavar="URL")
+    data_dir: str = setting("./var", "where the embedded Redis, SQLite, heartbeats and "
+                            "health.json live", group=STORAGE, metavar="DIR")
+    prefix: str = setting("dq:", "prefix of every Redis key dq writes", group=STORAGE,
+                          metavar="TEXT")
+    buckets: int = setting(8, "delay sorted sets per shard, shared out among the timers "
+                           "(more timers than buckets leaves some idle)", group=STORAGE,
+                           metavar="N")
+    timers: int = setting(2, "timer processes (move due jobs to the ready lists)",
+                          group=DELIVERY, metavar="N")
+    consumers: int = setting(2, "consumer processes (make the callbacks)", group=DELIVERY,
+                             metavar="N")
+    concurrency: int = setting(64, "callbacks in flight per consumer", group=DELIVERY,
+                               metavar="N")
+    retry_unit: float = setting(60.0, "seconds; failed attempt n (0-based) is retried after "
+                                "2n+1 units", group=DELIVERY, metavar="S")
+    max_attempts: int = setting(10, "callbacks made before a job becomes a dead letter, for "
+                                "topics whose max_attempts is 0", group=DELIVERY, metavar="N")
+    lease: float = setting(60.0, "seconds a claimed job may stay in flight; then it is "
+                           "delivered again (callbacks are cut off before)", group=DELIVERY,
+                           metavar="S")
+    priority_weights: tuple[int, ...] = setting((5, 3, 2), "relative odds that a consumer's "
+                                                "claim tries priority 1, 2 or 3 first",
+                                                group=DELIVERY, metavar="A,B,C")
+    timer_tick: float = setting(1.0, f"longest a timer sleeps when nothing is due, in "
+                                f"seconds (at most {WAKE_WITHIN:g})", group=DELIVERY,
+                                metavar="S")
+    timezone: str = setting("", "IANA zone that fix_time, notify_time and the daily "
+                            "counters are in, e.g. Asia/Shanghai", group=DELIVERY,
+                            shown="this machine's zone", metavar="ZONE")
+    registry_refresh: float = setting(2.0, "seconds between looks at the registry for changed "
+                                      "topics and shards", group=DELIVERY, metavar="S")
+    web_host: str = setting("", "console address; without web_password only a loopback "
+                            "address is allowed", group=WEB,
+                            shown="0.0.0.0 with a password, else 127.0.0.1", metavar="ADDR")
+    web_port: int = setting(8088, "console port", group=WEB, metavar="PORT")
+    web: bool = setting(True, "run the console", group=WEB)
+    web_password: str = setting("", "password of the console and its API", group=WEB,
+                                shown="none", metavar="PW")
+    metrics_public: bool = setting(False, "serve /metrics without the console password",
+                                   group=WEB)
+    grace: float = setting(30.0, "seconds a stop or reload waits for callbacks in flight",
+                           group=SUPERVISION, metavar="S")
+    heartbeat_timeout: float = setting(30.0, "a child silent this many seconds is aborted "
+                                       "and replaced (at least 2)", group=SUPERVISION,
+                                       metavar="S")
+    checker_interval: float = setting(1.0, "seconds between the checker's pings of every "
+                                      "shard", group=SUPERVISION, metavar="S")
+    shard_down_after: float = setting(10.0, "seconds a shard must fail before it is marked "
+                                      "down (and mailed about)", group=SUPERVISION,
+                                      metavar="S")
+    redis_timeout: float = setting(5.0, "seconds a shard may leave commands unanswered "
+                                   "before they count as failed", group=SUPERVISION,
+                                   metavar="S")
+    log_dir: str = setting("", "also write daily request_/notify_/err_/notice_YYYYMMDD.txt "
+                           "files here (php-delayqueue's names)", group=LOGS,
+                           shown="stderr only (DATA_DIR/log with daemon)", metavar="DIR")
+    log_format: str = setting("text", "text or json (one object per line)", group=LOGS,
+                              choices=("text", "json"))
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR", group=LOGS,
+                             metavar="LEVEL")
+    daemon: bool = setting(False, "run in the background (logs go to log_dir)",
+                           group=PROCESS)
+    pid_file: str = setting("", "write the master's pid here", group=PROCESS, shown="none",
+                            metavar="PATH")
+    config_file: str = setting("", "the TOML config file to read", group=PROCESS,
+                               shown="./dq.toml if present", metavar="FILE", compare=False)
 
     @property
     def zone(self) -> ZoneInfo | None:
@@ -96,6 +153,30 @@ class Settings:
 
 _HINTS = get_type_hints(Settings)
 _FIELDS = {f.name for f in fields(Settings)}
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of a setting (`config_file` is `--config`)."""
+    return "--config" if name == "config_file" else "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    """The environment variable of a setting (`config_file` is `DQ_CONFIG`)."""
+    return "DQ_CONFIG" if name == "config_file" else "DQ_" + name.upper()
+
+
+def shown_default(f: dataclasses.Field[Any]) -> str:
+    """A setting's default as the docs show it."""
+    value = f.default
+    if f.metadata.get("shown") and value in ("", ()):
+        return str(f.metadata["shown"])
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 def _coerce(name: str, value: Any, source: str = "") -> Any:
@@ -264,7 +345,7 @@ def load_settings(
             if key not in _FIELDS:
                 raise ConfigError(f"config file {path}: unknown setting {key!r}")
             values[key] = _coerce(key, value, f"config file {path}")
-    for name in _FIELDS:
+    for name in _FIELDS - {"config_file"}:  # that one is DQ_CONFIG, read above
         raw = env.get("DQ_" + name.upper())
         if raw is not None:
             values[name] = _coerce(name, raw, "DQ_" + name.upper())

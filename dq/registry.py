@@ -26,6 +26,8 @@ from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from dq.config import Settings
+
 log = logging.getLogger(__name__)
 
 RETRY_PLACEHOLDER = "重试标记"  # the original's column default; it means "no expression"
@@ -191,6 +193,39 @@ class AlertConf:
     sender: str = ""
     redis_emails: tuple[str, ...] = ()  # who hears that a Redis shard is down
     ext: str = ""
+
+
+# What each field of a topic means, as the API and the console take it (status is the
+# `online` flag). With Topic()'s defaults this is the one definition of a new topic: the
+# console's form starts from it, the API schema and README's table (python -m dq.docs) show it.
+TOPIC_HELP: dict[str, str] = {
+    "topic": "the key clients send: 1 to 64 of A-Z a-z 0-9 _ . - (fixed once created)",
+    "name": "what the topic is for (empty: the key)",
+    "delay": "seconds after its add a job falls due when the add gives no delay or fix_time",
+    "callback": "the http:// or https:// URL called when a job is due (required)",
+    "method": "GET: the body's fields go in the URL's query string; POST: as body_format says",
+    "timeout_ms": "milliseconds a callback may take, 1 to 60000",
+    "emails": "who is mailed when a job of the topic becomes a dead letter",
+    "retry_when": "an expression on the reply; a 2xx reply for which it is true counts as a "
+                  "failure, e.g. {res.code}!=0 (empty: none)",
+    "priority": "1 high, 2 normal, 3 low",
+    "status": "online, or offline: adds are refused",
+    "max_attempts": "callbacks made before a job becomes a dead letter, 0 to 100; 0 = the "
+                    f"server's max_attempts setting (default {Settings.max_attempts})",
+    "secret": "signs every callback (X-Dq-Signature); never shown again (empty: unsigned)",
+    "body_format": "how a POST sends the fields: form (as php-delayqueue did), json, or query "
+                   "(in the URL, with an empty body)",
+    "creator": "who owns the topic",
+}
+
+
+def topic_values(t: Topic) -> dict[str, Any]:
+    """A topic as input values, the shape the API and the console's form take."""
+    return {"topic": t.topic, "name": t.name, "delay": t.delay, "callback": t.callback,
+            "method": t.method, "timeout_ms": t.timeout_ms, "emails": ", ".join(t.emails),
+            "retry_when": t.retry_when, "priority": t.priority,
+            "status": "online" if t.online else "offline", "max_attempts": t.max_attempts,
+            "secret": "", "body_format": t.body_format, "creator": t.creator}
 
 
 def normalise_redis_url(text: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import importlib.metadata
 import random
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,6 +15,7 @@ from urllib.parse import unquote
 import aiohttp
 import pytest
 
+import dq
 from dq.callback import (
     REPLY_CAP,
     ExprCache,
@@ -222,3 +224,12 @@ async def test_a_non_2xx_reply_fails_whatever_its_body(
     receiver.routes["/500"] = lambda req: (500, b"ok")
     out = await call(session, ExprCache(), topic(receiver.url("/500")), job(), 2.0)
     assert not out.ok and out.error == "HTTP 500"
+
+
+async def test_user_agent_carries_the_package_version(
+        receiver: Receiver, session: aiohttp.ClientSession) -> None:
+    out = await call(session, ExprCache(), topic(receiver.url("/ua")), job(), 2.0)
+    assert out.ok
+    [req] = receiver.requests
+    assert req.headers["user-agent"] == f"dq/{dq.__version__}"
+    assert dq.__version__ == importlib.metadata.version("dq")

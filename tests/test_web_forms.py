@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import AsyncIterator
+from html.parser import HTMLParser
 
 import pytest
 import redis
@@ -252,3 +253,59 @@ async def test_shards_page_counts_guests(web: Web) -> None:
     assert "2 guest job(s)" in r.text
     metrics = (await web.api.get("/metrics")).text
     assert 'state="guests"} 2.0' in metrics
+
+
+class _FormValues(HTMLParser):
+    """What a browser would submit from a page's form as it stands: inputs' values and each
+    select's selected option (else its first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: dict[str, str] = {}
+        self._select: str | None = None
+        self._first = ""
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        name = a.get("name") or ""
+        if tag == "input" and name and a.get("type") not in ("checkbox", "submit"):
+            self.values[name] = a.get("value") or ""
+        elif tag == "select":
+            self._select, self._first = name, ""
+        elif tag == "option" and self._select:
+            self._first = self._first or (a.get("value") or "")
+            if "selected" in a:
+                self.values[self._select] = a.get("value") or ""
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "select" and self._select:
+            self.values.setdefault(self._select, self._first)
+            self._select = None
+
+
+async def test_new_topic_form_and_api_give_the_same_defaults(web: Web) -> None:
+    """A topic created from the console's untouched new-topic form is the topic the API
+    creates from the same two required fields."""
+    await login(web.anon)
+    page = await web.anon.get("/topics/new")
+    assert "0 = the server&#39;s max_attempts setting" in page.text
+    form = _FormValues()
+    form.feed(page.text)
+    assert form.values["method"] == "GET" and form.values["body_format"] == "form"
+    r = await web.anon.post("/topics/new", data={**form.values, "topic": "from_form",
+                                                 "callback": "https://h.example/x"})
+    assert r.status_code == 303, r.text
+    r = await web.api.post("/api/topics", json={"topic": "from_api",
+                                                "callback": "https://h.example/x"})
+    assert r.status_code == 201, r.text
+    made = [(await web.api.get(f"/api/topics/{k}")).json() for k in ("from_form", "from_api")]
+    for t in made:
+        del t["topic"], t["name"], t["creator"]
+    assert made[0] == made[1]
+    doc = (await web.api.get("/openapi.json")).json()
+    schema = doc["paths"]["/api/topics"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"]
+    assert schema["properties"]["method"]["default"] == made[1]["method"]
+    assert schema["properties"]["body_format"]["default"] == made[1]["body_format"]
+    assert "0 = the server's max_attempts setting" in \
+        schema["properties"]["max_attempts"]["description"]

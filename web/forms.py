@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
-from dq.registry import BODY_FORMATS, AlertConf, Topic, normalise_redis_url
+from dq.registry import BODY_FORMATS, AlertConf, Topic, normalise_redis_url, topic_values
 from dq.retry_expr import PLACEHOLDER, RetryExprError, parse
 from web.errors import Invalid
 
@@ -135,13 +135,10 @@ def _unknown(data: Mapping[str, Any], known: tuple[str, ...]) -> dict[str, str]:
             for k in data if k not in known and k not in _IGNORED}
 
 
-def topic_input(t: Topic) -> dict[str, Any]:
-    """A stored topic as input values (what an edit form starts from)."""
-    return {"topic": t.topic, "name": t.name, "delay": t.delay, "callback": t.callback,
-            "method": t.method, "timeout_ms": t.timeout_ms, "emails": ", ".join(t.emails),
-            "retry_when": t.retry_when, "priority": t.priority,
-            "status": "online" if t.online else "offline", "max_attempts": t.max_attempts,
-            "secret": "", "body_format": t.body_format, "creator": t.creator}
+topic_input = topic_values  # a stored topic as input values (what an edit form starts from)
+# A new topic, wherever it is made: the console's form starts from these, and the API and
+# the form fill a field left out with them.
+NEW_TOPIC: Final = topic_values(Topic())
 
 
 def topic_json(t: Topic) -> dict[str, Any]:
@@ -181,14 +178,16 @@ def validate_topic(data: Mapping[str, Any], *, existing: Topic | None = None,
         secret = existing.secret
     result = Topic(
         id=existing.id if existing else 0, topic=topic, name=name or topic,
-        delay=f.integer("delay", 0, 0, MAX_DELAY, "1800 for half an hour"),
-        callback=callback, method=f.choice("method", "GET", ("GET", "POST"), upper=True),
-        timeout_ms=f.integer("timeout_ms", 3000, 1, 60000, "3000"),
+        delay=f.integer("delay", NEW_TOPIC["delay"], 0, MAX_DELAY, "1800 for half an hour"),
+        callback=callback, method=f.choice("method", NEW_TOPIC["method"], ("GET", "POST"),
+                                         upper=True),
+        timeout_ms=f.integer("timeout_ms", NEW_TOPIC["timeout_ms"], 1, 60000, "3000"),
         emails=f.emails("emails"), retry_when=retry_when,
-        priority=f.integer("priority", 2, 1, 3, "1 high, 2 normal, 3 low"),
-        online=f.choice("status", "online", ("online", "offline")) == "online",
-        max_attempts=f.integer("max_attempts", 0, 0, 100, "0 for the server's default"),
-        secret=secret, body_format=f.choice("body_format", "form", BODY_FORMATS),
+        priority=f.integer("priority", NEW_TOPIC["priority"], 1, 3, "1 high, 2 normal, 3 low"),
+        online=f.choice("status", NEW_TOPIC["status"], ("online", "offline")) == "online",
+        max_attempts=f.integer("max_attempts", NEW_TOPIC["max_attempts"], 0, 100,
+                               "0 for the server's max_attempts setting"),
+        secret=secret, body_format=f.choice("body_format", NEW_TOPIC["body_format"], BODY_FORMATS),
         creator=f.text("creator", creator, limit=255) or creator,
     )
     errors.update(f.errors)

@@ -28,7 +28,7 @@ from web.auth import (
     safe_next,
 )
 from web.errors import Invalid
-from web.forms import TOPIC_FIELDS, topic_input, validate_topic
+from web.forms import NEW_TOPIC, TOPIC_FIELDS, topic_input, validate_topic
 from web.ops import search_topics, shard_views, topic_counters
 from web.state import WebState, db, state
 from web.views import redirect, render
@@ -147,15 +147,9 @@ def _form_page(request: Request, values: dict[str, Any], *, key: str | None,
         "max_attempts_default": request.app.state.dq.settings.max_attempts}, status=status)
 
 
-_NEW_TOPIC = {"topic": "", "name": "", "delay": 0, "callback": "", "method": "POST",
-              "timeout_ms": 3000, "emails": "", "retry_when": "", "priority": 2,
-              "status": "online", "max_attempts": 0, "secret": "", "body_format": "json",
-              "creator": ""}
-
-
 @router.get("/topics/new")
 async def new_topic_page(request: Request, sess: PageSession) -> Response:
-    return _form_page(request, dict(_NEW_TOPIC), key=None)
+    return _form_page(request, dict(NEW_TOPIC), key=None)
 
 
 @router.get("/topics/{key}/edit")
@@ -175,7 +169,7 @@ async def create_topic(request: Request, st: St, form: Form) -> Response:
         if await db(st.registry.get_topic, topic.topic) is not None:
             raise Invalid({"topic": "a topic with this key already exists; edit it instead"})
     except Invalid as exc:
-        return _form_page(request, {**_NEW_TOPIC, **data, "secret": ""}, key=None,
+        return _form_page(request, {**NEW_TOPIC, **data, "secret": ""}, key=None,
                           errors=exc.errors, status=422)
     await db(st.registry.save_topic, topic)
     return redirect("/topics?q=" + quote(topic.topic), f"Topic {topic.topic} created.")

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from dq.registry import TOPIC_HELP, Topic, topic_values
+
 
 class ErrorOut(BaseModel):
     detail: str = Field(description="what went wrong and what to do about it")
@@ -18,27 +20,31 @@ class ErrorOut(BaseModel):
     errors: dict[str, str] = Field(default_factory=dict, description="field -> message")
 
 
+_T, _H = topic_values(Topic()), TOPIC_HELP  # a new topic's defaults and what each field means
+
+
 class TopicIn(BaseModel):
-    topic: str = Field(description="key: 1-64 of A-Z a-z 0-9 _ . - (fixed once created)",
-                       examples=["order_timeout"])
-    name: str = Field("", description="what the topic is for")
-    delay: int = Field(0, ge=0, description="default delay in seconds when an add gives none")
-    callback: str = Field(description="http(s) URL called when a job is due",
+    """A topic to create (fields left out take these defaults) or change (fields left out
+    keep their values)."""
+
+    topic: str = Field(description=_H["topic"], examples=["order_timeout"])
+    name: str = Field(_T["name"], description=_H["name"])
+    delay: int = Field(_T["delay"], ge=0, description=_H["delay"])
+    callback: str = Field(description=_H["callback"],
                           examples=["https://shop.example.com/hooks/order-timeout"])
-    method: Literal["GET", "POST"] = "GET"
-    timeout_ms: int = Field(3000, ge=1, le=60000)
-    emails: list[str] | str = Field(default_factory=list,
-                                    description="who is mailed when a job dies")
-    retry_when: str = Field("", description="retry a 2xx reply when true, e.g. "
-                            "{res.code}!=200")
-    priority: int = Field(2, ge=1, le=3, description="1 high, 2 normal, 3 low")
-    status: Literal["online", "offline"] = "online"
-    max_attempts: int = Field(0, ge=0, le=100, description="0 = the server's default")
-    secret: str | None = Field(None, description="signs callbacks; empty or null on update "
+    method: Literal["GET", "POST"] = Field(_T["method"], description=_H["method"])
+    timeout_ms: int = Field(_T["timeout_ms"], ge=1, le=60000, description=_H["timeout_ms"])
+    emails: list[str] | str = Field(default_factory=list, description=_H["emails"])
+    retry_when: str = Field(_T["retry_when"], description=_H["retry_when"])
+    priority: int = Field(_T["priority"], ge=1, le=3, description=_H["priority"])
+    status: Literal["online", "offline"] = Field(_T["status"], description=_H["status"])
+    max_attempts: int = Field(_T["max_attempts"], ge=0, le=100, description=_H["max_attempts"])
+    secret: str | None = Field(None, description=_H["secret"] + "; empty or null on update "
                                "keeps the stored one")
     clear_secret: bool = Field(False, description="remove the stored secret")
-    body_format: Literal["form", "json", "query"] = "form"
-    creator: str = ""
+    body_format: Literal["form", "json", "query"] = Field(_T["body_format"],
+                                                          description=_H["body_format"])
+    creator: str = Field(_T["creator"], description=_H["creator"])
 
 
 class TopicOut(BaseModel):
@@ -52,7 +58,7 @@ class TopicOut(BaseModel):
     retry_when: str
     priority: int
     status: Literal["online", "offline"]
-    max_attempts: int
+    max_attempts: int = Field(description=_H["max_attempts"])
     secret: None = Field(None, description="never shown; see secret_set")
     secret_set: bool
     body_format: str
