@@ -39,6 +39,35 @@ def safe_name(text: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", text)
 
 
+class ShardRefused(DqError):
+    """A shard that is up but refuses writes (out of memory, a read-only replica, a failed
+    disk save): err "unavailable", with what is wrong in the shard's words. Not a shard
+    failure: reads still work there, so its breaker stays closed and an add is not moved
+    to another shard (nothing would move it home while the shard refuses writes)."""
+
+    def __init__(self, label: str, what: str, fix: str) -> None:
+        self.label, self.what, self.fix = label, what, fix
+        super().__init__(UNAVAILABLE, f"redis shard {label} {what}: nothing was written; {fix}")
+
+    def for_add(self) -> DqError:
+        """The same refusal, worded for the client whose add it refused."""
+        return DqError(UNAVAILABLE, f"redis shard {self.label} {self.what}: job not stored; "
+                       f"retry later ({self.fix})")
+
+
+# (text in the Redis error, what it means, what the operator does). In a Lua script the
+# error comes wrapped ("ERR Error running script ...: -OOM command not allowed ...").
+_REFUSALS: tuple[tuple[str, str, str], ...] = (
+    ("OOM command not allowed", "is out of memory (maxmemory)",
+     "its operator must free memory or raise maxmemory"),
+    ("READONLY You can't write", "is a read-only replica",
+     "point dq at its master, or at Sentinel with redis+sentinel://"),
+    ("MISCONF ", "cannot save to disk (MISCONF) and refuses writes",
+     "its operator must fix its disk or save settings"),
+)
+REFUSAL_LOG_EVERY = 10.0  # seconds between a connection's log lines about refused writes
+
+
 def pack(args: tuple[Any, ...]) -> bytes:
     """One command in RESP (*<n> then $<len> <bytes> per argument), packed by hiredis in C:
     a batch of adds is a few thousand arguments, 2.3x faster than spelling them in Python."""
@@ -71,7 +100,7 @@ class _Protocol(asyncio.Protocol):
             if isinstance(reply, hiredis.ReplyError):
                 msg = str(reply)
                 error = (NoScriptError(msg) if msg.startswith("NOSCRIPT")
-                         else ResponseError(msg))
+                         else self.conn.refusal(msg) or ResponseError(msg))
             if not isinstance(waiter, asyncio.Future):
                 _call(waiter, reply, error)
             elif waiter.done():
@@ -115,12 +144,30 @@ class RespConnection:
         self.heard = 0.0
         self._watch: asyncio.TimerHandle | None = None
         self._why = ""  # why this side dropped the connection
+        self._refused = 0  # writes the shard refused since the last log line about them
+        self._refusal_logged = -REFUSAL_LOG_EVERY  # monotonic
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._connecting: asyncio.Future[None] | None = None
         # The loop of the open connection. asyncio.get_running_loop() costs a getpid()
         # system call in Python 3.11, once per command otherwise.
         self.loop: asyncio.AbstractEventLoop | None = None
+
+    def refusal(self, msg: str) -> ShardRefused | None:
+        """The ShardRefused a Redis error message means, if it is a refused write; logged
+        as one line per connection every REFUSAL_LOG_EVERY seconds at most, with a count
+        (never the command: it holds the job)."""
+        found = next((r for r in _REFUSALS if r[0] in msg), None)
+        if found is None:
+            return None
+        _, what, fix = found
+        self._refused += 1
+        now = time.monotonic()
+        if now >= self._refusal_logged + REFUSAL_LOG_EVERY:
+            log.warning("redis shard %s %s: %d write(s) refused since the last report; %s",
+                        self.label, what, self._refused, fix)
+            self._refusal_logged, self._refused = now, 0
+        return ShardRefused(self.label, what, fix)
 
     def _unavailable(self, why: object) -> DqError:
         return DqError(UNAVAILABLE, f"redis shard {self.label} is unavailable ({why}); "

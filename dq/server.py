@@ -32,6 +32,7 @@ from dq.errors import (
 )
 from dq.protocol import AddRequest, DelRequest, FrameDecoder, FrameError, GetRequest
 from dq.registry import Registry, Topic
+from dq.resp import ShardRefused
 from dq.shards import Shard
 from dq.store import AddJob, Store
 from dq.supervise import LoadBoard, bind_listener
@@ -255,7 +256,7 @@ class Handler:
             try:
                 await shard.evalsha(self.store.add_args([job]))
             except DqError as exc:
-                if exc.err != UNAVAILABLE:
+                if exc.err != UNAVAILABLE or isinstance(exc, ShardRefused):
                     raise
                 # Its shard is down (and maybe not yet known to be): write to the next
                 # healthy shard in the tid's order instead, once; get/del look there too.
@@ -266,6 +267,8 @@ class Handler:
                 self.stats["failover"] += 1
                 await shard.evalsha(self.store.add_args([job]))
         except DqError as exc:
+            if isinstance(exc, ShardRefused):
+                exc = exc.for_add()  # logged once per shard every few seconds by dq.resp
             self.stats["fail"] += 1
             log_request("add", req.topic, req.id, exc.err, t0, shard.label, exc.msg)
             return exc
@@ -288,7 +291,13 @@ class Handler:
 
     def _unexpected_error(self, obj: object, exc: Exception) -> DqError:
         self.stats["fail"] += 1
-        log.error("request failed: %r", obj, exc_info=exc)
+        # Not the whole request: a job's body is the client's data, and can be long.
+        cmd, topic, job_id = ((obj.get("cmd"), obj.get("topic"), obj.get("id"))
+                              if isinstance(obj, dict) else
+                              (obj.cmd, obj.topic, obj.id) if isinstance(obj, AddRequest)
+                              else (None, None, None))
+        log.error("request failed: cmd=%.20r topic=%.100r id=%.100r", cmd, topic, job_id,
+                  exc_info=exc)
         return DqError(UNAVAILABLE, f"the server could not complete the request "
                        f"({exc.__class__.__name__}); retry shortly")
 

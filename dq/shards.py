@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from dq.errors import UNAVAILABLE, DqError
-from dq.resp import RespConnection, safe_name
+from dq.resp import RespConnection, ShardRefused, safe_name
 
 if TYPE_CHECKING:
     from dq.health import HealthReader
@@ -159,8 +159,8 @@ class Shard:
 
     def _mark_failure(self, exc: DqError) -> None:
         self.failures += 1
-        if exc.err != UNAVAILABLE:
-            return
+        if exc.err != UNAVAILABLE or isinstance(exc, ShardRefused):
+            return  # a shard that refuses writes still answers: reads go on there
         now = time.monotonic()
         if now < self.open_until:
             return  # a call sent before the breaker opened: not a new trial

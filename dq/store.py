@@ -35,6 +35,7 @@ from redis.exceptions import NoScriptError
 
 from dq import fastjson
 from dq.errors import UNAVAILABLE, DqError
+from dq.resp import ShardRefused
 from dq.shards import SCRIPTS, Shard, ShardSet
 
 log = logging.getLogger(__name__)
@@ -471,16 +472,20 @@ class Store:
         shard, job = self.add_job(topic, job_id, body, priority=priority, due_ms=due_ms,
                                   delay_ms=delay_ms)
         try:
-            res = await self._batched("add", shard, job)
-        except DqError as exc:
-            if exc.err != UNAVAILABLE:
-                raise
-            failed = shard
-            shard, job = self.add_job(topic, job_id, body, priority=priority, due_ms=due_ms,
-                                      delay_ms=delay_ms, exclude=(failed.name,))
-            if shard is failed:
-                raise
-            res = await shard.evalsha(self.add_args([job]))
+            try:
+                res = await self._batched("add", shard, job)
+            except DqError as exc:
+                if exc.err != UNAVAILABLE or isinstance(exc, ShardRefused):
+                    raise
+                failed = shard
+                shard, job = self.add_job(topic, job_id, body, priority=priority,
+                                          due_ms=due_ms, delay_ms=delay_ms,
+                                          exclude=(failed.name,))
+                if shard is failed:
+                    raise
+                res = await shard.evalsha(self.add_args([job]))
+        except ShardRefused as exc:
+            raise exc.for_add() from None
         return AddResult(replaced=bool(res[0]), due_ms=int(res[1]), shard=shard.name)
 
     async def _find(self, tid: str) -> tuple[Shard, bytes] | None:
