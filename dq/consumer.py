@@ -338,14 +338,15 @@ class Consumer:
         await asyncio.shield(task)
 
     async def _failed(self, topic: Topic, c: Claimed, out: Outcome) -> None:
-        """Retry a failed attempt after its back-off, or keep it as a dead letter."""
-        if c.attempt + 1 < max_attempts(topic, self.settings):
-            await self.store.retry(c, retry_delay_ms(c.attempt, self.settings.retry_unit),
-                                   took_ms=out.ms)
-            self.retried += 1
-            return
+        """Retry a failed attempt after its back-off, or keep it as a dead letter; either
+        way the attempt's error stays with the job (the console and API show it)."""
         error = {"status": out.status, "error": out.error, "reply": out.reply[:EXCERPT],
                  "attempts": c.attempt + 1, "at": int(time.time() * 1000)}
+        if c.attempt + 1 < max_attempts(topic, self.settings):
+            await self.store.retry(c, retry_delay_ms(c.attempt, self.settings.retry_unit),
+                                   error=error, took_ms=out.ms)
+            self.retried += 1
+            return
         if await self.store.bury(c, error, took_ms=out.ms):
             self.dead += 1
             log.warning("%s: %s is a dead letter after %d attempts: %s", self.ctx.name, c.tid,

@@ -245,6 +245,12 @@ class JobInfo:
     error: dict[str, Any] | None = None
     unreadable: str = ""  # why the stored job cannot be read (its body is then {})
 
+    @property
+    def retrying(self) -> bool:
+        """Whether the job waits for another attempt after failed ones (its `due_ms` is
+        when that attempt is due, `error` the last one's error)."""
+        return self.state in ("delayed", "ready") and self.attempt > 0
+
 
 @dataclass(frozen=True)
 class AddResult:
@@ -265,6 +271,8 @@ class Store:
         self.k_jobs = prefix + "jobs"
         self.k_inflight = prefix + "inflight"
         self.k_dead = prefix + "dead"
+        # A job's last error: a dead letter's, and a retrying job's while it waits (retry.lua
+        # sets it; ack, a replacing add, redrive and delete remove it).
         self.k_dead_err = prefix + "dead:err"
         self.k_guests = prefix + "guests"
         self.k_moving = prefix + "moving"
@@ -393,7 +401,7 @@ class Store:
             keys = [self.k_jobs, self.k_guests, self.k_moving, self.k_inflight, self.k_dead]
             args = []
         else:
-            keys = [self.k_jobs, self.k_inflight, self.k_minute()]
+            keys = [self.k_jobs, self.k_inflight, self.k_minute(), self.k_dead_err]
         for part_keys, part_args in parts:
             keys += part_keys
             args += part_args
@@ -722,10 +730,12 @@ class Store:
         res = await self._batched("ack", c.shard, part)
         return bool(res[0])
 
-    async def retry(self, c: Claimed, delay_ms: int, *, took_ms: int | None = None) -> bool:
-        """Reschedule after a failed attempt; False when the job changed meanwhile. As the
-        original did, the body's notify_time becomes the retry's due time and its
-        exp_notify_nums counts the failed attempts so far."""
+    async def retry(self, c: Claimed, delay_ms: int, *, error: dict[str, Any] | None = None,
+                    took_ms: int | None = None) -> bool:
+        """Reschedule after a failed attempt, keeping its `error` as the job's last error
+        (`lookup` shows it); False when the job changed meanwhile. As the original did, the
+        body's notify_time becomes the retry's due time and its exp_notify_nums counts the
+        failed attempts so far."""
         b = self.bucket(c.tid)
         due_ms = int(time.time() * 1000) + delay_ms
         failed = c.body.get("exp_notify_nums")
@@ -734,10 +744,10 @@ class Store:
         text = payload(version=new_version(), priority=c.priority, due_ms=due_ms,
                        attempt=c.attempt + 1, set_ms=c.set_ms, body=fastjson.dumps(body))
         keys = (self.k_jobs, self.k_inflight, self.k_delay[b], self.k_wake[b],
-                self.k_stat(c.topic), self.k_minute(), self.k_hist(c.topic))
+                self.k_stat(c.topic), self.k_minute(), self.k_hist(c.topic), self.k_dead_err)
         res = await c.shard.script(
             "retry", keys, (c.tid, c.version, text, delay_ms, self.day(), MINUTE_TTL,
-                            *self.observe(c, took_ms)))
+                            fastjson.dumps(error or {}), *self.observe(c, took_ms)))
         return bool(res[0])
 
     async def park(self, c: Claimed, delay_ms: int) -> bool:

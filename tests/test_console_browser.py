@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +27,7 @@ from dq.config import Settings
 from dq.store import Store
 from dq.worker import Context, open_store
 from tests.conftest import ARTIFACTS, RedisProcess, free_port
+from tests.test_web_jobs import fail_once
 from web.app import run
 
 CHROMIUM = "/usr/bin/chromium"
@@ -309,3 +311,53 @@ def test_console_in_a_browser(browser: Browser, redis_server: RedisProcess,
                    and e.get("level") == "SEVERE") or "Refused" in str(e.get("message"))]
         assert refused == [], refused
         api.close()
+
+
+def login(b: Browser, console: LiveConsole) -> None:
+    b.go(console.url + "/login")
+    b.fill("#f-password", PW)
+    b.click("button[type=submit]")
+    assert b.text("h1") == "Dashboard"
+
+
+def test_a_retrying_job_shows_its_last_error_in_a_browser(
+        browser: Browser, redis_server: RedisProcess, tmp_path: Path) -> None:
+    """A job waiting for its next attempt after a real 500 (real receiver, real consumer):
+    the console's job page says it is retrying, with the error, the attempts so far and
+    when the next attempt is due; a dead letter's error time is a date, not epoch ms."""
+    settings = Settings(redis=(redis_server.url,), web_port=free_port(), web_host="127.0.0.1",
+                        web_password=PW, db=f"sqlite:///{tmp_path / 'dq.sqlite3'}",
+                        timers=1, retry_unit=600.0, timer_tick=0.2, registry_refresh=0.2)
+    asyncio.run(fail_once(settings, "flaky", "7", (500, b"upstream is down")))
+    with LiveConsole(settings) as console:
+        api = httpx.Client(base_url=console.url, auth=("admin", PW))
+        job = api.get("/api/jobs/flaky/7").json()
+        b = browser
+        login(b, console)
+        b.go(f"{console.url}/jobs?topic=flaky&id=7")
+        assert b.text("#job .badge") == "retrying"
+        assert "waiting to retry after 1 failed attempt" in b.text("#job .facts")
+        assert "Next attempt" in b.text("#job .facts") and job["due"] in b.text("#job-due")
+        last = b.text("#last-error")
+        assert "HTTP 500" in last and "upstream is down" in last
+        assert job["error"]["at_time"] in last and str(job["error"]["at"]) not in last
+        b.screenshot("job_retrying.png")
+
+        async def kill(store: Store) -> None:
+            shard = store.shards.shards[0]
+            await store.add("flaky", "8", {}, delay_ms=0)
+            await store.move_due(shard, range(store.buckets))
+            for c in await store.claim(shard, 10, [1, 2, 3], 30000):
+                await store.bury(c, {"status": 502, "error": "HTTP 502", "reply": "",
+                                     "attempts": 5, "at": 1767225600000})
+        asyncio.run(with_store(settings, kill))
+        b.go(console.url + "/dead")
+        b.cmd("POST", f"/element/{b.find('table details summary')}/click")
+        row = b.text("table")
+        assert "1767225600000" not in row
+        assert store_time(settings, 1767225600000) in row
+        api.close()
+
+
+def store_time(settings: Settings, epoch_ms: int) -> str:
+    return datetime.fromtimestamp(epoch_ms / 1000, settings.zone).strftime("%Y-%m-%d %H:%M:%S")

@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 from redis.exceptions import NoScriptError, ResponseError
@@ -118,6 +119,44 @@ async def test_retry_then_bury_and_redrive(store: Store) -> None:
     assert "exp_notify_nums" not in info.body
     stats = await store.topic_stats("t")
     assert stats["retries"] == 2 and stats["dead"] == 1 and stats["fail"] == 3
+
+
+async def test_a_retrying_job_keeps_its_last_error_until_it_is_done(store: Store) -> None:
+    """retry.lua keeps the failed attempt's error with the job while it waits; a later
+    success (ack), a replacing add and a delete each take it away, so none is left behind
+    and a fresh job never shows an old error."""
+    shard = store.shards.shards[0]
+
+    async def claim() -> Any:
+        await store.move_due(shard, range(store.buckets))
+        [c] = await store.claim(shard, 1, [1, 2, 3], 30_000)
+        return c
+
+    async def errors() -> int:
+        return int(await shard.call("HLEN", store.k_dead_err))
+
+    await store.add("t", "1", {}, delay_ms=0)
+    c = await claim()
+    err = {"status": 500, "error": "HTTP 500", "reply": "down", "attempts": 1, "at": 1}
+    assert await store.retry(c, 60_000, error=err)
+    info = await store.lookup("t", "1")
+    assert info is not None and (info.state, info.attempt, info.error) == ("delayed", 1, err)
+    assert info.retrying and info.due_ms >= int(time.time() * 1000) + 50_000
+
+    await store.add("t", "2", {}, delay_ms=0)
+    c2 = await claim()
+    assert await store.retry(c2, 0, error={**err, "error": "timeout"})
+    assert await store.ack(await claim())  # the retry succeeded: its error goes with it
+    assert await store.lookup("t", "2") is None and await errors() == 1
+
+    await store.add("t", "1", {"new": True}, delay_ms=60_000)  # replaced: a fresh job
+    info = await store.lookup("t", "1")
+    assert info is not None and info.error is None and not info.retrying
+    assert await errors() == 0
+
+    await store.add("t", "3", {}, delay_ms=0)
+    assert await store.retry(await claim(), 60_000, error=err)
+    assert await store.delete("t", "3") and await errors() == 0
 
 
 async def test_expired_lease_requeues(store: Store) -> None:

@@ -13,9 +13,12 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
+from dq import consumer, timer
 from dq.config import Settings
-from dq.worker import Context
+from dq.registry import Registry, Topic
+from dq.worker import Context, open_store
 from tests.conftest import RedisProcess, free_port
+from tests.receiver import Receiver, Reply
 from tests.test_web_api import Web, assert_error, bury, make_topic, open_web
 from web.app import bind_host, run
 
@@ -60,6 +63,58 @@ async def test_add_get_delete_job(web: Web) -> None:
     assert r.status_code == 200 and r.json()["ok"] is True
     assert_error(await web.api.get("/api/jobs/order/42"), 404, "not_found")
     assert_error(await web.api.delete("/api/jobs/order/42"), 404, "not_found")
+
+
+async def fail_once(settings: Settings, topic: str, job_id: str, reply: Reply) -> None:
+    """Register `topic` with a real receiver that answers `reply`, add `job_id`, and run a
+    real timer and consumer until the consumer has failed one attempt and scheduled the
+    next (`settings.retry_unit` later)."""
+    registry = Registry(settings.db)
+    store = open_store(settings)
+    ctxs = [Context(settings, "timer"), Context(settings, "consumer")]
+    try:
+        async with Receiver() as rcv:
+            rcv.routes["/hook"] = lambda req: reply
+            registry.save_topic(Topic(topic=topic, name=topic, callback=rcv.url("/hook"),
+                                      method="POST", max_attempts=5))
+            await store.add(topic, job_id, {"order": 7}, delay_ms=0)
+            tasks = [asyncio.create_task(timer.run(ctxs[0])),
+                     asyncio.create_task(consumer.run(ctxs[1]))]
+            try:
+                deadline = time.monotonic() + 30
+                while (info := await store.lookup(topic, job_id)) is None or info.attempt < 1:
+                    assert time.monotonic() < deadline, "the consumer made no attempt"
+                    assert not any(t.done() for t in tasks), [t.result() for t in tasks]
+                    await asyncio.sleep(0.1)
+                assert len(rcv.calls(job_id)) == 1
+            finally:
+                for ctx in ctxs:
+                    ctx.stopping.set()
+                await asyncio.gather(*tasks)
+    finally:
+        await store.shards.close()
+        registry.close()
+
+
+async def test_a_retrying_job_shows_its_last_error(redis_server: RedisProcess,
+                                                   tmp_path: Path) -> None:
+    """While a job waits for its next attempt the API says so: its last error (a real 500
+    from a real receiver, through a real consumer), the attempts so far and when the next
+    one is due; not "error": null."""
+    db = f"sqlite:///{tmp_path / 'dq.sqlite3'}"
+    async with open_web(redis_server.url, db, db=db, timers=1, retry_unit=600.0,
+                        timer_tick=0.2, registry_refresh=0.2) as web:
+        before = int(time.time() * 1000)
+        await fail_once(web.settings, "flaky", "7", (500, b"upstream is down"))
+        job = (await web.api.get("/api/jobs/flaky/7")).json()
+    assert job["state"] == "delayed" and job["retrying"] is True and job["attempts"] == 1
+    error = job["error"]
+    assert (error["status"], error["error"], error["reply"], error["attempts"]) == \
+        (500, "HTTP 500", "upstream is down", 1)
+    assert before <= error["at"] <= int(time.time() * 1000)
+    assert error["at_time"] == web.store.fmt_time(error["at"])
+    # the first retry waits one retry_unit (dq.consumer.retry_delay_ms(0))
+    assert job["due_ms"] >= error["at"] + 590_000 and job["next_attempt"] == job["due"]
 
 
 async def test_fix_time_uses_the_configured_zone(redis_server: RedisProcess,

@@ -112,10 +112,14 @@ async def topic_counters(store: Store, topics: list[Topic]) -> list[dict[str, An
 
 
 def job_json(store: Store, info: JobInfo) -> dict[str, Any]:
+    error = info.error
+    if isinstance(error, dict) and type(error.get("at")) is int:
+        error = {**error, "at_time": store.fmt_time(error["at"])}
     return {"topic": info.topic, "id": info.id, "shard": info.shard, "state": info.state,
             "due_ms": info.due_ms, "due": store.fmt_time(info.due_ms),
             "attempts": info.attempt, "priority": info.priority, "body": info.body,
-            "error": info.error}
+            "error": error, "retrying": info.retrying,
+            "next_attempt": store.fmt_time(info.due_ms) if info.retrying else None}
 
 
 def search_topics(topics: dict[str, Topic], q: str) -> list[Topic]:

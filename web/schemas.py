@@ -143,12 +143,19 @@ class JobOut(BaseModel):
     id: str
     shard: str
     state: Literal["delayed", "ready", "inflight", "dead"]
-    due_ms: int
+    due_ms: int = Field(description="when the job is due: for a retrying job, its next attempt")
     due: str
-    attempts: int
+    attempts: int = Field(description="failed attempts so far")
     priority: int
     body: dict[str, Any]
-    error: dict[str, Any] | None
+    error: dict[str, Any] | None = Field(description="the last failed attempt's error, of a "
+                                         "dead letter or of a job waiting to retry: status "
+                                         "(0: no reply), error, reply (an excerpt), attempts, "
+                                         "at (epoch ms) and at_time")
+    retrying: bool = Field(False, description="true while the job waits for another attempt "
+                           "after failed ones")
+    next_attempt: str | None = Field(None, description="when a retrying job's next attempt "
+                                     "is due ('Y-m-d H:i:s'; due_ms in epoch ms)")
 
 
 class DeadList(BaseModel):

@@ -2,6 +2,7 @@
 -- acks a consumer makes in one event-loop turn come as one call; counters are bumped once
 -- per batch and topic.
 -- KEYS[1] jobs hash   KEYS[2] inflight zset   KEYS[3] minute stat hash
+-- KEYS[4] last error hash (a retried job's error goes with it)
 -- then per job: topic stat hash, topic histogram hash
 -- ARGV[1] day YYYYMMDD   ARGV[2] minute-stat ttl s
 -- then per job: tid, version delivered, n, then n histogram (field, increment) pairs
@@ -11,7 +12,7 @@ local oks = {}   -- topic stat key -> deliveries
 local hist = {}  -- histogram key -> field -> increment
 local a, j = 3, 0
 while a <= #ARGV do
-  local kstat, khist = KEYS[4 + 2 * j], KEYS[5 + 2 * j]
+  local kstat, khist = KEYS[5 + 2 * j], KEYS[6 + 2 * j]
   local tid, version, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
   oks[kstat] = (oks[kstat] or 0) + 1
   if n > 0 then
@@ -23,6 +24,7 @@ while a <= #ARGV do
   if payload and job_vp(payload) == version then
     redis.call('HDEL', KEYS[1], tid)
     redis.call('ZREM', KEYS[2], tid)
+    redis.call('HDEL', KEYS[4], tid)
     out[j + 1] = 1
   else
     out[j + 1] = 0

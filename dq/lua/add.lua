@@ -1,7 +1,7 @@
 -- add: store (or replace) jobs and schedule each in its delay bucket. The adds a process
 -- makes in one event-loop turn come as one call (Redis's per-call cost, and the counters,
 -- are paid once per batch).
--- KEYS[1] jobs hash   KEYS[2] inflight zset   KEYS[3] dead zset   KEYS[4] dead error hash
+-- KEYS[1] jobs hash   KEYS[2] inflight zset   KEYS[3] dead zset   KEYS[4] last error hash
 -- KEYS[5] per-minute stat hash   KEYS[6] guests set (jobs whose owner is another shard)
 -- then per job: delay zset (the tid's bucket), wake list of that bucket, topic stat hash
 -- ARGV[1] day YYYYMMDD   ARGV[2] minute-stat ttl s
@@ -23,9 +23,11 @@ for j = 0, n - 1 do
   local created = redis.call('HSET', KEYS[1], tid, ARGV[a + 1])
   redis.call('ZADD', KEYS[k], due, tid)
   if created == 0 then
-    -- A replaced job leaves any old delivery behind: its ack carries the old version.
+    -- A replaced job leaves any old delivery behind (its ack carries the old version), and
+    -- its old last error: the new job has not failed.
     redis.call('ZREM', KEYS[2], tid)
-    if redis.call('ZREM', KEYS[3], tid) == 1 then redis.call('HDEL', KEYS[4], tid) end
+    redis.call('ZREM', KEYS[3], tid)
+    redis.call('HDEL', KEYS[4], tid)
   end
   if ARGV[a + 4] == '1' then redis.call('SADD', KEYS[6], tid) end
   buckets[KEYS[k]] = KEYS[k + 1]
