@@ -39,6 +39,10 @@ other non-empty reply (`ok`, HTML, a JSON string or number) is a success whateve
 retry_when says. Redirects are not followed: a 3xx is a failure, as with the original's curl. No
 proxy is taken from the environment, and cookies a reply sets are not sent back.
 
+A connection goes only to an address the callback network policy allows (dq/netpolicy.py),
+judged after DNS on every connection attempt; a refused one is a permanent failure: the
+job becomes a dead letter at once, its error saying why.
+
 Requests go out through one aiohttp session per consumer process (pooled keep-alive
 connections, at most `concurrency` of them): httpx cost 1.4-2 ms of CPU per callback at 64
 in flight, aiohttp about 0.1 ms (bench/http_clients.py, numbers in bench/RESULTS.md).
@@ -54,15 +58,19 @@ import json
 import logging
 import math
 import re
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, quote_plus
 
 import aiohttp
+import aiohttp.abc
+from aiohttp.abc import ResolveResult
 from yarl import URL
 
 from dq import __version__
+from dq.netpolicy import CallbackPolicy, CallbackRefused
 from dq.registry import Topic
 from dq.retry_expr import Expr, RetryExprError, compile_retry_when, should_retry
 from dq.store import Claimed
@@ -86,6 +94,9 @@ class Outcome:
     error: str  # why it failed; '' on success
     reply: str  # the reply text (up to REPLY_CAP bytes, decoded)
     ms: int  # wall time of the attempt
+    # no later attempt can succeed either (the callback network policy refused the
+    # address): the job is buried at once instead of retried
+    permanent: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,11 +109,37 @@ class Request:
     body: bytes | None
 
 
-def open_session(limit: int) -> aiohttp.ClientSession:
+class GuardedResolver(aiohttp.abc.AbstractResolver):
+    """aiohttp's resolver, keeping only the addresses the callback network policy allows,
+    so a connection is only tried to those (CallbackRefused when none is left)."""
+
+    def __init__(self, policy: CallbackPolicy) -> None:
+        self.policy = policy
+        self.inner = aiohttp.DefaultResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        found = await self.inner.resolve(host, port, family)
+        allowed = [r for r in found if not self.policy.refusal(r["host"], r["port"])]
+        if allowed or not found:
+            return allowed
+        why = "; ".join(dict.fromkeys(self.policy.refusal(r["host"], r["port"]) for r in found))
+        raise CallbackRefused(f"{host} resolves to {why}")
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def open_session(limit: int, policy: CallbackPolicy | None = None) -> aiohttp.ClientSession:
     """A consumer process's pooled HTTP session: at most `limit` connections, kept alive
-    between callbacks. Create it inside the running loop; close it when done."""
+    between callbacks, each only to an address `policy` allows (by default its default
+    ranges only: consumers pass the one built from their settings, dq/netpolicy.py). Create
+    it inside the running loop; close it when done."""
+    policy = policy or CallbackPolicy.default()
+    connector = aiohttp.TCPConnector(limit=limit, resolver=GuardedResolver(policy),
+                                     socket_factory=policy.refuse_socket)
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=limit), timeout=_NO_TIMEOUT, trust_env=False,
+        connector=connector, timeout=_NO_TIMEOUT, trust_env=False,
         cookie_jar=aiohttp.DummyCookieJar(), raise_for_status=False)
 
 
@@ -279,6 +316,12 @@ async def call(session: aiohttp.ClientSession, exprs: ExprCache, topic: Topic, c
             status, reply = await send(session, req)
     except TimeoutError:
         return Outcome(False, 0, f"timed out after {int(timeout * 1000)} ms", "", ms())
+    except aiohttp.ClientConnectorError as exc:
+        if isinstance(exc.os_error, CallbackRefused):
+            return Outcome(False, 0, f"refused by the callback network policy: {exc.os_error}; "
+                           "not retried: change the topic's callback (or callback_allow), "
+                           "then redrive the job", "", ms(), permanent=True)
+        return Outcome(False, 0, f"{exc.__class__.__name__}: {exc}", "", ms())
     except aiohttp.ClientError as exc:
         return Outcome(False, 0, f"{exc.__class__.__name__}: {exc}", "", ms())
     return judge(exprs, topic, status, reply, ms())

@@ -95,6 +95,15 @@ class Settings:
                             shown="this machine's zone", metavar="ZONE")
     registry_refresh: float = setting(2.0, "seconds between looks at the registry for changed "
                                       "topics and shards", group=DELIVERY, metavar="S")
+    callback_deny: tuple[str, ...] = setting((), "addresses or CIDR ranges callbacks may not "
+                                             "connect to, on top of link-local, metadata and "
+                                             "dq's own ports (dq/netpolicy.py), e.g. "
+                                             "127.0.0.0/8,10.0.0.0/8", group=DELIVERY,
+                                             shown="none", metavar="CIDR")
+    callback_allow: tuple[str, ...] = setting((), "exceptions to the refused callback ranges "
+                                              "(never to dq's own ports), e.g. "
+                                              "169.254.10.0/24", group=DELIVERY, shown="none",
+                                              metavar="CIDR")
     web_host: str = setting("", "console address; without web_password only a loopback "
                             "address is allowed", group=WEB,
                             shown="0.0.0.0 with a password, else 127.0.0.1", metavar="ADDR")
@@ -243,6 +252,13 @@ def _validate(s: Settings) -> Settings:
          and sum(s.priority_weights) > 0,
          "priority_weights takes three non-negative numbers for priorities 1,2,3, e.g. 5,3,2")
     need(s.log_format in ("text", "json"), "log_format is 'text' or 'json'")
+    for name in ("callback_deny", "callback_allow"):
+        for item in getattr(s, name):
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ConfigError(f"{name}: {item!r} is not an IP address or CIDR range; "
+                                  "write e.g. 10.0.0.0/8, 127.0.0.1 or fd00::/8") from None
     for url in s.redis:
         need(url.split("://", 1)[0] in ("redis", "rediss", "unix"),
              f"redis shard {url!r} must be a redis://, rediss:// or unix:// URL")

@@ -53,6 +53,7 @@ from dq.alert import dead_letter_mail, send_alert
 from dq.callback import EXCERPT, ExprCache, Outcome, call, open_session
 from dq.config import Settings
 from dq.errors import DqError
+from dq.netpolicy import CallbackPolicy
 from dq.registry import Registry, Topic
 from dq.shards import Shard
 from dq.store import Claimed, Store, split_tid
@@ -170,7 +171,9 @@ class Consumer:
     # the loop ---------------------------------------------------------------------------
     async def serve(self) -> None:
         loops: list[asyncio.Task[None]] = []
-        async with open_session(self.settings.concurrency) as session:
+        shard_urls = [s.url for s in self.store.shards.shards]
+        policy = await asyncio.to_thread(CallbackPolicy.build, self.settings, shard_urls)
+        async with open_session(self.settings.concurrency, policy) as session:
             self.session = session
             try:
                 loops = [asyncio.create_task(self._claim_loop(s), name=f"claim:{s.name}")
@@ -338,19 +341,21 @@ class Consumer:
         await asyncio.shield(task)
 
     async def _failed(self, topic: Topic, c: Claimed, out: Outcome) -> None:
-        """Retry a failed attempt after its back-off, or keep it as a dead letter; either
-        way the attempt's error stays with the job (the console and API show it)."""
+        """Retry a failed attempt after its back-off, or keep it as a dead letter (at once
+        when no attempt can succeed: the callback network policy refused its address);
+        either way the attempt's error stays with the job (the console and API show it)."""
+        called = not out.permanent  # a refused address was never sent a request
         error = {"status": out.status, "error": out.error, "reply": out.reply[:EXCERPT],
-                 "attempts": c.attempt + 1, "at": int(time.time() * 1000)}
-        if c.attempt + 1 < max_attempts(topic, self.settings):
+                 "attempts": c.attempt + called, "at": int(time.time() * 1000)}
+        if called and c.attempt + 1 < max_attempts(topic, self.settings):
             await self.store.retry(c, retry_delay_ms(c.attempt, self.settings.retry_unit),
                                    error=error, took_ms=out.ms)
             self.retried += 1
             return
-        if await self.store.bury(c, error, took_ms=out.ms):
+        if await self.store.bury(c, error, called=called, took_ms=out.ms):
             self.dead += 1
             log.warning("%s: %s is a dead letter after %d attempts: %s", self.ctx.name, c.tid,
-                        c.attempt + 1, out.error)
+                        error["attempts"], out.error)
             self._alert_later(topic, c, error)
 
     async def _park(self, c: Claimed) -> None:

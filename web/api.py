@@ -20,7 +20,15 @@ from dq.store import BadPayload
 from web import schemas as s
 from web.auth import require_api
 from web.errors import EXISTS, MAIL_FAILED, NOT_CONFIGURED, ApiError, Invalid
-from web.forms import EMAIL, alert_json, topic_json, validate_alert, validate_shard, validate_topic
+from web.forms import (
+    EMAIL,
+    alert_json,
+    check_callback_target,
+    topic_json,
+    validate_alert,
+    validate_shard,
+    validate_topic,
+)
 from web.ops import (
     ShardView,
     job_json,
@@ -84,6 +92,7 @@ async def create_topic(request: Request, st: St) -> dict[str, Any]:
     """Register a topic. 409 when the key exists (PUT /api/topics/{topic} changes it)."""
     data = await read_object(request)
     topic = validate_topic(data, creator="api")
+    await check_callback_target(st, topic.callback)
     if await db(st.registry.get_topic, topic.topic) is not None:
         raise ApiError(409, EXISTS, f"topic {topic.topic!r} already exists; change it with "
                        f"PUT /api/topics/{topic.topic}",
@@ -104,6 +113,7 @@ async def update_topic(topic: str, request: Request, st: St) -> dict[str, Any]:
     existing = await _topic_or_404(st, topic)
     data.setdefault("topic", topic)
     updated = validate_topic(data, existing=existing, key=topic)
+    await check_callback_target(st, updated.callback)
     return topic_json(await db(st.registry.save_topic, updated))
 
 

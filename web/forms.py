@@ -6,14 +6,17 @@ problem is collected as a field-level message saying what to enter; `Invalid` ca
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
+from dq.netpolicy import CallbackPolicy, judge_url
 from dq.registry import BODY_FORMATS, AlertConf, Topic, normalise_redis_url, topic_values
 from dq.retry_expr import PLACEHOLDER, RetryExprError, parse
 from web.errors import Invalid
+from web.state import WebState
 
 TOPIC_KEY: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 EMAIL: Final = re.compile(r"[^@\s,;<>\"()\[\]]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?"
@@ -24,6 +27,7 @@ TOPIC_FIELDS: Final = ("topic", "name", "delay", "callback", "method", "timeout_
 _IGNORED: Final = ("secret_set", "clear_secret", "id", "csrf")
 MAX_DELAY: Final = 10 * 366 * 86400  # ten years of seconds; also fits the INT column
 MASK: Final = "***"
+RESOLVE_WAIT: Final = 3.0  # seconds a callback's host may take to resolve at registration
 
 
 class Fields:
@@ -116,6 +120,23 @@ def check_callback(url: str) -> str:
     if re.search(r"\s", url):
         return "callback must not contain spaces; encode them as %20"
     return ""
+
+
+async def check_callback_target(st: WebState, url: str) -> None:
+    """Invalid when the callback's host already resolves only to addresses the callback
+    network policy refuses (dq/netpolicy.py: link-local and metadata addresses, dq's own
+    Redis, registry and console ports, `callback_deny`), or is an old numeric spelling of an
+    address. A name that does not resolve (yet) passes: each call is judged again."""
+    if st.callback_policy is None:
+        urls = [s.url for s in st.store.shards.shards]
+        st.callback_policy = await asyncio.to_thread(CallbackPolicy.build, st.settings, urls)
+    try:
+        async with asyncio.timeout(RESOLVE_WAIT):
+            why = await asyncio.to_thread(judge_url, st.callback_policy, url)
+    except TimeoutError:
+        return
+    if why:
+        raise Invalid({"callback": why})
 
 
 def check_retry_when(text: str) -> str:

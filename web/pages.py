@@ -28,7 +28,7 @@ from web.auth import (
     safe_next,
 )
 from web.errors import Invalid
-from web.forms import NEW_TOPIC, TOPIC_FIELDS, topic_input, validate_topic
+from web.forms import NEW_TOPIC, TOPIC_FIELDS, check_callback_target, topic_input, validate_topic
 from web.ops import search_topics, shard_views, topic_counters
 from web.state import WebState, db, state
 from web.views import redirect, render
@@ -166,6 +166,7 @@ async def create_topic(request: Request, st: St, form: Form) -> Response:
     data = {k: _text(form, k) for k in (*TOPIC_FIELDS, "clear_secret") if k in form}
     try:
         topic = validate_topic(data, creator="console")
+        await check_callback_target(st, topic.callback)
         if await db(st.registry.get_topic, topic.topic) is not None:
             raise Invalid({"topic": "a topic with this key already exists; edit it instead"})
     except Invalid as exc:
@@ -184,6 +185,7 @@ async def update_topic(key: str, request: Request, st: St, form: Form) -> Respon
     data["topic"] = key
     try:
         topic = validate_topic(data, existing=existing, key=key)
+        await check_callback_target(st, topic.callback)
     except Invalid as exc:
         return _form_page(request, {**topic_input(existing), **data, "secret": ""}, key=key,
                           errors=exc.errors, secret_set=bool(existing.secret), status=422)

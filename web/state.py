@@ -14,6 +14,7 @@ from fastapi import Request
 from fastapi.templating import Jinja2Templates
 
 from dq.config import Settings
+from dq.netpolicy import CallbackPolicy
 from dq.registry import Registry
 from dq.store import Store
 from web.auth import Keys
@@ -33,6 +34,7 @@ class WebState:
     own_store: bool = False
     own_registry: bool = False
     counters: dict[str, int] = field(default_factory=lambda: {"requests": 0, "errors": 0})
+    callback_policy: CallbackPolicy | None = None  # built when a callback is first checked
 
 
 def state(request: Request) -> WebState:
