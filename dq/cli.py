@@ -86,7 +86,7 @@ def _setting_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...],
                     opts["choices"] = f.metadata["choices"]
                 elif hint is int or hint is float:
                     opts["type"] = hint
-                if f.name == "redis":
+                if hint == tuple[str, ...]:  # repeat the flag: one shard, one range each
                     opts["action"] = "append"
             g.add_argument(flag_name(f.name), **opts)
 
@@ -114,9 +114,8 @@ def build_web_parser() -> argparse.ArgumentParser:
 
 def overrides_of(args: argparse.Namespace) -> dict[str, Any]:
     """The flags given, as setting overrides (absent flags are left out)."""
-    out = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
-    if "redis" in out:
-        out["redis"] = tuple(out["redis"])
+    out = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()
+           if v is not None and k != "config"}
     return out
 
 

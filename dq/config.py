@@ -96,14 +96,14 @@ class Settings:
     registry_refresh: float = setting(2.0, "seconds between looks at the registry for changed "
                                       "topics and shards", group=DELIVERY, metavar="S")
     callback_deny: tuple[str, ...] = setting((), "addresses or CIDR ranges callbacks may not "
-                                             "connect to, on top of link-local, metadata and "
-                                             "dq's own ports (dq/netpolicy.py), e.g. "
-                                             "127.0.0.0/8,10.0.0.0/8", group=DELIVERY,
-                                             shown="none", metavar="CIDR")
-    callback_allow: tuple[str, ...] = setting((), "exceptions to the refused callback ranges "
-                                              "(never to dq's own ports), e.g. "
-                                              "169.254.10.0/24", group=DELIVERY, shown="none",
-                                              metavar="CIDR")
+                                             "connect to, besides link-local, metadata and "
+                                             "dq's own ports, e.g. 10.0.0.0/8: repeat the flag "
+                                             "per range (comma-separated in DQ_CALLBACK_DENY)",
+                                             group=DELIVERY, shown="none", metavar="CIDR")
+    callback_allow: tuple[str, ...] = setting((), "exceptions to the refused callback ranges, "
+                                              "never to dq's own ports, e.g. 169.254.10.0/24: "
+                                              "repeat the flag per range", group=DELIVERY,
+                                              shown="none", metavar="CIDR")
     web_host: str = setting("", "console address; without web_password only a loopback "
                             "address is allowed", group=WEB,
                             shown="0.0.0.0 with a password, else 127.0.0.1", metavar="ADDR")
