@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
+from dq.adopt import ADOPT_EVERY, Adopter
 from dq.alert import send_alert
 from dq.config import Settings
 from dq.errors import DqError
@@ -41,6 +42,7 @@ from dq.guests import GuestMover
 from dq.health import ShardHealth, health_path, read_health, safe_name, write_health
 from dq.registry import Registry
 from dq.shards import Shard, ShardSet
+from dq.stats import EXPORT_EVERY, StatExporter
 from dq.store import Store
 from dq.worker import Context, shard_urls
 
@@ -106,6 +108,7 @@ class Checker:
                        for s in shards.shards}
         self.mails: set[asyncio.Task[bool]] = set()
         self.rounds = self.failures = self.changes = self.mailed = self.guests_moved = 0
+        self.adopted = 0  # php-delayqueue's jobs adopted (dq/adopt.py)
         self._saved = False
         self._resume()
 
@@ -310,6 +313,53 @@ async def watch_shards(ctx: Context, registry: Registry, started_with: list[tupl
         return  # the reload replaces this checker
 
 
+async def adopt_loop(ctx: Context, checker: Checker, adopter: Adopter, mover: GuestMover,
+                     registry: Registry | None, every: float = ADOPT_EVERY) -> None:
+    """Adopt the jobs php-delayqueue left (dq/adopt.py): a pass at start, then one every
+    `every` seconds (one EXISTS per shard when there is nothing). Shards given guests by
+    it are recorded as holding guests at once, so that adds on the owners evict them."""
+    while not ctx.stopping.is_set():
+        try:
+            topics = {} if registry is None else await asyncio.to_thread(registry.topics)
+            done = await adopter.adopt_all({k: t.priority for k, t in topics.items()})
+            checker.adopted += sum(c["adopted"] for c in done.values())
+            for shard in checker.shards.shards:
+                counts = done.get(shard.label)
+                st = checker.states[shard.name]
+                if counts and counts["adopted"] and not st.guests \
+                        and await mover.count(shard):
+                    st.guests = True
+                    checker.save()
+        except Exception as exc:  # never fatal to the checker: tried again later
+            log.warning("%s: adopting php-delayqueue's jobs failed (%s: %s); trying again "
+                        "in %.0f s", ctx.name, exc.__class__.__name__, exc, every)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(every):
+                await ctx.stopping.wait()
+
+
+async def export_loop(ctx: Context, exporter: StatExporter,
+                      every: float = EXPORT_EVERY) -> None:
+    """Export dq's counters to the original console's dq_stat every `every` seconds
+    (dq/stats.py), and once more when stopping."""
+    failing = False
+    while True:
+        stopping = ctx.stopping.is_set()
+        try:
+            await exporter.export()
+            failing = False
+        except Exception as exc:
+            if not failing:
+                log.warning("%s: exporting counters to dq_stat failed (%s: %s); trying "
+                            "again every %.0f s", ctx.name, exc.__class__.__name__, exc, every)
+            failing = True
+        if stopping:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(every):
+                await ctx.stopping.wait()
+
+
 async def run(ctx: Context, *, registry: Registry | None = None,
               mail_every: float = MAIL_EVERY) -> None:
     """Ping every shard every checker_interval seconds until ctx.stopping is set."""
@@ -327,13 +377,21 @@ async def run(ctx: Context, *, registry: Registry | None = None,
                     "without alert mail", ctx.name, exc)
     shards = ShardSet.from_urls(shard_urls(settings, extra), command_timeout=2.0)
     checker = Checker(ctx, shards, registry=registry, mail_every=mail_every)
-    mover = GuestMover(Store(shards, prefix=settings.prefix, buckets=settings.buckets,
-                             zone=settings.zone))
+    store = Store(shards, prefix=settings.prefix, buckets=settings.buckets, zone=settings.zone,
+                  orig_prefix=settings.adopt_prefix)
+    mover = GuestMover(store)
     log.info("%s started: %d shard(s), every %.1f s, down after %.1f s, record %s", ctx.name,
              len(shards.shards), settings.checker_interval, settings.shard_down_after,
              checker.path)
     watch = None if registry is None else asyncio.create_task(
         watch_shards(ctx, registry, extra, settings.registry_refresh))
+    duties = []
+    if settings.adopt_prefix:
+        duties.append(asyncio.create_task(
+            adopt_loop(ctx, checker, Adopter(store), mover, registry), name="adopt"))
+    if registry is not None:
+        duties.append(asyncio.create_task(
+            export_loop(ctx, StatExporter(store, registry)), name="stat-export"))
     try:
         while not ctx.stopping.is_set():
             started = time.monotonic()
@@ -347,10 +405,16 @@ async def run(ctx: Context, *, registry: Registry | None = None,
     finally:
         if watch is not None:
             watch.cancel()
+        # the last export runs on stopping; adoption stops where it is (a later pass goes on)
+        with contextlib.suppress(Exception, TimeoutError):
+            async with asyncio.timeout(5.0):
+                await asyncio.gather(*duties, return_exceptions=True)
+        for task in duties:
+            task.cancel()
         await checker.wait_mails(12.0)
         await shards.close()
         if own_registry and registry is not None:
             registry.close()
-        log.info("%s stopped: rounds=%d failures=%d changes=%d mailed=%d guests_moved=%d",
-                 ctx.name, checker.rounds, checker.failures, checker.changes, checker.mailed,
-                 checker.guests_moved)
+        log.info("%s stopped: rounds=%d failures=%d changes=%d mailed=%d guests_moved=%d "
+                 "adopted=%d", ctx.name, checker.rounds, checker.failures, checker.changes,
+                 checker.mailed, checker.guests_moved, checker.adopted)

@@ -178,5 +178,67 @@ def web_main(argv: list[str] | None = None) -> NoReturn:
     sys.exit(0)
 
 
+def build_adopt_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dq-adopt", description=(
+        "Adopt the jobs php-delayqueue left in its Redis (its dq_job_info hash, dq_bucket_* "
+        "zsets and dq_<priority>ready_queue lists): move each, once, into dq's layout on the "
+        "same shard, to be delivered by dq. dq-master's checker does this by itself at "
+        "start and every 30 s; this runs one pass now, on every shard (the `redis` setting "
+        "and the enabled dq_redis rows), and says how many jobs it adopted from each. Safe "
+        "while dq runs. Stop the original's dq-master first."))
+    _storage_flags(parser)
+    parser.add_argument("--adopt-prefix", metavar="PREFIX",
+                        help="the original's key prefix, its DqConf::$prefix (default dq_)")
+    _log_flags(parser)
+    return parser
+
+
+async def _adopt(settings: Settings) -> int:
+    from dq.adopt import Adopter
+    from dq.registry import Registry
+    from dq.worker import open_store
+
+    registry = Registry(settings.db_url())
+    try:
+        topics = registry.topics()
+        extra = [(s.name or s.url, s.url) for s in registry.shards() if s.enabled]
+    finally:
+        registry.close()
+    if not settings.redis and not extra:
+        print("dq-adopt: no shard is configured (no --redis and no enabled dq_redis row); "
+              "php-delayqueue's jobs live in the Redis servers it was configured with: "
+              "name them with --redis or --db", file=sys.stderr)
+        return EXIT_CONFIG
+    store = open_store(settings, extra)
+    try:
+        done = await Adopter(store).adopt_all({k: t.priority for k, t in topics.items()},
+                                              every=True)
+    finally:
+        await store.shards.close()
+    for shard in store.shards.shards:
+        c = done.get(shard.label)
+        if c is None:
+            print(f"{shard.label}: not adopted (it did not answer; see the log)")
+            continue
+        print(f"{shard.label}: adopted {c['adopted']} (ready {c['ready']}, delayed "
+              f"{c['delayed']}, in no queue {c['orphan']}); kept dq's copy of "
+              f"{c['superseded']}; dropped {c['gone']} without a body; left {c['changed']} "
+              f"that changed meanwhile")
+    return 0 if len(done) == len(store.shards.shards) else 1
+
+
+def adopt_main(argv: list[str] | None = None) -> NoReturn:
+    """`dq-adopt`: one adoption pass of php-delayqueue's pending jobs, on every shard."""
+    import asyncio
+
+    args = build_adopt_parser().parse_args(argv)
+    settings, _ = _settings(args, "dq-adopt")
+    if not settings.adopt_prefix:
+        print("dq-adopt: adopt_prefix is empty: there is nothing to look for",
+              file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    sys.exit(asyncio.run(_adopt(settings)))
+
+
 if __name__ == "__main__":
     master_main()

@@ -71,6 +71,10 @@ class Settings:
     buckets: int = setting(8, "delay sorted sets per shard, shared out among the timers "
                            "(more timers than buckets leaves some idle)", group=STORAGE,
                            metavar="N")
+    adopt_prefix: str = setting("dq_", "key prefix of php-delayqueue's jobs (its "
+                                "DqConf::$prefix), adopted into dq's layout at start and "
+                                "every 30 s; empty = none to adopt", group=STORAGE,
+                                metavar="TEXT")
     timers: int = setting(2, "timer processes (move due jobs to the ready lists)",
                           group=DELIVERY, metavar="N")
     consumers: int = setting(2, "consumer processes (make the callbacks)", group=DELIVERY,

@@ -123,6 +123,23 @@ class StatRow(Base):
         sa.TIMESTAMP, nullable=False, server_default=sa.func.current_timestamp())
 
 
+class StatMarkRow(Base):
+    """How much of one of dq's Redis counters has gone into dq_stat (Registry.export_stats):
+    its value at the last export. Only dq uses this table."""
+
+    __tablename__ = "dq_stat_mark"
+    __table_args__ = (sa.UniqueConstraint("mark", name="uk_mark"), _TABLE_ARGS)
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    mark: Mapped[str] = _str(255)
+    num: Mapped[int] = _int(0, sa.BigInteger)
+    day: Mapped[str] = _str(8)  # YYYYMMDD of a per-day counter, '' for a total
+    update_time: Mapped[datetime | None] = mapped_column(sa.DateTime, nullable=True)  # UTC
+
+
+STAT_LOCK = "#lock"  # the dq_stat_mark row exporters lock to take turns
+
+
 def _split_list(value: str | Iterable[str]) -> tuple[str, ...]:
     """Comma (or semicolon / blank) separated addresses as a tuple, blanks dropped."""
     items = [value] if isinstance(value, str) else value
@@ -497,6 +514,72 @@ class Registry:
                 index_elements=[StatRow.u_key], set_={"num": StatRow.num + n, "update_time": now})
         with self.engine.begin() as conn:
             conn.execute(stmt)
+
+    def export_stats(self, counters: Iterable[tuple[str, str, int, tuple[str, ...]]], *,
+                     oldest_day: str = "") -> dict[str, int]:
+        """Add to dq_stat what each counter gained since its last export, in one
+        transaction (no SQL per job). A counter is (mark, day YYYYMMDD or '', its value
+        now, the dq_stat keys its gain goes to); its mark (dq_stat_mark) keeps the value
+        exported. Exporters take turns on a lock row, and a mark never goes down, so
+        several dq instances exporting at once never count a gain twice (one that read a
+        value older than the mark adds nothing). Marks of days before `oldest_day` are
+        dropped. Returns what was added, per dq_stat key."""
+        counters = list(counters)
+        now = _now()
+        add: dict[str, int] = {}
+        marks: list[dict[str, Any]] = []
+        with self.engine.begin() as conn:
+            self._stat_lock(conn)
+            have = dict(conn.execute(sa.select(StatMarkRow.mark, StatMarkRow.num)
+                                     .where(StatMarkRow.mark != STAT_LOCK)).all())
+            for mark, day, value, keys in counters:
+                old = have.get(mark, 0)
+                if value <= old:
+                    continue
+                for key in keys:
+                    add[key] = add.get(key, 0) + value - old
+                marks.append({"mark": mark, "num": value, "day": day, "update_time": now})
+            if marks:
+                self._upsert(conn, StatMarkRow, StatMarkRow.mark, marks,
+                             {"num": "replace", "update_time": "replace"})
+            if add:
+                rows = [{"u_key": k, "num": n, "create_time": now, "update_time": now}
+                        for k, n in add.items()]
+                self._upsert(conn, StatRow, StatRow.u_key, rows,
+                             {"num": "add", "update_time": "replace"})
+            if oldest_day:
+                conn.execute(sa.delete(StatMarkRow).where(StatMarkRow.day != "",
+                                                          StatMarkRow.day < oldest_day))
+        return add
+
+    def _stat_lock(self, conn: sa.Connection) -> None:
+        """Take the exporters' lock row (created on first use) for this transaction."""
+        bump = sa.update(StatMarkRow).where(StatMarkRow.mark == STAT_LOCK).values(
+            num=StatMarkRow.num + 1)
+        if conn.execute(bump).rowcount:
+            return
+        self._upsert(conn, StatMarkRow, StatMarkRow.mark,
+                     [{"mark": STAT_LOCK, "num": 0, "day": "", "update_time": _now()}], {})
+        conn.execute(bump)
+
+    def _upsert(self, conn: sa.Connection, model: type[Base], key: Any,
+                rows: list[dict[str, Any]], how: dict[str, str]) -> None:
+        """Insert rows, or update the row with the same unique `key`: each column in `how`
+        is replaced by the new value or has it added; none: the old row is kept."""
+        table: Any = model.__table__
+        stmt: Any
+        if self.engine.dialect.name in _MYSQL:
+            stmt = mysql_insert(table)
+            new: Any = stmt.inserted
+            sets = {c: (table.c[c] + new[c] if op == "add" else new[c]) for c, op in how.items()}
+            stmt = stmt.on_duplicate_key_update(sets or {key.key: table.c[key.key]})
+        else:
+            stmt = sqlite_insert(table)
+            new = stmt.excluded
+            sets = {c: (table.c[c] + new[c] if op == "add" else new[c]) for c, op in how.items()}
+            stmt = (stmt.on_conflict_do_update(index_elements=[key.key], set_=sets) if sets
+                    else stmt.on_conflict_do_nothing(index_elements=[key.key]))
+        conn.execute(stmt, rows)
 
     def stat_get(self, key: str) -> int:
         with self.engine.connect() as conn:

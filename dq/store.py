@@ -263,7 +263,7 @@ class Store:
     """Job operations over a ShardSet, with keys under one prefix."""
 
     def __init__(self, shards: ShardSet, *, prefix: str = "dq:", buckets: int = 8,
-                 zone: ZoneInfo | None = None) -> None:
+                 zone: ZoneInfo | None = None, orig_prefix: str = "") -> None:
         self.shards = shards
         self.prefix = prefix
         self.buckets = buckets
@@ -281,6 +281,13 @@ class Store:
         self.k_ready = tuple(f"{prefix}ready:{p}" for p in (1, 2, 3))
         self.k_delay = tuple(f"{prefix}delay:{b}" for b in range(buckets))
         self.k_wake = tuple(f"{prefix}wake:{b}" for b in range(buckets))
+        # The dataset's token: names its counters in the registry's export marks (dq/stats.py)
+        self.k_stat_epoch = prefix + "statepoch"
+        # php-delayqueue's layout (DqRedis with DqConf::$prefix, "dq_" by default), whose
+        # jobs dq adopts (dq/adopt.py): job hash `<p>job_info`, bucket zsets `<p>bucket_<n>`,
+        # ready lists `<p><priority>ready_queue`. "" = not looked for.
+        self.orig_prefix = orig_prefix
+        self.k_orig_jobs = f"{orig_prefix}job_info" if orig_prefix else ""
         self._day = ("", 0)
         self._times: dict[int, str] = {}
         self._queued: dict[tuple[str, Shard], list[tuple[Part, Done]]] = {}
@@ -302,6 +309,14 @@ class Store:
                 self._k_stat.clear()
             key = self._k_stat[topic] = f"{self.prefix}stat:{topic}"
         return key
+
+    def k_orig_ready(self, priority: int) -> str:
+        return f"{self.orig_prefix}{priority}ready_queue"
+
+    def orig_patterns(self) -> tuple[str, str]:
+        """SCAN patterns of the original's ready lists and bucket zsets."""
+        p = re.sub(r"([*?\[\]\\])", r"\\\1", self.orig_prefix)
+        return f"{p}*ready_queue", f"{p}bucket_*"
 
     def k_hist(self, topic: str) -> str:
         return f"{self.prefix}hist:{topic}"
@@ -524,8 +539,25 @@ class Store:
         """The job's body (with notify_time and dq_set_time), or None."""
         found = await self._find(make_tid(topic, job_id))
         if found is None:
-            return None
+            return await self._orig_body(make_tid(topic, job_id))
         return self.full_body(self._readable(make_tid(topic, job_id), found[1]))
+
+    async def _orig_body(self, tid: str) -> dict[str, Any] | None:
+        """The body of a job php-delayqueue left and dq has not adopted yet (dq/adopt.py),
+        as the original's `get` would show it; None when there is none, or it is no object."""
+        if not self.orig_prefix:
+            return None
+        found = await asyncio.gather(*(s.call("HGET", self.k_orig_jobs, tid)
+                                       for s in self.shards.shards), return_exceptions=True)
+        for raw in found:
+            if isinstance(raw, bytes):
+                try:
+                    body = fastjson.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(body, dict):
+                    return body
+        return None
 
     @staticmethod
     def _readable(tid: str, raw: bytes) -> Stored:
@@ -541,7 +573,7 @@ class Store:
         tid = make_tid(topic, job_id)
         b = self.bucket(tid)
         keys = (self.k_jobs, self.k_delay[b], self.k_inflight, self.k_dead, self.k_dead_err,
-                self.k_stat(topic))
+                self.k_stat(topic), self.k_orig_jobs or self.k_jobs)
         args = (tid, self.day())
         # Every shard: a copy written to another shard while the owner was down must not
         # survive a delete and fire later. The other shards first, then the owner: a guest
@@ -672,6 +704,50 @@ class Store:
             cursor = int(cursor)
             if not cursor:
                 return found
+
+    # php-delayqueue's jobs (dq/adopt.py) ------------------------------------------------
+    async def orig_pending(self, shard: Shard) -> bool:
+        """Whether `shard` may hold jobs in the original's layout (one EXISTS: cheap)."""
+        if not self.orig_prefix:
+            return False
+        keys = (self.k_orig_jobs, *(self.k_orig_ready(p) for p in (1, 2, 3)))
+        return int(await shard.call("EXISTS", *keys)) > 0
+
+    async def orig_queues(self, shard: Shard) -> tuple[list[tuple[str, int]], list[str]]:
+        """The original's ready lists on `shard` (key, priority), priorities 1..3 first,
+        and its bucket zsets: whatever DqConf's $bucket and the topics' priorities were."""
+        ready_pat, bucket_pat = self.orig_patterns()
+        ready: dict[str, int] = {self.k_orig_ready(p): p for p in (1, 2, 3)}
+        buckets: list[str] = []
+        for pattern in (ready_pat, bucket_pat):
+            cursor = 0
+            while True:
+                cursor, keys = await shard.call("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
+                for raw in keys:
+                    key = raw.decode()
+                    if pattern is bucket_pat:
+                        buckets.append(key)
+                    elif key not in ready:
+                        middle = key[len(self.orig_prefix):-len("ready_queue")]
+                        ready[key] = int(middle) if middle.isdigit() else 2
+                cursor = int(cursor)
+                if not cursor:
+                    break
+        return list(ready.items()), sorted(set(buckets))
+
+    async def adopt(self, shard: Shard, mode: str, source: str, checks: Sequence[str],
+                    jobs: Sequence[tuple[str, bytes, str, int, int, int, int]]) -> list[int]:
+        """Move jobs read from the original's `source` (see dq/lua/adopt.lua) into dq's
+        layout on `shard`. A job: (tid, body as read, score as read, priority, attempt,
+        set ms, 0 owned | 1 guest | 2 the owner holds it). Returns [adopted, superseded,
+        gone, changed, raced] (see the script)."""
+        keys: list[str] = [self.k_orig_jobs, source, self.k_jobs, self.k_guests, *checks]
+        args: list[Any] = [mode, len(checks)]
+        for tid, body, score, priority, attempt, set_ms, whose in jobs:
+            b = self.bucket(tid)
+            keys += (self.k_delay[b], self.k_wake[b])
+            args += (tid, body, score, new_version(), priority, attempt, set_ms, whose)
+        return [int(n) for n in await shard.script("adopt", keys, args)]
 
     async def requeue_expired(self, shard: Shard, limit: int = 1000) -> int:
         """Put jobs whose lease ran out back at the head of their ready lists, each with one
@@ -829,6 +905,23 @@ class Store:
             for k, v in _pairs(raw):
                 total[k] = total.get(k, 0) + int(v)
         return total
+
+    async def stat_epoch(self, shard: Shard) -> str:
+        """The token of the shard's Redis dataset (made on first use): a Redis emptied
+        since gets a new one, so counters exported from it start from zero (dq/stats.py)."""
+        token = await shard.call("GET", self.k_stat_epoch)
+        if token is None:
+            await shard.call("SET", self.k_stat_epoch, secrets.token_hex(8), "NX")
+            token = await shard.call("GET", self.k_stat_epoch)
+        return str(token.decode())
+
+    async def stat_values(self, shard: Shard, topics: Sequence[str],
+                          fields: Sequence[str]) -> dict[str, list[int]]:
+        """These counters of these topics on one shard (0 for those never bumped)."""
+        rows = await asyncio.gather(*(shard.call("HMGET", self.k_stat(t), *fields)
+                                      for t in topics))
+        return {t: [int(v) if v is not None else 0 for v in row]
+                for t, row in zip(topics, rows, strict=True)}
 
     async def histograms(self, topic: str) -> dict[str, Histogram]:
         """The topic's delivery histograms summed over the reachable shards:

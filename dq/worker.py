@@ -96,7 +96,8 @@ def open_store(settings: Settings, extra_shards: list[tuple[str, str]] | None = 
     shards = ShardSet.from_urls(shard_urls(settings, extra_shards),
                                 command_timeout=settings.redis_timeout)
     shards.attach_health(HealthReader(health_path(settings)))
-    return Store(shards, prefix=settings.prefix, buckets=settings.buckets, zone=settings.zone)
+    return Store(shards, prefix=settings.prefix, buckets=settings.buckets, zone=settings.zone,
+                 orig_prefix=settings.adopt_prefix)
 
 
 # ---------------------------------------------------------------------------------------

@@ -63,8 +63,21 @@ CREATE TABLE IF NOT EXISTS `dq_stat` (
   UNIQUE KEY `u_key` (`u_key`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 
--- Upgrading an existing php-delayqueue database. dq adds these columns by itself on
--- first start when its database user may ALTER; otherwise run them by hand. The
+-- dq only: how much of each of dq's Redis counters has been added to dq_stat (dq/stats.py),
+-- so that several dq instances exporting them never count a gain twice.
+CREATE TABLE IF NOT EXISTS `dq_stat_mark` (
+  `id` int(11) NOT NULL AUTO_INCREMENT,
+  `mark` varchar(255) NOT NULL DEFAULT '',
+  `num` bigint(20) NOT NULL DEFAULT '0',
+  `day` varchar(8) NOT NULL DEFAULT '' COMMENT 'YYYYMMDD of a per-day counter, empty for a total',
+  `update_time` datetime DEFAULT NULL,
+  PRIMARY KEY (`id`),
+  UNIQUE KEY `uk_mark` (`mark`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+-- Upgrading an existing php-delayqueue database. dq adds these columns (and creates
+-- dq_stat_mark) by itself on first start when its database user may ALTER and CREATE;
+-- otherwise run this file (it creates only the missing tables) and these ALTERs by hand. The
 -- original console keeps working afterwards (it never names these columns). No unique
 -- key is added to dq_topic.topic: old databases may hold duplicate topics, and dq reads
 -- the row with the highest id.
