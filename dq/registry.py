@@ -382,6 +382,7 @@ class Registry:
         self.engine = make_engine(url)
         create_tables(self.engine)
         self._session = sa.orm.sessionmaker(self.engine, expire_on_commit=False)
+        self._stat_lock_made = False  # the exporters' lock row exists (export_stats)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -525,11 +526,31 @@ class Registry:
         value older than the mark adds nothing). Marks of days before `oldest_day` are
         dropped. Returns what was added, per dq_stat key."""
         counters = list(counters)
+        for attempt in range(4):
+            try:
+                return self._export_stats(counters, oldest_day)
+            except sa.exc.OperationalError as exc:
+                # MySQL: a deadlock (1213) or lock wait timeout (1205) rolled it back whole
+                code = getattr(exc.orig, "args", (0,))[0]
+                if code not in (1205, 1213) or attempt == 3:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _export_stats(self, counters: list[tuple[str, str, int, tuple[str, ...]]],
+                      oldest_day: str) -> dict[str, int]:
         now = _now()
         add: dict[str, int] = {}
         marks: list[dict[str, Any]] = []
+        if not self._stat_lock_made:
+            with self.engine.begin() as conn:  # on its own: in the export it could deadlock
+                self._upsert(conn, StatMarkRow, StatMarkRow.mark, [
+                    {"mark": STAT_LOCK, "num": 0, "day": "", "update_time": now}], {})
+            self._stat_lock_made = True
         with self.engine.begin() as conn:
-            self._stat_lock(conn)
+            # Exporters take turns here; the marks are read after, so as the last one left them.
+            conn.execute(sa.update(StatMarkRow).where(StatMarkRow.mark == STAT_LOCK)
+                         .values(num=StatMarkRow.num + 1))
             have = dict(conn.execute(sa.select(StatMarkRow.mark, StatMarkRow.num)
                                      .where(StatMarkRow.mark != STAT_LOCK)).all())
             for mark, day, value, keys in counters:
@@ -551,16 +572,6 @@ class Registry:
                 conn.execute(sa.delete(StatMarkRow).where(StatMarkRow.day != "",
                                                           StatMarkRow.day < oldest_day))
         return add
-
-    def _stat_lock(self, conn: sa.Connection) -> None:
-        """Take the exporters' lock row (created on first use) for this transaction."""
-        bump = sa.update(StatMarkRow).where(StatMarkRow.mark == STAT_LOCK).values(
-            num=StatMarkRow.num + 1)
-        if conn.execute(bump).rowcount:
-            return
-        self._upsert(conn, StatMarkRow, StatMarkRow.mark,
-                     [{"mark": STAT_LOCK, "num": 0, "day": "", "update_time": _now()}], {})
-        conn.execute(bump)
 
     def _upsert(self, conn: sa.Connection, model: type[Base], key: Any,
                 rows: list[dict[str, Any]], how: dict[str, str]) -> None:

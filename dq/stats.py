@@ -57,6 +57,7 @@ class StatExporter:
         self.store = store
         self.registry = registry
         self.exported = 0  # how many increments of dq_stat so far
+        self._last: dict[str, int] = {}  # mark -> value at this exporter's last export
 
     def _days(self) -> tuple[str, str]:
         today = self.store.day()
@@ -98,8 +99,11 @@ class StatExporter:
     async def export(self) -> dict[str, int]:
         """One export; what it added per dq_stat key."""
         counters = await self.counters()
+        if all(self._last.get(mark) == value for mark, _, value, _ in counters):
+            return {}  # nothing moved since this exporter's last export: no SQL
         added = await asyncio.to_thread(self.registry.export_stats, counters,
                                         oldest_day=self._days()[1])
+        self._last = {mark: value for mark, _, value, _ in counters}
         self.exported += sum(added.values())
         if added:
             log.debug("stat export: %d dq_stat row(s) moved", len(added))

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import sqlite3
+import subprocess
+import sys
 import time
 import zlib
 from collections import Counter
@@ -277,8 +280,40 @@ def test_dq_master_adopts_on_boot_and_delivers(
                 assert sum(int(n) for n, _ in lines) == 40, master.output()[-3000:]
                 assert {shard for _, shard in lines} == {s.url for s in two_shards}
                 assert orig.keys_left() == []
+                # The original console's counters move too (dq/stats.py, every 5 s).
+                want = {"1:total_notfiy": 40, f"1:tn:{time.strftime('%Y%m%d')}": 40}
+
+                def moved() -> bool:
+                    con = sqlite3.connect(db)
+                    rows = dict(con.execute("SELECT u_key, num FROM dq_stat").fetchall())
+                    con.close()
+                    shards = sum(rows.get(f"redis:{i}:dq_notify_total_nums", 0) for i in ids)
+                    return all(rows.get(k) == n for k, n in want.items()) and shards == 40
+                await asyncio.to_thread(master.wait, "dq_stat counters", moved, 20)
             finally:
                 master.stop()
                 orig.close()
 
     asyncio.run(main())
+
+
+def test_dq_adopt_command_says_what_it_adopted(redis_server: RedisProcess,
+                                               tmp_path: Path) -> None:
+    orig = Original({1: redis_server})
+    now = int(time.time())
+    for i in range(7):
+        orig.add("order", str(i), {"i": i}, now + 600)
+    orig.add("order", "r", {"r": 1}, now - 1)
+    orig.make_ready("order", "r", 2)
+    argv = [sys.executable, "-c", "import sys; from dq.cli import adopt_main; "
+            "adopt_main(sys.argv[1:])", "--redis", redis_server.url,
+            "--db", f"sqlite:///{tmp_path / 'dq.sqlite3'}", "--data-dir", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"{redis_server.url}: adopted 8 (ready 1, delayed 7, in no queue 0)" in out.stdout
+    assert "adopted 8 job(s) php-delayqueue left on shard" in out.stderr
+    assert orig.keys_left() == []
+    again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    assert f"{redis_server.url}: adopted 0 " in again.stdout
+    orig.close()
