@@ -1,4 +1,5 @@
-"""Console entry points: `dq-master` (the whole system) and `dq-web` (only the console).
+"""Console entry points: `dq-master` (the whole system), `dq-web` (only the console) and
+`dq-adopt` (one pass adopting php-delayqueue's pending jobs).
 
 This module is imported by the master, so it imports no role, redis-py, httpx or
 SQLAlchemy at module level.
@@ -186,10 +187,10 @@ def build_adopt_parser() -> argparse.ArgumentParser:
         "start and every 30 s; this runs one pass now, on every shard (the `redis` setting "
         "and the enabled dq_redis rows), and says how many jobs it adopted from each. Safe "
         "while dq runs. Stop the original's dq-master first."))
-    _storage_flags(parser)
-    parser.add_argument("--adopt-prefix", metavar="PREFIX",
-                        help="the original's key prefix, its DqConf::$prefix (default dq_)")
-    _log_flags(parser)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _setting_flags(parser, (STORAGE, LOGS))
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (default: "
+                        "$DQ_CONFIG, else ./dq.toml if present)")
     return parser
 
 
