@@ -543,9 +543,14 @@ class Registry:
         add: dict[str, int] = {}
         marks: list[dict[str, Any]] = []
         if not self._stat_lock_made:
-            with self.engine.begin() as conn:  # on its own: in the export it could deadlock
-                self._upsert(conn, StatMarkRow, StatMarkRow.mark, [
-                    {"mark": STAT_LOCK, "num": 0, "day": "", "update_time": now}], {})
+            # Made on its own, and only when missing: an insert beside exports deadlocks.
+            with self.engine.connect() as conn:
+                made = conn.scalar(sa.select(sa.func.count()).where(
+                    StatMarkRow.mark == STAT_LOCK))
+            if not made:
+                with self.engine.begin() as conn:
+                    self._upsert(conn, StatMarkRow, StatMarkRow.mark, [
+                        {"mark": STAT_LOCK, "num": 0, "day": "", "update_time": now}], {})
             self._stat_lock_made = True
         with self.engine.begin() as conn:
             # Exporters take turns here; the marks are read after, so as the last one left them.
