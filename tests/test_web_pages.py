@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import RedisProcess
 from tests.test_web_api import BASE, PW, Web, open_web
+from web import chart
 from web.auth import SESSION_COOKIE, SESSION_TTL, Keys
 
 
@@ -179,3 +180,16 @@ async def test_without_a_password_only_loopback_names_are_served(
             r = await w.anon.get("/", headers={"Host": host})
             assert r.status_code == 403 and r.json()["err"] == "forbidden"
         assert (await w.anon.get("/", headers={"Host": "localhost:8088"})).status_code == 200
+
+
+def test_chart_ticks_are_round_numbers() -> None:
+    rows = [(29_000_000 + i, {"writes": 50 if i == 30 else 5, "ok": 4, "fail": 0})
+            for i in range(60)]
+    assert [t.label for t in chart.build(rows).y_ticks] == ["0", "10", "20", "30", "40", "50"]
+    for peak in (*range(0, 130), 999, 1001, 37_000, 123_456):
+        rows = [(29_000_000, {"writes": peak}), (29_000_001, {"writes": 0})]
+        values = [int(t.label.replace(",", "")) for t in chart.build(rows).y_ticks]
+        step = values[1]
+        assert values == list(range(0, values[-1] + 1, step)), (peak, values)
+        assert values[-1] >= peak and 2 <= len(values) <= 6, (peak, values)
+        assert str(step).rstrip("0") in ("1", "2", "5"), (peak, values)

@@ -58,14 +58,16 @@ class Chart:
     empty: bool
 
 
-def nice_max(value: int) -> int:
-    """The smallest 1, 2 or 5 times a power of ten that is >= value (at least 4)."""
-    value = max(value, 4)
+def nice_scale(peak: int, most: int = 5) -> tuple[int, int]:
+    """(step, top) of the y axis: the step is 1, 2 or 5 times a power of ten, the smallest
+    that reaches `peak` in at most `most` steps (a peak under 4 counts as 4), and the top is
+    the first multiple of it that is >= peak, so every tick is a round number."""
+    value = max(peak, 4)
     step = 1
     while True:
         for m in (1, 2, 5):
-            if m * step >= value:
-                return m * step
+            if -(-value // (m * step)) <= most:
+                return m * step, m * step * -(-value // (m * step))
         step *= 10
 
 
@@ -75,7 +77,7 @@ def build(minutes: list[tuple[int, dict[str, int]]], zone: ZoneInfo | None = Non
     right, bottom = WIDTH - RIGHT, HEIGHT - BOTTOM
     plot_w, plot_h = right - LEFT, bottom - TOP
     peak = max((row.get(k, 0) for _, row in minutes for k, _ in SERIES), default=0)
-    top_value = nice_max(peak)
+    tick, top_value = nice_scale(peak)
 
     def x(i: int) -> float:
         return round(LEFT + plot_w * i / (n - 1), 1)
@@ -91,7 +93,7 @@ def build(minutes: list[tuple[int, dict[str, int]]], zone: ZoneInfo | None = Non
                                   for i, (_, row) in enumerate(minutes)),
              sum(row.get(key, 0) for _, row in minutes))
         for key, label in SERIES)
-    y_ticks = tuple(Tick(y(top_value * k // 4), f"{top_value * k // 4:,}") for k in range(5))
+    y_ticks = tuple(Tick(y(v), f"{v:,}") for v in range(0, top_value + 1, tick))
     last = len(minutes) - 1
     x_ticks = tuple(Tick(x(i), hhmm(m), "end" if i == last else "start" if i == 0 else "middle")
                     for i, (m, _) in enumerate(minutes) if i % 10 == 0 or i == last)
