@@ -25,7 +25,7 @@ from dq.config import Settings, load_settings
 from dq.embedded import EmbeddedError, EmbeddedRedis, find_binary
 from dq.errors import EXIT_BOOT, ConfigError
 from dq.logs import setup_logging
-from dq.pool import SIGNALS, STOP_MARGIN, WorkerPool
+from dq.pool import SIGNALS, STOP_MARGIN, WorkerPool, web_bind_host
 from dq.supervise import (
     BOOT_STREAK,
     BootError,
@@ -43,21 +43,18 @@ log = logging.getLogger(__name__)
 FAST_STOP = 3.0  # how long QUIT waits before SIGKILL
 
 
-def web_bind_host(cfg: Settings) -> str:
-    """Where dq-web listens (as web.app.bind_host, which the master must not import)."""
-    if cfg.web_host:
-        return cfg.web_host
-    return "0.0.0.0" if cfg.web_password else "127.0.0.1"
-
-
-def web_listen_error(cfg: Settings) -> str:
+def web_listen_error(cfg: Settings, *, beside_old: bool = False) -> str:
     """Why dq-web could not listen on its address now ('' when it could): the master binds
-    it with SO_REUSEADDR, as dq-web will, and closes it again."""
+    it with SO_REUSEADDR, as dq-web will, and closes it again. `beside_old`: the old dq-web
+    listens there (a reload), so also with SO_REUSEPORT, as dq-web binds; otherwise not,
+    so that a port another program shares out that way is still found taken."""
     host = web_bind_host(cfg)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if beside_old:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, cfg.web_port))
     except OSError as exc:
         return (f"dq-web cannot listen on {host}:{cfg.web_port}: {exc.strerror or exc}; "
@@ -211,13 +208,16 @@ class Arbiter(WorkerPool):
         took it, or a reload moved the console to a taken port), count a boot failure for
         the slot and say so in one line (once more after BOOT_STREAK failures, then only at
         debug), instead of forking a child that fails with a traceback every 10 s."""
-        if not self.cfg.web or any(w.role == "web" for w in self.workers.values()):
-            return  # no console, or one still holds the port (it is retired first)
+        if not self.cfg.web or self.current("web", 0) is not None:
+            return  # no console, or this generation's is running
+        beside_old = self.web_shares_port()
+        if not beside_old and any(w.role == "web" for w in self.workers.values()):
+            return  # the old one, on another address, is retired first
         slot = self.slots.setdefault(("web", 0), Slot())
         now = time.monotonic()
         if now < slot.next_at:
             return
-        why = web_listen_error(self.cfg)
+        why = web_listen_error(self.cfg, beside_old=beside_old)
         if not why:
             return
         delay = slot.died(0, now, boot_failed=True)

@@ -40,6 +40,13 @@ SIGNALS = (signal.SIGHUP, signal.SIGQUIT, signal.SIGINT, signal.SIGTERM, signal.
            signal.SIGTTOU, signal.SIGUSR2, signal.SIGCHLD)
 
 
+def web_bind_host(cfg: Settings) -> str:
+    """Where dq-web listens (as web.app.bind_host, which the master must not import)."""
+    if cfg.web_host:
+        return cfg.web_host
+    return "0.0.0.0" if cfg.web_password else "127.0.0.1"
+
+
 class WorkerPool:
     """The children of one master, by pid, with a restart backoff per (role, index) slot."""
 
@@ -59,6 +66,7 @@ class WorkerPool:
         self.board = LoadBoard(max(64, 4 * cfg.servers))  # the servers' connection counts
         self.board_slots: dict[int, tuple[LoadBoard, int]] = {}  # server pid -> its slot
         self.redis: EmbeddedRedis | None = None
+        self.web_at: tuple[str, int] | None = None  # where the last dq-web forked listens
         self.redis_slot = Slot()
         self.hb_dir = Path()
 
@@ -74,8 +82,17 @@ class WorkerPool:
                 return w
         return None
 
+    def web_shares_port(self) -> bool:
+        """Whether a new dq-web may start beside the old one: on the same address both
+        listen with SO_REUSEPORT (web/app.py), so the console stays up through a reload.
+        On another address the old one goes first (it may hold what the new one needs)."""
+        return any(w.role == "web" for w in self.workers.values()) \
+            and self.web_at == (web_bind_host(self.cfg), self.cfg.web_port)
+
     def spawn_worker(self, role: str, index: int) -> Worker:
         """Fork one child for (role, index) of the current generation."""
+        if role == "web":
+            self.web_at = (web_bind_host(self.cfg), self.cfg.web_port)
         self.seq += 1
         hb = self.hb_dir / f"{role}-{index}-{self.seq}"
         hb.write_bytes(b"")
@@ -132,8 +149,9 @@ class WorkerPool:
         for role, index in self.wanted_slots():
             if self.current(role, index) is not None:
                 continue
-            if role == "web" and any(w.role == "web" for w in self.workers.values()):
-                continue  # the old dq-web still holds the port; it is retired first
+            if role == "web" and any(w.role == "web" for w in self.workers.values()) \
+                    and not self.web_shares_port():
+                continue  # the old dq-web holds another address; it is retired first
             slot = self.slots.setdefault((role, index), Slot())
             if now < slot.next_at:
                 continue
@@ -154,7 +172,7 @@ class WorkerPool:
             if w.generation == self.generation:
                 if (w.role, w.index) not in wanted:
                     self.retire(w, "no longer wanted")
-            elif w.role == "web" or self.role_ready(w.role):
+            elif (w.role == "web" and not self.web_shares_port()) or self.role_ready(w.role):
                 self.retire(w, f"replaced by generation {self.generation}")
 
     def role_ready(self, role: str) -> bool:

@@ -368,6 +368,38 @@ def test_usr2_replaces_every_child_while_the_port_stays_open(
     assert "reload: starting generation 1" in m.output()
 
 
+def test_usr2_keeps_the_console_answering(
+        redis_server: RedisProcess, master: Callable[..., Master]) -> None:
+    """The new dq-web listens beside the old one (SO_REUSEPORT) and the old one stops only
+    once the new one serves, so the console is not away during a reload (it was for
+    seconds while the old one stopped and the new one imported and bound)."""
+    web_port = free_port()
+    m = master("--web-port", str(web_port), "--web-host", "127.0.0.1", redis=redis_server,
+               web=True)
+    m.wait_titles(expected_titles(web=True))
+    m.wait("the console", lambda: _http_answers(web_port))
+    old = {pid for pid, title in m.workers().items() if title == "dq-web"}
+    stats = {"ok": 0, "failed": 0}
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            stats["ok" if _http_answers(web_port) else "failed"] += 1
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    m.kill(signal.SIGUSR2)
+    m.wait("generation 1", lambda: "generation 1 is up" in m.output(), timeout=60)
+    m.wait("the old console gone", lambda: not old & set(m.workers()), timeout=30)
+    time.sleep(0.3)
+    stop.set()
+    poller.join(15)
+    assert "dq-web" in m.workers().values()
+    # one connection may meet the old console's listening socket as it closes
+    assert stats["failed"] <= 1 and stats["ok"] > 20, stats
+
+
 def test_ttin_ttou_and_a_reload_that_rereads_the_config(
         redis_server: RedisProcess, master: Callable[..., Master]) -> None:
     m = master("--consumers", "2", redis=redis_server)

@@ -179,10 +179,16 @@ class _Server(uvicorn.Server):
         return None
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
+def listen_socket(host: str, port: int, *, beside: bool = False) -> socket.socket:
+    """The console's listening socket. `beside` (under dq-master) adds SO_REUSEPORT, so that
+    a reload's new dq-web listens beside the old one, which stops once the new one serves:
+    the console is never away. The master checks that the port is free before it forks the
+    first dq-web, or one on another address (dq/master.py)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if beside:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError:
@@ -208,7 +214,7 @@ async def run(ctx: Context) -> None:
     store = open_store(settings, [(s.name or s.url, s.url) for s in confs if s.enabled])
     app = create_app(settings, registry=registry, store=store)
     try:
-        sock = listen_socket(host, settings.web_port)
+        sock = listen_socket(host, settings.web_port, beside=ctx.master_pid is not None)
     except OSError as exc:
         await store.shards.close()
         registry.close()
