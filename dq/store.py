@@ -623,6 +623,10 @@ class Store:
         else:
             state = "ready"
         error = json.loads(err) if err else None
+        if state != "dead" and data.attempt == 0:
+            # A job with no failed attempt has no last error: one left by an earlier job of
+            # this id (moved away to its owner shard as a guest) is not its own.
+            error = None
         if unreadable and error is None:
             error = {"error": unreadable}
         attempt = data.attempt  # failed calls before the next (or the current) one
