@@ -15,19 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn, get_type_hints
 
 from dq import __version__
-from dq.config import (
-    DELIVERY,
-    LOGS,
-    PROCESS,
-    STORAGE,
-    SUPERVISION,
-    TCP,
-    WEB,
-    Settings,
-    flag_name,
-    load_settings,
-    shown_default,
-)
+from dq.config import LOGS, STORAGE, WEB, Settings, flag_name, load_settings, shown_default
 from dq.errors import EXIT_BOOT, EXIT_CONFIG, ConfigError
 from dq.logs import setup_logging
 from dq.master import Arbiter
@@ -92,7 +80,8 @@ def _setting_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...],
             g.add_argument(flag_name(f.name), **opts)
 
 
-MASTER_GROUPS = (TCP, STORAGE, DELIVERY, WEB, SUPERVISION, LOGS, PROCESS)
+# Every group of settings, in the order their first setting is declared (dq/config.py).
+MASTER_GROUPS = tuple(dict.fromkeys(f.metadata["group"] for f in fields(Settings)))
 
 
 def build_master_parser() -> argparse.ArgumentParser:
