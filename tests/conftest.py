@@ -143,3 +143,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'dq.sqlite3'}"
     url: str = request.getfixturevalue("mariadb_url")
     return url
+
+
+@pytest.fixture(autouse=True)
+def no_login_throttle(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Wrong passwords are answered at once and never limited in tests (the 0.3 s wait cost
+    ~80 s a run), except in tests marked `login_throttle`, which check the wait and limits."""
+    import web.throttle
+
+    saved = web.throttle.LIMITS
+    if request.node.get_closest_marker("login_throttle") is None:
+        web.throttle.LIMITS = web.throttle.Limits(wait=0.0, limited=False)
+    yield
+    web.throttle.LIMITS = saved

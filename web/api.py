@@ -14,12 +14,12 @@ from pydantic import BaseModel
 
 from dq.alert import send_alert
 from dq.errors import BAD_REQUEST, NOT_FOUND, TOPIC_OFFLINE, UNKNOWN_TOPIC, DqError
-from dq.protocol import AddRequest, parse_request
+from dq.protocol import MAX_DEPTH, AddRequest, parse_request
 from dq.registry import Topic
 from dq.store import BadPayload
 from web import schemas as s
 from web.auth import require_api
-from web.errors import EXISTS, MAIL_FAILED, NOT_CONFIGURED, ApiError, Invalid
+from web.errors import EXISTS, INVALID, MAIL_FAILED, NOT_CONFIGURED, ApiError, Invalid
 from web.forms import (
     EMAIL,
     alert_json,
@@ -61,12 +61,34 @@ async def read_object(request: Request) -> dict[str, Any]:
     raw = await request.body()
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise _too_deep() from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, BAD_REQUEST, f"the request body is not valid JSON ({exc})") from None
+    if (raw.count(b"[") + raw.count(b"{") > MAX_DEPTH) and _deeper_than(data, MAX_DEPTH):
+        raise _too_deep()
     if not isinstance(data, dict):
         raise ApiError(400, BAD_REQUEST, "the request body must be a JSON object, e.g. "
                        '{"topic": "order", ...}')
     return data
+
+
+def _too_deep() -> ApiError:
+    return ApiError(422, INVALID, f"the request body is nested more than {MAX_DEPTH} levels "
+                    "deep; nothing here takes that: send a flatter JSON body")
+
+
+def _deeper_than(obj: Any, limit: int) -> bool:
+    """Whether JSON containers nest more than `limit` deep, a level at a time (no recursion:
+    the body is one a stranger may have sent, checked before anything walks it)."""
+    level = [obj]
+    for _ in range(limit):
+        level = [child for node in level
+                 for child in (node.values() if isinstance(node, dict) else node)
+                 if isinstance(child, (dict, list))]
+        if not level:
+            return False
+    return True
 
 
 async def _topic_or_404(st: WebState, key: str) -> Topic:

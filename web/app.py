@@ -27,6 +27,7 @@ from dq.worker import Context, open_store
 from web import api, errors, metrics, pages, pages_ops
 from web.auth import SESSION_COOKIE, SESSION_TTL, Keys
 from web.errors import FORBIDDEN, TOO_LARGE, ApiError
+from web.protocol import KEEP_ALIVE, GuardedH11Protocol
 from web.state import WebState
 from web.views import HERE, make_templates
 
@@ -220,8 +221,10 @@ async def run(ctx: Context) -> None:
         registry.close()
         raise OSError(exc.errno, f"dq-web cannot listen on {host}:{settings.web_port}: "
                       f"{exc.strerror}; set web_port or web_host") from exc
+    # Deadlines on reading requests and the connection cap live in the protocol class.
     config = uvicorn.Config(app, log_config=None, access_log=False, server_header=False,
-                            lifespan="off", timeout_graceful_shutdown=int(settings.grace))
+                            lifespan="off", timeout_graceful_shutdown=int(settings.grace),
+                            http=GuardedH11Protocol, ws="none", timeout_keep_alive=KEEP_ALIVE)
     server = _Server(config)
     port = sock.getsockname()[1]
     log.info("%s serving the console on http://%s:%d/", ctx.name, host, port)
@@ -241,5 +244,6 @@ async def run(ctx: Context) -> None:
         await store.shards.close()
         registry.close()
         st = app.state.dq
-        log.info("%s stopped: requests=%d errors=%d", ctx.name, st.counters["requests"],
-                 st.counters["errors"])
+        log.info("%s stopped: requests=%d errors=%d wrong_passwords=%d guesses_refused=%d",
+                 ctx.name, st.counters["requests"], st.counters["errors"],
+                 st.guard.judged_wrong, st.guard.refused)

@@ -7,7 +7,9 @@ derived from the session. The signing key is scrypt(password, salt "dq-session")
 in every process and instance, and changing the password ends every session. A signed
 cookie is handed to anyone who opens the login page, so the key must be dear to guess
 offline: scrypt (n=2**14, r=8: ~16 MB and tens of ms a guess) where a plain HMAC cost a
-few microseconds. Failed API logins wait FAILED_AUTH_WAIT, as the login form does.
+few microseconds. Every password given (form, Basic, Bearer) is judged through
+`password_ok`: a wrong one waits, and wrong ones are rate-limited per address and overall
+(see web.throttle).
 """
 
 from __future__ import annotations
@@ -20,17 +22,18 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
 from fastapi import Request
 from starlette.datastructures import FormData
 
-from web.errors import FORBIDDEN, UNAUTHORIZED, ApiError, LoginRequired
+from web import throttle
+from web.errors import FORBIDDEN, TOO_MANY, UNAUTHORIZED, ApiError, LoginRequired
 
 SESSION_COOKIE: Final = "dq_session"
 SESSION_TTL: Final = 12 * 3600
-FAILED_AUTH_WAIT: Final = 0.3  # seconds a wrong password waits before its answer
 _CHALLENGE: Final = {"WWW-Authenticate": 'Basic realm="dq", charset="UTF-8"'}
 _API_HELP: Final = ("send HTTP Basic auth (any user name, the console password) or the header "
                     "'Authorization: Bearer <password>'")
@@ -144,15 +147,41 @@ def require_page(request: Request) -> Session:
     raise LoginRequired(target if request.method == "GET" else "/")
 
 
+class TooManyGuesses(ApiError):
+    """429: wrong passwords from this address (or everywhere) are over their limit."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(429, TOO_MANY, "too many wrong passwords from your address or from "
+                         f"everywhere at once; try again in {retry_after} s",
+                         headers={"Retry-After": str(retry_after)})
+
+
+async def password_ok(request: Request, check: Callable[[], bool]) -> bool:
+    """Judge a password with `check`, unless wrong ones from this client are over their
+    limit (TooManyGuesses, before `check` runs: a limited answer says nothing about the
+    password). A wrong one waits throttle.LIMITS.wait before the caller answers."""
+    guard: throttle.LoginGuard = request.app.state.dq.guard
+    key = throttle.client_key(request.client.host if request.client else None)
+    retry_after = guard.refusal(key)
+    if retry_after:
+        raise TooManyGuesses(retry_after)
+    ok = check()
+    guard.record(key, ok)  # no await since refusal(): concurrent guesses are all counted
+    if not ok:
+        await asyncio.sleep(throttle.LIMITS.wait)  # slows each guess, on top of the limit
+    return ok
+
+
 async def require_api(request: Request) -> None:
     """Dependency of every API route: Basic or Bearer with the password."""
     keys = _keys(request)
     header = request.headers.get("authorization")
-    if keys.password and not header:
+    if not keys.password:
+        return
+    if not header:
         raise ApiError(401, UNAUTHORIZED, f"this API needs the console password: {_API_HELP}",
                        headers=_CHALLENGE)
-    if not keys.api_ok(header or ""):
-        await asyncio.sleep(FAILED_AUTH_WAIT)  # slows guessing, as the login form does
+    if not await password_ok(request, lambda: keys.api_ok(header)):
         raise ApiError(401, UNAUTHORIZED, f"wrong credentials: {_API_HELP}", headers=_CHALLENGE)
 
 

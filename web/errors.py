@@ -35,12 +35,13 @@ INVALID: Final = "invalid"
 EXISTS: Final = "exists"
 MAIL_FAILED: Final = "mail_failed"
 NOT_CONFIGURED: Final = "not_configured"
+TOO_MANY: Final = "too_many_attempts"
 
 DQ_STATUS: Final = {NOT_FOUND: 404, UNKNOWN_TOPIC: 404, TOPIC_OFFLINE: 409, BAD_REQUEST: 400,
                     TOO_LARGE: 413, UNAVAILABLE: 503}
 _WORD_OF_STATUS: Final = {400: BAD_REQUEST, 401: UNAUTHORIZED, 403: FORBIDDEN, 404: NOT_FOUND,
                           405: BAD_REQUEST, 409: EXISTS, 413: TOO_LARGE, 422: INVALID,
-                          503: UNAVAILABLE}
+                          429: TOO_MANY, 503: UNAVAILABLE}
 
 
 class ApiError(Exception):

@@ -18,12 +18,13 @@ from starlette.datastructures import FormData
 
 from web import chart
 from web.auth import (
-    FAILED_AUTH_WAIT,
     SESSION_COOKIE,
     Session,
+    TooManyGuesses,
     check_csrf,
     current_session,
     ensure_session,
+    password_ok,
     require_page,
     safe_next,
 )
@@ -73,8 +74,14 @@ async def login(request: Request, st: St) -> Response:
     check_csrf(sess, form)
     target = safe_next(_text(form, "next"))
     password = form.get("password")
-    if not isinstance(password, str) or not st.keys.check_password(password):
-        await asyncio.sleep(FAILED_AUTH_WAIT)  # slows guessing without a lockout to abuse
+    try:
+        ok = await password_ok(request, lambda: isinstance(password, str)
+                               and st.keys.check_password(password))
+    except TooManyGuesses as exc:
+        request.state.session = sess
+        return render(request, "login.html", {"next": target, "error": exc.detail},
+                      status=429, headers=exc.headers)
+    if not ok:
         request.state.session = sess
         return render(request, "login.html", {"next": target, "error": "Wrong password."},
                       status=401)

@@ -18,6 +18,7 @@ from dq.netpolicy import CallbackPolicy
 from dq.registry import Registry
 from dq.store import Store
 from web.auth import Keys
+from web.throttle import LoginGuard
 
 R = TypeVar("R")
 
@@ -35,6 +36,7 @@ class WebState:
     own_registry: bool = False
     counters: dict[str, int] = field(default_factory=lambda: {"requests": 0, "errors": 0})
     callback_policy: CallbackPolicy | None = None  # built when a callback is first checked
+    guard: LoginGuard = field(default_factory=LoginGuard)  # wrong passwords, per process
 
 
 def state(request: Request) -> WebState:
