@@ -8,7 +8,8 @@ seconds after it opened (or after its previous answer), trickled bytes or not, a
 whose body has not arrived BODY_TIMEOUT seconds after its head. At MAX_CONNECTIONS, a new
 connection makes room by closing the oldest one still waiting for its head (else it is
 closed itself): a flood of idle sockets cannot keep a real request out. Idle keep-alive
-connections close after uvicorn's `timeout_keep_alive`.
+connections close after uvicorn's `timeout_keep_alive`, and a head over 16 KiB is refused
+(400) by h11 (uvicorn's `h11_max_incomplete_event_size` default).
 """
 
 from __future__ import annotations
