@@ -53,7 +53,7 @@ def body_of(model: type[BaseModel]) -> dict[str, Any]:
 
 
 async def read_object(request: Request) -> dict[str, Any]:
-    """The request's JSON object body, or a 400/415 saying what to send."""
+    """The request's JSON object body, or a 400/415/422 saying what to send."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
         raise ApiError(415, BAD_REQUEST, "send the body as JSON with the header "
