@@ -202,7 +202,7 @@ async def test_dead_page(web: Web) -> None:
         await bury(web.store, topic, job_id)
     token = await login(web.anon)
     r = await web.anon.get("/dead")
-    assert r.text.count("HTTP 500") == 4 and "boom" in r.text
+    assert r.text.count('<span class="badge down">HTTP 500</span>') == 4 and "boom" in r.text
     r = await web.anon.get("/dead?topic=order")
     assert "order:1" in r.text and "mail:3" not in r.text
 
