@@ -32,6 +32,7 @@ from dq.supervise import (
     LoadBoard,
     Slot,
     anchor_paths,
+    bind_handover,
     bind_listener,
     check_pid_file,
     remove_pid_file,
@@ -84,6 +85,7 @@ class Arbiter(WorkerPool):
                             else "")
         self.sig_queue: list[int] = []
         self.started = time.monotonic()
+        self.reload_pending = False  # reloads folded into the one that runs next
 
     # start and stop
 
@@ -121,6 +123,7 @@ class Arbiter(WorkerPool):
             signal.signal(sig, self.on_signal)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         self.hb_dir = Path(tempfile.mkdtemp(prefix="dq-master-"))
+        self.handover = bind_handover(str(self.hb_dir / "handover.sock"))
         assert self.listener is not None
         host, port = self.listener.getsockname()[:2]
         log.info("dq-master started (pid %d) on %s:%d: %s", self.pid, host, port, self.summary())
@@ -146,6 +149,10 @@ class Arbiter(WorkerPool):
                     self.note_ready()
                     self.murder_workers()
                     self.manage_workers()
+                    if self.reload_pending and not self.reload_waits():
+                        log.info("reload: generation %d is up and the one before has "
+                                 "stopped; running the reload that was held", self.generation)
+                        self.reload()
                     continue
                 getattr(self, "handle_" + self.SIG_NAMES[sig])()
         except Halt as halt:
@@ -167,6 +174,8 @@ class Arbiter(WorkerPool):
                  "murdered=%d", time.monotonic() - self.started, c.spawned, c.restarts,
                  c.reloads, c.murdered)
         remove_pid_file(self.cfg.pid_file)
+        if self.handover is not None:
+            self.handover.close()
         if self.hb_dir != Path():
             shutil.rmtree(self.hb_dir, ignore_errors=True)
         if self.redis is not None:
@@ -250,9 +259,10 @@ class Arbiter(WorkerPool):
             pass
 
     def sleep(self) -> None:
-        """Wait for a signal, at most a second (less while a child boots or a respawn is due)."""
+        """Wait for a signal, at most a second (less while a child boots or a respawn is due,
+        or a held reload waits for the old generation to go)."""
         timeout = 1.0
-        if any(not w.ready for w in self.workers.values()):
+        if self.reload_pending or any(not w.ready for w in self.workers.values()):
             timeout = 0.1
         now = time.monotonic()
         due = [s.next_at for s in (*self.slots.values(), self.redis_slot) if s.next_at > now]
@@ -307,8 +317,33 @@ class Arbiter(WorkerPool):
 
     # reload
 
+    def reload_waits(self) -> str:
+        """Why a reload now would stack a third generation ('' when it would not): the
+        current one is still starting, or an older one has not stopped yet. A generation
+        that cannot boot is no reason to wait: the reload may be what fixes it."""
+        if any(slot.boot_failures for slot in self.slots.values()):
+            return ""
+        if self.up_generation != self.generation:
+            return f"generation {self.generation} is still starting"
+        old = sum(w.generation != self.generation for w in self.workers.values())
+        if old:
+            return f"{old} children of the generation before are still stopping"
+        return ""
+
     def reload(self) -> None:
-        """Re-read the config, start a new generation; the old one retires once it is up."""
+        """Re-read the config, start a new generation; the old one retires once it is up.
+
+        At most one generation starts beside the serving one: a reload that arrives
+        meanwhile is held, and all those held become one reload, with the configuration of
+        that moment, once the new generation is up and the old one has stopped."""
+        why = self.reload_waits()
+        if why:
+            if not self.reload_pending:
+                log.info("reload held: %s; it runs once that is done (further reloads "
+                         "meanwhile are folded into it)", why)
+            self.reload_pending = True
+            return
+        self.reload_pending = False
         try:
             cfg = anchor_paths(load_settings(self.overrides, config_file=self.reload_config()),
                                self.cwd)

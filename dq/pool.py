@@ -63,6 +63,7 @@ class WorkerPool:
         self.counters = Counters()
         self.pipe: tuple[int, int] = (-1, -1)
         self.listener: socket.socket | None = None
+        self.handover: socket.socket | None = None  # servers pass connections on (reload)
         self.board = LoadBoard(max(64, 4 * cfg.servers))  # the servers' connection counts
         self.board_slots: dict[int, tuple[LoadBoard, int]] = {}  # server pid -> its slot
         self.redis: EmbeddedRedis | None = None
@@ -129,11 +130,12 @@ class WorkerPool:
             close = [*self.pipe]
             if self.redis is not None and self.redis.lock_fd >= 0:
                 close.append(self.redis.lock_fd)
-            if role != "server" and self.listener is not None:
-                close.append(self.listener.fileno())
+            if role != "server":
+                close += [s.fileno() for s in (self.listener, self.handover) if s is not None]
             run_child(self.cfg, role, index, role_path=ROLE_PATHS[role],
                       heartbeat=str(hb), master_pid=self.pid,
                       listen_sock=self.listener if role == "server" else None,
+                      handover_sock=self.handover if role == "server" else None,
                       board=self.board if board_slot >= 0 else None, board_slot=board_slot,
                       close_fds=close)
         except BaseException as exc:
@@ -185,10 +187,14 @@ class WorkerPool:
         return True
 
     def retire(self, worker: Worker, why: str) -> None:
-        log.info("retiring %s (pid %d, generation %d): %s", worker.name, worker.pid,
-                 worker.generation, why)
+        """Stop one child for good: TERM, or for a server that serves, USR1 (hand your
+        connections to the servers that go on serving, then stop; dq/handover.py)."""
+        hand_over = worker.role == "server" and worker.ready and self.handover is not None
+        log.info("retiring %s (pid %d, generation %d): %s%s", worker.name, worker.pid,
+                 worker.generation, why,
+                 "; it hands its connections over" if hand_over else "")
         worker.retiring_at = time.monotonic()
-        self.kill_worker(worker.pid, signal.SIGTERM)
+        self.kill_worker(worker.pid, signal.SIGUSR1 if hand_over else signal.SIGTERM)
 
     def kill_worker(self, pid: int, sig: int) -> None:
         try:

@@ -165,6 +165,21 @@ class FrameDecoder:
         """Bytes buffered of a frame not yet complete (0 between frames)."""
         return len(self._buf)
 
+    @property
+    def closed(self) -> bool:
+        """A frame header was garbage: frame boundaries are lost, nothing more is decoded."""
+        return self._closed
+
+    def state(self) -> tuple[bytes, int]:
+        """What a reload hands to the next server with the connection: the bytes of the
+        frame begun, and the bytes of an oversized frame still to drop."""
+        return bytes(self._buf), self.skipping
+
+    def restore(self, pending: bytes, skipping: int) -> None:
+        """Go on from `state()` of the decoder this connection had in another process."""
+        self._buf[:] = pending
+        self.skipping = skipping
+
     def feed(self, data: bytes) -> list[Frame | FrameError]:
         out: list[Frame | FrameError] = []
         if self._closed:

@@ -5,7 +5,9 @@ concurrently and answered in order (clients may pipeline); every Redis call goes
 the shard's batching queue, so requests from many connections share round trips. A
 connection that sends garbage, stalls inside a frame or never reads its replies (or, with
 `idle_timeout` set, idles too long) is answered or closed on its own; it never holds up the
-others. A client that half-closes is answered in full, then closed.
+others. A client that half-closes is answered in full, then closed. A reload hands every
+connection, once what it sent is answered, to a server of the new generation
+(dq/handover.py), so a client that never reconnects keeps its connection.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import collections
 import errno
 import functools
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -30,6 +33,7 @@ from dq.errors import (
     UNKNOWN_TOPIC,
     DqError,
 )
+from dq.handover import HandoverReceiver, HandoverSender
 from dq.protocol import AddRequest, DelRequest, FrameDecoder, FrameError, GetRequest
 from dq.registry import Registry, Topic
 from dq.resp import ShardRefused
@@ -336,9 +340,12 @@ class Handler:
 class Connection(asyncio.Protocol):
     """One client: frames in, replies out in request order."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, pending: bytes = b"", skipping: int = 0, *,
+                 adopted: bool = False) -> None:
         self.server = server
         self.decoder = FrameDecoder(server.settings.max_frame)
+        self.adopted = adopted  # handed over by a retiring server (a reload)
+        self.handing = False  # being handed to the next server: read no more
         self.transport: asyncio.Transport | None = None
         # replies in request order, each with the number of requests it answers
         self.replies: collections.deque[tuple[Pending | bytes, int]] = collections.deque()
@@ -352,12 +359,16 @@ class Connection(asyncio.Protocol):
         self.frame_started = 0.0
         self.resume_scheduled = False  # a later loop turn goes on with the backlog
         self.starting = False  # _start_backlog is running (a reply it queued may flush)
+        if pending or skipping:  # the frame the retiring server had begun
+            self.decoder.restore(pending, skipping)
+            self.frame_started = self.last_active
 
     # asyncio callbacks -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.server.opening -= 1
-        if len(self.server.connections) >= self.server.settings.max_connections:
+        if (len(self.server.connections) >= self.server.settings.max_connections
+                and not self.adopted):
             self.transport.write(protocol.error_reply((
                 TOO_MANY_CONNECTIONS, f"the server already has {len(self.server.connections)} "
                 "connections, its limit; retry later or use another dq server")))
@@ -516,7 +527,7 @@ class Connection(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        want = (not self.paused_writing and not self.backlog
+        want = (not self.paused_writing and not self.backlog and not self.handing
                 and self.in_progress < MAX_OUTSTANDING and len(self.replies) < MAX_FRAMES_OUT)
         if want != self.reading:
             self.reading = want
@@ -530,6 +541,35 @@ class Connection(asyncio.Protocol):
     @property
     def busy(self) -> bool:
         return bool(self.replies or self.backlog)
+
+    # hand-over (a reload) --------------------------------------------------------------
+    def stop_reading(self) -> None:
+        """Read no more: what the client sends from now on waits in the socket for the
+        server this connection is handed to."""
+        if not self.handing:
+            self.handing = True
+            self._update_reading()
+
+    @property
+    def handable(self) -> bool:
+        """Every request read is answered and its reply is with the kernel: the socket,
+        with the frame begun, can go to another server."""
+        t = self.transport
+        return (self.handing and t is not None and not t.is_closing() and not self.busy
+                and not self.eof and not self.closing and not self.decoder.closed
+                and t.get_write_buffer_size() == 0)
+
+    @property
+    def finishing(self) -> bool:
+        """Closes by itself once answered (half-closed, or its frames were garbage)."""
+        t = self.transport
+        return t is None or t.is_closing() or self.eof or self.closing or self.decoder.closed
+
+    def handed_over(self) -> None:
+        """Another server has the socket now: close this process's copy, and only it (no
+        shutdown, so the connection stays up)."""
+        assert self.transport is not None
+        self.transport.abort()
 
 
 class Server:
@@ -550,6 +590,8 @@ class Server:
         self.opening = 0  # of those, the ones whose Connection is not made yet
         self._deferred: asyncio.TimerHandle | None = None  # accepting again then
         self.paused = False  # out of file descriptors: not accepting for ACCEPT_RETRY
+        self.receiver: HandoverReceiver | None = None  # takes a reload's connections
+        self.handed = 0  # connections handed to the new generation
 
     async def start(self) -> None:
         """Accept on the master's socket (or a socket of its own, when run alone)."""
@@ -562,6 +604,10 @@ class Server:
         self.accepting = True
         self._publish()
         self.handler.loop.add_reader(sock.fileno(), self._accept)
+        if self.ctx.handover_sock is not None:
+            self.receiver = HandoverReceiver(self.ctx.handover_sock, self.adopt,
+                                             self.handler.loop)
+            self.receiver.start()
 
     @property
     def load(self) -> int:
@@ -609,6 +655,17 @@ class Server:
             self._opening.add(task)
             task.add_done_callback(functools.partial(self._opened, sock))
             self._publish()
+
+    def adopt(self, sock: socket.socket, pending: bytes, skipping: int) -> None:
+        """Serve a connection a retiring server handed over, from where it stopped."""
+        loop = self.handler.loop
+        sock.setblocking(False)
+        self.opening += 1
+        task = loop.create_task(loop.connect_accepted_socket(functools.partial(
+            Connection, self, pending, skipping, adopted=True), sock))
+        self._opening.add(task)
+        task.add_done_callback(functools.partial(self._opened, sock))
+        self._publish()
 
     def _wait(self, seconds: float) -> None:
         """Stop watching the socket for `seconds`, then accept (a burst) again."""
@@ -694,10 +751,15 @@ class Server:
             self.handler.store.after_settle.remove(self.flush_ready)
 
     async def drain(self) -> None:
-        """Stop accepting, answer every request already read, then close connections."""
+        """Stop accepting, answer every request already read, then hand each connection to
+        the new generation (a reload) or close it (a stop)."""
         self.stop_accepting()
+        if self.receiver is not None:  # connections being handed to us are ours to serve
+            await self.receiver.settle(self.settings.grace)
         if self._opening:  # accepted just before: serve them like the others
             await asyncio.wait(self._opening, timeout=self.settings.grace)
+        if self.ctx.hand_over:
+            await self.hand_over()
         try:
             async with asyncio.timeout(self.settings.grace):
                 while any(c.busy for c in self.connections):
@@ -708,6 +770,55 @@ class Server:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()
+
+
+    async def hand_over(self) -> None:
+        """A reload: stop reading every connection, answer what was read, then pass each
+        socket, with the bytes of a frame begun, to a server of the new generation. What
+        cannot be handed within `grace` (a client that reads no replies) is closed once
+        answered, as a stop would."""
+        assert self.ctx.handover_sock is not None
+        loop = self.handler.loop
+        try:
+            sender = await HandoverSender.connect(self.ctx.handover_sock.getsockname())
+        except (OSError, TimeoutError) as exc:
+            log.warning("%s cannot hand its connections to the new generation (%s); they "
+                        "are closed once answered", self.ctx.name, exc)
+            return
+        deadline = loop.time() + self.settings.grace
+        try:
+            while True:
+                waiting = False
+                for conn in list(self.connections):
+                    conn.stop_reading()
+                    if conn.handable:
+                        await self._hand(sender, conn)
+                    elif not conn.finishing:
+                        waiting = True
+                if not waiting or loop.time() >= deadline:
+                    break
+                await asyncio.sleep(0.005)
+        except (OSError, TimeoutError) as exc:
+            log.warning("%s could not hand all its connections over (%s); the rest are "
+                        "closed once answered", self.ctx.name, exc)
+        finally:
+            sender.close()
+        left = sum(not c.finishing for c in self.connections)
+        log.info("%s handed %d connections to the new generation%s", self.ctx.name,
+                 self.handed, f"; {left} did not read their replies within "
+                 f"{self.settings.grace:g} s and are closed" if left else "")
+
+    async def _hand(self, sender: HandoverSender, conn: Connection) -> None:
+        assert conn.transport is not None
+        # A copy of the descriptor: the transport's own may close while the send waits.
+        fd = os.dup(conn.transport.get_extra_info("socket").fileno())
+        try:
+            pending, skipping = conn.decoder.state()
+            await sender.send(fd, pending, skipping)
+        finally:
+            os.close(fd)
+        self.handed += 1
+        conn.handed_over()
 
 
 async def refresh_topics(topics: TopicCache, every: float) -> None:
@@ -744,6 +855,8 @@ async def run(ctx: Context, store: Store | None = None, topics: TopicCache | Non
         await server.drain()
     finally:
         server.stop()
+        if server.receiver is not None:
+            server.receiver.close()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -752,5 +865,7 @@ async def run(ctx: Context, store: Store | None = None, topics: TopicCache | Non
         if registry is not None:
             registry.close()
         s = server.handler.stats
-        log.info("%s stopped: add=%d get=%d del=%d fail=%d failover=%d refused=%d", ctx.name,
-                 s["add"], s["get"], s["del"], s["fail"], s["failover"], server.refused)
+        log.info("%s stopped: add=%d get=%d del=%d fail=%d failover=%d refused=%d "
+                 "adopted=%d handed=%d", ctx.name, s["add"], s["get"], s["del"], s["fail"],
+                 s["failover"], server.refused,
+                 server.receiver.adopted if server.receiver else 0, server.handed)

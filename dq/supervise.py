@@ -179,6 +179,21 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
+def bind_handover(path: str) -> socket.socket:
+    """The Unix socket on which servers take a reload's connections from the old ones
+    (dq/handover.py): SOCK_SEQPACKET, one record per connection; `path` lies in a directory
+    only the master's user can enter."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.bind(path)
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
+        raise BootError(f"cannot open the hand-over socket {path}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
 def check_pid_file(path: str) -> None:
     """Refuse to start when the pid file cannot be written (before daemonizing, while the
     error can still be shown) or names a live process other than us."""

@@ -45,6 +45,10 @@ class Context:
     index: int = 0
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     listen_sock: socket.socket | None = None  # the master's TCP socket, for servers
+    # The master's Unix socket on which servers pass a reload's connections on
+    # (dq/handover.py), and whether this server was asked to (SIGUSR1) rather than to stop.
+    handover_sock: socket.socket | None = None
+    hand_over: bool = False
     board: LoadBoard | None = None  # the servers' connection counts (dq/supervise.py)
     board_slot: int = -1  # this server's place on it
     master_pid: int | None = None  # the dq-master that forked this role (None: standalone)
@@ -171,14 +175,22 @@ class _Child:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.graceful, sig)
         loop.add_signal_handler(signal.SIGQUIT, self.fast)
+        loop.add_signal_handler(signal.SIGUSR1, self.retire)
+
+    def retire(self) -> None:
+        """SIGUSR1: a reload replaced this child; a server hands its connections on."""
+        if not self.signals:
+            self.ctx.hand_over = self.ctx.handover_sock is not None
+        self.graceful(signal.SIGUSR1)
 
     def graceful(self, sig: int) -> None:
         self.signals += 1
         if self.signals > 1:
             log.warning("%s: second %s; exiting now", self.ctx.name, signal.Signals(sig).name)
             _exit_now(1)
-        log.info("%s: %s received; stopping gracefully", self.ctx.name,
-                 signal.Signals(sig).name)
+        log.info("%s: %s received; %s", self.ctx.name, signal.Signals(sig).name,
+                 "handing its connections to the new generation" if self.ctx.hand_over
+                 else "stopping gracefully")
         self.ctx.stopping.set()
 
     def fast(self) -> None:
@@ -258,6 +270,7 @@ def _exit_now(code: int) -> NoReturn:
 
 def run_child(settings: Settings, role: str, index: int, *, role_path: str, heartbeat: str,
               master_pid: int, listen_sock: socket.socket | None = None,
+              handover_sock: socket.socket | None = None,
               board: LoadBoard | None = None, board_slot: int = -1,
               close_fds: Iterable[int] = ()) -> NoReturn:
     """Run one role in a just-forked child and exit with its code; never returns.
@@ -270,7 +283,7 @@ def run_child(settings: Settings, role: str, index: int, *, role_path: str, hear
     hb = Path(heartbeat)
     started = time.monotonic()
     ctx = Context(settings, role, index, listen_sock=listen_sock, master_pid=master_pid,
-                  board=board, board_slot=board_slot)
+                  handover_sock=handover_sock, board=board, board_slot=board_slot)
     try:
         _post_fork(ctx.name, settings, close_fds)
         log.debug("%s started (pid %d, role %s)", ctx.name, os.getpid(), role_path)
