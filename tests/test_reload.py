@@ -356,7 +356,9 @@ def test_quick_reloads_fold_and_never_stack_generations(
         def settled() -> bool:
             out = m.output()
             gens = re.findall(r"reload: starting generation (\d+)", out)
+            # no reload held since the last one started, and that one is up
             return bool(gens) and f"generation {gens[-1]} is up" in out \
+                and out.rfind("reload held") < out.rfind("reload: starting generation") \
                 and m.titles() == final
         m.wait("one generation with the last config", settled, timeout=120)
         # it stays that way: no reload left behind
