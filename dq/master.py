@@ -35,7 +35,9 @@ from dq.supervise import (
     bind_handover,
     bind_listener,
     check_pid_file,
+    listen_after_orphans,
     remove_pid_file,
+    wait_for_orphans,
     write_pid_file,
 )
 
@@ -97,9 +99,11 @@ class Arbiter(WorkerPool):
         except OSError as exc:
             raise BootError(f"cannot create data dir {self.cfg.data_dir}: {exc.strerror}") \
                 from None
-        self.listener = bind_listener(self.cfg.host, self.cfg.port)
+        self.listener = listen_after_orphans(self.cfg.host, self.cfg.port, say=log.warning)
         if self.cfg.web:
             why = web_listen_error(self.cfg)
+            if why and wait_for_orphans(self.cfg.web_port, b"dq-web", say=log.warning):
+                why = web_listen_error(self.cfg)
             if why:
                 self.listener.close()
                 self.listener = None

@@ -34,7 +34,14 @@ from dq.errors import (
     DqError,
 )
 from dq.handover import HandoverReceiver, HandoverSender
-from dq.protocol import AddRequest, DelRequest, FrameDecoder, FrameError, GetRequest
+from dq.protocol import (
+    AddRequest,
+    DelRequest,
+    FrameDecoder,
+    FrameError,
+    GetRequest,
+    decode_payload,
+)
 from dq.registry import Registry, Topic
 from dq.resp import ShardRefused
 from dq.shards import Shard
@@ -47,10 +54,16 @@ log = logging.getLogger(__name__)
 request_log = logging.getLogger("dq.request")
 
 MAX_OUTSTANDING = 4096  # requests in progress per connection before reading pauses (an
-#                        add_many frame counts as the adds it carries) ...
+#                        add_many frame counts as the adds it carries, a get or del as
+#                        SLOW_WEIGHT) ...
 MAX_FRAMES_OUT = 1024  # ... or frames (at most 9,999 bytes each: 10 MB)
+# A get or del: a coroutine each, and a get's reply up to 10 KB where an add's is 33 bytes.
+# Counted as this many adds, at most 64 are in progress per connection: five clients that
+# pipeline gets and never read put ~300 ahead of everyone's requests, not ~5,000 (a canary
+# waited 224-723 ms behind them; see bench/stall.py).
+SLOW_WEIGHT = MAX_OUTSTANDING // 64
 TURN_SLICE = 128  # requests of one connection started per loop turn (one frame more at most)
-WRITE_HIGH = 256 * 1024  # reply bytes buffered for a slow reader before reading pauses
+WRITE_HIGH = 64 * 1024  # unsent reply bytes of a connection before it starts no more requests
 FRAME_TIMEOUT = 10.0  # seconds a started frame may take to arrive in full
 DEFER = 0.002  # seconds a busier server leaves a new connection to the others
 ACCEPT_BURST = 16  # connections accepted a loop turn at most
@@ -350,7 +363,8 @@ class Connection(asyncio.Protocol):
         # replies in request order, each with the number of requests it answers
         self.replies: collections.deque[tuple[Pending | bytes, int]] = collections.deque()
         self.in_progress = 0  # requests answered by the queued replies: their sum
-        self.backlog: collections.deque[protocol.Frame | FrameError] = collections.deque()
+        # frames read, not yet started: their JSON text (decoded when started), or an error
+        self.backlog: collections.deque[bytes | FrameError] = collections.deque()
         self.paused_writing = False
         self.reading = True
         self.closing = False
@@ -376,6 +390,7 @@ class Connection(asyncio.Protocol):
             self.server.refused += 1
             return
         self.server.connections.add(self)
+        self.transport.set_write_buffer_limits(WRITE_HIGH)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -405,11 +420,13 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused_writing = False
+        if self.backlog and not self.resume_scheduled:
+            self._start_backlog()
         self._update_reading()
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
-        items = self.decoder.feed(data)
+        items = self.decoder.split(data)
         self.backlog.extend(items)
         self._start_backlog()
         # A frame's clock starts at its first byte and runs until its last: a client that
@@ -434,12 +451,14 @@ class Connection(asyncio.Protocol):
             backlog = self.backlog
             started = 0
             while (backlog and self.in_progress < MAX_OUTSTANDING
-                   and len(self.replies) < MAX_FRAMES_OUT and not self.closing):
+                   and len(self.replies) < MAX_FRAMES_OUT and not self.closing
+                   and not self.paused_writing):
                 if started >= TURN_SLICE:
                     self.resume_scheduled = True
                     handler.loop.call_soon(self._resume)
                     return
-                item = backlog.popleft()
+                raw = backlog.popleft()
+                item = decode_payload(raw) if isinstance(raw, bytes) else raw
                 count = 1
                 if isinstance(item, FrameError):
                     self._queue(protocol.error_reply(item))
@@ -451,11 +470,15 @@ class Connection(asyncio.Protocol):
                     cmd = item.get("cmd")
                     if cmd == "ping":
                         self._queue(protocol.OK_EMPTY)
-                    else:
-                        jobs = item.get("jobs")  # an add_many frame: as many as its adds
-                        if cmd == "add_many" and type(jobs) is list and jobs:
+                    elif cmd == "add":
+                        self._queue(handler.fast(item))
+                    elif cmd == "add_many":
+                        jobs = item.get("jobs")  # as many as its adds
+                        if type(jobs) is list and jobs:
                             count = len(jobs)
                         self._queue(handler.fast(item), count)
+                    else:
+                        self._queue(handler.fast(item), SLOW_WEIGHT)
                 started += count
             if self.eof and not self.busy and self.transport is not None:
                 self.transport.close()  # half-closed, and all answered (without a flush)
@@ -703,7 +726,11 @@ class Server:
         else:
             self.handler.loop.remove_reader(self.listener.fileno())
         self._publish()
-        if self.ctx.listen_sock is None:  # its own: nobody else accepts on it
+        master = self.ctx.master_pid
+        # Its own socket: nobody else accepts on it. The master's, once the master is gone
+        # (kill -9): a new master can bind the port as soon as the orphans closed it,
+        # while they still drain their connections.
+        if self.ctx.listen_sock is None or (master is not None and os.getppid() != master):
             self.listener.close()
 
     def flush_ready(self) -> None:

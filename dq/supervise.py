@@ -11,6 +11,8 @@ import mmap
 import os
 import signal
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,7 @@ BACKOFF_MIN = 0.1  # first restart delay of a slot; doubles per quick death
 BACKOFF_MAX = 10.0
 BACKOFF_RESET = 30.0  # a child that ran this long restarts after BACKOFF_MIN again
 BOOT_STREAK = 3  # boot failures in a row after which the master says so and slows down
+ORPHAN_WAIT = 5.0  # seconds a new master waits for a dead master's servers to free the port
 
 
 class BootError(Exception):
@@ -192,6 +195,91 @@ def bind_handover(path: str) -> socket.socket:
         raise BootError(f"cannot open the hand-over socket {path}: {exc.strerror}") from None
     sock.setblocking(False)
     return sock
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Inodes of the sockets in LISTEN state on `port` (any address), from /proc/net."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f[9])
+    return inodes
+
+
+def _ppid_and_title(pid: int) -> tuple[int, bytes]:
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(stat[1]), Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def port_orphans(port: int, title: bytes = b"dq-server-") -> list[int] | None:
+    """The pids holding `port`'s listen socket when every one is a dq child titled
+    `title`... whose master is gone (an orphan: it stops by itself within a second or so
+    of seeing that), else None: the port is free, or held by something else."""
+    inodes = _listening_inodes(port)
+    if not inodes:
+        return None
+    links = {f"socket:[{i}]" for i in inodes}
+    holders = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+            if any(os.readlink(f"/proc/{entry}/fd/{fd}") in links for fd in fds):
+                holders.add(int(entry))
+        except OSError:  # gone meanwhile, or another user's: not ours to judge
+            continue
+    if not holders:
+        return None  # another user's process (its fds are hidden from us)
+    for pid in holders:
+        try:
+            ppid, own = _ppid_and_title(pid)
+            _, parent = _ppid_and_title(ppid)
+        except (OSError, ValueError, IndexError):
+            own, parent = b"", b""
+        if not own.startswith(title) or parent.startswith(b"dq-master"):
+            return None
+    return sorted(holders)
+
+
+def wait_for_orphans(port: int, title: bytes = b"dq-server-", wait: float = ORPHAN_WAIT,
+                     say: Callable[[str], None] = print) -> bool:
+    """When `port` is held only by dq children (`title`...) of a master that died (kill
+    -9), say so once and wait up to `wait` seconds for them to exit; True when it waited,
+    False at once when the port is held by anything else. Still held after `wait`: a
+    BootError naming them."""
+    orphans = port_orphans(port, title)
+    if orphans is None:
+        return False
+    pids = ", ".join(map(str, orphans))
+    say(f"port {port} is still held by {title.decode().rstrip('-')} processes of a master "
+        f"that is gone (pids {pids}); waiting up to {wait:g} s for them to exit")
+    deadline = time.monotonic() + wait
+    while port_orphans(port, title) is not None:
+        if time.monotonic() >= deadline:
+            raise BootError(f"port {port} is still held by {title.decode().rstrip('-')} "
+                            f"processes of a master that is gone (pids {pids}) after "
+                            f"{wait:g} s; kill them and start again")
+        time.sleep(0.05)
+    return True
+
+
+def listen_after_orphans(host: str, port: int, wait: float = ORPHAN_WAIT,
+                         say: Callable[[str], None] = print) -> socket.socket:
+    """bind_listener, after waiting (see wait_for_orphans) for the servers of a master that
+    died to free the port; held by anything else, the BootError is raised at once."""
+    try:
+        return bind_listener(host, port)
+    except BootError:
+        if not wait_for_orphans(port, b"dq-server-", wait, say):
+            raise
+    return bind_listener(host, port)
 
 
 def check_pid_file(path: str) -> None:
