@@ -330,6 +330,82 @@ def test_children_stop_when_the_master_is_killed(
     assert "went away; stopping" in m.output()
 
 
+def _pings(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(PING)
+            return s.recv(64).startswith(b'0033{"code":1')
+    except OSError:
+        return False
+
+
+ORPHANS_WAIT = "is still held by dq-server processes of a master that is gone"
+
+
+def test_new_master_binds_right_after_kill_9_of_the_old_one(
+        redis_server: RedisProcess, tmp_path: Path) -> None:
+    """kill -9 of the master leaves its servers (and console) running until they notice,
+    holding the port: a new master started at once waits for them, says so, and serves.
+    Three masters in a row, each started right after kill -9 of the one before; the second
+    one's orphans are stopped (SIGSTOP) until the third says it waits, so the old code's
+    refusal ("Address already in use", exit 3) cannot be missed by luck."""
+    port, web_port = free_port(), free_port()
+    args = ["--redis", redis_server.url, "--servers", "2", "--timers", "1", "--consumers", "1",
+            "--web-host", "127.0.0.1", "--web-port", str(web_port)]
+    started: list[Master] = []
+    orphans: list[int] = []
+    try:
+        for n in range(3):
+            m = Master(tmp_path / f"m{n}", port, args, {})
+            started.append(m)
+            if orphans:  # stopped until the new master waits for them (or gave up)
+                m.wait("the master to wait for the orphans or exit", lambda m=m: (  # type: ignore[misc]
+                    ORPHANS_WAIT in m.output() or m.proc.poll() is not None), timeout=40)
+                for pid in orphans:
+                    os.kill(pid, signal.SIGCONT)
+                orphans = []
+            m.wait_titles(expected_titles(servers=2, web=True), timeout=40)
+            m.wait("it serves", lambda: _pings(port) and _http_answers(web_port))
+            assert "cannot listen" not in m.output(), m.output()
+            if n == 2:
+                break
+            if n == 1:
+                orphans = [pid for pid, t in m.workers().items()
+                           if t.startswith(("dq-server-", "dq-web"))]
+                for pid in orphans:
+                    os.kill(pid, signal.SIGSTOP)
+            m.proc.kill()
+            m.proc.wait()
+        assert ORPHANS_WAIT in started[2].output()
+        assert started[2].proc.poll() is None
+    finally:
+        for pid in orphans:
+            os.kill(pid, signal.SIGCONT)
+        for m in started:
+            m.stop(timeout=10)
+
+
+def test_port_held_by_a_live_master_or_a_stranger_exits_3_at_once(
+        redis_server: RedisProcess, master: Callable[..., Master], tmp_path: Path) -> None:
+    """Only a dead master's own servers are waited for: a port a running dq-master (its
+    servers' parent is alive) or any other program holds is refused at once."""
+    live = master(redis=redis_server)
+    live.wait("it serves", lambda: _pings(live.port))
+    second = Master(tmp_path / "second", live.port, ["--redis", redis_server.url, "--no-web"],
+                    {})
+    assert exit_status(second) == 3
+    assert second.output() == (f"dq-master: cannot listen on 127.0.0.1:{live.port}: Address "
+                               "already in use\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        third = Master(tmp_path / "third", port, ["--redis", DEAD_REDIS, "--no-web"], {})
+        assert exit_status(third) == 3
+    assert third.output() == (f"dq-master: cannot listen on 127.0.0.1:{port}: Address "
+                              "already in use\n")
+
+
 def ping_loop(port: int, stop: threading.Event, stats: dict[str, int]) -> None:
     """Connect, ping, close, again and again; count what happens."""
     while not stop.is_set():
