@@ -1,14 +1,15 @@
 """Stall: what clients that pipeline requests and never read their replies cost the others.
 
 `--attackers` clients (one process each) connect to one dq-server process and send `get`
-of a 3 KB job back to back without ever reading a reply, until the server stops taking
-them; every `--cycle` seconds each drops its connection and starts again on a new one.
-Meanwhile a canary, on its own connection, does an add and a get every 100 ms and times
-both, and a second canary PINGs the Redis shard directly (the floor: a stall it does not
-see is dq-server's own).
+of a 3 KB job (or, `--request add`, an add) back to back without ever reading a reply,
+until the server stops taking them; every `--cycle` seconds each drops its connection and
+starts again on a new one. Meanwhile a canary, on its own connection, does an add and a
+get every 100 ms and times both, and a second canary PINGs the Redis shard directly (the
+floor: a stall it does not see is dq-server's own).
 
     python bench/stall.py --attackers 5 --seconds 30
-    python bench/stall.py --attackers 0 --seconds 30     # the canary alone
+    python bench/stall.py --attackers 5 --seconds 30 --cycle 1000  # each one connection
+    python bench/stall.py --attackers 0 --seconds 30               # the canary alone
 
 Starts its own redis-server (one shard) and dq-master (one server process). Last line:
 RESULT canary_p99_ms=... canary_max_ms=... (add + get, one sample each 100 ms)
@@ -36,12 +37,15 @@ def _frame(text: str) -> bytes:
     return b"%04d" % len(data) + data
 
 
-GET = _frame('{"cmd":"get","topic":"bench","id":"fat"}')
+REQUESTS = {
+    "get": _frame('{"cmd":"get","topic":"bench","id":"fat"}'),  # a 3 KB reply each
+    "add": _frame('{"cmd":"add","topic":"bench","id":"a","body":{},"delay":86400}'),
+}
 
 
-def _attacker(port: int, stop: Event, cycle: float) -> None:
-    """Pipeline gets without reading, reconnecting every `cycle` seconds."""
-    burst = GET * 2000
+def _attacker(port: int, stop: Event, cycle: float, request: bytes) -> None:
+    """Pipeline `request` without reading, reconnecting every `cycle` seconds."""
+    burst = request * 2000
     while not stop.is_set():
         sock = socket.create_connection(("127.0.0.1", port))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
@@ -98,6 +102,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--cycle", type=float, default=5.0,
                     help="seconds an attacker holds a connection before starting anew")
+    ap.add_argument("--request", choices=sorted(REQUESTS), default="get",
+                    help="what the attackers pipeline")
     args = ap.parse_args()
     ctx = mp.get_context("fork")
     with dq_stack(servers=1, shards=1) as (port, redis_pids):
@@ -105,7 +111,8 @@ def main() -> None:
             c.add("bench", "fat", {"s": "x" * 3000}, delay=86400)
         redis_port = _redis_port(redis_pids[0])
         stop = ctx.Event()
-        attackers = [ctx.Process(target=_attacker, args=(port, stop, args.cycle))
+        attackers = [ctx.Process(target=_attacker, args=(port, stop, args.cycle,
+                                                           REQUESTS[args.request]))
                      for _ in range(args.attackers)]
         for p in attackers:
             p.start()
@@ -126,7 +133,7 @@ def main() -> None:
           f"{sum(x > 20 for x in lat)} over 20 ms; redis PING: "
           f"{len(pings)}, p99 {percentile(pings, 99):.2f} ms, max {max(pings):.2f} ms")
     print(f"RESULT canary_p99_ms={percentile(lat, 99):.2f} canary_max_ms={max(lat):.1f} "
-          f"canary_failed={failed} attackers={args.attackers} "
+          f"canary_failed={failed} attackers={args.attackers} request={args.request} "
           f"redis_ping_p99_ms={percentile(pings, 99):.2f}")
 
 

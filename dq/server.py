@@ -57,11 +57,12 @@ MAX_OUTSTANDING = 4096  # requests in progress per connection before reading pau
 #                        add_many frame counts as the adds it carries, a get or del as
 #                        SLOW_WEIGHT) ...
 MAX_FRAMES_OUT = 1024  # ... or frames (at most 9,999 bytes each: 10 MB)
-# A get or del: a coroutine each, and a get's reply up to 10 KB where an add's is 33 bytes.
-# Counted as this many adds, at most 64 are in progress per connection: five clients that
-# pipeline gets and never read put ~300 ahead of everyone's requests, not ~5,000 (a canary
-# waited 224-723 ms behind them; see bench/stall.py).
-SLOW_WEIGHT = MAX_OUTSTANDING // 64
+# Gets and dels (and other requests answered by a coroutine) in progress per connection:
+# a coroutine each, and a get's reply is up to 10 KB where an add's is 33 bytes. Five
+# clients that pipeline gets and never read then put ~MAX_SLOW * 5 requests ahead of
+# everyone else's, not ~5,000 (a canary waited 224-723 ms behind them; bench/stall.py).
+MAX_SLOW = 16
+SLOW_WEIGHT = MAX_OUTSTANDING // MAX_SLOW  # what one counts for in in_progress
 TURN_SLICE = 128  # requests of one connection started per loop turn (one frame more at most)
 WRITE_HIGH = 64 * 1024  # unsent reply bytes of a connection before it starts no more requests
 FRAME_TIMEOUT = 10.0  # seconds a started frame may take to arrive in full
