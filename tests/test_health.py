@@ -131,7 +131,7 @@ async def test_breaker_fails_fast_then_closes(redis_server: RedisProcess) -> Non
         t0 = time.monotonic()
         with pytest.raises(DqError):  # open: no connect attempt at all
             await shard.call("PING")
-        assert time.monotonic() - t0 < 0.01
+        assert time.monotonic() - t0 < 0.5  # no connect timeout, no backoff wait
         await asyncio.to_thread(redis_server.start)
         with pytest.raises(DqError):  # still cooling off
             await shard.call("PING")
@@ -169,7 +169,8 @@ async def test_a_hung_shard_fails_its_commands_after_redis_timeout(
             took = time.monotonic() - t0
             assert all(isinstance(c, DqError) and c.err == UNAVAILABLE for c in calls), calls
             assert "no reply within 0.6 s" in str(calls[0])
-            assert 0.55 < took < 1.5, took  # between the timeout and 1.5x it
+            # at the timeout or after it, not when the hang ends (asyncio.timeout's 5 s)
+            assert 0.55 < took < 4.0, took
             assert not shard.up  # the breaker is open: callers go elsewhere meanwhile
         await asyncio.sleep(COOLOFF_MIN + 0.05)
         assert await shard.call("PING") == b"PONG"  # a new connection, once it answers
