@@ -107,7 +107,7 @@ def main() -> None:
     args = ap.parse_args()
     ctx = mp.get_context("fork")
     with dq_stack(servers=1, shards=1) as (port, redis_pids):
-        with DqClient([f"127.0.0.1:{port}"]) as c:
+        with DqClient([f"127.0.0.1:{port}"], timeout=30.0) as c:  # the first: scripts load
             c.add("bench", "fat", {"s": "x" * 3000}, delay=86400)
         redis_port = _redis_port(redis_pids[0])
         stop = ctx.Event()
