@@ -14,6 +14,12 @@ as its own task:
   excerpt, and mail the topic's alert addresses (in the background). The mail is owed
   until sent (Store.owed_alerts): one its consumer did not get out (it died or was stopped
   first, or the mail server failed) is mailed by consumer 0's sweep, for up to 24 hours.
+- flow control (a topic's rate_limit, concurrency and paused): the claim script takes
+  each flow-controlled topic's share of the limits for the shard (dq/flow.py, from the
+  cached registry), and holds back the jobs it may not call yet in the topic's held list
+  on the shard (dq/lua/claim.lua), so they hold up no other topic. A job that took a
+  concurrency slot gives it back once its outcome is written (release.lua), or when its
+  lease runs out (requeue_expired.lua).
 - a topic that is unknown or offline: the job is parked, not called, not counted as an
   attempt and not lost: it goes back to its delay bucket (dq/lua/park.lua), due again in
   `lease` seconds, so it is looked at every `lease` seconds until the topic is online (or
@@ -53,10 +59,11 @@ from dq.alert import dead_letter_mail, send_alert
 from dq.callback import EXCERPT, ExprCache, Outcome, call, open_session
 from dq.config import Settings
 from dq.errors import DqError
+from dq.flow import shard_limits
 from dq.netpolicy import CallbackPolicy
 from dq.registry import Registry, Topic
 from dq.shards import Shard
-from dq.store import Claimed, Store, split_tid
+from dq.store import Claimed, FlowLimit, Store, split_tid
 from dq.topics import TopicCache
 from dq.worker import Context, open_store
 
@@ -74,6 +81,7 @@ MIN_CALL = 0.5  # seconds (at most half the callback's share of the lease): with
 ALERT_WAIT = 12.0  # at stop, how long mails still being sent may take
 ALERT_SWEEP = 30.0  # seconds between consumer 0's looks for alert mails still owed
 ALERT_GIVE_UP_MS = 24 * 3600 * 1000  # an alert not mailed within this is dropped
+HELD_LOOK = 1.0  # seconds between a claim loop's looks at which topics have held jobs
 SHARD_ERRORS = (DqError, RedisError, OSError, asyncio.TimeoutError)
 _RNG = random.Random()
 
@@ -167,6 +175,10 @@ class Consumer:
         self.writes: set[asyncio.Task[Any]] = set()
         self.alerts: set[asyncio.Task[None]] = set()
         self.delivered = self.retried = self.dead = self.failed = self.parked = 0
+        # Per shard: (topics generation, held topics, the flow limits built from them),
+        # and when its held topics were last looked at (monotonic).
+        self._flow: dict[str, tuple[int, frozenset[str], list[FlowLimit]]] = {}
+        self._held_seen: dict[str, float] = {}
 
     # the loop ---------------------------------------------------------------------------
     async def serve(self) -> None:
@@ -231,9 +243,11 @@ class Consumer:
             n = await self.slots.take(self.ctx.stopping, share)
             if n == 0:
                 break
-            leased = time.monotonic()  # no later than the lease's start on the shard
             try:
-                jobs = await self.store.claim(shard, n, priority_order(weights), self.lease_ms)
+                flow = await self._flow_limits(shard)
+                leased = time.monotonic()  # no later than the lease's start on the shard
+                jobs = await self.store.claim(shard, n, priority_order(weights), self.lease_ms,
+                                              flow)
             except Exception as exc:
                 self.slots.give(n)
                 if isinstance(exc, SHARD_ERRORS):
@@ -256,12 +270,46 @@ class Consumer:
                 await self._pause(idle)
                 idle = min(idle * 2, IDLE_MAX)
 
+    async def _flow_limits(self, shard: Shard) -> list[FlowLimit]:
+        """The flow limits to claim with on `shard`: rebuilt when the topics were reloaded
+        or the topics with held jobs there changed (looked at every HELD_LOOK seconds)."""
+        topics = await self.topics.all()
+        gen, held, limits = self._flow.get(shard.name, (-1, frozenset(), []))
+        now = time.monotonic()
+        if now - self._held_seen.get(shard.name, -HELD_LOOK) >= HELD_LOOK:
+            self._held_seen[shard.name] = now
+            seen = frozenset(await self.store.held_topics(shard))
+            if seen != held:
+                held, gen = seen, -1
+        if gen != self.topics.generation:
+            names = [s.name for s in self.store.shards.shards]
+            limits = shard_limits(topics, held, shard.name, names)
+            self._flow[shard.name] = (self.topics.generation, held, limits)
+        return limits
+
     def _delivered(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
         self.slots.give(1)
 
     # one job ----------------------------------------------------------------------------
     async def _deliver(self, c: Claimed, leased: float) -> None:
+        try:
+            await self._deliver_one(c, leased)
+        finally:
+            if c.flow_lease:
+                await self._release(c)
+
+    async def _release(self, c: Claimed) -> None:
+        """Give back the topic concurrency slot the job took; if that fails, its lease
+        running out frees it (requeue_expired.lua)."""
+        try:
+            await self.store.release(c)
+        except SHARD_ERRORS as exc:
+            log.warning("%s: could not free the concurrency slot of %s (%s: %s); it is freed "
+                        "when its lease runs out", self.ctx.name, c.tid,
+                        exc.__class__.__name__, exc)
+
+    async def _deliver_one(self, c: Claimed, leased: float) -> None:
         try:
             topic = await self.topics.get(c.topic)
         except Exception:

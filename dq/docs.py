@@ -51,6 +51,8 @@ def topic_table() -> str:
     rows = ["| field | default | what it is |", "|---|---|---|"]
     for name, text in TOPIC_HELP.items():
         value = defaults[name]
+        if isinstance(value, bool):
+            value = "true" if value else "false"  # as the API takes it
         shown = f"`{value}`" if value not in ("", None) else "(empty)"
         if name in ("topic", "callback"):
             shown = "required"

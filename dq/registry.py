@@ -38,6 +38,8 @@ BODY_FORMATS = ("form", "json", "query")
 _MYSQL = ("mysql", "mariadb")
 _TABLE_ARGS = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"}
 _TINYINT = sa.SmallInteger().with_variant(mysql.TINYINT(), *_MYSQL)
+MAX_RATE = 100_000  # a topic's rate_limit, callbacks per second
+MAX_CONCURRENCY = 10_000  # a topic's concurrency
 
 
 def _now() -> datetime:
@@ -81,6 +83,9 @@ class TopicRow(Base):
     max_attempts: Mapped[int] = _int(10)
     secret: Mapped[str] = _str(255)
     body_format: Mapped[str] = _str(16, "form")
+    rate_limit: Mapped[int] = _int(0)
+    concurrency: Mapped[int] = _int(0)
+    paused: Mapped[int] = _int(0, _TINYINT)
     updated_at: Mapped[datetime | None] = mapped_column(sa.DateTime, nullable=True)  # UTC
 
 
@@ -170,6 +175,9 @@ class Topic:
     secret: str = ""
     body_format: str = "form"
     creator: str = ""
+    rate_limit: int = 0  # callbacks per second, 0 = no limit
+    concurrency: int = 0  # callbacks in flight at once, 0 = no limit
+    paused: bool = False  # adds are taken, nothing is called
 
     def __post_init__(self) -> None:
         def fix(name: str, value: Any) -> None:
@@ -186,6 +194,14 @@ class Topic:
         fix("delay", max(0, self.delay))
         fix("timeout_ms", self.timeout_ms if self.timeout_ms > 0 else 3000)
         fix("max_attempts", max(0, self.max_attempts))
+        fix("rate_limit", max(0, self.rate_limit))
+        fix("concurrency", max(0, self.concurrency))
+        fix("paused", bool(self.paused))
+
+    @property
+    def flow_controlled(self) -> bool:
+        """Whether its callbacks are limited or paused (dq/lua/claim.lua)."""
+        return self.paused or self.rate_limit > 0 or self.concurrency > 0
 
 
 @dataclass(frozen=True)
@@ -233,6 +249,12 @@ TOPIC_HELP: dict[str, str] = {
     "body_format": "how a POST sends the fields: form (as php-delayqueue did), json, or query "
                    "(in the URL, with an empty body)",
     "creator": "who owns the topic",
+    "rate_limit": f"callbacks per second at most, across every dq instance, with a burst of "
+                  f"a tenth of a second's worth (at least 1), 0 to {MAX_RATE}; 0 = no limit",
+    "concurrency": f"callbacks in flight at once at most, across every dq instance, 0 to "
+                   f"{MAX_CONCURRENCY}; 0 = no limit",
+    "paused": "true: adds are taken and kept, and nothing is called until it is resumed "
+              "(unlike offline, which refuses adds)",
 }
 
 
@@ -242,7 +264,8 @@ def topic_values(t: Topic) -> dict[str, Any]:
             "method": t.method, "timeout_ms": t.timeout_ms, "emails": ", ".join(t.emails),
             "retry_when": t.retry_when, "priority": t.priority,
             "status": "online" if t.online else "offline", "max_attempts": t.max_attempts,
-            "secret": "", "body_format": t.body_format, "creator": t.creator}
+            "secret": "", "body_format": t.body_format, "creator": t.creator,
+            "rate_limit": t.rate_limit, "concurrency": t.concurrency, "paused": t.paused}
 
 
 def normalise_redis_url(text: str) -> str:
@@ -269,7 +292,8 @@ def _topic_of(row: TopicRow) -> Topic:
         method=row.method, timeout_ms=row.timeout, emails=_split_list(row.email),
         retry_when=row.re_notify_flag, priority=row.priority, online=row.status == 1,
         max_attempts=row.max_attempts, secret=row.secret, body_format=row.body_format,
-        creator=row.createor,
+        creator=row.createor, rate_limit=row.rate_limit, concurrency=row.concurrency,
+        paused=row.paused == 1,
     )
 
 
@@ -279,6 +303,7 @@ def _fill_topic(row: TopicRow, t: Topic) -> None:
     row.re_notify_flag, row.priority = t.retry_when, t.priority
     row.status = 1 if t.online else OFFLINE
     row.max_attempts, row.secret, row.body_format = t.max_attempts, t.secret, t.body_format
+    row.rate_limit, row.concurrency, row.paused = t.rate_limit, t.concurrency, int(t.paused)
     row.createor, row.updated_at = t.creator, _now()
 
 

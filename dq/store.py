@@ -52,6 +52,9 @@ GUESTS_FRESH_MS = 10_000
 # on the old setting (a reload's draining generation) may add a few more meanwhile.
 REBUCKET_AGAIN_MS = 10 * 60 * 1000
 REBUCKET_BATCH = 500
+# Most ready entries one claim moves to held lists (their topic may not be called now):
+# a long run of a paused topic's jobs is gone through in several short calls.
+HOLD_BATCH = 1000
 # A dead letter's alert mail is owed until sent (the alerts zset): the burying consumer
 # has this head start (ms) before a sweep may mail it, and a sweep's claim lasts as long.
 ALERT_HEAD_START_MS = 5 * 60 * 1000
@@ -212,6 +215,18 @@ def _histogram(name: str, bounds: Sequence[float], raw: dict[str, int]) -> Histo
     return Histogram(out, total, raw.get(prefix + "sum_ms", 0) / 1000)
 
 
+@dataclass(frozen=True, slots=True)
+class FlowLimit:
+    """A topic's flow control on one shard, as the claim script takes it: its share of the
+    topic's rate (calls per second, 0 = none), burst and concurrency (0 = none)."""
+
+    topic: str
+    rate: float = 0.0
+    burst: float = 1.0
+    concurrency: int = 0
+    paused: bool = False
+
+
 @dataclass(frozen=True)
 class Claimed:
     """A job leased to a consumer: deliver it, then ack, retry or bury it."""
@@ -228,6 +243,7 @@ class Claimed:
     body: dict[str, Any]
     claimed_ms: int  # shard clock at claim
     unreadable: str = ""  # why the stored job cannot be read: not called, kept as dead
+    flow_lease: int = 0  # its lease deadline when it took a topic concurrency slot, else 0
 
 
 @dataclass(frozen=True)
@@ -279,6 +295,11 @@ class Store:
         self.k_layout = prefix + "layout"  # the bucket count the delayed jobs are kept in
         self.k_alerts = prefix + "alerts"  # dead letters whose alert mail is owed
         self.k_ready = tuple(f"{prefix}ready:{p}" for p in (1, 2, 3))
+        # Flow control (dq/lua/claim.lua): per-topic tokens and calls in flight, the leases
+        # counted in those, and the topics whose jobs wait in a held list (k_held).
+        self.k_flow = prefix + "flow"
+        self.k_flow_lease = prefix + "flow:lease"
+        self.k_held_set = prefix + "held"
         self.k_delay = tuple(f"{prefix}delay:{b}" for b in range(buckets))
         self.k_wake = tuple(f"{prefix}wake:{b}" for b in range(buckets))
         # The dataset's token: names its counters in the registry's export marks (dq/stats.py)
@@ -317,6 +338,10 @@ class Store:
         """SCAN patterns of the original's ready lists and bucket zsets."""
         p = re.sub(r"([*?\[\]\\])", r"\\\1", self.orig_prefix)
         return f"{p}*ready_queue", f"{p}bucket_*"
+
+    def k_held(self, topic: str) -> str:
+        """The list of a flow-controlled topic's jobs that were ready but held back."""
+        return f"{self.prefix}held:{topic}"
 
     def k_hist(self, topic: str) -> str:
         return f"{self.prefix}hist:{topic}"
@@ -756,18 +781,29 @@ class Store:
     async def requeue_expired(self, shard: Shard, limit: int = 1000) -> int:
         """Put jobs whose lease ran out back at the head of their ready lists, each with one
         more attempt counted (the delivery cut off); how many."""
-        keys = (self.k_jobs, self.k_inflight, *self.k_ready)
+        keys = (self.k_jobs, self.k_inflight, *self.k_ready, self.k_flow, self.k_flow_lease)
         return int(await shard.script("requeue_expired", keys, (limit,)))
 
     def wake_keys(self, buckets: Sequence[int]) -> list[str]:
         return [self.k_wake[b] for b in buckets]
 
     # consumer ---------------------------------------------------------------------------
-    async def claim(self, shard: Shard, n: int, order: Sequence[int],
-                    lease_ms: int) -> list[Claimed]:
-        """Lease up to n ready jobs, trying the ready lists in `order` (priorities 1..3)."""
-        keys = (self.k_jobs, self.k_inflight, *(self.k_ready[p - 1] for p in order))
-        flat = await shard.script("claim", keys, (n, lease_ms))
+    async def claim(self, shard: Shard, n: int, order: Sequence[int], lease_ms: int,
+                    flow: Sequence[FlowLimit] = ()) -> list[Claimed]:
+        """Lease up to n ready jobs, trying the ready lists in `order` (priorities 1..3).
+        The jobs of the topics in `flow` are called only as their limits on this shard
+        allow; the others wait in their topic's held list (dq/lua/claim.lua)."""
+        keys: tuple[str, ...] = (self.k_jobs, self.k_inflight, self.k_flow, self.k_flow_lease,
+                                 self.k_held_set, *(self.k_ready[p - 1] for p in order))
+        args: tuple[Any, ...] = (n, lease_ms, len(order), HOLD_BATCH)
+        counted: set[str] = set()
+        if flow:
+            keys += tuple(self.k_held(f.topic) for f in flow)
+            for f in flow:
+                args += (f.topic, f.rate, f.burst, f.concurrency, 1 if f.paused else 0)
+                if f.concurrency > 0 and not f.paused:
+                    counted.add(f.topic)
+        flat = await shard.script("claim", keys, args)
         now = int(flat[-1])
         out = []
         for i in range(0, len(flat) - 1, 2):
@@ -787,8 +823,27 @@ class Store:
                 shard=shard, tid=tid, topic=topic, id=job_id, version=data.version,
                 priority=data.priority, attempt=data.attempt, due_ms=data.due_ms or now,
                 set_ms=data.set_ms or now, body=self.full_body(data), claimed_ms=now,
+                flow_lease=now + lease_ms if topic in counted else 0,
             ))
         return out
+
+    async def release(self, c: Claimed) -> bool:
+        """Free the concurrency slot a delivered job took (`flow_lease` set), unless its
+        lease ran out first and requeue_expired freed it. False when nothing was freed."""
+        if not c.flow_lease:
+            return False
+        keys = (self.k_flow, self.k_flow_lease)
+        return bool(await c.shard.script("release", keys, (c.tid, c.flow_lease)))
+
+    async def held_topics(self, shard: Shard) -> set[str]:
+        """The topics that may have jobs in a held list on `shard`."""
+        return {t.decode() for t in await shard.call("SMEMBERS", self.k_held_set)}
+
+    async def flow_state(self, shard: Shard, topic: str) -> dict[str, float]:
+        """A topic's flow state on `shard`: tokens, calls in flight, jobs held."""
+        tok, n = await shard.call("HMGET", self.k_flow, f"{topic}|tok", f"{topic}|n")
+        held = await shard.call("LLEN", self.k_held(topic))
+        return {"tokens": float(tok or 0), "inflight": int(n or 0), "held": int(held)}
 
     def observe(self, c: Claimed, took_ms: int | None) -> tuple[Any, ...]:
         """Histogram increments for one callback attempt (none when no call was made):
@@ -968,10 +1023,13 @@ class Store:
             shard.call("SCARD", self.k_guests),
         )
         nb = self.buckets
+        # Ready jobs held back by their topic's flow control count as ready.
+        held = await asyncio.gather(*(shard.call("LLEN", self.k_held(t))
+                                      for t in sorted(await self.held_topics(shard))))
         return {
             "jobs": int(counts[0]),
             "delayed": sum(int(c) for c in counts[1:1 + nb]),
-            "ready": sum(int(c) for c in counts[1 + nb:4 + nb]),
+            "ready": sum(int(c) for c in counts[1 + nb:4 + nb]) + sum(int(h) for h in held),
             "inflight": int(counts[4 + nb]),
             "dead": int(counts[5 + nb]),
             "guests": int(counts[6 + nb]),

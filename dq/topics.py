@@ -27,6 +27,7 @@ class TopicCache:
         self._topics: dict[str, Topic] = {}
         self._fingerprint: str | None = None
         self._checked: float | None = None  # monotonic time of the last check
+        self.generation = 0  # goes up whenever the topics were reloaded
         self._lock = asyncio.Lock()  # binds to a loop on first use, not here
 
     def _due(self) -> bool:
@@ -39,6 +40,12 @@ class TopicCache:
 
     def get_nowait(self, key: str) -> Topic | None:
         return self._topics.get(key)
+
+    async def all(self) -> list[Topic]:
+        """Every topic (refreshed as `get` is)."""
+        if self._due():
+            await self._refresh(force=False, if_due=True)
+        return list(self._topics.values())
 
     async def refresh(self, force: bool = False) -> None:
         """Check the fingerprint now; reload all topics when it changed, or always if `force`."""
@@ -58,6 +65,7 @@ class TopicCache:
                 self._fingerprint = fp
                 if topics is not None:
                     self._topics = topics
+                    self.generation += 1
                     log.info("registry: loaded %d topics", len(topics))
             finally:
                 # Also after a failure: a dead database is retried per interval, not per get.

@@ -48,6 +48,9 @@ CREATE TABLE IF NOT EXISTS `dq_topic` (
   `max_attempts` int(11) NOT NULL DEFAULT '10' COMMENT '0 = the server default',
   `secret` varchar(255) NOT NULL DEFAULT '' COMMENT 'callback signing key',
   `body_format` varchar(16) NOT NULL DEFAULT 'form' COMMENT 'form|json|query',
+  `rate_limit` int(11) NOT NULL DEFAULT '0' COMMENT 'callbacks per second, 0 = no limit',
+  `concurrency` int(11) NOT NULL DEFAULT '0' COMMENT 'callbacks in flight, 0 = no limit',
+  `paused` tinyint(4) NOT NULL DEFAULT '0' COMMENT '1 = adds kept, nothing called',
   `updated_at` datetime DEFAULT NULL COMMENT 'set by dq; NULL for rows the original wrote',
   PRIMARY KEY (`id`),
   UNIQUE KEY `uk_topic` (`topic`)
@@ -85,6 +88,9 @@ CREATE TABLE IF NOT EXISTS `dq_stat_mark` (
 -- ALTER TABLE `dq_topic` ADD COLUMN `max_attempts` int(11) NOT NULL DEFAULT '10';
 -- ALTER TABLE `dq_topic` ADD COLUMN `secret` varchar(255) NOT NULL DEFAULT '';
 -- ALTER TABLE `dq_topic` ADD COLUMN `body_format` varchar(16) NOT NULL DEFAULT 'form';
+-- ALTER TABLE `dq_topic` ADD COLUMN `rate_limit` int(11) NOT NULL DEFAULT '0';
+-- ALTER TABLE `dq_topic` ADD COLUMN `concurrency` int(11) NOT NULL DEFAULT '0';
+-- ALTER TABLE `dq_topic` ADD COLUMN `paused` tinyint(4) NOT NULL DEFAULT '0';
 -- UPDATE `dq_topic` SET `body_format` = 'query';  -- the original sent fields in the URL
 -- ALTER TABLE `dq_topic` ADD COLUMN `updated_at` datetime DEFAULT NULL;
 -- ALTER TABLE `dq_redis` ADD COLUMN `status` tinyint(4) NOT NULL DEFAULT '1';

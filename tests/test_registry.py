@@ -199,7 +199,8 @@ def test_upgrade_old_php_delayqueue_tables(flavour: str, request: pytest.Fixture
     create_tables(engine)
     create_tables(engine)  # idempotent
     columns = {c["name"] for c in sa.inspect(engine).get_columns("dq_topic")}
-    assert {"max_attempts", "secret", "body_format", "updated_at"} <= columns
+    assert {"max_attempts", "secret", "body_format", "updated_at", "rate_limit",
+            "concurrency", "paused"} <= columns
 
     reg = Registry(url)
     try:
@@ -209,6 +210,13 @@ def test_upgrade_old_php_delayqueue_tables(flavour: str, request: pytest.Fixture
         # The original sent a POST's fields as a form body (DqCurl::add_post_field,
         # http_build_query): its topics get 'form', as topics made since do.
         assert (t.retry_when, t.max_attempts, t.body_format) == ("", 10, "form")
+        # Rows the original console writes get no flow control (issue 20's columns).
+        assert (t.rate_limit, t.concurrency, t.paused) == (0, 0, False)
+        limited = reg.save_topic(topic("new", rate_limit=40, concurrency=3, paused=True))
+        assert (limited.rate_limit, limited.concurrency, limited.paused) == (40, 3, True)
+        assert reg.get_topic("new") == limited
+        raw(engine, OLD_ROW.text, topic="new")  # the original console, after dq's upgrade
+        assert reg.get_topic("new").paused is False  # type: ignore[union-attr]
         assert reg.save_topic(topic("new")).body_format == "form"
         assert reg.get_topic("new").body_format == "form"  # type: ignore[union-attr]
         assert reg.delete_topic("new")

@@ -7,6 +7,7 @@ Every route needs the console password (HTTP Basic or Bearer) when one is set. E
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -137,6 +138,29 @@ async def update_topic(topic: str, request: Request, st: St) -> dict[str, Any]:
     updated = validate_topic(data, existing=existing, key=topic)
     await check_callback_target(st, updated.callback)
     return topic_json(await db(st.registry.save_topic, updated))
+
+
+@router.post("/topics/{topic}/pause", response_model=s.TopicOut, tags=["topics"],
+             responses=_ERRORS)
+async def pause_topic(topic: str, st: St) -> dict[str, Any]:
+    """Pause a topic: adds are still taken, and nothing is called until it is resumed
+    (every dq instance stops within `registry_refresh` seconds; calls under way finish)."""
+    return topic_json(await _set_paused(st, topic, True))
+
+
+@router.post("/topics/{topic}/resume", response_model=s.TopicOut, tags=["topics"],
+             responses=_ERRORS)
+async def resume_topic(topic: str, st: St) -> dict[str, Any]:
+    """Resume a paused topic: the jobs that fell due meanwhile are called, in order and
+    within its rate_limit and concurrency."""
+    return topic_json(await _set_paused(st, topic, False))
+
+
+async def _set_paused(st: WebState, key: str, paused: bool) -> Topic:
+    topic = await _topic_or_404(st, key)
+    if topic.paused == paused:
+        return topic
+    return await db(st.registry.save_topic, replace(topic, paused=paused))
 
 
 @router.delete("/topics/{topic}", response_model=s.Done, tags=["topics"], responses=_ERRORS)

@@ -13,7 +13,15 @@ from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 from dq.netpolicy import CallbackPolicy, judge_url
-from dq.registry import BODY_FORMATS, AlertConf, Topic, normalise_redis_url, topic_values
+from dq.registry import (
+    BODY_FORMATS,
+    MAX_CONCURRENCY,
+    MAX_RATE,
+    AlertConf,
+    Topic,
+    normalise_redis_url,
+    topic_values,
+)
 from dq.retry_expr import PLACEHOLDER, RetryExprError, parse
 from web.errors import Invalid
 from web.state import WebState
@@ -23,7 +31,7 @@ EMAIL: Final = re.compile(r"[^@\s,;<>\"()\[\]]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Z
                           r"\.[A-Za-z0-9-]{2,}")
 TOPIC_FIELDS: Final = ("topic", "name", "delay", "callback", "method", "timeout_ms", "emails",
                        "retry_when", "priority", "status", "max_attempts", "secret",
-                       "body_format", "creator")
+                       "body_format", "creator", "rate_limit", "concurrency", "paused")
 _IGNORED: Final = ("secret_set", "clear_secret", "id", "csrf")
 MAX_DELAY: Final = 10 * 366 * 86400  # ten years of seconds; also fits the INT column
 MASK: Final = "***"
@@ -95,6 +103,20 @@ class Fields:
         elif len(",".join(items)) > 1024:
             self.fail(name, f"{name} is too long; the addresses together may use 1024 characters")
         return tuple(items)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        """true/false (JSON), or a form's true/false, yes/no, on/off, 1/0."""
+        value = self.raw(name, default)
+        if isinstance(value, str):
+            word = value.strip().lower()
+            if word in ("true", "yes", "on", "1"):
+                return True
+            if word in ("false", "no", "off", "0", ""):
+                return False if word else default
+        elif isinstance(value, bool):
+            return value
+        self.fail(name, f"{name} must be true or false")
+        return default
 
     def flag(self, name: str) -> bool:
         value = self.data.get(name)
@@ -169,7 +191,8 @@ def topic_json(t: Topic) -> dict[str, Any]:
             "retry_when": t.retry_when, "priority": t.priority,
             "status": "online" if t.online else "offline", "max_attempts": t.max_attempts,
             "secret": None, "secret_set": bool(t.secret), "body_format": t.body_format,
-            "creator": t.creator}
+            "creator": t.creator, "rate_limit": t.rate_limit, "concurrency": t.concurrency,
+            "paused": t.paused}
 
 
 def validate_topic(data: Mapping[str, Any], *, existing: Topic | None = None,
@@ -210,6 +233,11 @@ def validate_topic(data: Mapping[str, Any], *, existing: Topic | None = None,
                                "0 for the server's max_attempts setting"),
         secret=secret, body_format=f.choice("body_format", NEW_TOPIC["body_format"], BODY_FORMATS),
         creator=f.text("creator", creator, limit=255) or creator,
+        rate_limit=f.integer("rate_limit", NEW_TOPIC["rate_limit"], 0, MAX_RATE,
+                             "40 for 40 callbacks a second, 0 for no limit"),
+        concurrency=f.integer("concurrency", NEW_TOPIC["concurrency"], 0, MAX_CONCURRENCY,
+                              "3 for three callbacks at once, 0 for no limit"),
+        paused=f.boolean("paused", NEW_TOPIC["paused"]),
     )
     errors.update(f.errors)
     if errors:

@@ -139,6 +139,20 @@ async def toggle_topic(key: str, st: St, form: Form) -> Response:
     return redirect(back, f"Topic {key} is now {state_word}.")
 
 
+@router.post("/topics/{key}/pause")
+async def pause_topic(key: str, st: St, form: Form) -> Response:
+    """Pause a topic, or resume a paused one (the button on the topics page)."""
+    back = safe_next(_text(form, "back") or "/topics")
+    topic = await db(st.registry.get_topic, key)
+    if topic is None:
+        return redirect(back, f"Topic {key} no longer exists.", error=True)
+    saved = await db(st.registry.save_topic, replace(topic, paused=not topic.paused))
+    if saved.paused:
+        return redirect(back, f"Topic {key} is paused: its jobs are kept and nothing is "
+                        "called until it is resumed.")
+    return redirect(back, f"Topic {key} is resumed: its waiting jobs are called.")
+
+
 @router.post("/topics/{key}/delete")
 async def delete_topic(key: str, st: St, form: Form) -> Response:
     if await db(st.registry.delete_topic, key):

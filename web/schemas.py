@@ -45,6 +45,9 @@ class TopicIn(BaseModel):
     body_format: Literal["form", "json", "query"] = Field(_T["body_format"],
                                                           description=_H["body_format"])
     creator: str = Field(_T["creator"], description=_H["creator"])
+    rate_limit: int = Field(_T["rate_limit"], ge=0, description=_H["rate_limit"])
+    concurrency: int = Field(_T["concurrency"], ge=0, description=_H["concurrency"])
+    paused: bool = Field(_T["paused"], description=_H["paused"])
 
 
 class TopicOut(BaseModel):
@@ -63,6 +66,9 @@ class TopicOut(BaseModel):
     secret_set: bool
     body_format: str
     creator: str
+    rate_limit: int = Field(description=_H["rate_limit"])
+    concurrency: int = Field(description=_H["concurrency"])
+    paused: bool = Field(description=_H["paused"])
 
 
 class TopicList(BaseModel):
