@@ -64,12 +64,15 @@ local function lease(tid, payload)
   want = want - 1
 end
 local function take(f, tid, payload)
-  if f.rate > 0 then f.tok = f.tok - 1 end
+  if f.rate > 0 then
+    f.tok = f.tok - 1
+    f.dirty = true
+  end
   if f.cap > 0 then
     f.n = f.n + 1
+    f.dirty = true
     redis.call('ZADD', KEYS[4], deadline, tid)
   end
-  f.dirty = true
   lease(tid, payload)
 end
 -- The tid and payload of a ready entry "<version>|<tid>", or nil when its job was deleted
@@ -121,8 +124,8 @@ for i = 6, 5 + nready do
 end
 for name, f in pairs(flow) do
   if f.dirty then
-    redis.call('HSET', KEYS[3], name .. '|tok', tostring(f.tok), name .. '|at', f.at,
-               name .. '|n', f.n)
+    redis.call('HSET', KEYS[3], name .. '|tok', string.format('%.4f', f.tok),
+               name .. '|at', string.format('%d', f.at), name .. '|n', string.format('%d', f.n))
   end
 end
 out[#out + 1] = tostring(now)
