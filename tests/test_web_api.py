@@ -126,6 +126,8 @@ ROUTES = [  # (method, route template, a path that matches it)
     ("GET", "/api/topics/{topic}", "/api/topics/x"),
     ("PUT", "/api/topics/{topic}", "/api/topics/x"),
     ("DELETE", "/api/topics/{topic}", "/api/topics/x"),
+    ("POST", "/api/topics/{topic}/pause", "/api/topics/x/pause"),
+    ("POST", "/api/topics/{topic}/resume", "/api/topics/x/resume"),
     ("GET", "/api/shards", "/api/shards"), ("POST", "/api/shards", "/api/shards"),
     ("DELETE", "/api/shards/{shard_id}", "/api/shards/1"),
     ("GET", "/api/alert", "/api/alert"), ("PUT", "/api/alert", "/api/alert"),
@@ -190,7 +192,8 @@ async def test_topic_crud_and_secret_masking(web: Web) -> None:
     created = await make_topic(web)
     assert list(created) == ["topic", "name", "delay", "callback", "method", "timeout_ms",
                              "emails", "retry_when", "priority", "status", "max_attempts",
-                             "secret", "secret_set", "body_format", "creator"]
+                             "secret", "secret_set", "body_format", "creator", "rate_limit",
+                             "concurrency", "paused"]
     assert created["secret"] is None and created["secret_set"] is True
     assert created["emails"] == ["ops@example.com", "dev@example.com"]
     assert stored_secret(web, "order_timeout") == "hush"
@@ -226,13 +229,36 @@ async def test_topic_crud_and_secret_masking(web: Web) -> None:
                  "not_found")
 
 
+async def test_flow_control_fields_and_pause_resume(web: Web) -> None:
+    r = await web.api.post("/api/topics", json={**GOOD_TOPIC, "rate_limit": 40,
+                                                "concurrency": 3})
+    assert r.status_code == 201, r.text
+    assert (r.json()["rate_limit"], r.json()["concurrency"], r.json()["paused"]) == (40, 3, False)
+    r = await web.api.post("/api/topics/order_timeout/pause")
+    assert r.status_code == 200 and r.json()["paused"] is True
+    assert (web.registry.get_topic("order_timeout") or Topic()).paused is True
+    # a paused topic takes adds (an offline one refuses them)
+    r = await web.api.post("/api/jobs", json={"topic": "order_timeout", "id": "1",
+                                              "body": {}, "delay": 0})
+    assert r.status_code == 201, r.text
+    r = await web.api.put("/api/topics/order_timeout", json={"delay": 5})
+    assert r.json()["paused"] is True and r.json()["rate_limit"] == 40  # kept
+    r = await web.api.post("/api/topics/order_timeout/resume")
+    assert r.status_code == 200 and r.json()["paused"] is False
+    r = await web.api.put("/api/topics/order_timeout", json={"paused": True, "rate_limit": 0})
+    assert (r.json()["paused"], r.json()["rate_limit"]) == (True, 0)
+    assert_error(await web.api.post("/api/topics/nope/pause"), 404, "not_found")
+    assert_error(await web.anon.post("/api/topics/order_timeout/resume"), 401, "unauthorized")
+
+
 async def test_topic_defaults(web: Web) -> None:
     r = await web.api.post("/api/topics", json={"topic": "t1", "callback": "http://h/x"})
     assert r.status_code == 201
     t = r.json()
     assert (t["method"], t["timeout_ms"], t["priority"], t["status"], t["delay"],
-            t["max_attempts"], t["body_format"], t["creator"], t["name"]) == \
-        ("GET", 3000, 2, "online", 0, 0, "form", "api", "t1")
+            t["max_attempts"], t["body_format"], t["creator"], t["name"], t["rate_limit"],
+            t["concurrency"], t["paused"]) == \
+        ("GET", 3000, 2, "online", 0, 0, "form", "api", "t1", 0, 0, False)
 
 
 BAD_TOPIC_FIELDS = [
@@ -247,6 +273,8 @@ BAD_TOPIC_FIELDS = [
     ("max_attempts", 101), ("max_attempts", -1), ("secret", "s" * 256),
     ("body_format", "xml"), ("status", "maybe"), ("name", "n" * 256),
     ("name", "line\nbreak"), ("creator", ["x"]), ("surprise", 1),
+    ("rate_limit", -1), ("rate_limit", 1.5), ("rate_limit", 100_001), ("concurrency", -1),
+    ("concurrency", "many"), ("paused", "maybe"), ("paused", 2),
 ]
 
 

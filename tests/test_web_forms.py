@@ -64,6 +64,30 @@ async def test_topic_form(web: Web) -> None:
                           data={"csrf": token, "back": "https://evil.example/"})
     assert r.headers["location"] == "/"
 
+    page = await follow(client, await client.post("/topics/order_timeout/pause",
+                                                  data={"csrf": token, "back": "/topics"}))
+    assert flash(page).startswith("Topic order_timeout is paused") and "Resume" in page.text
+    assert (web.registry.get_topic("order_timeout") or stored).paused is True
+    page = await follow(client, await client.post("/topics/order_timeout/pause",
+                                                  data={"csrf": token, "back": "/topics"}))
+    assert flash(page).startswith("Topic order_timeout is resumed")
+    assert (web.registry.get_topic("order_timeout") or stored).paused is False
+    r = await client.post("/topics/order_timeout/edit",
+                          data={**TOPIC_FORM, "csrf": token, "rate_limit": "-2"})
+    assert r.status_code == 422 and "rate_limit must be a whole number from 0 to" in r.text
+    page = await follow(client, await client.post("/topics/order_timeout/edit", data={
+        **TOPIC_FORM, "csrf": token, "secret": "", "rate_limit": "40", "concurrency": "3",
+        "paused": "True"}))
+    stored = web.registry.get_topic("order_timeout")
+    assert stored is not None and (stored.rate_limit, stored.concurrency, stored.paused) == (
+        40, 3, True)
+    r = await client.get("/topics/order_timeout/edit")
+    assert 'name="rate_limit" type="number" value="40"' in r.text
+    assert '<option value="True" selected>' in r.text
+    page = await follow(client, await client.post("/topics/order_timeout/edit", data={
+        **TOPIC_FORM, "csrf": token, "secret": "", "rate_limit": "0", "concurrency": "0",
+        "paused": "False"}))
+
     r = await client.get("/topics/order_timeout/edit")
     assert r.status_code == 200 and "leave empty to keep it" in r.text and "hush" not in r.text
     edit = {**TOPIC_FORM, "csrf": token, "secret": "", "delay": "60", "topic": "ignored"}
