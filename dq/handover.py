@@ -5,9 +5,10 @@ must not close it. The master binds one Unix socket (SOCK_SEQPACKET, in its priv
 directory: dq.supervise.bind_handover) before forking any server; every server accepts on
 it. A retiring server (SIGUSR1 from the master, once the new generation's servers are up)
 stops reading each connection, answers what it has read, then sends the socket itself
-(SCM_RIGHTS) with the bytes of a frame it has begun: one record per connection. The server
-that receives it goes on reading where the other stopped, so what the client sends
-meanwhile waits in the kernel and is answered once, in order.
+(SCM_RIGHTS) with the bytes of a frame it has begun: one stream of one record per
+connection, so the new servers share them as they share new connections (the load board).
+The server that receives it goes on reading where the other stopped, so what the client
+sends meanwhile waits in the kernel and is answered once, in order.
 
 A record is HEADER (magic, bytes of an oversized frame still to drop) followed by the
 bytes of the frame begun, with exactly one file descriptor attached.
@@ -28,6 +29,17 @@ HEADER = struct.Struct("!4sI")
 MAGIC = b"DQH1"
 RECORD_MAX = 65536  # a record carries at most one frame begun (9,999 bytes of JSON + 4)
 SEND_TIMEOUT = 5.0  # seconds a retiring server waits for the receiver to make room
+DEFER = 0.002  # seconds a busier server leaves a stream to the others (as server.DEFER)
+ACCEPT_BURST = 16  # streams accepted a loop turn at most
+
+
+async def hand(path: str, fd: int, pending: bytes, skipping: int) -> None:
+    """Hand the socket `fd` over on a stream of its own (the caller closes its copy)."""
+    sender = await HandoverSender.connect(path)
+    try:
+        await sender.send(fd, pending, skipping)
+    finally:
+        sender.close()
 
 
 class HandoverSender:
@@ -84,25 +96,47 @@ Adopt = Callable[[socket.socket, bytes, int], None]
 
 class HandoverReceiver:
     """Accepts retiring servers' streams on the master's socket and adopts each connection
-    they hand over (`adopt(sock, frame_begun, skipping)`)."""
+    they hand over (`adopt(sock, frame_begun, skipping)`); while `defer()` says this
+    server holds more than another, it leaves streams to the others for DEFER seconds.
+    `changed()` is told when the streams open here change (they count as load)."""
 
-    def __init__(self, listener: socket.socket, adopt: Adopt,
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, listener: socket.socket, loop: asyncio.AbstractEventLoop, *,
+                 adopt: Adopt, defer: Callable[[], bool],
+                 changed: Callable[[], None]) -> None:
         self.listener = listener
-        self.adopt = adopt
         self.loop = loop
+        self.adopt = adopt
+        self.defer = defer
+        self.changed = changed
         self.accepting = False
+        self.watching = False  # the listener is watched (not while deferring)
+        self._deferred: asyncio.TimerHandle | None = None
         self.streams: set[socket.socket] = set()
         self.adopted = 0
 
     def start(self) -> None:
         self.accepting = True
-        self.loop.add_reader(self.listener.fileno(), self._accept)
+        self._watch(True)
+
+    def _watch(self, on: bool) -> None:
+        if on and not self.watching:
+            self.loop.add_reader(self.listener.fileno(), self._accept)
+        elif not on and self.watching:
+            self.loop.remove_reader(self.listener.fileno())
+        self.watching = on
 
     def stop_accepting(self) -> None:
+        self.accepting = False
+        self._watch(False)
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
+
+    def _resume(self) -> None:
+        self._deferred = None
         if self.accepting:
-            self.accepting = False
-            self.loop.remove_reader(self.listener.fileno())
+            self._watch(True)
+            self._accept(force=True)
 
     async def settle(self, timeout: float) -> None:
         """Until every stream begun has ended (its sender hands over no more), at most
@@ -121,8 +155,12 @@ class HandoverReceiver:
         for stream in list(self.streams):
             self._end(stream)
 
-    def _accept(self) -> None:
-        while True:
+    def _accept(self, force: bool = False) -> None:
+        for i in range(ACCEPT_BURST):
+            if not (force and i == 0) and self.defer():
+                self._watch(False)
+                self._deferred = self.loop.call_later(DEFER, self._resume)
+                return
             try:
                 stream, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -133,12 +171,14 @@ class HandoverReceiver:
             stream.setblocking(False)
             self.streams.add(stream)
             self.loop.add_reader(stream.fileno(), self._receive, stream)
+            self.changed()
 
     def _end(self, stream: socket.socket) -> None:
         if stream in self.streams:
             self.streams.discard(stream)
             self.loop.remove_reader(stream.fileno())
             stream.close()
+            self.changed()
 
     def _receive(self, stream: socket.socket) -> None:
         for _ in range(64):  # records a loop turn at most

@@ -33,7 +33,7 @@ from dq.errors import (
     UNKNOWN_TOPIC,
     DqError,
 )
-from dq.handover import HandoverReceiver, HandoverSender
+from dq.handover import HandoverReceiver, hand
 from dq.protocol import (
     AddRequest,
     DelRequest,
@@ -629,13 +629,23 @@ class Server:
         self._publish()
         self.handler.loop.add_reader(sock.fileno(), self._accept)
         if self.ctx.handover_sock is not None:
-            self.receiver = HandoverReceiver(self.ctx.handover_sock, self.adopt,
-                                             self.handler.loop)
+            self.receiver = HandoverReceiver(self.ctx.handover_sock, self.handler.loop,
+                                             adopt=self.adopt, defer=self._busier,
+                                             changed=self._publish)
             self.receiver.start()
 
     @property
     def load(self) -> int:
-        return len(self.connections) + self.opening
+        streams = len(self.receiver.streams) if self.receiver is not None else 0
+        return len(self.connections) + self.opening + streams
+
+    def _busier(self) -> bool:
+        """This process holds more connections than the least loaded other server."""
+        board = self.ctx.board
+        if board is None:
+            return False
+        least = board.least_other(self.ctx.board_slot)
+        return least is not None and self.load > least
 
     def _publish(self) -> None:
         """Tell the other server processes how many connections this one holds (DRAINING:
@@ -653,13 +663,10 @@ class Server:
         stopped still counts until it is replaced), `force` takes a burst all the same."""
         assert self.listener is not None
         loop = self.handler.loop
-        board = self.ctx.board
         for _ in range(ACCEPT_BURST):
-            if not force and board is not None:
-                least = board.least_other(self.ctx.board_slot)
-                if least is not None and self.load > least:
-                    self._wait(DEFER)
-                    return
+            if not force and self._busier():
+                self._wait(DEFER)
+                return
             try:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -806,13 +813,8 @@ class Server:
         cannot be handed within `grace` (a client that reads no replies) is closed once
         answered, as a stop would."""
         assert self.ctx.handover_sock is not None
+        path = self.ctx.handover_sock.getsockname()
         loop = self.handler.loop
-        try:
-            sender = await HandoverSender.connect(self.ctx.handover_sock.getsockname())
-        except (OSError, TimeoutError) as exc:
-            log.warning("%s cannot hand its connections to the new generation (%s); they "
-                        "are closed once answered", self.ctx.name, exc)
-            return
         deadline = loop.time() + self.settings.grace
         try:
             while True:
@@ -820,7 +822,7 @@ class Server:
                 for conn in list(self.connections):
                     conn.stop_reading()
                     if conn.handable:
-                        await self._hand(sender, conn)
+                        await self._hand(path, conn)
                     elif not conn.finishing:
                         waiting = True
                 if not waiting or loop.time() >= deadline:
@@ -829,20 +831,18 @@ class Server:
         except (OSError, TimeoutError) as exc:
             log.warning("%s could not hand all its connections over (%s); the rest are "
                         "closed once answered", self.ctx.name, exc)
-        finally:
-            sender.close()
         left = sum(not c.finishing for c in self.connections)
         log.info("%s handed %d connections to the new generation%s", self.ctx.name,
                  self.handed, f"; {left} did not read their replies within "
                  f"{self.settings.grace:g} s and are closed" if left else "")
 
-    async def _hand(self, sender: HandoverSender, conn: Connection) -> None:
+    async def _hand(self, path: str, conn: Connection) -> None:
         assert conn.transport is not None
         # A copy of the descriptor: the transport's own may close while the send waits.
         fd = os.dup(conn.transport.get_extra_info("socket").fileno())
         try:
             pending, skipping = conn.decoder.state()
-            await sender.send(fd, pending, skipping)
+            await hand(path, fd, pending, skipping)
         finally:
             os.close(fd)
         self.handed += 1

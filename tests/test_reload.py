@@ -141,18 +141,20 @@ def stored(redis_server: RedisProcess, ids: list[str]) -> set[str]:
 
 
 def _php_adder(port: int, stop: threading.Event, added: list[str], failed: list[str],
-               tag: str) -> None:
+               tag: str, slowest: list[float]) -> None:
     client = PhpClient(port)
     n = 0
     try:
         while not stop.is_set() and len(failed) < 5:
             n += 1
             job = f"{tag}-{n}"
+            t0 = time.monotonic()
             try:
                 rep = client.call(add(job))
             except OSError as exc:  # a timeout, a reset, a close: what PHP sees as false
                 failed.append(f"{job}: {exc!r}")
                 continue
+            slowest[0] = max(slowest[0], time.monotonic() - t0)
             if rep.get("code") == 1:
                 added.append(job)
             else:
@@ -193,8 +195,10 @@ def test_php_client_adds_through_five_reloads_on_one_connection(
     py_added: list[str] = []
     py_failed: list[str] = []
     py_socks: list[object] = []
+    slowest = [0.0]
     threads = [threading.Thread(target=_php_adder, args=(m.port, stop, php_added, php_failed,
-                                                          f"php{i}")) for i in range(2)]
+                                                          f"php{i}", slowest))
+               for i in range(2)]
     threads.append(threading.Thread(target=_py_adder,
                                     args=(m.port, stop, py_added, py_failed, py_socks)))
     for t in threads:
@@ -223,7 +227,7 @@ def test_php_client_adds_through_five_reloads_on_one_connection(
     assert stored(redis_server, php_added) == set(php_added)
     assert stored(redis_server, py_added) == set(py_added)
     print(f"5 reloads: {len(php_added)} PHP-client adds, {len(py_added)} DqClient adds, "
-          "no failure")
+          f"no failure; slowest PHP-client reply {slowest[0] * 1000:.0f} ms; handed {handed}")
 
 
 def _pipeliner(port: int, stop: threading.Event, log: dict[str, Any]) -> None:
@@ -403,3 +407,31 @@ def test_term_still_drains_pipelined_requests_and_closes(
     assert answered, "nothing was answered before the stop"
     assert stored(redis_server, answered) == set(answered)
     assert "connections to the new generation" not in m.output()
+
+
+def test_handed_connections_are_shared_by_the_new_servers(
+        dq_master: Callable[..., Master]) -> None:
+    """The new generation's servers share the connections handed to them as they share
+    new ones (the load board): after a reload, no server holds them all, so long-lived
+    clients do not pile onto one process reload after reload."""
+    m = dq_master("--servers", "2")
+    want = titles(servers=2)
+    m.wait_titles(want, timeout=60)
+    m.wait("generation 0 up", lambda: "generation 0 is up" in m.output(), timeout=60)
+    clients = [PhpClient(m.port) for _ in range(20)]
+    try:
+        for c in clients:
+            assert c.call({"cmd": "ping"})["code"] == 1
+        for gen in (1, 2):
+            reload_and_wait(m, signal.SIGUSR2, want, gen)
+            for c in clients:
+                assert c.call({"cmd": "ping"})["code"] == 1
+    finally:
+        for c in clients:
+            c.close()
+    handed = [int(n) for n in re.findall(r"handed (\d+) connections to the new generation",
+                                         m.output())]
+    assert len(handed) == 4 and sum(handed[2:]) == 20, handed
+    # what generation 1's two servers held, as they handed it on at the second reload
+    assert min(handed[2:]) >= 4, handed
+    print("connections each server handed on, reload by reload:", handed)
