@@ -117,3 +117,27 @@ def dead_letter_mail(topic: Topic, claimed: Claimed,
         "The job is kept as a dead letter; redrive or delete it from the console.",
     ]
     return subject, "\n".join(lines)
+
+
+def breaker_mail(topic: Topic, event: Mapping[str, Any]) -> tuple[str, str]:
+    """(subject, text) of the mail sent when a topic's circuit breaker opens or closes
+    (`event` as dq/lua/breaker.lua records it: event open|close, at, fails, error)."""
+    at = _fmt_ms(event.get("at", int(time.time() * 1000)))
+    if event.get("event") == "open":
+        subject = f"[dq] {topic.topic}: circuit breaker open, callbacks stopped"
+        first = (f"{event.get('fails', topic.breaker_threshold)} callbacks of topic "
+                 f"{topic.topic!r} ({topic.name or topic.topic}) failed in a row, so dq stopped "
+                 f"calling it at {at}. Its jobs wait without using attempts; every "
+                 f"{topic.breaker_cooloff} s one job is sent as a probe, and the first that "
+                 "succeeds closes the breaker.")
+        extra = [f"last error:   {event.get('error', '')}"]
+    else:
+        subject = f"[dq] {topic.topic}: circuit breaker closed, callbacks resumed"
+        first = (f"A callback of topic {topic.topic!r} ({topic.name or topic.topic}) succeeded "
+                 f"at {at}, so dq calls it again; the jobs that waited are delivered now.")
+        extra = []
+    lines = [first, "", f"topic:        {topic.topic}",
+             f"callback:     {topic.method} {topic.callback}",
+             f"threshold:    {topic.breaker_threshold} failures in a row",
+             f"cool-off:     {topic.breaker_cooloff} s", *extra]
+    return subject, "\n".join(lines)

@@ -21,7 +21,8 @@ Headers on every request: `X-Dq-Topic` and `X-Dq-Id`, percent-encoded (`header_v
 text's UTF-8 bytes, every byte but A-Z a-z 0-9 - . _ ~ written %XX, so two ids never share
 a header; `urllib.parse.unquote` or PHP's `rawurldecode` gives the text back), and
 `X-Dq-Attempt`, the 1-based number of this delivery (a delivery cut off by its consumer's
-death counts: see dq/consumer.py), so receivers can be idempotent.
+death counts: see dq/consumer.py), so receivers can be idempotent. The topic's fixed
+`headers` (dq/headers.py, e.g. an Authorization the receiver expects) are sent too.
 When the topic has a secret, also `X-Dq-Timestamp` (Unix seconds) and `X-Dq-Signature`:
 
     hex(HMAC-SHA256(key=secret as UTF-8, msg=timestamp + "." + signed bytes))
@@ -36,7 +37,10 @@ Success is a 2xx reply within the topic's timeout whose body is not empty (neith
 "0", which the original took as no reply) and, when the body is a JSON object or array,
 for which the topic's retry_when expression (if any) is false: as in the original, any
 other non-empty reply (`ok`, HTML, a JSON string or number) is a success whatever
-retry_when says. Redirects are not followed: a 3xx is a failure, as with the original's curl. No
+retry_when says. A 429 or 503 reply with a `Retry-After` header (seconds, or an HTTP date)
+is a failure that carries the wait it asks for (`Outcome.retry_after`): the consumer waits
+that long (at most `retry_after_max`) without counting an attempt. Redirects are not
+followed: a 3xx is a failure, as with the original's curl. No
 proxy is taken from the environment, and cookies a reply sets are not sent back.
 
 A connection goes only to an address the callback network policy allows (dq/netpolicy.py),
@@ -51,6 +55,7 @@ in flight, aiohttp about 0.1 ms (bench/http_clients.py, numbers in bench/RESULTS
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import functools
 import hashlib
 import hmac
@@ -97,6 +102,8 @@ class Outcome:
     # no later attempt can succeed either (the callback network policy refused the
     # address): the job is buried at once instead of retried
     permanent: bool = False
+    # seconds a 429 or 503 reply's Retry-After asked to wait (None: it asked nothing)
+    retry_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -213,6 +220,8 @@ def build_request(topic: Topic, c: Claimed, now: float) -> Request:
         "X-Dq-Id": header_value(c.id),
         "X-Dq-Attempt": str(c.attempt + 1),
     }
+    for name, value in topic.headers:
+        headers.setdefault(name, value)  # never one of the above: dq/headers.py refuses them
     body = c.body if isinstance(c.body, dict) else {"body": c.body}
     url = _encoded(topic.callback)
     content: bytes | None
@@ -264,11 +273,36 @@ class ExprCache:
 EMPTY_REPLIES = ("", "0")  # what PHP's empty() calls empty: the original's "no reply"
 
 
-def judge(exprs: ExprCache, topic: Topic, status: int, reply: str, ms: int) -> Outcome:
+RETRY_AFTER_STATUSES = (429, 503)
+
+
+def retry_after(value: str | None, now: float) -> float | None:
+    """The seconds a Retry-After header value asks to wait (delay-seconds, or an HTTP date
+    in the future: 0 for one past), or None when it is absent or neither."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(int(value[:12]))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000" is read as naive: HTTP dates are GMT
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def judge(exprs: ExprCache, topic: Topic, status: int, reply: str, ms: int,
+          wait: float | None = None) -> Outcome:
     """The outcome of a reply that arrived: a failure unless 2xx and non-empty, and then
     a failure only when the reply is a JSON object or array for which retry_when is true
-    (the original's rule: any other non-empty reply is a success whatever the flag)."""
+    (the original's rule: any other non-empty reply is a success whatever the flag).
+    `wait` is what the reply's Retry-After asked, kept for a 429 or 503."""
     if not 200 <= status < 300:
+        if status in RETRY_AFTER_STATUSES and wait is not None:
+            return Outcome(False, status, f"HTTP {status}, Retry-After {wait:.0f}s", reply, ms,
+                           retry_after=wait)
         return Outcome(False, status, f"HTTP {status}", reply, ms)
     if reply in EMPTY_REPLIES:
         # The original (DqModule::send_http_request) took an empty reply, or "0", as no
@@ -281,9 +315,10 @@ def judge(exprs: ExprCache, topic: Topic, status: int, reply: str, ms: int) -> O
 
 
 async def send(session: aiohttp.ClientSession, req: Request,
-               cap: int = REPLY_CAP) -> tuple[int, str]:
-    """Send `req` without following redirects; its status and reply text (at most `cap`
-    bytes are read; a reply cut short closes its connection instead of reusing it)."""
+               cap: int = REPLY_CAP) -> tuple[int, str, str | None]:
+    """Send `req` without following redirects; its status, reply text (at most `cap`
+    bytes are read; a reply cut short closes its connection instead of reusing it) and
+    Retry-After header (None without one)."""
     async with session.request(req.method, req.url, headers=req.headers, data=req.body,
                                allow_redirects=False) as resp:
         chunks: list[bytes] = []
@@ -292,10 +327,11 @@ async def send(session: aiohttp.ClientSession, req: Request,
             chunks.append(chunk)
             size += len(chunk)
         raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        after = resp.headers.get("Retry-After")
         try:
-            return resp.status, raw.decode(resp.charset or "utf-8", errors="replace")
+            return resp.status, raw.decode(resp.charset or "utf-8", errors="replace"), after
         except LookupError:  # a charset Python does not know
-            return resp.status, raw.decode("utf-8", errors="replace")
+            return resp.status, raw.decode("utf-8", errors="replace"), after
 
 
 async def call(session: aiohttp.ClientSession, exprs: ExprCache, topic: Topic, c: Claimed,
@@ -313,7 +349,7 @@ async def call(session: aiohttp.ClientSession, exprs: ExprCache, topic: Topic, c
         return Outcome(False, 0, f"invalid callback URL {topic.callback!r}: {exc}", "", ms())
     try:
         async with asyncio.timeout(timeout):
-            status, reply = await send(session, req)
+            status, reply, after = await send(session, req)
     except TimeoutError:
         return Outcome(False, 0, f"timed out after {int(timeout * 1000)} ms", "", ms())
     except aiohttp.ClientConnectorError as exc:
@@ -324,4 +360,5 @@ async def call(session: aiohttp.ClientSession, exprs: ExprCache, topic: Topic, c
         return Outcome(False, 0, f"{exc.__class__.__name__}: {exc}", "", ms())
     except aiohttp.ClientError as exc:
         return Outcome(False, 0, f"{exc.__class__.__name__}: {exc}", "", ms())
-    return judge(exprs, topic, status, reply, ms())
+    wait = retry_after(after, time.time()) if status in RETRY_AFTER_STATUSES else None
+    return judge(exprs, topic, status, reply, ms(), wait)

@@ -82,7 +82,11 @@ class Settings:
     concurrency: int = setting(64, "callbacks in flight per consumer", group=DELIVERY,
                                metavar="N")
     retry_unit: float = setting(60.0, "seconds; failed attempt n (0-based) is retried after "
-                                "2n+1 units", group=DELIVERY, metavar="S")
+                                "2n+1 units (topics whose retry_policy is linear)",
+                                group=DELIVERY, metavar="S")
+    retry_after_max: float = setting(3600.0, "seconds at most that a 429 or 503 reply's "
+                                     "Retry-After makes a job wait (it uses no attempt)",
+                                     group=DELIVERY, metavar="S")
     max_attempts: int = setting(10, "callbacks made before a job becomes a dead letter, for "
                                 "topics whose max_attempts is 0", group=DELIVERY, metavar="N")
     lease: float = setting(60.0, "seconds a claimed job may stay in flight; then it is "
@@ -239,6 +243,7 @@ def _validate(s: Settings) -> Settings:
     for name in ("servers", "timers", "consumers", "concurrency", "buckets", "max_attempts"):
         need(getattr(s, name) >= 1, f"{name} must be at least 1 (got {getattr(s, name)})")
     need(s.retry_unit > 0, "retry_unit must be a positive number of seconds")
+    need(s.retry_after_max >= 1, "retry_after_max must be at least 1 second")
     need(s.lease > 0, "lease must be a positive number of seconds")
     need(s.redis_timeout > 0, "redis_timeout must be a positive number of seconds")
     need(s.idle_timeout >= 0, "idle_timeout must be 0 (never close a quiet connection) or a "

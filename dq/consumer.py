@@ -9,7 +9,13 @@ as its own task:
 - success (see dq/callback.py for the request, its signature and what counts as success):
   ack; the job is gone.
 - failure with attempts left (attempt n, 0-based, of max_attempts = the topic's, else the
-  settings'): retry at +(2n+1) retry units.
+  settings'): retry after the wait the topic's retry_policy gives (dq/retry_policy.py; by
+  default (2n+1) retry units).
+- a 429 or 503 reply with Retry-After: the job waits that long (at least 1 s, at most
+  `retry_after_max`), parked without counting an attempt, its error shown meanwhile.
+- a topic with a circuit breaker (dq/breaker.py): while it is open, claimed jobs are parked
+  until the cool-off ends, not called and not counted; every outcome is told to it, and an
+  opening or closing is mailed to the topic's emails (owed until sent, like dead letters).
 - failure on the last attempt: bury as a dead letter with the last status, error and reply
   excerpt, and mail the topic's alert addresses (in the background). The mail is owed
   until sent (Store.owed_alerts): one its consumer did not get out (it died or was stopped
@@ -46,6 +52,7 @@ import asyncio
 import bisect
 import contextlib
 import functools
+import json
 import logging
 import random
 import time
@@ -55,13 +62,15 @@ from typing import Any
 import aiohttp
 from redis.exceptions import RedisError
 
-from dq.alert import dead_letter_mail, send_alert
+from dq.alert import breaker_mail, dead_letter_mail, send_alert
+from dq.breaker import Breakers
 from dq.callback import EXCERPT, ExprCache, Outcome, call, open_session
 from dq.config import Settings
 from dq.errors import DqError
 from dq.flow import shard_limits
 from dq.netpolicy import CallbackPolicy
 from dq.registry import Registry, Topic
+from dq.retry_policy import policy_of
 from dq.shards import Shard
 from dq.store import Claimed, FlowLimit, Store, split_tid
 from dq.topics import TopicCache
@@ -174,11 +183,13 @@ class Consumer:
         self.tasks: set[asyncio.Task[None]] = set()
         self.writes: set[asyncio.Task[Any]] = set()
         self.alerts: set[asyncio.Task[None]] = set()
+        self.breakers = Breakers(store, self.lease_ms)
         self.delivered = self.retried = self.dead = self.failed = self.parked = 0
         # Per shard: (topics generation, held topics, the flow limits built from them),
         # and when its held topics were last looked at (monotonic).
         self._flow: dict[str, tuple[int, frozenset[str], list[FlowLimit]]] = {}
         self._held_seen: dict[str, float] = {}
+        self.deferred = 0  # Retry-After waits
 
     # the loop ---------------------------------------------------------------------------
     async def serve(self) -> None:
@@ -326,6 +337,13 @@ class Consumer:
         if c.attempt >= max_attempts(topic, self.settings):
             await self._shielded(self._bury_spent(topic, c))
             return
+        if topic.breaker_threshold:
+            _probe, wait_ms = await self.breakers.admit(topic)
+            if wait_ms:
+                log.debug("%s: %s waits %d ms: the breaker of topic %s is open", self.ctx.name,
+                          c.tid, wait_ms, topic.topic)
+                await self._park(c, wait_ms)
+                return
         timeout = self._timeout(topic, leased)
         if timeout < min(MIN_CALL, self.settings.lease * LEASE_SHARE / 2):
             # The lookup took most of the lease (a registry slow to answer): a call now
@@ -358,6 +376,10 @@ class Consumer:
             log.warning("%s: could not record the outcome of %s (%s: %s); it is delivered "
                         "again after its lease", self.ctx.name, c.tid, exc.__class__.__name__,
                         exc)
+        if topic.breaker_threshold and not out.permanent:
+            change = await self.breakers.record(topic, out.ok, out.error)
+            if change is not None:
+                self._breaker_mail_later(topic, change.member)
 
     async def _call(self, topic: Topic, c: Claimed, timeout: float) -> Outcome:
         assert self.session is not None
@@ -395,9 +417,17 @@ class Consumer:
         called = not out.permanent  # a refused address was never sent a request
         error = {"status": out.status, "error": out.error, "reply": out.reply[:EXCERPT],
                  "attempts": c.attempt + called, "at": int(time.time() * 1000)}
+        if out.retry_after is not None:
+            # The receiver said when to come back: no attempt is used (the same attempt
+            # number is sent then), however often it says so.
+            wait = min(max(1.0, out.retry_after), self.settings.retry_after_max)
+            error.update(attempts=c.attempt, deferred=True)
+            await self.store.park(c, int(wait * 1000), error=error)
+            self.deferred += 1
+            return
         if called and c.attempt + 1 < max_attempts(topic, self.settings):
-            await self.store.retry(c, retry_delay_ms(c.attempt, self.settings.retry_unit),
-                                   error=error, took_ms=out.ms)
+            wait_ms = policy_of(topic.retry_policy).delay_ms(c.attempt, self.settings.retry_unit)
+            await self.store.retry(c, wait_ms, error=error, took_ms=out.ms)
             self.retried += 1
             return
         if await self.store.bury(c, error, called=called, took_ms=out.ms):
@@ -406,18 +436,19 @@ class Consumer:
                         error["attempts"], out.error)
             self._alert_later(topic, c, error)
 
-    async def _park(self, c: Claimed) -> None:
-        """Look at a job that was not called again after `lease` seconds, without counting
-        an attempt. If the write fails, the lease runs out instead (and counts one)."""
+    async def _park(self, c: Claimed, delay_ms: int | None = None) -> None:
+        """Look at a job that was not called again after `delay_ms` (by default `lease`
+        seconds), without counting an attempt. If the write fails, the lease runs out
+        instead (and counts one)."""
         self.parked += 1
         try:
-            await self._shielded(self._park_write(c))
+            await self._shielded(self._park_write(c, delay_ms or self.lease_ms))
         except SHARD_ERRORS as exc:
             log.warning("%s: could not park %s (%s: %s); it is delivered again after its "
                         "lease", self.ctx.name, c.tid, exc.__class__.__name__, exc)
 
-    async def _park_write(self, c: Claimed) -> None:
-        await self.store.park(c, self.lease_ms)
+    async def _park_write(self, c: Claimed, delay_ms: int) -> None:
+        await self.store.park(c, delay_ms)
 
     async def _bury_spent(self, topic: Topic, c: Claimed) -> None:
         """A job claimed with its attempts used up, the last one cut off (its consumer died
@@ -482,6 +513,40 @@ class Consumer:
         except Exception:
             log.exception("%s: alert for dead letter %s failed", self.ctx.name, c.tid)
 
+    def _breaker_mail_later(self, topic: Topic, member: str) -> None:
+        task = asyncio.create_task(self._breaker_mail(topic, member))
+        self.alerts.add(task)
+        task.add_done_callback(self.alerts.discard)
+
+    async def _breaker_mail(self, topic: Topic, member: str, shard: Shard | None = None) -> None:
+        """Mail a breaker's opening or closing; once mailed (or with nobody to mail) it is
+        no longer owed. One that fails stays owed: consumer 0's sweep tries it again."""
+        try:
+            if self.registry is None:
+                self.registry = await asyncio.to_thread(Registry, self.settings.db_url())
+                self.owns_registry = True
+            conf = await asyncio.to_thread(self.registry.alert)
+            subject, text = breaker_mail(topic, json.loads(member))
+            sent = await send_alert(conf, topic.emails, subject, text)
+            if sent or not (conf.host and any(a.strip() for a in topic.emails)):
+                await self.store.breaker_mail_done(topic.topic, member, shard)
+        except Exception:
+            log.exception("%s: breaker mail for topic %s failed", self.ctx.name, topic.topic)
+
+    async def _owed_breaker_mails(self, shard: Shard) -> None:
+        for member in await self.store.owed_breaker_mails(shard):
+            try:
+                event = json.loads(member)
+                key, at = str(event["topic"]), int(event["at"])
+            except (ValueError, KeyError, TypeError):
+                await self.store.breaker_mail_done("", member, shard)  # not ours to read
+                continue
+            topic = await self.topics.get(key)
+            if topic is None or time.time() * 1000 - at > ALERT_GIVE_UP_MS:
+                await self.store.breaker_mail_done(key, member, shard)
+                continue
+            await self._breaker_mail(topic, member, shard)
+
     async def _alert_sweep(self) -> None:
         """Consumer 0 mails, every ALERT_SWEEP seconds, the alerts still owed: their
         consumer died or was stopped before mailing, or the mail server failed."""
@@ -493,6 +558,7 @@ class Consumer:
                 try:
                     for tid in await self.store.owed_alerts(shard):
                         await self._owed_alert(shard, tid)
+                    await self._owed_breaker_mails(shard)
                 except SHARD_ERRORS as exc:
                     log.warning("%s: looking for alerts owed on shard %s failed (%s: %s)",
                                 self.ctx.name, shard.label, exc.__class__.__name__, exc)
@@ -543,9 +609,10 @@ async def run(ctx: Context, store: Store | None = None, topics: TopicCache | Non
     try:
         await consumer.serve()
     finally:
-        log.info("%s stopped after %.0fs: delivered=%d retried=%d dead=%d failed=%d parked=%d",
-                 ctx.name, time.monotonic() - started, consumer.delivered, consumer.retried,
-                 consumer.dead, consumer.failed, consumer.parked)
+        log.info("%s stopped after %.0fs: delivered=%d retried=%d dead=%d failed=%d parked=%d "
+                 "deferred=%d", ctx.name, time.monotonic() - started, consumer.delivered,
+                 consumer.retried, consumer.dead, consumer.failed, consumer.parked,
+                 consumer.deferred)
         if own_store:
             await store.shards.close()
         if consumer.owns_registry and consumer.registry is not None:

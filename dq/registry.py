@@ -26,7 +26,9 @@ from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from dq import headers as hdr
 from dq.config import Settings
+from dq.retry_policy import DEFAULT as DEFAULT_POLICY
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,10 @@ class TopicRow(Base):
     rate_limit: Mapped[int] = _int(0)
     concurrency: Mapped[int] = _int(0)
     paused: Mapped[int] = _int(0, _TINYINT)
+    retry_policy: Mapped[str] = _str(255, DEFAULT_POLICY)
+    breaker_threshold: Mapped[int] = _int(0)
+    breaker_cooloff: Mapped[int] = _int(60)
+    headers: Mapped[str] = _str(hdr.MAX_STORED)
     updated_at: Mapped[datetime | None] = mapped_column(sa.DateTime, nullable=True)  # UTC
 
 
@@ -178,6 +184,10 @@ class Topic:
     rate_limit: int = 0  # callbacks per second, 0 = no limit
     concurrency: int = 0  # callbacks in flight at once, 0 = no limit
     paused: bool = False  # adds are taken, nothing is called
+    retry_policy: str = DEFAULT_POLICY  # dq/retry_policy.py
+    breaker_threshold: int = 0  # failures in a row that open the breaker, 0 = no breaker
+    breaker_cooloff: int = 60  # seconds an open breaker waits before its probe
+    headers: hdr.Headers = ()  # fixed request headers (dq/headers.py)
 
     def __post_init__(self) -> None:
         def fix(name: str, value: Any) -> None:
@@ -197,6 +207,10 @@ class Topic:
         fix("rate_limit", max(0, self.rate_limit))
         fix("concurrency", max(0, self.concurrency))
         fix("paused", bool(self.paused))
+        fix("retry_policy", self.retry_policy.strip() or DEFAULT_POLICY)
+        fix("breaker_threshold", max(0, self.breaker_threshold))
+        fix("breaker_cooloff", self.breaker_cooloff if self.breaker_cooloff > 0 else 60)
+        fix("headers", tuple((str(k), str(v)) for k, v in self.headers))
 
     @property
     def flow_controlled(self) -> bool:
@@ -255,6 +269,21 @@ TOPIC_HELP: dict[str, str] = {
                    f"{MAX_CONCURRENCY}; 0 = no limit",
     "paused": "true: adds are taken and kept, and nothing is called until it is resumed "
               "(unlike offline, which refuses adds)",
+    "retry_policy": "the wait after a failed attempt: linear = (2n+1) x the retry_unit "
+                    "setting (php-delayqueue's 1, 3, 5, 7 minutes; linear:30s for another "
+                    "unit), exp:BASE,FACTOR,CAP (exp:30s,2,1h: 30s, 1m, 2m ... at most 1h) or "
+                    "list:1m,5m,30m,2h (the last wait repeats); a 429 or 503 reply with "
+                    "Retry-After waits that long instead (at most the retry_after_max setting) "
+                    "and uses no attempt",
+    "breaker_threshold": "failed callbacks in a row that open the topic's circuit breaker: "
+                         "its jobs then wait, using no attempts, until one probe after "
+                         "breaker_cooloff succeeds; opening and closing mail the emails once "
+                         "each. 0 to 1000; 0 = no breaker",
+    "breaker_cooloff": "seconds an open breaker waits before it sends one probe, 1 to 86400",
+    "headers": "fixed request headers sent with every callback, e.g. {\"Authorization\": "
+               "\"Bearer ...\"} (or Name: value lines); values are shown as *** (sending *** "
+               "keeps the stored value); Host, Content-*, Connection, User-Agent, X-Dq-* ... are "
+               "refused (empty: none)",
 }
 
 
@@ -265,7 +294,9 @@ def topic_values(t: Topic) -> dict[str, Any]:
             "retry_when": t.retry_when, "priority": t.priority,
             "status": "online" if t.online else "offline", "max_attempts": t.max_attempts,
             "secret": "", "body_format": t.body_format, "creator": t.creator,
-            "rate_limit": t.rate_limit, "concurrency": t.concurrency, "paused": t.paused}
+            "rate_limit": t.rate_limit, "concurrency": t.concurrency, "paused": t.paused,
+            "retry_policy": t.retry_policy, "breaker_threshold": t.breaker_threshold,
+            "breaker_cooloff": t.breaker_cooloff, "headers": hdr.masked_text(t.headers)}
 
 
 def normalise_redis_url(text: str) -> str:
@@ -294,6 +325,9 @@ def _topic_of(row: TopicRow) -> Topic:
         max_attempts=row.max_attempts, secret=row.secret, body_format=row.body_format,
         creator=row.createor, rate_limit=row.rate_limit, concurrency=row.concurrency,
         paused=row.paused == 1,
+        retry_policy=row.retry_policy,
+        breaker_threshold=row.breaker_threshold, breaker_cooloff=row.breaker_cooloff,
+        headers=hdr.loads(row.headers),
     )
 
 
@@ -304,6 +338,8 @@ def _fill_topic(row: TopicRow, t: Topic) -> None:
     row.status = 1 if t.online else OFFLINE
     row.max_attempts, row.secret, row.body_format = t.max_attempts, t.secret, t.body_format
     row.rate_limit, row.concurrency, row.paused = t.rate_limit, t.concurrency, int(t.paused)
+    row.retry_policy, row.breaker_threshold = t.retry_policy, t.breaker_threshold
+    row.breaker_cooloff, row.headers = t.breaker_cooloff, hdr.dumps(t.headers)
     row.createor, row.updated_at = t.creator, _now()
 
 

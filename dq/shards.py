@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 SCRIPT_NAMES = (
     "add", "delete", "move_due", "claim", "ack", "retry", "bury", "requeue_expired", "redrive",
     "guest_take", "guest_land", "guest_drop", "evict", "rebucket", "alert_claim", "park",
-    "adopt", "release",
+    "adopt", "release", "breaker",
 )
 
 

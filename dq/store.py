@@ -294,6 +294,9 @@ class Store:
         self.k_moving = prefix + "moving"
         self.k_layout = prefix + "layout"  # the bucket count the delayed jobs are kept in
         self.k_alerts = prefix + "alerts"  # dead letters whose alert mail is owed
+        # Circuit breakers (dq/breaker.py), on each topic's home shard: the state per topic,
+        # and the mails owed for their openings and closings.
+        self.k_breaker_mail = prefix + "breaker:mail"
         self.k_ready = tuple(f"{prefix}ready:{p}" for p in (1, 2, 3))
         # Flow control (dq/lua/claim.lua): per-topic tokens and calls in flight, the leases
         # counted in those, and the topics whose jobs wait in a held list (k_held).
@@ -648,7 +651,8 @@ class Store:
         else:
             state = "ready"
         error = json.loads(err) if err else None
-        if state != "dead" and data.attempt == 0:
+        deferred = isinstance(error, dict) and error.get("deferred") is True
+        if state != "dead" and data.attempt == 0 and not deferred:
             # A job with no failed attempt has no last error: one left by an earlier job of
             # this id (moved away to its owner shard as a guest) is not its own.
             error = None
@@ -885,12 +889,54 @@ class Store:
                             fastjson.dumps(error or {}), *self.observe(c, took_ms)))
         return bool(res[0])
 
-    async def park(self, c: Claimed, delay_ms: int) -> bool:
-        """Put a claimed job that was not called back in its delay bucket, due in `delay_ms`,
-        without counting an attempt; False when it changed meanwhile."""
+    async def park(self, c: Claimed, delay_ms: int, *,
+                   error: dict[str, Any] | None = None) -> bool:
+        """Put a claimed job back in its delay bucket, due in `delay_ms`, without counting an
+        attempt (it was not called, or its receiver asked it to wait: then `error` is shown
+        while it waits); False when it changed meanwhile."""
         b = self.bucket(c.tid)
-        keys = (self.k_jobs, self.k_inflight, self.k_delay[b])
-        return bool(await c.shard.script("park", keys, (c.tid, c.version, delay_ms)))
+        keys = (self.k_jobs, self.k_inflight, self.k_delay[b], self.k_wake[b], self.k_dead_err)
+        args = (c.tid, c.version, delay_ms, fastjson.dumps(error) if error else "")
+        return bool(await c.shard.script("park", keys, args))
+
+    # circuit breakers -------------------------------------------------------------------
+    def k_breaker(self, topic: str) -> str:
+        return f"{self.prefix}breaker:{topic}"
+
+    def breaker_home(self, topic: str) -> Shard:
+        """The shard that keeps `topic`'s breaker: the topic key's rendezvous owner, the
+        same for every dq instance with the same shards."""
+        return self.shards.owner(topic)
+
+    async def breaker(self, topic: str, op: str, *, threshold: int, cooloff_ms: int,
+                      probe_ms: int, error: str = "") -> tuple[str, Any]:
+        """Ask or tell the topic's breaker (dq/lua/breaker.lua): (verdict, detail)."""
+        shard = self.breaker_home(topic)
+        res = await shard.script("breaker", (self.k_breaker(topic), self.k_breaker_mail), (
+            op, threshold, cooloff_ms, probe_ms, ALERT_HEAD_START_MS, topic, error[:500]))
+        verdict = res[0].decode()
+        detail = res[1] if len(res) > 1 else None
+        return verdict, detail.decode() if isinstance(detail, bytes) else detail
+
+    async def breaker_state(self, topic: str) -> dict[str, int | str]:
+        """The topic's breaker as kept: state (closed|open), fails in a row, opened (ms),
+        opens and closes (counts); {} when it never counted anything."""
+        raw = await self.breaker_home(topic).call("HGETALL", self.k_breaker(topic))
+        out: dict[str, int | str] = {}
+        for k, v in _pairs(raw):
+            text = v.decode()
+            out[k] = int(text) if text.lstrip("-").isdigit() else text
+        return out
+
+    async def owed_breaker_mails(self, shard: Shard, limit: int = 20) -> list[str]:
+        """Breaker mails on `shard` still owed after their head start, claimed for a while
+        as `owed_alerts` does: mail each, then `breaker_mail_done`."""
+        got = await shard.script("alert_claim", (self.k_breaker_mail,),
+                                 (limit, ALERT_HEAD_START_MS))
+        return [m.decode() for m in got]
+
+    async def breaker_mail_done(self, topic: str, member: str, shard: Shard | None = None) -> None:
+        await (shard or self.breaker_home(topic)).call("ZREM", self.k_breaker_mail, member)
 
     async def bury(self, c: Claimed, error: dict[str, Any], *, called: bool = True,
                    took_ms: int | None = None) -> bool:

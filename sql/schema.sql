@@ -51,6 +51,10 @@ CREATE TABLE IF NOT EXISTS `dq_topic` (
   `rate_limit` int(11) NOT NULL DEFAULT '0' COMMENT 'callbacks per second, 0 = no limit',
   `concurrency` int(11) NOT NULL DEFAULT '0' COMMENT 'callbacks in flight, 0 = no limit',
   `paused` tinyint(4) NOT NULL DEFAULT '0' COMMENT '1 = adds kept, nothing called',
+  `retry_policy` varchar(255) NOT NULL DEFAULT 'linear' COMMENT 'linear|exp:30s,2,1h|list:1m,5m',
+  `breaker_threshold` int(11) NOT NULL DEFAULT '0' COMMENT 'failures in a row, 0 = no breaker',
+  `breaker_cooloff` int(11) NOT NULL DEFAULT '60' COMMENT 'seconds before the probe',
+  `headers` varchar(2048) NOT NULL DEFAULT '' COMMENT 'JSON object of request headers',
   `updated_at` datetime DEFAULT NULL COMMENT 'set by dq; NULL for rows the original wrote',
   PRIMARY KEY (`id`),
   UNIQUE KEY `uk_topic` (`topic`)
@@ -91,6 +95,10 @@ CREATE TABLE IF NOT EXISTS `dq_stat_mark` (
 -- ALTER TABLE `dq_topic` ADD COLUMN `rate_limit` int(11) NOT NULL DEFAULT '0';
 -- ALTER TABLE `dq_topic` ADD COLUMN `concurrency` int(11) NOT NULL DEFAULT '0';
 -- ALTER TABLE `dq_topic` ADD COLUMN `paused` tinyint(4) NOT NULL DEFAULT '0';
+-- ALTER TABLE `dq_topic` ADD COLUMN `retry_policy` varchar(255) NOT NULL DEFAULT 'linear';
+-- ALTER TABLE `dq_topic` ADD COLUMN `breaker_threshold` int(11) NOT NULL DEFAULT '0';
+-- ALTER TABLE `dq_topic` ADD COLUMN `breaker_cooloff` int(11) NOT NULL DEFAULT '60';
+-- ALTER TABLE `dq_topic` ADD COLUMN `headers` varchar(2048) NOT NULL DEFAULT '';
 -- UPDATE `dq_topic` SET `body_format` = 'query';  -- the original sent fields in the URL
 -- ALTER TABLE `dq_topic` ADD COLUMN `updated_at` datetime DEFAULT NULL;
 -- ALTER TABLE `dq_redis` ADD COLUMN `status` tinyint(4) NOT NULL DEFAULT '1';

@@ -1,0 +1,106 @@
+"""Per-topic circuit breakers, the consumer's side (the state: dq/lua/breaker.lua).
+
+A topic with `breaker_threshold` N > 0 has one breaker, kept in Redis on the topic's home
+shard (the topic key's rendezvous owner, Store.breaker_home), so it holds across every
+consumer and dq instance: each shard's jobs ask the one breaker. After N failed callbacks
+in a row (any consumer's), it opens: jobs claimed meanwhile are parked, not called and
+not counted as attempts, until `breaker_cooloff` seconds after it opened; then one job is
+the probe; its success closes the breaker, its failure starts a new cool-off. Opening and
+closing each owe one mail to the topic's emails, mailed by the consumer that saw the
+change, else by consumer 0's sweep (the owed record is in Redis, as for dead letters).
+
+A consumer caches a closed verdict for CACHE seconds, so a closed breaker costs one
+script call per outcome and none per job; with the home shard down, the breaker counts
+as closed (jobs are called as if it had none) and a warning is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+from dq.registry import Topic
+from dq.store import Store
+
+log = logging.getLogger(__name__)
+
+CACHE = 0.5  # seconds a consumer trusts a closed verdict
+PROBE_SLACK_MS = 2000  # a probe's claim outlasts its call's timeout by this much
+WAIT_SPREAD = 0.1  # waiting jobs come back over this share of their wait more, not at once
+
+
+@dataclass(frozen=True)
+class Change:
+    """A breaker that opened or closed on this consumer's outcome; its mail is owed."""
+
+    topic: str
+    event: str  # open | close
+    member: str  # the owed-mail record (JSON)
+
+
+class Breakers:
+    """One consumer's view of the topics' breakers."""
+
+    def __init__(self, store: Store, lease_ms: int) -> None:
+        self.store = store
+        self.lease_ms = lease_ms
+        self._closed_until: dict[str, float] = {}  # topic -> monotonic time
+        self._warned = 0.0
+
+    def _probe_ms(self, topic: Topic) -> int:
+        return min(self.lease_ms, topic.timeout_ms + PROBE_SLACK_MS)
+
+    async def _ask(self, topic: Topic, op: str, error: str = "") -> tuple[str, object]:
+        return await self.store.breaker(
+            topic.topic, op, threshold=topic.breaker_threshold,
+            cooloff_ms=topic.breaker_cooloff * 1000, probe_ms=self._probe_ms(topic), error=error)
+
+    def _down(self, topic: Topic, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._warned > 30:
+            self._warned = now
+            log.warning("circuit breaker of topic %s cannot be read on shard %s (%s: %s); "
+                        "calling as if closed", topic.topic,
+                        self.store.breaker_home(topic.topic).label, exc.__class__.__name__, exc)
+
+    async def admit(self, topic: Topic) -> tuple[bool, int]:
+        """(probe, wait_ms): wait_ms > 0 means do not call, look again after that long;
+        probe means this call is the open breaker's one probe."""
+        if self._closed_until.get(topic.topic, 0.0) > time.monotonic():
+            return False, 0
+        try:
+            verdict, detail = await self._ask(topic, "check")
+        except Exception as exc:
+            self._down(topic, exc)
+            return False, 0
+        if verdict == "call":
+            self._closed_until[topic.topic] = time.monotonic() + CACHE
+            return False, 0
+        if verdict == "probe":
+            log.info("circuit breaker of topic %s: sending a probe", topic.topic)
+            return True, 0
+        wait = max(1000, int(str(detail or 0)))
+        return False, wait + int(wait * WAIT_SPREAD * random.random())
+
+    async def record(self, topic: Topic, ok: bool, error: str) -> Change | None:
+        """Tell the breaker a call's outcome; the change it made, if it opened or closed."""
+        op = "ok" if ok else "fail"
+        try:
+            verdict, member = await self._ask(topic, op, error)
+        except Exception as exc:
+            self._down(topic, exc)
+            return None
+        if verdict == "opened":
+            self._closed_until.pop(topic.topic, None)
+            log.warning("circuit breaker of topic %s opened after %d failures in a row (%s); "
+                        "its jobs wait %d s for a probe", topic.topic, topic.breaker_threshold,
+                        error, topic.breaker_cooloff)
+            return Change(topic.topic, "open", str(member))
+        if verdict == "closed" and member:
+            log.warning("circuit breaker of topic %s closed: a call succeeded", topic.topic)
+            return Change(topic.topic, "close", str(member))
+        if verdict == "open":
+            self._closed_until.pop(topic.topic, None)
+        return None
