@@ -32,6 +32,7 @@ from web.forms import (
 )
 from web.ops import (
     ShardView,
+    breaker_states,
     job_json,
     redrive_all,
     search_topics,
@@ -106,7 +107,15 @@ async def list_topics(st: St, q: str = "", offset: Annotated[int, Query(ge=0)] =
                       limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
     """Topics whose key or name contains `q`, by key, `limit` from `offset`."""
     found = search_topics(await db(st.registry.topics), q)
-    return {"total": len(found), "topics": [topic_json(t) for t in found[offset:offset + limit]]}
+    shown = found[offset:offset + limit]
+    return {"total": len(found), "topics": await _with_breakers(st, shown)}
+
+
+async def _with_breakers(st: WebState, topics: list[Topic]) -> list[dict[str, Any]]:
+    """The topics as the API shows them, each with its breaker's state when it has one."""
+    states = await breaker_states(st.store, topics)
+    return [{**topic_json(t), "breaker": states[t.topic]["state"] if t.topic in states else None}
+            for t in topics]
 
 
 @router.post("/topics", status_code=201, response_model=s.TopicOut, tags=["topics"],
@@ -125,7 +134,7 @@ async def create_topic(request: Request, st: St) -> dict[str, Any]:
 
 @router.get("/topics/{topic}", response_model=s.TopicOut, tags=["topics"], responses=_ERRORS)
 async def get_topic(topic: str, st: St) -> dict[str, Any]:
-    return topic_json(await _topic_or_404(st, topic))
+    return (await _with_breakers(st, [await _topic_or_404(st, topic)]))[0]
 
 
 @router.put("/topics/{topic}", response_model=s.TopicOut, tags=["topics"], responses=_ERRORS,

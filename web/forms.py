@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
+from dq import headers as hdr
 from dq.netpolicy import CallbackPolicy, judge_url
 from dq.registry import (
     BODY_FORMATS,
@@ -23,6 +24,7 @@ from dq.registry import (
     topic_values,
 )
 from dq.retry_expr import PLACEHOLDER, RetryExprError, parse
+from dq.retry_policy import RetryPolicyError, normalise
 from web.errors import Invalid
 from web.state import WebState
 
@@ -31,7 +33,8 @@ EMAIL: Final = re.compile(r"[^@\s,;<>\"()\[\]]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Z
                           r"\.[A-Za-z0-9-]{2,}")
 TOPIC_FIELDS: Final = ("topic", "name", "delay", "callback", "method", "timeout_ms", "emails",
                        "retry_when", "priority", "status", "max_attempts", "secret",
-                       "body_format", "creator", "rate_limit", "concurrency", "paused")
+                       "body_format", "creator", "rate_limit", "concurrency", "paused",
+                       "retry_policy", "breaker_threshold", "breaker_cooloff", "headers")
 _IGNORED: Final = ("secret_set", "clear_secret", "id", "csrf")
 MAX_DELAY: Final = 10 * 366 * 86400  # ten years of seconds; also fits the INT column
 MASK: Final = "***"
@@ -192,7 +195,10 @@ def topic_json(t: Topic) -> dict[str, Any]:
             "status": "online" if t.online else "offline", "max_attempts": t.max_attempts,
             "secret": None, "secret_set": bool(t.secret), "body_format": t.body_format,
             "creator": t.creator, "rate_limit": t.rate_limit, "concurrency": t.concurrency,
-            "paused": t.paused}
+            "paused": t.paused,
+            "retry_policy": t.retry_policy,
+            "breaker_threshold": t.breaker_threshold, "breaker_cooloff": t.breaker_cooloff,
+            "headers": hdr.masked(t.headers)}
 
 
 def validate_topic(data: Mapping[str, Any], *, existing: Topic | None = None,
@@ -220,6 +226,16 @@ def validate_topic(data: Mapping[str, Any], *, existing: Topic | None = None,
     secret = f.text("secret", limit=255)
     if not secret and existing is not None and not Fields(data).flag("clear_secret"):
         secret = existing.secret
+    policy = f.text("retry_policy", NEW_TOPIC["retry_policy"], limit=255)
+    try:
+        policy = normalise(policy)
+    except RetryPolicyError as exc:
+        f.fail("retry_policy", str(exc))
+    try:
+        headers = hdr.parse(merged.get("headers"), existing.headers if existing else ())
+    except hdr.HeaderError as exc:
+        f.fail("headers", str(exc))
+        headers = ()
     result = Topic(
         id=existing.id if existing else 0, topic=topic, name=name or topic,
         delay=f.integer("delay", NEW_TOPIC["delay"], 0, MAX_DELAY, "1800 for half an hour"),
@@ -238,6 +254,12 @@ def validate_topic(data: Mapping[str, Any], *, existing: Topic | None = None,
         concurrency=f.integer("concurrency", NEW_TOPIC["concurrency"], 0, MAX_CONCURRENCY,
                               "3 for three callbacks at once, 0 for no limit"),
         paused=f.boolean("paused", NEW_TOPIC["paused"]),
+        retry_policy=policy,
+        breaker_threshold=f.integer("breaker_threshold", NEW_TOPIC["breaker_threshold"], 0, 1000,
+                                    "5 to stop calling after 5 failures in a row, 0 for none"),
+        breaker_cooloff=f.integer("breaker_cooloff", NEW_TOPIC["breaker_cooloff"], 1, 86400,
+                                  "60 for a probe a minute after it opened"),
+        headers=headers,
     )
     errors.update(f.errors)
     if errors:

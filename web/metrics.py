@@ -28,7 +28,7 @@ from dq.store import Store
 from web import schemas as s
 from web.auth import require_api
 from web.forms import mask_url
-from web.ops import PROBE_TIMEOUT, shard_views, topic_counters
+from web.ops import PROBE_TIMEOUT, breaker_states, shard_views, topic_counters
 from web.state import WebState, db, state
 
 router = APIRouter()
@@ -71,10 +71,26 @@ async def metrics(request: Request) -> Response:
         for state_name, n in view.depths.items():
             jobs.add_metric([view.name, state_name], n)
     families = [events, up, jobs, await shard_memory(st),
-                *await delivery_histograms(st.store, topics)]
+                *await delivery_histograms(st.store, topics), *await breakers(st.store, topics)]
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Snapshot(families))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def breakers(store: Store, topics: list[Topic]) -> list[Metric]:
+    """Per topic with a circuit breaker: whether it is open now, and how often it opened
+    and closed since counting began (kept in Redis, so every console agrees)."""
+    gauge = GaugeMetricFamily("dq_breaker_open", "1 while the topic's circuit breaker is "
+                              "open (its jobs wait), else 0", labels=["topic"])
+    moves = CounterMetricFamily("dq_breaker_transitions", "Times the topic's circuit breaker "
+                                "opened or closed", labels=["topic", "to"])
+    for key, b in (await breaker_states(store, topics)).items():
+        if b["state"] == "unknown":
+            continue  # its home shard did not answer: no value rather than a wrong one
+        gauge.add_metric([key], 1 if b["state"] == "open" else 0)
+        moves.add_metric([key, "open"], int(b["opens"]))
+        moves.add_metric([key, "closed"], int(b["closes"]))
+    return [gauge, moves]
 
 
 def _shard_label(shard: Shard) -> str:

@@ -143,3 +143,21 @@ async def redrive_all(store: Store, topic: str | None, limit: int = 10_000) -> i
                 raise r
         done += sum(r is True for r in results)
     return done
+
+
+async def _breaker(store: Store, topic: str) -> dict[str, int | str]:
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            return await store.breaker_state(topic)
+    except (DqError, RedisError, OSError, TimeoutError):
+        return {"state": "unknown"}
+
+
+async def breaker_states(store: Store, topics: list[Topic]) -> dict[str, dict[str, int | str]]:
+    """The circuit breakers of the topics that have one (breaker_threshold > 0), by topic:
+    state closed | open (| unknown when its home shard does not answer), fails in a row,
+    opened (epoch ms), opens and closes (counts). One never used reads as closed."""
+    keys = [t.topic for t in topics if t.breaker_threshold]
+    found = await asyncio.gather(*(_breaker(store, k) for k in keys))
+    return {k: {"state": "closed", "fails": 0, "opens": 0, "closes": 0, **b}
+            for k, b in zip(keys, found, strict=True)}

@@ -30,7 +30,7 @@ from web.auth import (
 )
 from web.errors import Invalid
 from web.forms import NEW_TOPIC, TOPIC_FIELDS, check_callback_target, topic_input, validate_topic
-from web.ops import search_topics, shard_views, topic_counters
+from web.ops import breaker_states, search_topics, shard_views, topic_counters
 from web.state import WebState, db, state
 from web.views import redirect, render
 
@@ -121,9 +121,11 @@ async def topics_page(request: Request, st: St, sess: PageSession, q: str = "",
     pages = max(1, math.ceil(len(found) / PER_PAGE))
     page = min(max(1, page), pages)
     shown = found[(page - 1) * PER_PAGE:page * PER_PAGE]
-    counters = await topic_counters(st.store, shown)
+    counters, breakers = await asyncio.gather(topic_counters(st.store, shown),
+                                              breaker_states(st.store, shown))
     return render(request, "topics.html", {
         "rows": list(zip(shown, counters, strict=True)), "q": q, "page": page, "pages": pages,
+        "breakers": breakers,
         "total": len(found), "back": str(request.url.path) + (
             f"?{request.url.query}" if request.url.query else "")})
 
@@ -162,10 +164,12 @@ async def delete_topic(key: str, st: St, form: Form) -> Response:
 
 def _form_page(request: Request, values: dict[str, Any], *, key: str | None,
                errors: dict[str, str] | None = None, secret_set: bool = False,
-               status: int = 200) -> Response:
+               status: int = 200, breaker: dict[str, Any] | None = None) -> Response:
     return render(request, "topic_form.html", {
         "values": values, "key": key, "errors": errors or {}, "secret_set": secret_set,
-        "max_attempts_default": request.app.state.dq.settings.max_attempts}, status=status)
+        "max_attempts_default": request.app.state.dq.settings.max_attempts,
+        "retry_unit": request.app.state.dq.settings.retry_unit, "breaker": breaker},
+        status=status)
 
 
 @router.get("/topics/new")
@@ -179,7 +183,9 @@ async def edit_topic_page(key: str, request: Request, st: St, sess: PageSession)
     if topic is None:
         # Not repeating the key: a link from another site could make it say anything.
         return redirect("/topics", "That topic does not exist.", error=True)
-    return _form_page(request, topic_input(topic), key=key, secret_set=bool(topic.secret))
+    breaker = (await breaker_states(st.store, [topic])).get(key)
+    return _form_page(request, topic_input(topic), key=key, secret_set=bool(topic.secret),
+                      breaker=breaker)
 
 
 @router.post("/topics/new")

@@ -48,6 +48,14 @@ class TopicIn(BaseModel):
     rate_limit: int = Field(_T["rate_limit"], ge=0, description=_H["rate_limit"])
     concurrency: int = Field(_T["concurrency"], ge=0, description=_H["concurrency"])
     paused: bool = Field(_T["paused"], description=_H["paused"])
+    retry_policy: str = Field(_T["retry_policy"], description=_H["retry_policy"],
+                              examples=["exp:30s,2,1h"])
+    breaker_threshold: int = Field(_T["breaker_threshold"], ge=0, le=1000,
+                                   description=_H["breaker_threshold"])
+    breaker_cooloff: int = Field(_T["breaker_cooloff"], ge=1, le=86400,
+                                 description=_H["breaker_cooloff"])
+    headers: dict[str, str] | str = Field(default_factory=dict, description=_H["headers"],
+                                          examples=[{"Authorization": "Bearer abc123"}])
 
 
 class TopicOut(BaseModel):
@@ -69,6 +77,13 @@ class TopicOut(BaseModel):
     rate_limit: int = Field(description=_H["rate_limit"])
     concurrency: int = Field(description=_H["concurrency"])
     paused: bool = Field(description=_H["paused"])
+    retry_policy: str = Field(description=_H["retry_policy"])
+    breaker_threshold: int = Field(description=_H["breaker_threshold"])
+    breaker_cooloff: int = Field(description=_H["breaker_cooloff"])
+    headers: dict[str, str] = Field(description="the topic's request headers, every value "
+                                    "shown as ***")
+    breaker: str | None = Field(None, description="the breaker's state when it has one: "
+                                "closed or open")
 
 
 class TopicList(BaseModel):
