@@ -46,7 +46,8 @@ class Request:
         return json.loads(self.body)
 
 
-Reply = tuple[int, bytes]
+# (status, body), or (status, body, extra reply headers)
+Reply = tuple[int, bytes] | tuple[int, bytes, dict[str, str]]
 Handler = Callable[[Request], "Reply | Awaitable[Reply]"]
 
 
@@ -111,9 +112,12 @@ class Receiver:
                 if req is None:
                     break
                 self.requests.append(req)
-                status, body = await self._answer(req)
-                writer.write(b"HTTP/1.1 %d R\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (status, len(body), body))
+                reply = await self._answer(req)
+                status, body = reply[0], reply[1]
+                extra = "".join(f"{k}: {v}\r\n" for k, v in (reply[2:] or ({},))[0].items())
+                writer.write(b"HTTP/1.1 %d R\r\nContent-Type: application/json\r\n%s"
+                             b"Content-Length: %d\r\n\r\n%s"
+                             % (status, extra.encode("latin-1"), len(body), body))
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass

@@ -193,7 +193,8 @@ async def test_topic_crud_and_secret_masking(web: Web) -> None:
     assert list(created) == ["topic", "name", "delay", "callback", "method", "timeout_ms",
                              "emails", "retry_when", "priority", "status", "max_attempts",
                              "secret", "secret_set", "body_format", "creator", "rate_limit",
-                             "concurrency", "paused"]
+                             "concurrency", "paused", "retry_policy", "breaker_threshold",
+                             "breaker_cooloff", "headers", "breaker"]
     assert created["secret"] is None and created["secret_set"] is True
     assert created["emails"] == ["ops@example.com", "dev@example.com"]
     assert stored_secret(web, "order_timeout") == "hush"

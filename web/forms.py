@@ -35,7 +35,7 @@ TOPIC_FIELDS: Final = ("topic", "name", "delay", "callback", "method", "timeout_
                        "retry_when", "priority", "status", "max_attempts", "secret",
                        "body_format", "creator", "rate_limit", "concurrency", "paused",
                        "retry_policy", "breaker_threshold", "breaker_cooloff", "headers")
-_IGNORED: Final = ("secret_set", "clear_secret", "id", "csrf")
+_IGNORED: Final = ("secret_set", "clear_secret", "id", "csrf", "breaker")  # read-only
 MAX_DELAY: Final = 10 * 366 * 86400  # ten years of seconds; also fits the INT column
 MASK: Final = "***"
 RESOLVE_WAIT: Final = 3.0  # seconds a callback's host may take to resolve at registration
@@ -188,17 +188,17 @@ NEW_TOPIC: Final = topic_values(Topic())
 
 
 def topic_json(t: Topic) -> dict[str, Any]:
-    """A topic for API replies; the secret itself is never shown."""
+    """A topic for API replies; the secret and header values are never shown (`breaker`,
+    its breaker's state, is filled in by the API where it reads it)."""
     return {"topic": t.topic, "name": t.name, "delay": t.delay, "callback": t.callback,
             "method": t.method, "timeout_ms": t.timeout_ms, "emails": list(t.emails),
             "retry_when": t.retry_when, "priority": t.priority,
             "status": "online" if t.online else "offline", "max_attempts": t.max_attempts,
             "secret": None, "secret_set": bool(t.secret), "body_format": t.body_format,
             "creator": t.creator, "rate_limit": t.rate_limit, "concurrency": t.concurrency,
-            "paused": t.paused,
-            "retry_policy": t.retry_policy,
+            "paused": t.paused, "retry_policy": t.retry_policy,
             "breaker_threshold": t.breaker_threshold, "breaker_cooloff": t.breaker_cooloff,
-            "headers": hdr.masked(t.headers)}
+            "headers": hdr.masked(t.headers), "breaker": None}
 
 
 def validate_topic(data: Mapping[str, Any], *, existing: Topic | None = None,
