@@ -9,9 +9,11 @@ the probe; its success closes the breaker, its failure starts a new cool-off. Op
 closing each owe one mail to the topic's emails, mailed by the consumer that saw the
 change, else by consumer 0's sweep (the owed record is in Redis, as for dead letters).
 
-A consumer caches a closed verdict for CACHE seconds, so a closed breaker costs one
-script call per outcome and none per job; with the home shard down, the breaker counts
-as closed (jobs are called as if it had none) and a warning is logged.
+A consumer caches a closed verdict for CACHE seconds (until its next failed call), so a
+closed breaker costs one script call per outcome and none per job; a consumer that saw no
+failure may thus still start calls for up to CACHE seconds after the breaker opened. With
+the home shard down, the breaker counts as closed (jobs are called as if it had none) and
+a warning is logged.
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ class Breakers:
     async def record(self, topic: Topic, ok: bool, error: str) -> Change | None:
         """Tell the breaker a call's outcome; the change it made, if it opened or closed."""
         op = "ok" if ok else "fail"
+        if not ok:  # ask the breaker itself before the next call: it may be about to open
+            self._closed_until.pop(topic.topic, None)
         try:
             verdict, member = await self._ask(topic, op, error)
         except Exception as exc:

@@ -80,6 +80,9 @@ def parse(value: Any, keep: Headers = ()) -> Headers:
         if len(text) > MAX_VALUE:
             raise HeaderError(f"header {name}'s value is {len(text)} characters long; the "
                               f"limit is {MAX_VALUE}")
+        if not text.isascii():
+            raise HeaderError(f"header {name}'s value must be ASCII; percent-encode or base64 "
+                              "other text")
         if re.search(r"[\x00-\x1f\x7f]", text):
             raise HeaderError(f"header {name}'s value must not contain control characters "
                               "or line breaks")

@@ -96,7 +96,8 @@ def test_headers_are_checked_kept_and_masked() -> None:
                       ({"X-Dq-Attempt": "9"}, "cannot be set"), ({"Connection": "close"}, "cannot"),
                       ({"Bad Name": "x"}, "is not valid"), ({"A": "x\r\nB: y"}, "control"),
                       ({"A": "***"}, "none is stored"), ("no colon here", "has no ':'"),
-                      ({"A": ["x"]}, "must be text"), ({"a": "1", "A": "2"}, "given twice")]:
+                      ({"A": ["x"]}, "must be text"), ({"a": "1", "A": "2"}, "given twice"),
+                      ({"A": "caf\u00e9"}, "must be ASCII")]:
         with pytest.raises(hdr.HeaderError, match=says):
             hdr.parse(bad)
 
@@ -113,8 +114,11 @@ def smtp() -> Iterator[tuple[Mailbox, int]]:
 
 
 @pytest.fixture
-def settings(redis_server: RedisProcess, tmp_path: Path) -> Settings:
-    return Settings(redis=(redis_server.url,), db=f"sqlite:///{tmp_path / 'dq.sqlite3'}",
+def settings(redis_server: RedisProcess, redis_factory: Callable[..., RedisProcess],
+             tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+    """One shard, or as many as the test's indirect parameter says."""
+    extra = tuple(redis_factory().url for _ in range(getattr(request, "param", 1) - 1))
+    return Settings(redis=(redis_server.url, *extra), db=f"sqlite:///{tmp_path / 'dq.sqlite3'}",
                     buckets=4, timers=1, concurrency=64, retry_unit=1.0, lease=10.0,
                     timer_tick=0.2, grace=5.0, registry_refresh=0.2, max_attempts=5)
 
@@ -224,6 +228,7 @@ async def test_exponential_and_list_policies_end_to_end(
         assert [c.attempt for c in calls] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("settings", [1, 2], indirect=True, ids=["1shard", "2shards"])
 async def test_breaker_opens_holds_without_attempts_probes_and_closes_with_two_mails(
         store: Store, receiver: Receiver, roles: Roles, topic: Callable[..., Topic],
         registry: Registry, smtp: tuple[Mailbox, int]) -> None:
@@ -248,9 +253,10 @@ async def test_breaker_opens_holds_without_attempts_probes_and_closes_with_two_m
         await store.add("brk", f"k{i}", {}, delay_ms=0)
     await asyncio.sleep(2.5)  # the j jobs' retries (after 1 s) fall due meanwhile
     assert len(receiver.calls(path="/brk")) == 3, "called while the breaker was open"
-    for i in range(5):
-        info = await store.lookup("brk", f"k{i}")
-        assert info is not None and info.attempt == 0
+    infos = [await store.lookup("brk", f"k{i}") for i in range(5)]
+    assert all(info is not None and info.attempt == 0 for info in infos)
+    # with 2 shards, jobs on both wait for the one breaker (on the topic's home shard)
+    assert len({info.shard for info in infos if info}) == len(store.shards.shards)
     healthy = True
     calls = await receiver.wait_calls(3 + 8, path="/brk", timeout=30)
     later = calls[3:]
