@@ -375,7 +375,8 @@ async def run(ctx: Context, *, registry: Registry | None = None,
     except Exception as exc:
         log.warning("%s: cannot read the registry (%s); checking the configured shards, "
                     "without alert mail", ctx.name, exc)
-    shards = ShardSet.from_urls(shard_urls(settings, extra), command_timeout=2.0)
+    shards = ShardSet.from_urls(shard_urls(settings, extra), command_timeout=2.0,
+                                cluster_partitions=settings.cluster_partitions)
     checker = Checker(ctx, shards, registry=registry, mail_every=mail_every)
     store = Store(shards, prefix=settings.prefix, buckets=settings.buckets, zone=settings.zone,
                   orig_prefix=settings.adopt_prefix)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from dq import clusterurl
 from dq.errors import ConfigError
 
 # Seconds: an add wakes a sleeping timer only for a job due within this (dq/lua/add.lua), so
@@ -57,10 +58,16 @@ class Settings:
                                   "reconnects)", group=TCP, metavar="S")
     max_frame: int = setting(9999, "bytes of JSON in one request frame, 64 to 9999 (the "
                              "4-digit length prefix caps it)", group=TCP, metavar="BYTES")
-    redis: tuple[str, ...] = setting((), "Redis shards, each redis://host:port/db, rediss:// or "
-                                     "unix://path: repeat the flag per shard (comma-separated "
-                                     "in DQ_REDIS)", group=STORAGE,
+    redis: tuple[str, ...] = setting((), "Redis shards, each redis://host:port/db, rediss://, "
+                                     "unix://path or redis+cluster://host:port[,host:port"
+                                     "...] (a whole Redis Cluster, cut into "
+                                     "cluster_partitions shards): repeat the flag per shard "
+                                     "(comma-separated in DQ_REDIS)", group=STORAGE,
                                      shown="none: an embedded redis-server", metavar="URL")
+    cluster_partitions: int = setting(16, "shards a redis+cluster:// URL is cut into, each "
+                                      "one hash-tagged slot placed on a master by the "
+                                      "cluster (1 to 256); chosen once: changing it strands "
+                                      "the jobs stored before", group=STORAGE, metavar="N")
     db: str = setting("", "registry database (topics, shards, alert settings), a SQLAlchemy "
                       "URL such as mysql+pymysql://user:pw@host/dq", group=STORAGE,
                       shown="SQLite in the data dir", metavar="URL")
@@ -218,6 +225,8 @@ def _coerce(name: str, value: Any, source: str = "") -> Any:
             return float(value)
         if hint is str:
             return str(value)
+        if hint == tuple[str, ...] and name == "redis" and isinstance(value, str):
+            return clusterurl.join_parts(value.split(","))  # a cluster URL's nodes too
         if hint == tuple[str, ...]:
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(v).strip() for v in items if str(v).strip())
@@ -269,8 +278,18 @@ def _validate(s: Settings) -> Settings:
                 raise ConfigError(f"{name}: {item!r} is not an IP address or CIDR range; "
                                   "write e.g. 10.0.0.0/8, 127.0.0.1 or fd00::/8") from None
     for url in s.redis:
+        if clusterurl.is_cluster_url(url):
+            try:
+                clusterurl.parse_url(url)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            continue
         need(url.split("://", 1)[0] in ("redis", "rediss", "unix"),
-             f"redis shard {url!r} must be a redis://, rediss:// or unix:// URL")
+             f"redis shard {url!r} must be a redis://, rediss://, unix:// or "
+             "redis+cluster:// URL")
+    need(1 <= s.cluster_partitions <= clusterurl.MAX_PARTITIONS,
+         f"cluster_partitions must be 1 to {clusterurl.MAX_PARTITIONS} (got "
+         f"{s.cluster_partitions}); pick it once, before the cluster holds jobs")
     if s.db:
         why = db_url_problem(s.db)
         need(not why, f"db is not a valid SQLAlchemy URL ({why}); write it as "

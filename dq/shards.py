@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from dq import cluster, clusterurl
 from dq.errors import UNAVAILABLE, DqError
 from dq.resp import RespConnection, ShardRefused, safe_name
 
@@ -73,7 +74,7 @@ class Shard:
     """
 
     def __init__(self, name: str, url: str, *, connect_timeout: float | None = None,
-                 command_timeout: float = 5.0) -> None:
+                 command_timeout: float = 5.0, conn: Any = None, client: Any = None) -> None:
         self.name = name
         self.label = safe_name(name)  # the name, shown: without a password
         self.url = url
@@ -81,14 +82,19 @@ class Shard:
         if connect_timeout is None:
             connect_timeout = CONNECT_TIMEOUT_TLS if url.startswith("rediss:") \
                 else CONNECT_TIMEOUT
-        # redis-py refuses TCP-only options on unix:// URLs (the embedded default).
-        tcp = {} if url.startswith("unix:") else {"socket_keepalive": True}
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_connect_timeout=connect_timeout, socket_timeout=command_timeout,
-            health_check_interval=0, max_connections=64, **tcp,
-        )
-        self.conn = RespConnection(url, name=name, connect_timeout=connect_timeout,
-                                   command_timeout=command_timeout)
+        self.conn: RespConnection
+        self.client: aioredis.Redis
+        if conn is not None:  # a partition of a Redis Cluster (dq/cluster.py)
+            self.conn, self.client = conn, client
+        else:
+            # redis-py refuses TCP-only options on unix:// URLs (the embedded default).
+            tcp = {} if url.startswith("unix:") else {"socket_keepalive": True}
+            self.client = aioredis.Redis.from_url(
+                url, socket_connect_timeout=connect_timeout, socket_timeout=command_timeout,
+                health_check_interval=0, max_connections=64, **tcp,
+            )
+            self.conn = RespConnection(url, name=name, connect_timeout=connect_timeout,
+                                       command_timeout=command_timeout)
         self.marked_up = True
         self.has_guests = False  # the checker saw guests here (dq/health.py)
         self.guests_until = 0  # epoch ms: this process wrote a guest here lately
@@ -193,6 +199,22 @@ class Shard:
         await self.client.aclose()
 
 
+def cluster_shards(name: str, url: str, n: int, *, connect_timeout: float | None = None,
+                   command_timeout: float = 5.0) -> list[Shard]:
+    """The `n` partitions of a Redis Cluster, each a Shard whose keys carry its hash tag."""
+    if not 1 <= n <= clusterurl.MAX_PARTITIONS:
+        raise ValueError(f"cluster_partitions must be 1 to {clusterurl.MAX_PARTITIONS} (got {n})")
+    timeout = CONNECT_TIMEOUT_TLS if url.startswith("rediss") else CONNECT_TIMEOUT
+    cmap = cluster.ClusterMap(clusterurl.parse_url(url), connect_timeout=connect_timeout or timeout,
+                              command_timeout=command_timeout)
+    out = []
+    for i, tag in enumerate(clusterurl.partition_tags(n)):
+        part = f"{name}#{i}"
+        out.append(Shard(part, url, conn=cluster.PartitionConnection(cmap, tag, part),
+                         client=cluster.PartitionClient(cmap, tag)))
+    return out
+
+
 class ShardSet:
     """The configured shards and the rendezvous order of each tid over their names."""
 
@@ -203,12 +225,17 @@ class ShardSet:
         self.by_name = {s.name: s for s in self.shards}
 
     @classmethod
-    def from_urls(cls, urls: Iterable[str] | Iterable[tuple[str, str]], **kw: Any) -> ShardSet:
-        """Shards from URLs (each named by its URL) or (name, url) pairs."""
+    def from_urls(cls, urls: Iterable[str] | Iterable[tuple[str, str]], *,
+                  cluster_partitions: int = 16, **kw: Any) -> ShardSet:
+        """Shards from URLs (each named by its URL) or (name, url) pairs. A Redis Cluster
+        URL gives `cluster_partitions` shards, named `<name>#<i>` (dq/cluster.py)."""
         shards = []
         for item in urls:
             name, url = (item, item) if isinstance(item, str) else item
-            shards.append(Shard(name, url, **kw))
+            if clusterurl.is_cluster_url(url):
+                shards += cluster_shards(name, url, cluster_partitions, **kw)
+            else:
+                shards.append(Shard(name, url, **kw))
         return cls(shards)
 
     def order(self, tid: str) -> list[Shard]:

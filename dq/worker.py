@@ -98,7 +98,8 @@ def open_store(settings: Settings, extra_shards: list[tuple[str, str]] | None = 
     """A Store over every shard. Connections are made lazily, inside the running loop.
     The shards follow the checker's shared health record (dq/health.py)."""
     shards = ShardSet.from_urls(shard_urls(settings, extra_shards),
-                                command_timeout=settings.redis_timeout)
+                                command_timeout=settings.redis_timeout,
+                                cluster_partitions=settings.cluster_partitions)
     shards.attach_health(HealthReader(health_path(settings)))
     return Store(shards, prefix=settings.prefix, buckets=settings.buckets, zone=settings.zone,
                  orig_prefix=settings.adopt_prefix)

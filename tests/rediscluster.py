@@ -1,0 +1,122 @@
+"""A real Redis Cluster for tests: 3 masters + 3 replicas on free loopback ports."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from tests.conftest import free_port
+
+NODE_TIMEOUT_MS = 2000  # how long a silent master takes to be failed over (+ an election)
+
+
+def cli(*args: str, timeout: float = 120.0) -> str:
+    binary = shutil.which("redis-cli")
+    assert binary, "redis-cli must be on PATH for the cluster tests"
+    out = subprocess.run([binary, *args], capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"redis-cli {' '.join(args)} failed: {out.stdout} {out.stderr}")
+    return out.stdout
+
+
+class ClusterNode:
+    def __init__(self, home: Path) -> None:
+        self.port = free_port()
+        self.dir = home / f"node-{self.port}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server must be on PATH for the tests"
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--cluster-enabled",
+             "yes", "--cluster-config-file", str(self.dir / "nodes.conf"),
+             "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--save", "",
+             "--appendonly", "yes", "--dir", str(self.dir), "--daemonize", "no",
+             "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"cluster node on port {self.port} did not start")
+
+    def cli(self, *args: str) -> str:
+        return cli("-p", str(self.port), *args)
+
+    def kill9(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class RedisCluster:
+    """`redis-cli --cluster create` over 6 nodes with --cluster-replicas 1."""
+
+    def __init__(self, home: Path, nodes: int = 6) -> None:
+        self.nodes = [ClusterNode(home) for _ in range(nodes)]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:3])
+
+    def start(self) -> RedisCluster:
+        for n in self.nodes:
+            n.start()
+        cli("--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+            "--cluster-replicas", "1", "--cluster-yes")
+        self.wait_ok()
+        return self
+
+    def alive(self) -> list[ClusterNode]:
+        return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every live node says cluster_state:ok and sees the same masters."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if all("cluster_state:ok" in n.cli("CLUSTER", "INFO") for n in self.alive()):
+                    if len({tuple(sorted(self.masters_seen_by(n))) for n in self.alive()}) == 1:
+                        return
+            except (RuntimeError, subprocess.TimeoutExpired):
+                pass
+            time.sleep(0.2)
+        raise AssertionError("the cluster did not reach cluster_state:ok")
+
+    def masters_seen_by(self, node: ClusterNode) -> list[int]:
+        out = node.cli("CLUSTER", "NODES")
+        return [int(line.split()[1].split("@")[0].rsplit(":", 1)[1])
+                for line in out.splitlines()
+                if "master" in line.split()[2] and "fail" not in line.split()[2]
+                and line.split()[8:]]
+
+    def masters(self) -> list[ClusterNode]:
+        ports = set(self.masters_seen_by(self.alive()[0]))
+        return [n for n in self.alive() if n.port in ports]
+
+    def node_id(self, node: ClusterNode) -> str:
+        return node.cli("CLUSTER", "MYID").strip()
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
