@@ -23,9 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError

@@ -31,6 +31,14 @@ class ClusterNode:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        """Start on a free port (another, when the one picked was taken meanwhile)."""
+        for _ in range(3):
+            if self._start():
+                return
+            self.port = free_port()
+        raise RuntimeError(f"cluster node on port {self.port} did not start")
+
+    def _start(self) -> bool:
         binary = shutil.which("redis-server")
         assert binary, "redis-server must be on PATH for the tests"
         self.proc = subprocess.Popen(
@@ -40,16 +48,17 @@ class ClusterNode:
              "--appendonly", "yes", "--dir", str(self.dir), "--daemonize", "no",
              "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and self.proc.poll() is None:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                     s.sendall(b"PING\r\n")
                     if s.recv(64).startswith(b"+PONG"):
-                        return
+                        return True
             except OSError:
-                time.sleep(0.02)
-        raise RuntimeError(f"cluster node on port {self.port} did not start")
+                time.sleep(0.05)
+        self.stop()
+        return False
 
     def cli(self, *args: str) -> str:
         return cli("-p", str(self.port), *args)
@@ -95,9 +104,10 @@ class RedisCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                if all("cluster_state:ok" in n.cli("CLUSTER", "INFO") for n in self.alive()):
-                    if len({tuple(sorted(self.masters_seen_by(n))) for n in self.alive()}) == 1:
-                        return
+                if all("cluster_state:ok" in n.cli("CLUSTER", "INFO") for n in self.alive()) \
+                        and len({tuple(sorted(self.masters_seen_by(n)))
+                                 for n in self.alive()}) == 1:
+                    return
             except (RuntimeError, subprocess.TimeoutExpired):
                 pass
             time.sleep(0.2)
