@@ -214,6 +214,11 @@ class PartitionConnection:
         self.label = safe_name(name)
         self._tasks: set[asyncio.Future[Any]] = set()
 
+    @property
+    def node_addr(self) -> Addr | None:
+        """The node that serves the partition's slot, as last seen."""
+        return self.map.slots[self.slot]
+
     def _current(self) -> RespConnection | None:
         addr = self.map.slots[self.slot]
         return None if addr is None else self.map.conn(addr)

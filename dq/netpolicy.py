@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from dq import clusterurl
 from dq.config import Settings
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,14 @@ def own_services(settings: Settings, shard_urls: Sequence[str]) -> list[Own]:
         if "://" not in url:  # the original's host:port[:password] rows
             name, number = [*url.split(":"), str(REDIS_PORT)][:2]
             url = f"redis://{name}:{number}"
+        if clusterurl.is_cluster_url(url):  # its seed nodes (the rest are found later)
+            try:
+                seeds = clusterurl.parse_url(url).seeds
+            except ValueError:
+                continue
+            for host, port in seeds:
+                out += _own("Redis Cluster node", host, port)
+            continue
         parts = urlsplit(url)
         if parts.scheme in ("redis", "rediss") and parts.hostname:
             try:

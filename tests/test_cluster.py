@@ -247,3 +247,32 @@ async def test_a_master_killed_9_fails_over_and_dq_goes_on(
             stop.set()
             await asyncio.gather(stream, return_exceptions=True)
             await client.close()
+
+
+async def test_console_and_metrics_show_a_cluster_as_one_shard_summed_over_partitions(
+        redis_cluster: RedisCluster, tmp_path: Path) -> None:
+    from tests.test_health import _samples
+    from tests.test_web_api import open_web
+
+    async with open_web(redis_cluster.url, f"sqlite:///{tmp_path / 'dq.sqlite3'}",
+                        cluster_partitions=PARTITIONS) as w:
+        assert len(w.store.shards.shards) == PARTITIONS
+        due = int((time.time() + 3600) * 1000)
+        for i in range(300):
+            await w.store.add("cl", f"m{i}", {}, due_ms=due)
+        shards = (await w.api.get("/api/shards")).json()
+        assert [(s["url"], s["up"], s["depths"]["delayed"]) for s in shards] == \
+            [(redis_cluster.url, True, 300)], shards
+        assert "on 3 masters" in shards[0]["memory"]
+        r = await w.api.get("/metrics")
+        m = _samples(r.text)
+        label = frozenset({("shard", redis_cluster.url), ("state", "delayed")})
+        assert m[("dq_shard_jobs", label)] == 300
+        assert m[("dq_shard_used_memory_bytes", frozenset({("shard", redis_cluster.url)}))] > 0
+        # a cluster can be added as a registry row too (probed, not yet used)
+        other = redis_cluster.url.replace("redis+cluster://", "redis+cluster://:pw@")
+        r = await w.api.post("/api/shards", json={"name": "cl2", "url": other})
+        assert r.status_code == 201, r.text
+        rows = {s["name"]: s for s in (await w.api.get("/api/shards")).json()}
+        assert rows["cl2"]["url"].startswith("redis+cluster://:***@")
+        assert not rows["cl2"]["up"] and "AUTH" in rows["cl2"]["error"]  # it has none

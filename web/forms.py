@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
+from dq import clusterurl
 from dq import headers as hdr
 from dq.netpolicy import CallbackPolicy, judge_url
 from dq.registry import (
@@ -298,13 +299,18 @@ def validate_shard(data: Mapping[str, Any], *, keep_url: str = "") -> tuple[str,
         try:
             normalised = normalise_redis_url(url)
             scheme, _, rest = normalised.partition("://")
-            usable = (rest.startswith("/") if scheme == "unix"
-                      else scheme in ("redis", "rediss") and bool(urlsplit(normalised).hostname))
+            if clusterurl.is_cluster_url(normalised):
+                clusterurl.parse_url(normalised)
+                usable = True
+            else:
+                usable = (rest.startswith("/") if scheme == "unix" else
+                          scheme in ("redis", "rediss") and bool(urlsplit(normalised).hostname))
         except ValueError:
             usable = False
         if not usable or re.search(r"\s", url):
-            f.fail("url", "url must be redis://host:port/db, rediss://... or unix:///path "
-                   "(or the original's host:port[:password])")
+            f.fail("url", "url must be redis://host:port/db, rediss://..., unix:///path, "
+                   "redis+cluster://host:port[,host:port...] (or the original's "
+                   "host:port[:password])")
     errors.update(f.errors)
     if errors:
         raise Invalid(errors)

@@ -113,14 +113,23 @@ async def _used_memory(shard: Shard) -> int | None:
 
 
 async def shard_memory(st: WebState) -> GaugeMetricFamily:
-    """Used memory of every shard this console uses (absent when it does not answer)."""
+    """Used memory of every shard this console uses (absent when it does not answer); a
+    Redis Cluster's is summed over the masters that serve its partitions."""
     shards = st.store.shards.shards
     gauge = GaugeMetricFamily("dq_shard_used_memory_bytes", "Memory the shard's Redis uses",
                               labels=["shard"])
     used = await asyncio.gather(*(_used_memory(sh) for sh in shards))
+    per_cluster: dict[str, dict[Any, int]] = {}
     for shard, n in zip(shards, used, strict=True):
-        if n is not None:
+        node = getattr(shard.conn, "node_addr", None)
+        if n is None:
+            continue
+        if node is not None:  # a partition of a Redis Cluster: count each master once
+            per_cluster.setdefault(mask_url(shard.url), {})[node] = n
+        else:
             gauge.add_metric([_shard_label(shard)], n)
+    for label, nodes in per_cluster.items():
+        gauge.add_metric([label], sum(nodes.values()))
     return gauge
 
 

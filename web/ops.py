@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 from dq.errors import DqError
 from dq.registry import Topic
 from dq.resp import safe_name
-from dq.shards import Shard
+from dq.shards import Shard, ShardSet
 from dq.store import STAT_FIELDS, BadPayload, JobInfo, Store
 from web.forms import mask_url
 from web.state import WebState, db
@@ -43,8 +43,8 @@ class ShardView:
         return asdict(self)
 
 
-async def probe(store: Store, shard: Shard, view: ShardView) -> None:
-    """Fill in liveness (PING), version, used memory and job counts."""
+async def probe(store: Store, shard: Shard, view: ShardView) -> dict[str, str]:
+    """Fill in liveness (PING), version, used memory and job counts; INFO's fields."""
     try:
         async with asyncio.timeout(PROBE_TIMEOUT):
             await shard.call("PING")
@@ -53,12 +53,36 @@ async def probe(store: Store, shard: Shard, view: ShardView) -> None:
         view.error = safe_name(str(exc)) or exc.__class__.__name__
         if isinstance(exc, TimeoutError):
             view.error = f"no answer within {PROBE_TIMEOUT:g} s"
-        return
+        return {}
     view.up = True
     view.depths = depths
     fields = parse_info(info)
     view.version = fields.get("redis_version", "")
     view.memory = fields.get("used_memory_human", "")
+    return fields
+
+
+async def probe_cluster(store: Store, parts: list[Shard], view: ShardView) -> None:
+    """A Redis Cluster's partitions, shown as one shard: up when every partition answers
+    (else the first one's error), job counts summed over the partitions, memory summed
+    over the masters that serve them."""
+    views = [ShardView(None, p.name, "", "", True, True) for p in parts]
+    infos = await asyncio.gather(*(probe(store, p, v) for p, v in zip(parts, views,
+                                                                        strict=True)))
+    down = [v for v in views if not v.up]
+    view.up = not down
+    view.error = f"{len(down)} of {len(views)} partitions: {down[0].error}" if down else ""
+    for v in views:
+        for state, n in v.depths.items():
+            view.depths[state] = view.depths.get(state, 0) + n
+    view.version = next((v.version for v in views if v.version), "")
+    used: dict[Any, int] = {}
+    for part, info in zip(parts, infos, strict=True):
+        node = getattr(part.conn, "node_addr", None)
+        if info.get("used_memory", "").isdigit() and node is not None:
+            used[node] = int(info["used_memory"])
+    if used:
+        view.memory = f"{sum(used.values()) / 2**20:.2f}M on {len(used)} masters"
 
 
 def parse_info(info: Any) -> dict[str, str]:
@@ -77,26 +101,35 @@ def parse_info(info: Any) -> dict[str, str]:
 async def shard_views(st: WebState) -> list[ShardView]:
     """Every shard this process uses plus every shard stored in the registry, probed."""
     confs = await db(st.registry.shards)
-    active = {s.url: s for s in st.store.shards.shards}
-    stored = {c.url for c in confs}
-    views: list[tuple[ShardView, Shard, bool]] = []
+    # A Redis Cluster's partitions share its URL: one view each URL
+    active: dict[str, list[Shard]] = {}
     for s in st.store.shards.shards:
-        if s.url in stored:
+        active.setdefault(s.url, []).append(s)
+    stored = {c.url for c in confs}
+    views: list[tuple[ShardView, list[Shard], bool]] = []
+    for url, shards in active.items():
+        if url in stored:
             continue
-        source = "config" if s.url in st.settings.redis else "embedded"
-        name = mask_url(s.name) if "://" in s.name else s.name  # config shards are named by URL
-        views.append((ShardView(None, name, mask_url(s.url), source, True, True), s, False))
+        source = "config" if url in st.settings.redis else "embedded"
+        name = shards[0].name if len(shards) == 1 else url
+        name = mask_url(name) if "://" in name else name  # config shards are named by URL
+        views.append((ShardView(None, name, mask_url(url), source, True, True), shards, False))
     for c in confs:
-        shard = active.get(c.url)
-        temp = shard is None
-        if shard is None:
-            shard = Shard(c.name, c.url, connect_timeout=1.0, command_timeout=PROBE_TIMEOUT)
+        found = active.get(c.url)
+        temp = found is None
+        if found is None:
+            found = ShardSet.from_urls([(c.name, c.url)], connect_timeout=1.0,
+                                       command_timeout=PROBE_TIMEOUT,
+                                       cluster_partitions=st.settings.cluster_partitions,
+                                       ).shards
         views.append((ShardView(c.id, c.name, mask_url(c.url), "console", c.enabled,
-                                not temp), shard, temp))
+                                not temp), found, temp))
     try:
-        await asyncio.gather(*(probe(st.store, shard, v) for v, shard, _ in views))
+        await asyncio.gather(*(probe(st.store, shards[0], v) if len(shards) == 1
+                               else probe_cluster(st.store, shards, v)
+                               for v, shards, _ in views))
     finally:
-        await asyncio.gather(*(shard.close() for _, shard, temp in views if temp),
+        await asyncio.gather(*(s.close() for _, shards, temp in views if temp for s in shards),
                              return_exceptions=True)
     return [v for v, _, _ in views]
 
