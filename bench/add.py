@@ -6,6 +6,8 @@ processes spent per add.
     python bench/add.py --client python --conns 50 --n 400
     python bench/add.py --client pipelined --n 200000
     python bench/add.py --client pipelined --n 200000 --conns 4 --servers 2
+    python bench/add.py --client dqload --conns 50 --cluster   (a local 3+3 Redis Cluster)
+    python bench/add.py --client pipelined --redis redis+cluster://10.0.0.5:7000
 
 Starts its own redis-servers (two shards, like the original's measurement) and dq-master.
 With --against HOST:PORT it starts nothing and drives a server already running there (the
@@ -81,6 +83,11 @@ def main() -> None:
     ap.add_argument("--servers", type=int, default=1)
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--body", type=int, default=64)
+    ap.add_argument("--cluster", action="store_true", help="run on a local Redis Cluster "
+                    "(3 masters + 3 replicas) instead of --shards redis-servers")
+    ap.add_argument("--redis", metavar="URL", action="append", default=[],
+                    help="run on this shard URL (redis://, redis+cluster://...; repeat), "
+                    "started by you, instead of starting redis-servers")
     ap.add_argument("--against", metavar="HOST:PORT",
                     help="drive the server running there with dqload; start nothing")
     ap.add_argument("--redis-pid", type=int, action="append", default=[],
@@ -98,7 +105,8 @@ def main() -> None:
         s1, r1 = cpu_us(servers), cpu_us(args.redis_pid)
         report(args, qps, p50, p99, total, fails, s1 - s0, r1 - r0, gen_us)
         return
-    with dq_stack(args.servers, args.shards) as (port, redis_pids):
+    with dq_stack(args.servers, args.shards, cluster=args.cluster, urls=args.redis) as (
+            port, redis_pids):
         servers = pids_titled("dq-server")
         s0, r0, t0 = cpu_us(servers), cpu_us(redis_pids), time.perf_counter()
         client_us: float | None = None
@@ -142,6 +150,8 @@ def run_dqload(host: str, port: int, args: argparse.Namespace,
 def report(args: argparse.Namespace, qps: float, p50: float, p99: float, total: int,
            fails: int, server_us: float, redis_us: float, client_us: float | None) -> None:
     target = f" against={args.against}" if args.against else ""
+    target += " store=cluster" if args.cluster else " store=" + ",".join(args.redis) \
+        if args.redis else ""
     print(f"RESULT mode={args.client}{target} conns={args.conns} servers={args.servers} "
           f"shards={args.shards} total={total} fail={fails} qps={qps:.0f} p50_ms={p50:.3f} "
           f"p99_ms={p99:.3f} server_us_per_add={server_us / total:.1f} "

@@ -121,22 +121,46 @@ def dq_master(args: Sequence[str], port: int, tmp: Path) -> Iterator[subprocess.
 
 
 @contextmanager
-def dq_stack(servers: int = 1, shards: int = 2) -> Iterator[tuple[int, list[int]]]:
-    """`shards` redis-servers, a registry with the topic "bench", and a dq-master with
-    `servers` server processes (1 timer, 1 consumer, no console) on a free port, up and
-    settled: (its port, the redis-servers' pids)."""
-    with tempdir() as t, redis_servers(shards, Path(t)) as procs:
+def stores(shards: int, tmp: Path, *, cluster: bool = False, urls: Sequence[str] = (),
+           ) -> Iterator[tuple[list[str], list[int]]]:
+    """The shard URLs a benchmark runs on and the redis-server pids behind them (for their
+    CPU): `urls` as given (pids unknown), else a local Redis Cluster of 3 masters + 3
+    replicas (`cluster`), else `shards` plain redis-servers."""
+    if urls:
+        yield list(urls), []
+    elif cluster:
+        from tests.rediscluster import RedisCluster
+
+        c = RedisCluster(tmp / "cluster")
+        try:
+            c.start()
+            yield [c.url], [n.proc.pid for n in c.nodes if n.proc is not None]
+        finally:
+            c.stop()
+    else:
+        with redis_servers(shards, tmp) as procs:
+            yield [url for url, _ in procs], [p.pid for _, p in procs]
+
+
+@contextmanager
+def dq_stack(servers: int = 1, shards: int = 2, *, cluster: bool = False,
+             urls: Sequence[str] = ()) -> Iterator[tuple[int, list[int]]]:
+    """`shards` redis-servers (or a local Redis Cluster, or the shards at `urls`: see
+    `stores`), a registry with the topic "bench", and a dq-master with `servers` server
+    processes (1 timer, 1 consumer, no console) on a free port, up and settled: (its port,
+    the redis-servers' pids)."""
+    with tempdir() as t, stores(shards, Path(t), cluster=cluster, urls=urls) as (found, pids):
         tmp = Path(t)
         db = f"sqlite:///{tmp / 'reg.sqlite3'}"
         register(db, "bench")
         port = free_port()
         flags = ["--db", db, "--servers", str(servers), "--timers", "1", "--consumers", "1",
                  "--no-web"]
-        for url, _ in procs:
+        for url in found:
             flags += ["--redis", url]
         with dq_master(flags, port, tmp):
             time.sleep(1.0)
-            yield port, [p.pid for _, p in procs]
+            yield port, pids
 
 
 def dqload_binary() -> str | None:

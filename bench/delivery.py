@@ -8,6 +8,7 @@ receiver has seen every one.
 
     python bench/delivery.py --n 2000
     python bench/delivery.py --n 20000 --consumers 2 --timers 1
+    python bench/delivery.py --n 20000 --cluster   (a local 3+3 Redis Cluster)
 
 The last line is `RESULT delivered=... seconds=... per_s=... late_p50_ms=... late_p99_ms=...
 late_max_ms=...`: `seconds` runs from the due instant to the last arrival, and lateness is
@@ -27,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import cpu_us, free_port, percentile, redis_servers, register, tempdir
+from bench.common import cpu_us, free_port, percentile, register, stores, tempdir
 from bench.roles import Receiver, roles
 from dq.config import Settings
 from dq.worker import open_store
@@ -62,7 +63,7 @@ def _report(arrivals: dict[str, float], n: int, due_ms: int) -> None:
 
 
 def _run(ctx: ForkContext, settings: Settings, args: argparse.Namespace, port: int,
-         redis_pid: int) -> None:
+         redis_pids: list[int]) -> None:
     """Receiver and roles up, jobs in, wait for every delivery, roles down, report."""
     with Receiver(ctx, port) as rx, roles(ctx, settings) as procs:
         due_ms = int((time.time() + args.ahead) * 1000)
@@ -72,10 +73,10 @@ def _run(ctx: ForkContext, settings: Settings, args: argparse.Namespace, port: i
               f"{args.consumers} consumer(s) x {args.concurrency}, {os.cpu_count()} cpus")
         pids = [p.pid for p in procs if p.pid]
         cpu0 = cpu_us(pids)
-        others0 = cpu_us([redis_pid]), cpu_us([rx.pid])
+        others0 = cpu_us(redis_pids), cpu_us([rx.pid])
         rx.wait(args.n, args.timeout)
         used = cpu_us(pids) - cpu0
-        redis_used = cpu_us([redis_pid]) - others0[0]
+        redis_used = cpu_us(redis_pids) - others0[0]
         receiver_used = cpu_us([rx.pid]) - others0[1]
         got = max(1, rx.count.value)
         print(f"timer+consumer CPU: {used / 1e6:.2f}s, {used / got:.0f} us "
@@ -92,17 +93,22 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--ahead", type=float, default=2.0, help="seconds until the jobs are due")
     ap.add_argument("--timeout", type=float, default=300.0)
+    ap.add_argument("--cluster", action="store_true", help="run on a local Redis Cluster "
+                    "(3 masters + 3 replicas) instead of one redis-server")
+    ap.add_argument("--redis", metavar="URL", action="append", default=[],
+                    help="run on this shard URL (repeat), started by you")
     args = ap.parse_args()
 
     ctx = mp.get_context("fork")  # children start before this process runs any event loop
-    with tempdir() as tmpdir, redis_servers(1, Path(tmpdir)) as [(url, redis_proc)]:
-        settings = Settings(redis=(url,), db=f"sqlite:///{Path(tmpdir) / 'dq.sqlite3'}",
+    with tempdir() as tmpdir, stores(1, Path(tmpdir), cluster=args.cluster,
+                                     urls=args.redis) as (urls, redis_pids):
+        settings = Settings(redis=tuple(urls), db=f"sqlite:///{Path(tmpdir) / 'dq.sqlite3'}",
                             timers=args.timers, consumers=args.consumers,
                             concurrency=args.concurrency, lease=60.0, retry_unit=1.0)
         port = free_port()
         register(settings.db, "bench", callback=f"http://127.0.0.1:{port}/cb",
                  timeout_ms=10_000)
-        _run(ctx, settings, args, port, redis_proc.pid)
+        _run(ctx, settings, args, port, redis_pids)
 
 
 if __name__ == "__main__":
