@@ -153,7 +153,8 @@ def report(args: argparse.Namespace, qps: float, p50: float, p99: float, total: 
     target += " store=cluster" if args.cluster else " store=" + ",".join(args.redis) \
         if args.redis else ""
     print(f"RESULT mode={args.client}{target} conns={args.conns} servers={args.servers} "
-          f"shards={args.shards} total={total} fail={fails} qps={qps:.0f} p50_ms={p50:.3f} "
+          f"shards={'cluster' if args.cluster else args.shards} total={total} fail={fails} "
+          f"qps={qps:.0f} p50_ms={p50:.3f} "
           f"p99_ms={p99:.3f} server_us_per_add={server_us / total:.1f} "
           f"redis_us_per_add={redis_us / total:.1f}"
           + ("" if client_us is None else f" client_us_per_add={client_us:.1f}"))
