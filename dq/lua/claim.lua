@@ -88,14 +88,16 @@ end
 
 if any then
   for name, f in pairs(flow) do
-    while want > 0 and admit(name, f) do
-      local e = redis.call('LPOP', f.held)
-      if not e then
-        redis.call('SREM', KEYS[5], name)
-        break
+    if redis.call('SISMEMBER', KEYS[5], name) == 1 then
+      while want > 0 and admit(name, f) do
+        local e = redis.call('LPOP', f.held)
+        if not e then
+          redis.call('SREM', KEYS[5], name)
+          break
+        end
+        local tid, payload = job_of(e)
+        if tid then take(f, tid, payload) end
       end
-      local tid, payload = job_of(e)
-      if tid then take(f, tid, payload) end
     end
   end
 end
