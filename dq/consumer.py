@@ -284,7 +284,7 @@ class Consumer:
     async def _flow_limits(self, shard: Shard) -> list[FlowLimit]:
         """The flow limits to claim with on `shard`: rebuilt when the topics were reloaded
         or the topics with held jobs there changed (looked at every HELD_LOOK seconds)."""
-        topics = await self.topics.all()
+        generation = await self.topics.current()
         gen, held, limits = self._flow.get(shard.name, (-1, frozenset(), []))
         now = time.monotonic()
         if now - self._held_seen.get(shard.name, -HELD_LOOK) >= HELD_LOOK:
@@ -292,10 +292,10 @@ class Consumer:
             seen = frozenset(await self.store.held_topics(shard))
             if seen != held:
                 held, gen = seen, -1
-        if gen != self.topics.generation:
+        if gen != generation:
             names = [s.name for s in self.store.shards.shards]
-            limits = shard_limits(topics, held, shard.name, names)
-            self._flow[shard.name] = (self.topics.generation, held, limits)
+            limits = shard_limits(self.topics.all(), held, shard.name, names)
+            self._flow[shard.name] = (generation, held, limits)
         return limits
 
     def _delivered(self, task: asyncio.Task[None]) -> None:

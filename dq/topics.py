@@ -41,10 +41,14 @@ class TopicCache:
     def get_nowait(self, key: str) -> Topic | None:
         return self._topics.get(key)
 
-    async def all(self) -> list[Topic]:
-        """Every topic (refreshed as `get` is)."""
+    async def current(self) -> int:
+        """Refresh when due (as `get` does); the generation of the topics now held."""
         if self._due():
             await self._refresh(force=False, if_due=True)
+        return self.generation
+
+    def all(self) -> list[Topic]:
+        """Every topic, as last loaded."""
         return list(self._topics.values())
 
     async def refresh(self, force: bool = False) -> None:
