@@ -230,5 +230,55 @@ def adopt_main(argv: list[str] | None = None) -> NoReturn:
     sys.exit(asyncio.run(_adopt(settings)))
 
 
+def build_move_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dq-move", description=(
+        "Move every pending job of a store onto other shards, e.g. from one Redis onto a "
+        "Redis Cluster, with its due time, version and attempts (dq/move.py: the guests "
+        "machinery's crash-safe steps). First point dq at the new store (--redis "
+        "redis+cluster://..., then a reload), so nothing works the old one any more; then "
+        "run this with the old store's URL. Ready and in-flight jobs there are moved too, "
+        "due at once; dead letters stay there. Safe to interrupt and run again."))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--from", dest="move_from", metavar="URL", action="append",
+                        required=True, help="a shard to move the jobs off (repeat)")
+    parser.add_argument("--to", dest="move_to", metavar="URL", action="append", default=[],
+                        help="a shard to move them onto (repeat); default: the `redis` "
+                        "setting, the shards dq is configured with")
+    parser.add_argument("--wait", type=float, default=60.0, metavar="S",
+                        help="seconds to keep trying jobs that cannot move yet (default 60)")
+    _setting_flags(parser, (STORAGE, LOGS))
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (default: "
+                        "$DQ_CONFIG, else ./dq.toml if present)")
+    return parser
+
+
+def move_main(argv: list[str] | None = None) -> NoReturn:
+    """`dq-move`: move a store's pending jobs onto other shards (dq/move.py)."""
+    import asyncio
+
+    from dq.move import move
+
+    args = build_move_parser().parse_args(argv)
+    move_from, move_to, wait = args.move_from, args.move_to, args.wait
+    del args.move_from, args.move_to, args.wait
+    settings, _ = _settings(args, "dq-move")
+    to = move_to or list(settings.redis)
+    if not to:
+        print("dq-move: no shard to move onto: give --to URL, or configure the `redis` "
+              "setting (--redis, DQ_REDIS, dq.toml)", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    if set(move_from) & set(to):
+        print("dq-move: a shard is both --from and --to; name the old store with --from "
+              "and the new one with --to", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    reports = asyncio.run(move(move_from, to, settings, wait=wait))
+    for r in reports:
+        other = {k: v for k, v in (r.outcomes or {}).items() if k != "moved"}
+        print(f"{r.shard}: moved {r.moved} jobs ({r.requeued} ready or in flight, moved "
+              f"due now); {r.dead_left} dead letters stay there; {r.left} pending jobs left"
+              + (f"; other outcomes {other}" if other else ""))
+    sys.exit(0 if all(not r.left for r in reports) else 1)
+
+
 if __name__ == "__main__":
     master_main()

@@ -6,17 +6,23 @@ nothing (every acknowledged add is delivered)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from dq.client import AsyncDqClient
 from dq.clusterurl import join_parts, key_slot, parse_url, partition_tags
 from dq.config import load_settings
 from dq.errors import ConfigError
+from dq.shards import ShardSet
+from dq.store import Store
+from tests.conftest import RedisProcess
 from tests.masters import Master
 from tests.receiver import Receiver, Reply, Request
 from tests.rediscluster import RedisCluster, cli
@@ -276,3 +282,61 @@ async def test_console_and_metrics_show_a_cluster_as_one_shard_summed_over_parti
         rows = {s["name"]: s for s in (await w.api.get("/api/shards")).json()}
         assert rows["cl2"]["url"].startswith("redis+cluster://:***@")
         assert not rows["cl2"]["up"] and "AUTH" in rows["cl2"]["error"]  # it has none
+
+
+async def test_dq_move_takes_a_plain_store_onto_the_cluster_with_due_times(
+        redis_cluster: RedisCluster, redis_server: RedisProcess, dq_on: Callable[..., Master],
+        tmp_path: Path) -> None:
+    """dq-move: delayed jobs keep their due time to the ms, ready and in-flight ones are
+    delivered from the cluster, a dead letter stays on the old store."""
+    old = Store(ShardSet.from_urls([redis_server.url]))
+    shard = old.shards.shards[0]
+    later = int((time.time() + 3600) * 1000)
+    try:
+        for i in range(200):
+            await old.add("cl", f"later{i}", {"i": i}, due_ms=later + i)
+        for i in range(100):
+            await old.add("cl", f"now{i}", {"i": i}, delay_ms=0)
+        await old.add("cl", "dead", {}, delay_ms=0)
+        await asyncio.sleep(0.05)
+        await old.move_due(shard, range(old.buckets), limit=10_000)
+        claimed = await old.claim(shard, 30, (1, 2, 3), 600_000)  # in flight at the move
+        assert len(claimed) == 30
+        dead = [c for c in claimed if c.id == "dead"] or \
+            [c for c in await old.claim(shard, 100, (1, 2, 3), 600_000) if c.id == "dead"]
+        assert await old.bury(dead[0], {"error": "test"})
+        depths = await old.depths(shard)
+        assert depths["ready"] and depths["inflight"] and depths["dead"] == 1, depths
+    finally:
+        await old.shards.close()
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DQ_")},
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    out = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", "from dq.cli import move_main; move_main()",
+                         "--from", redis_server.url, "--to", redis_cluster.url,
+                         "--cluster-partitions", str(PARTITIONS), "--buckets", "8"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "moved 300 jobs" in out.stdout and "1 dead letters stay there" in out.stdout, \
+        out.stdout
+    src = redis.Redis(port=redis_server.port)
+    assert src.hlen("dq:jobs") == 1 and src.zcard("dq:dead") == 1
+    src.close()
+
+    new = Store(ShardSet.from_urls([redis_cluster.url], cluster_partitions=PARTITIONS))
+    try:
+        for i in range(0, 200, 7):
+            info = await new.lookup("cl", f"later{i}")
+            assert info is not None and info.state == "delayed" and info.due_ms == later + i
+            assert info.body["i"] == i
+        assert await new.lookup("cl", "dead") is None
+    finally:
+        await new.shards.close()
+    seen = Seen()
+    async with Receiver(seen) as rcv:
+        db = register(tmp_path / "reg" / "dq.sqlite3", "cl", rcv.url("/cb"))
+        await asyncio.to_thread(dq_on, redis_cluster.url, db)
+        missing = await wait_delivered(seen, {f"now{i}" for i in range(100)}, 60)
+        assert not missing, f"{len(missing)} moved jobs never delivered"
+        assert not {k for k in seen.ok if k.startswith("later")}
