@@ -93,8 +93,10 @@ class ClusterMap:
     connection per node shared by the partitions that live there."""
 
     def __init__(self, cu: ClusterUrl, *, connect_timeout: float, command_timeout: float,
-                 ) -> None:
+                 replica_acks: int = 0) -> None:
         self.cu = cu
+        # passed on only when set: a RespConnection that waits for replicas takes it
+        self._conn_kw: dict[str, Any] = {"replica_acks": replica_acks} if replica_acks else {}
         self.label = safe_name(cu.url)
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
@@ -115,7 +117,8 @@ class ClusterMap:
         if conn is None:
             conn = self.conns[addr] = RespConnection(
                 self.node_url(addr), name=f"{self.label} node {addr[0]}:{addr[1]}",
-                connect_timeout=self.connect_timeout, command_timeout=self.command_timeout)
+                connect_timeout=self.connect_timeout, command_timeout=self.command_timeout,
+                **self._conn_kw)
         return conn
 
     def client(self, addr: Addr) -> aioredis.Redis:

@@ -200,13 +200,14 @@ class Shard:
 
 
 def cluster_shards(name: str, url: str, n: int, *, connect_timeout: float | None = None,
-                   command_timeout: float = 5.0) -> list[Shard]:
-    """The `n` partitions of a Redis Cluster, each a Shard whose keys carry its hash tag."""
+                   command_timeout: float = 5.0, replica_acks: int = 0) -> list[Shard]:
+    """The `n` partitions of a Redis Cluster, each a Shard whose keys carry its hash tag.
+    `replica_acks` goes to each node's connection (as on a plain shard's)."""
     if not 1 <= n <= clusterurl.MAX_PARTITIONS:
         raise ValueError(f"cluster_partitions must be 1 to {clusterurl.MAX_PARTITIONS} (got {n})")
     timeout = CONNECT_TIMEOUT_TLS if url.startswith("rediss") else CONNECT_TIMEOUT
     cmap = cluster.ClusterMap(clusterurl.parse_url(url), connect_timeout=connect_timeout or timeout,
-                              command_timeout=command_timeout)
+                              command_timeout=command_timeout, replica_acks=replica_acks)
     out = []
     for i, tag in enumerate(clusterurl.partition_tags(n)):
         part = f"{name}#{i}"
