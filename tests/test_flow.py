@@ -224,3 +224,41 @@ async def test_a_paused_topic_keeps_its_jobs_calls_nothing_and_holds_up_no_other
         while (await store.depths(store.shards.shards[0]))["jobs"]:
             await asyncio.sleep(0.05)
     assert not await store.held_topics(store.shards.shards[0])
+
+
+async def test_flow_control_on_a_redis_cluster_holds_over_its_partitions(
+        tmp_path: Path, receiver: Receiver) -> None:
+    """On a Redis Cluster each hash-tagged partition is a shard: the flow state and the held
+    lists are keys of the partition (tagged like its jobs), and the limit is shared out
+    over the partitions."""
+    from tests.rediscluster import RedisCluster  # a real 3+3 cluster (redis-cli --cluster)
+
+    cluster = RedisCluster(tmp_path / "cluster")
+    cluster.start()
+    try:
+        settings = base_settings((cluster.url,), tmp_path).replace(cluster_partitions=3)
+        registry = Registry(settings.db)
+        handler = InFlight(0.3)
+        receiver.routes["/capped"] = handler
+        registry.save_topic(Topic(topic="capped", callback=receiver.url("/capped"),
+                                  concurrency=3))
+        registry.save_topic(Topic(topic="held", callback=receiver.url("/held"), paused=True))
+        roles = Roles(settings)
+        store = open_store(settings)
+        try:
+            start_instance(roles)
+            await asyncio.gather(*(store.add(k, str(i), {}, delay_ms=0)
+                                   for k in ("capped", "held") for i in range(24)))
+            await receiver.wait_calls(24, path="/capped", timeout=60)
+            assert 1 <= handler.most <= 3
+            await asyncio.sleep(1.0)
+            assert receiver.calls(path="/held") == []
+            held = sum([(await store.flow_state(s, "held"))["held"]
+                        for s in store.shards.shards])
+            assert held == 24
+        finally:
+            await roles.stop()
+            await store.shards.close()
+            registry.close()
+    finally:
+        cluster.stop()
