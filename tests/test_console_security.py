@@ -57,7 +57,7 @@ SQLI = [
     "\\'; UPDATE dq_topic SET callback='http://evil.example/' WHERE '1'='1",
     "Robert'); DROP TABLE dq_topic;--",
 ]
-SELECTS = ("method", "priority", "status", "body_format", "secret")  # not echoed as typed
+SELECTS = ("method", "priority", "status", "body_format", "secret", "paused")  # not echoed as typed
 URL_SQLI = "https://h.example/?q='OR'1'='1'--&x=\";DROP%20TABLE%20dq_topic"
 XSS = [
     "<script>alert(1)</script>",
