@@ -16,7 +16,9 @@ import httpx
 import pytest
 from aiosmtpd.controller import Controller
 
+from dq import consumer
 from dq import headers as hdr
+from dq import store as store_module
 from dq.callback import retry_after
 from dq.config import Settings
 from dq.registry import AlertConf, Registry, Topic
@@ -291,6 +293,73 @@ async def test_a_failed_probe_reopens_for_another_cooloff(
     gaps = [b.at - a.at for a, b in itertools.pairwise(calls)]
     assert all(g >= 2 - 0.1 for g in gaps), f"probes {gaps} apart, cool-off 2 s"
     assert (await store.breaker_state("rep"))["opens"] == 1  # a reopening mails nothing
+
+
+async def test_breaker_script_opens_once_hands_out_one_probe_and_owes_two_mails(
+        store: Store) -> None:
+    async def ask(op: str) -> tuple[str, Any]:
+        return await store.breaker("t", op, threshold=2, cooloff_ms=300, probe_ms=5000,
+                                   error="HTTP 500")
+    assert await ask("check") == ("call", None)
+    assert (await ask("fail"))[0] == "closed"
+    assert (await ask("ok"))[0] == "ok"  # a success resets the failures in a row
+    assert (await ask("fail"))[0] == "closed"
+    verdict, member = await ask("fail")
+    assert verdict == "opened" and '"event":"open"' in member and '"fails":2' in member
+    assert (await ask("fail"))[0] == "open"  # a late failure: no second opening, no mail
+    verdict, wait = await ask("check")
+    assert verdict == "wait" and 0 < int(wait) <= 300
+    await asyncio.sleep(0.35)
+    assert (await ask("check"))[0] == "probe"
+    verdict, wait = await ask("check")  # the probe is out: nobody else calls
+    assert verdict == "wait" and 4000 < int(wait) <= 5000
+    assert (await ask("fail"))[0] == "open"  # the probe failed: a new cool-off
+    assert (await ask("check"))[0] == "wait"
+    await asyncio.sleep(0.35)
+    assert (await ask("check"))[0] == "probe"
+    verdict, member = await ask("ok")
+    assert verdict == "closed" and '"event":"close"' in member
+    assert (await ask("ok"))[0] == "ok" and await ask("check") == ("call", None)
+    state = await store.breaker_state("t")
+    assert (state["state"], state["opens"], state["closes"]) == ("closed", 1, 1)
+    assert await store.breaker_home("t").call("ZCARD", store.k_breaker_mail) == 2
+
+
+async def test_a_breaker_mail_the_mail_server_refused_is_mailed_once_it_answers(
+        store: Store, receiver: Receiver, roles: Roles, topic: Callable[..., Topic],
+        registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The opening's mail is owed in Redis until sent: one the mail server could not take
+    is mailed by consumer 0's sweep once it answers, once."""
+    monkeypatch.setattr(consumer, "ALERT_SWEEP", 0.2)
+    monkeypatch.setattr(store_module, "ALERT_HEAD_START_MS", 300)
+    port = free_port()  # nothing listens there yet
+    registry.save_alert(AlertConf(host="127.0.0.1", port=port, sender="dq@example.test"))
+    topic("down", max_attempts=5, breaker_threshold=1, breaker_cooloff=600,
+          emails=("ops@example.test",))
+    receiver.routes["/down"] = lambda req: (500, b"down")
+    roles.start("timer")
+    roles.start("consumer")
+    await store.add("down", "d1", {}, delay_ms=0)
+    home = store.breaker_home("down")
+    async with asyncio.timeout(10):
+        while not await home.call("ZCARD", store.k_breaker_mail):
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.6)  # the sweep finds the mail server still down: still owed
+    assert await home.call("ZCARD", store.k_breaker_mail) == 1
+    box = Mailbox()
+    ctl = Controller(box, hostname="127.0.0.1", port=port)
+    ctl.start()
+    try:
+        async with asyncio.timeout(10):
+            while not box.messages:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # several sweeps more: no second mail
+    finally:
+        ctl.stop()
+    [(rcpt, mail)] = box.messages
+    assert rcpt == ["ops@example.test"] and "circuit breaker open" in mail
+    assert await home.call("ZCARD", store.k_breaker_mail) == 0
+    assert len(receiver.calls(path="/down")) == 1  # open for 600 s: called once
 
 
 async def test_headers_arrive_at_the_receiver(
