@@ -9,6 +9,7 @@ receiver has seen every one.
     python bench/delivery.py --n 2000
     python bench/delivery.py --n 20000 --consumers 2 --timers 1
     python bench/delivery.py --n 20000 --cluster   (a local 3+3 Redis Cluster)
+    python bench/delivery.py --n 20000 --breaker 5    # the topic has a (closed) breaker
 
 The last line is `RESULT delivered=... seconds=... per_s=... late_p50_ms=... late_p99_ms=...
 late_max_ms=...`: `seconds` runs from the due instant to the last arrival, and lateness is
@@ -97,6 +98,8 @@ def main() -> None:
                     "(3 masters + 3 replicas) instead of one redis-server")
     ap.add_argument("--redis", metavar="URL", action="append", default=[],
                     help="run on this shard URL (repeat), started by you")
+    ap.add_argument("--breaker", type=int, default=0,
+                    help="the topic's breaker_threshold (0: no breaker); it stays closed")
     args = ap.parse_args()
 
     ctx = mp.get_context("fork")  # children start before this process runs any event loop
@@ -107,7 +110,7 @@ def main() -> None:
                             concurrency=args.concurrency, lease=60.0, retry_unit=1.0)
         port = free_port()
         register(settings.db, "bench", callback=f"http://127.0.0.1:{port}/cb",
-                 timeout_ms=10_000)
+                 timeout_ms=10_000, breaker_threshold=args.breaker)
         _run(ctx, settings, args, port, redis_pids)
 
 

@@ -10,8 +10,9 @@ closing each owe one mail to the topic's emails, mailed by the consumer that saw
 change, else by consumer 0's sweep (the owed record is in Redis, as for dead letters).
 
 A consumer caches a closed verdict for CACHE seconds (until its next failed call), so a
-closed breaker costs one script call per outcome and none per job; a consumer that saw no
-failure may thus still start calls for up to CACHE seconds after the breaker opened. With
+closed breaker costs no script call per job, one per failure, and a call or two per
+CACHE seconds for the successes (`Breakers.record`). A consumer that saw no failure
+may still start calls for up to CACHE seconds after the breaker opened. With
 the home shard down, the breaker counts as closed (jobs are called as if it had none) and
 a warning is logged.
 """
@@ -49,7 +50,12 @@ class Breakers:
         self.store = store
         self.lease_ms = lease_ms
         self._closed_until: dict[str, float] = {}  # topic -> monotonic time
+        # topic -> monotonic time until which the breaker is taken to be closed with no
+        # failure counted: a success then changes nothing and is not reported
+        self._clean_until: dict[str, float] = {}
         self._warned = 0.0
+        self._ok_busy: set[str] = set()  # topics with a success being reported
+        self._ok_more: set[str] = set()  # ... and more successes to report after it
 
     def _probe_ms(self, topic: Topic) -> int:
         return min(self.lease_ms, topic.timeout_ms + PROBE_SLACK_MS)
@@ -78,7 +84,10 @@ class Breakers:
             self._down(topic, exc)
             return False, 0
         if verdict == "call":
-            self._closed_until[topic.topic] = time.monotonic() + CACHE
+            until = time.monotonic() + CACHE
+            self._closed_until[topic.topic] = until
+            if not detail:  # no failure counted
+                self._clean_until[topic.topic] = until
             return False, 0
         if verdict == "probe":
             log.info("circuit breaker of topic %s: sending a probe", topic.topic)
@@ -87,10 +96,39 @@ class Breakers:
         return False, wait + int(wait * WAIT_SPREAD * random.random())
 
     async def record(self, topic: Topic, ok: bool, error: str) -> Change | None:
-        """Tell the breaker a call's outcome; the change it made, if it opened or closed."""
-        op = "ok" if ok else "fail"
+        """Tell the breaker a call's outcome; the change it made, if it opened or closed.
+
+        A success only resets the failures in a row, or closes the breaker: it is not
+        reported while the breaker was seen closed with no failure counted within CACHE
+        seconds, and successes are coalesced while this consumer's report of one is on
+        its way (the next ones are told as one more report). So a healthy topic's breaker
+        costs a script call or two per consumer every CACHE seconds, not one per callback;
+        a success may go unreported for up to CACHE seconds after another consumer's
+        failure, the breaker then counting that failure and the next ones as in a row."""
+        key = topic.topic
         if not ok:  # ask the breaker itself before the next call: it may be about to open
-            self._closed_until.pop(topic.topic, None)
+            self._closed_until.pop(key, None)
+            self._clean_until.pop(key, None)
+            return await self._tell(topic, "fail", error)
+        if self._clean_until.get(key, 0.0) > time.monotonic():
+            return None
+        if key in self._ok_busy:
+            self._ok_more.add(key)
+            return None
+        self._ok_busy.add(key)
+        change = None
+        try:
+            while True:
+                self._ok_more.discard(key)
+                change = await self._tell(topic, "ok", "") or change
+                if key not in self._ok_more:
+                    if key in self._closed_until:  # not opened meanwhile by a failure here
+                        self._clean_until[key] = time.monotonic() + CACHE
+                    return change
+        finally:
+            self._ok_busy.discard(key)
+
+    async def _tell(self, topic: Topic, op: str, error: str) -> Change | None:
         try:
             verdict, member = await self._ask(topic, op, error)
         except Exception as exc:

@@ -300,8 +300,9 @@ async def test_breaker_script_opens_once_hands_out_one_probe_and_owes_two_mails(
     async def ask(op: str) -> tuple[str, Any]:
         return await store.breaker("t", op, threshold=2, cooloff_ms=300, probe_ms=5000,
                                    error="HTTP 500")
-    assert await ask("check") == ("call", None)
+    assert await ask("check") == ("call", 0)
     assert (await ask("fail"))[0] == "closed"
+    assert await ask("check") == ("call", 1)
     assert (await ask("ok"))[0] == "ok"  # a success resets the failures in a row
     assert (await ask("fail"))[0] == "closed"
     verdict, member = await ask("fail")
@@ -319,7 +320,7 @@ async def test_breaker_script_opens_once_hands_out_one_probe_and_owes_two_mails(
     assert (await ask("check"))[0] == "probe"
     verdict, member = await ask("ok")
     assert verdict == "closed" and '"event":"close"' in member
-    assert (await ask("ok"))[0] == "ok" and await ask("check") == ("call", None)
+    assert (await ask("ok"))[0] == "ok" and await ask("check") == ("call", 0)
     state = await store.breaker_state("t")
     assert (state["state"], state["opens"], state["closes"]) == ("closed", 1, 1)
     assert await store.breaker_home("t").call("ZCARD", store.k_breaker_mail) == 2

@@ -1,6 +1,6 @@
 -- breaker: a topic's circuit breaker, kept on the topic's home shard (Store.breaker_home),
 -- so every consumer of every dq instance sees one state. One call per question or outcome:
---   check: may a job be called now?  {'call'} closed; {'probe'} open, cooled off, and no
+--   check: may a job be called now?  {'call', failures in a row} closed; {'probe'} open, cooled off, and no
 --          probe out: this caller is the probe (for ARGV[4] ms); {'wait', ms} otherwise
 --   ok:    a call succeeded: closes an open breaker ({'closed', member}), else resets
 --          the failures in a row ({'ok'})
@@ -23,7 +23,7 @@ local function owe(event, fails)
   return member
 end
 if op == 'check' then
-  if not open then return {'call'} end
+  if not open then return {'call', tonumber(redis.call('HGET', b, 'fails') or '0')} end
   local until_ms = tonumber(redis.call('HGET', b, 'opened') or '0') + tonumber(ARGV[3])
   if now < until_ms then return {'wait', until_ms - now} end
   local probe = tonumber(redis.call('HGET', b, 'probe') or '0')
