@@ -18,7 +18,8 @@ shard goes down and one when it comes back. Outage mails are rate-limited to one
 every `mail_every` seconds; an outage that starts within that window is mailed when the
 window ends if the shard is still down (with a count of the outages in between), and a
 recovery mail is sent only to answer an outage mail. So a flapping shard sends at most two
-mails per window, and the last mail always tells the current state.
+mails per window, and the last mail always tells the current state. Shards that change
+state in the same round share one mail (a Redis Cluster's partitions on one master).
 """
 
 from __future__ import annotations
@@ -218,17 +219,29 @@ class Checker:
 
     # mail -------------------------------------------------------------------------------
     def mail_due(self, now: float) -> None:
-        """Start the mails the states call for (see the module doc for the rules)."""
+        """Start the mails the states call for (see the module doc for the rules). Shards
+        that change state in the same round share one mail (a Redis Cluster's partitions
+        on a master that died go down together: one mail, not one per partition)."""
+        due: list[tuple[str, str]] = []
         for st in self.states.values():
             if st.up == st.mailed_up:
                 continue
             if not st.up and st.last_mail is not None and now - st.last_mail < self.mail_every:
                 continue  # an outage mail went out lately: wait
-            subject, text = self.mail_text(st)
+            due.append(self.mail_text(st))
             st.mailed_up, st.last_mail, st.outages = st.up, now, 0
-            task = asyncio.create_task(self._send(subject, text))
-            self.mails.add(task)
-            task.add_done_callback(self.mails.discard)
+        if not due:
+            return
+        subject, text = due[0]
+        if len(due) > 1:
+            down = sum(1 for subj, _ in due if subj.endswith("is DOWN"))
+            parts = ([f"{down} DOWN"] if down else []) + \
+                ([f"{len(due) - down} back UP"] if len(due) - down else [])
+            subject = f"[dq] {len(due)} redis shards changed state: {', '.join(parts)}"
+            text = "\n\n----\n\n".join(f"{subj}\n\n{body}" for subj, body in due)
+        task = asyncio.create_task(self._send(subject, text))
+        self.mails.add(task)
+        task.add_done_callback(self.mails.discard)
 
     def mail_text(self, st: ShardState) -> tuple[str, str]:
         host = socket.gethostname()

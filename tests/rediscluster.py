@@ -99,14 +99,24 @@ class RedisCluster:
     def alive(self) -> list[ClusterNode]:
         return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
 
+    def replicas_synced(self) -> bool:
+        """Every live replica has its master's data (a replica still syncing cannot be
+        promoted when its master dies)."""
+        for n in self.alive():
+            info = n.cli("INFO", "replication")
+            if "role:slave" in info and "master_link_status:up" not in info:
+                return False
+        return True
+
     def wait_ok(self, timeout: float = 30.0) -> None:
-        """Until every live node says cluster_state:ok and sees the same masters."""
+        """Until every live node says cluster_state:ok and sees the same masters, and every
+        replica is in sync."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 if all("cluster_state:ok" in n.cli("CLUSTER", "INFO") for n in self.alive()) \
                         and len({tuple(sorted(self.masters_seen_by(n)))
-                                 for n in self.alive()}) == 1:
+                                 for n in self.alive()}) == 1 and self.replicas_synced():
                     return
             except (RuntimeError, subprocess.TimeoutExpired):
                 pass

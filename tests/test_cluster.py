@@ -128,6 +128,22 @@ def partitions_per_master(c: RedisCluster) -> dict[int, set[str]]:
             for m in c.masters()}
 
 
+def partitions_served(c: RedisCluster) -> dict[int, set[str]]:
+    """The partitions (by tag) whose slot each master serves, by CLUSTER SLOTS."""
+    r = redis.Redis(port=c.alive()[0].port)
+    try:
+        rows = r.execute_command("CLUSTER SLOTS")
+    finally:
+        r.close()
+    out: dict[int, set[str]] = {}
+    for t in partition_tags(PARTITIONS):
+        slot = key_slot(t.encode())
+        for row in rows:
+            if int(row[0]) <= slot <= int(row[1]):
+                out.setdefault(int(row[2][1]), set()).add(t)
+    return out
+
+
 def keys_per_master(c: RedisCluster) -> dict[int, int]:
     return {m.port: int(m.cli("DBSIZE").strip()) for m in c.masters()}
 
@@ -340,3 +356,43 @@ async def test_dq_move_takes_a_plain_store_onto_the_cluster_with_due_times(
         missing = await wait_delivered(seen, {f"now{i}" for i in range(100)}, 60)
         assert not missing, f"{len(missing)} moved jobs never delivered"
         assert not {k for k in seen.ok if k.startswith("later")}
+
+
+async def test_a_master_lost_is_one_mail_for_all_its_partitions(
+        redis_cluster: RedisCluster, tmp_path: Path) -> None:
+    """The partitions on a master that dies go down in the same round: one mail says so
+    (not one per partition), and one says they are back after the failover."""
+    from dq.checker import Checker
+    from dq.worker import Context
+    from tests.test_health import make_settings
+
+    settings = make_settings(tmp_path, [redis_cluster.url], shard_down_after=0.5,
+                             cluster_partitions=PARTITIONS)
+    shards = ShardSet.from_urls(settings.redis, command_timeout=2.0,
+                                cluster_partitions=PARTITIONS)
+    c = Checker(Context(settings, "checker"), shards, mail_every=100.0)
+    sent: list[tuple[str, str]] = []
+
+    async def fake_send(subject: str, text: str) -> bool:
+        sent.append((subject, text))
+        return True
+
+    c._send = fake_send  # type: ignore[method-assign]
+    try:
+        await c.check()
+        victim = (await asyncio.to_thread(redis_cluster.masters))[0]
+        on_victim = (await asyncio.to_thread(partitions_served, redis_cluster))[victim.port]
+        assert len(on_victim) >= 2
+        victim.kill9()
+        deadline = time.monotonic() + 30
+        while len(sent) < 2 and time.monotonic() < deadline:
+            await c.check()
+            await asyncio.sleep(0.2)
+        subjects = [s for s, _ in sent]
+        assert subjects[:1] == [f"[dq] {len(on_victim)} redis shards changed state: "
+                                f"{len(on_victim)} DOWN"], subjects
+        assert subjects[1:2] == [f"[dq] {len(on_victim)} redis shards changed state: "
+                                 f"{len(on_victim)} back UP"], subjects
+        assert all(f"{redis_cluster.url}#" in sent[0][1] for _ in on_victim)
+    finally:
+        await shards.close()
