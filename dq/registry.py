@@ -40,6 +40,7 @@ BODY_FORMATS = ("form", "json", "query")
 _MYSQL = ("mysql", "mariadb")
 _TABLE_ARGS = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"}
 _TINYINT = sa.SmallInteger().with_variant(mysql.TINYINT(), *_MYSQL)
+BREAKER_COOLOFF = 60  # seconds, a topic's breaker_cooloff unless set
 MAX_RATE = 100_000  # a topic's rate_limit, callbacks per second
 MAX_CONCURRENCY = 10_000  # a topic's concurrency
 
@@ -90,7 +91,7 @@ class TopicRow(Base):
     paused: Mapped[int] = _int(0, _TINYINT)
     retry_policy: Mapped[str] = _str(255, DEFAULT_POLICY)
     breaker_threshold: Mapped[int] = _int(0)
-    breaker_cooloff: Mapped[int] = _int(60)
+    breaker_cooloff: Mapped[int] = _int(BREAKER_COOLOFF)
     headers: Mapped[str] = _str(hdr.MAX_STORED)
     updated_at: Mapped[datetime | None] = mapped_column(sa.DateTime, nullable=True)  # UTC
 
@@ -186,7 +187,7 @@ class Topic:
     paused: bool = False  # adds are taken, nothing is called
     retry_policy: str = DEFAULT_POLICY  # dq/retry_policy.py
     breaker_threshold: int = 0  # failures in a row that open the breaker, 0 = no breaker
-    breaker_cooloff: int = 60  # seconds an open breaker waits before its probe
+    breaker_cooloff: int = BREAKER_COOLOFF  # seconds an open breaker waits before its probe
     headers: hdr.Headers = ()  # fixed request headers (dq/headers.py)
 
     def __post_init__(self) -> None:
@@ -209,7 +210,8 @@ class Topic:
         fix("paused", bool(self.paused))
         fix("retry_policy", self.retry_policy.strip() or DEFAULT_POLICY)
         fix("breaker_threshold", max(0, self.breaker_threshold))
-        fix("breaker_cooloff", self.breaker_cooloff if self.breaker_cooloff > 0 else 60)
+        fix("breaker_cooloff", self.breaker_cooloff if self.breaker_cooloff > 0
+            else BREAKER_COOLOFF)
         fix("headers", tuple((str(k), str(v)) for k, v in self.headers))
 
     @property
