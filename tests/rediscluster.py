@@ -108,7 +108,7 @@ class RedisCluster:
                 return False
         return True
 
-    def wait_ok(self, timeout: float = 30.0) -> None:
+    def wait_ok(self, timeout: float = 60.0) -> None:
         """Until every live node says cluster_state:ok and sees the same masters, and every
         replica is in sync."""
         deadline = time.monotonic() + timeout
