@@ -843,6 +843,19 @@ class Store:
         """The topics that may have jobs in a held list on `shard`."""
         return {t.decode() for t in await shard.call("SMEMBERS", self.k_held_set)}
 
+    async def flow_totals(self, topic: str) -> dict[str, int] | None:
+        """A topic's calls in flight (counted for its concurrency) and held jobs, summed
+        over the shards; None when a shard did not answer (no value rather than a wrong one)."""
+        total = {"inflight": 0, "held": 0}
+        for shard in self.shards.shards:
+            try:
+                state = await self.flow_state(shard, topic)
+            except DqError:
+                return None
+            total["inflight"] += int(state["inflight"])
+            total["held"] += int(state["held"])
+        return total
+
     async def flow_state(self, shard: Shard, topic: str) -> dict[str, float]:
         """A topic's flow state on `shard`: tokens, calls in flight, jobs held."""
         tok, n = await shard.call("HMGET", self.k_flow, f"{topic}|tok", f"{topic}|n")

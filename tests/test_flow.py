@@ -262,3 +262,30 @@ async def test_flow_control_on_a_redis_cluster_holds_over_its_partitions(
             registry.close()
     finally:
         cluster.stop()
+
+
+async def test_metrics_show_a_paused_topics_held_jobs(redis_server: RedisProcess,
+                                                     tmp_path: Path) -> None:
+    from tests.test_web_api import open_web
+
+    async with open_web(redis_server.url, f"sqlite:///{tmp_path / 'web.sqlite3'}") as web:
+        web.registry.save_topic(Topic(topic="p", callback="http://127.0.0.1:9/", paused=True))
+        web.registry.save_topic(Topic(topic="c", callback="http://127.0.0.1:9/",
+                                      concurrency=2))
+        for i in range(5):
+            await web.store.add("p", str(i), {}, delay_ms=0)
+        await web.store.add("c", "1", {}, delay_ms=0)
+        shard = web.store.shards.shards[0]
+        await web.store.move_due(shard, range(web.store.buckets))
+        limits = [FlowLimit("c", concurrency=2), FlowLimit("p", paused=True)]
+        [got] = await web.store.claim(shard, 10, [1, 2, 3], 30_000, limits)
+        assert got.topic == "c" and got.flow_lease
+        text = (await web.api.get("/metrics")).text
+        assert 'dq_topic_paused{topic="p"} 1.0' in text
+        assert 'dq_topic_held_jobs{topic="p"} 5.0' in text
+        assert 'dq_topic_calls_in_flight{topic="c"} 1.0' in text
+        assert 'dq_topic_paused{topic="c"} 0.0' in text
+        assert await web.store.release(got)
+        assert not await web.store.release(got)  # freed once only
+        text = (await web.api.get("/metrics")).text
+        assert 'dq_topic_calls_in_flight{topic="c"} 0.0' in text

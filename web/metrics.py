@@ -71,7 +71,8 @@ async def metrics(request: Request) -> Response:
         for state_name, n in view.depths.items():
             jobs.add_metric([view.name, state_name], n)
     families = [events, up, jobs, await shard_memory(st),
-                *await delivery_histograms(st.store, topics), *await breakers(st.store, topics)]
+                *await delivery_histograms(st.store, topics), *await breakers(st.store, topics),
+                *await flow(st.store, topics)]
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Snapshot(families))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -91,6 +92,26 @@ async def breakers(store: Store, topics: list[Topic]) -> list[Metric]:
         moves.add_metric([key, "open"], int(b["opens"]))
         moves.add_metric([key, "closed"], int(b["closes"]))
     return [gauge, moves]
+
+
+async def flow(store: Store, topics: list[Topic]) -> list[Metric]:
+    """Per topic with flow control (rate_limit, concurrency or paused): whether it is
+    paused, its calls in flight counted against its concurrency, and its jobs held back,
+    summed over the shards."""
+    paused = GaugeMetricFamily("dq_topic_paused", "1 while the topic is paused (adds are "
+                               "kept, nothing is called), else 0", labels=["topic"])
+    inflight = GaugeMetricFamily("dq_topic_calls_in_flight", "Callbacks of the topic in "
+                                 "flight, as counted against its concurrency", labels=["topic"])
+    held = GaugeMetricFamily("dq_topic_held_jobs", "Ready jobs of the topic held back by its "
+                             "rate_limit, concurrency or pause", labels=["topic"])
+    controlled = [t for t in topics if t.flow_controlled]
+    found = await asyncio.gather(*(store.flow_totals(t.topic) for t in controlled))
+    for t, totals in zip(controlled, found, strict=True):
+        paused.add_metric([t.topic], 1 if t.paused else 0)
+        if totals is not None:
+            inflight.add_metric([t.topic], totals["inflight"])
+            held.add_metric([t.topic], totals["held"])
+    return [paused, inflight, held]
 
 
 def _shard_label(shard: Shard) -> str:
