@@ -12,7 +12,8 @@ as its own task:
   settings'): retry after the wait the topic's retry_policy gives (dq/retry_policy.py; by
   default (2n+1) retry units).
 - a 429 or 503 reply with Retry-After: the job waits that long (at least 1 s, at most
-  `retry_after_max`), parked without counting an attempt, its error shown meanwhile.
+  `retry_after_max`), rescheduled without counting an attempt (the call is counted in the
+  statistics as a failed one), its error shown meanwhile.
 - a topic with a circuit breaker (dq/breaker.py): while it is open, claimed jobs are parked
   until the cool-off ends, not called and not counted; every outcome is told to it, and an
   opening or closing is mailed to the topic's emails (owed until sent, like dead letters).
@@ -422,7 +423,8 @@ class Consumer:
             # number is sent then), however often it says so.
             wait = min(max(1.0, out.retry_after), self.settings.retry_after_max)
             error.update(attempts=c.attempt, deferred=True)
-            await self.store.park(c, int(wait * 1000), error=error)
+            await self.store.retry(c, int(wait * 1000), error=error, took_ms=out.ms,
+                                   counted=False)
             self.deferred += 1
             return
         if called and c.attempt + 1 < max_attempts(topic, self.settings):

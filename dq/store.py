@@ -883,18 +883,20 @@ class Store:
         return bool(res[0])
 
     async def retry(self, c: Claimed, delay_ms: int, *, error: dict[str, Any] | None = None,
-                    took_ms: int | None = None) -> bool:
+                    took_ms: int | None = None, counted: bool = True) -> bool:
         """Reschedule after a failed attempt, keeping its `error` as the job's last error
         (`lookup` shows it); False when the job changed meanwhile. As the original did, the
         body's notify_time becomes the retry's due time and its exp_notify_nums counts the
-        failed attempts so far."""
+        failed attempts so far. Not `counted` (the receiver asked to wait: Retry-After),
+        the call is counted in the statistics but uses no attempt."""
         b = self.bucket(c.tid)
         due_ms = int(time.time() * 1000) + delay_ms
-        failed = c.body.get("exp_notify_nums")
-        body = {**c.body, "notify_time": self.fmt_time(due_ms),
-                "exp_notify_nums": failed + 1 if type(failed) is int else 1}
+        body = {**c.body, "notify_time": self.fmt_time(due_ms)}
+        if counted:
+            failed = c.body.get("exp_notify_nums")
+            body["exp_notify_nums"] = failed + 1 if type(failed) is int else 1
         text = payload(version=new_version(), priority=c.priority, due_ms=due_ms,
-                       attempt=c.attempt + 1, set_ms=c.set_ms, body=fastjson.dumps(body))
+                       attempt=c.attempt + counted, set_ms=c.set_ms, body=fastjson.dumps(body))
         keys = (self.k_jobs, self.k_inflight, self.k_delay[b], self.k_wake[b],
                 self.k_stat(c.topic), self.k_minute(), self.k_hist(c.topic), self.k_dead_err)
         res = await c.shard.script(
@@ -902,15 +904,12 @@ class Store:
                             fastjson.dumps(error or {}), *self.observe(c, took_ms)))
         return bool(res[0])
 
-    async def park(self, c: Claimed, delay_ms: int, *,
-                   error: dict[str, Any] | None = None) -> bool:
-        """Put a claimed job back in its delay bucket, due in `delay_ms`, without counting an
-        attempt (it was not called, or its receiver asked it to wait: then `error` is shown
-        while it waits); False when it changed meanwhile."""
+    async def park(self, c: Claimed, delay_ms: int) -> bool:
+        """Put a claimed job that was not called back in its delay bucket, due in `delay_ms`,
+        without counting an attempt; False when it changed meanwhile."""
         b = self.bucket(c.tid)
-        keys = (self.k_jobs, self.k_inflight, self.k_delay[b], self.k_wake[b], self.k_dead_err)
-        args = (c.tid, c.version, delay_ms, fastjson.dumps(error) if error else "")
-        return bool(await c.shard.script("park", keys, args))
+        keys = (self.k_jobs, self.k_inflight, self.k_delay[b], self.k_wake[b])
+        return bool(await c.shard.script("park", keys, (c.tid, c.version, delay_ms)))
 
     # circuit breakers -------------------------------------------------------------------
     def k_breaker(self, topic: str) -> str:
