@@ -298,6 +298,12 @@ async def test_console_and_metrics_show_a_cluster_as_one_shard_summed_over_parti
         rows = {s["name"]: s for s in (await w.api.get("/api/shards")).json()}
         assert rows["cl2"]["url"].startswith("redis+cluster://:***@")
         assert not rows["cl2"]["up"] and "AUTH" in rows["cl2"]["error"]  # it has none
+        from tests.test_web_pages import login
+
+        await login(w.anon)
+        for page in ("/", "/shards"):  # the pages show it too
+            r = await w.anon.get(page)
+            assert r.status_code == 200 and redis_cluster.url in r.text, page
 
 
 async def test_dq_move_takes_a_plain_store_onto_the_cluster_with_due_times(
