@@ -289,3 +289,32 @@ async def test_metrics_show_a_paused_topics_held_jobs(redis_server: RedisProcess
         assert not await web.store.release(got)  # freed once only
         text = (await web.api.get("/metrics")).text
         assert 'dq_topic_calls_in_flight{topic="c"} 0.0' in text
+
+
+async def test_a_paused_topic_takes_adds_over_tcp_where_an_offline_one_refuses(
+        redis_server: RedisProcess, tmp_path: Path) -> None:
+    from dq.client import AsyncDqClient
+    from dq.errors import DqError
+    from tests.test_server import make_topic, start_server
+
+    running, ctx, task = await start_server(tmp_path, [redis_server.url])
+    client = AsyncDqClient([running.addr])
+    try:
+        running.registry.save_topic(make_topic("held", paused=True))
+        async with asyncio.timeout(10):  # until the server's topic cache has it
+            while True:
+                try:
+                    await client.add("held", "1", {"a": 1}, delay=0)
+                    break
+                except DqError as exc:
+                    assert "not registered" in exc.msg
+                    await asyncio.sleep(0.1)
+        assert await running.store.get("held", "1") is not None
+        with pytest.raises(DqError, match="offline"):
+            await client.add("off", "1", {}, delay=0)
+    finally:
+        await client.close()
+        ctx.stopping.set()
+        await asyncio.wait_for(task, 10)
+        await running.store.shards.close()
+        running.registry.close()
