@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
+from dq import cluster
 from dq.adopt import ADOPT_EVERY, Adopter
 from dq.alert import send_alert
 from dq.config import Settings
@@ -373,6 +374,10 @@ async def export_loop(ctx: Context, exporter: StatExporter,
                 await ctx.stopping.wait()
 
 
+async def _warn_stray(shards: ShardSet, prefix: str) -> None:
+    await cluster.warn_stray(shards.shards, prefix)
+
+
 async def run(ctx: Context, *, registry: Registry | None = None,
               mail_every: float = MAIL_EVERY) -> None:
     """Ping every shard every checker_interval seconds until ctx.stopping is set."""
@@ -406,6 +411,9 @@ async def run(ctx: Context, *, registry: Registry | None = None,
     if registry is not None:
         duties.append(asyncio.create_task(
             export_loop(ctx, StatExporter(store, registry)), name="stat-export"))
+    # a Redis Cluster's jobs under another cluster_partitions count: said once, at start
+    duties.append(asyncio.create_task(_warn_stray(shards, settings.prefix),
+                                      name="cluster-stray"))
     try:
         while not ctx.stopping.is_set():
             started = time.monotonic()

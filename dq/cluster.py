@@ -387,3 +387,54 @@ class PartitionClient:
 
     async def aclose(self) -> None:
         await self.map.close()
+
+
+async def stray_partitions(cmap: ClusterMap, tags: Sequence[str], prefix: str,
+                           ) -> dict[str, int]:
+    """Partitions of another `cluster_partitions` count that hold jobs on the cluster: tag
+    -> jobs there. dq reads only the partitions of its count, so jobs under other tags
+    would wait forever (the count was changed after jobs were stored)."""
+    await cmap.refresh()
+    known = set(tags)
+    pattern = "{dq:*}" + "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "jobs"
+    found: dict[str, int] = {}
+    for addr in sorted(cmap.masters):
+        conn, cursor = cmap.conn(addr), 0
+        while True:
+            cursor, keys = await conn.call("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
+            for raw in keys:
+                key = raw.decode()
+                tag = key[:key.index("}") + 1]
+                if tag not in known and key == tag + prefix + "jobs":
+                    found[tag] = int(await conn.call("HLEN", key))
+            cursor = int(cursor)
+            if not cursor:
+                break
+    return {tag: n for tag, n in found.items() if n}
+
+
+async def warn_stray(shards: Sequence[Any], prefix: str) -> dict[str, dict[str, int]]:
+    """Log an error for each cluster that holds jobs in partitions this process does not
+    read; per cluster label, what `stray_partitions` found."""
+    maps: dict[int, tuple[ClusterMap, list[str]]] = {}
+    for shard in shards:
+        conn = shard.conn
+        if isinstance(conn, PartitionConnection):
+            maps.setdefault(id(conn.map), (conn.map, []))[1].append(conn.tag)
+    out = {}
+    for cmap, tags in maps.values():
+        try:
+            stray = await stray_partitions(cmap, tags, prefix)
+        except (DqError, ResponseError, OSError) as exc:
+            log.warning("redis cluster %s: cannot look for jobs in other partitions (%s)",
+                        cmap.label, exc)
+            continue
+        if stray:
+            log.error("redis cluster %s holds %d job(s) in %d partition(s) that "
+                      "cluster_partitions = %d does not read (%s): it was changed after jobs "
+                      "were stored; set it back to the count they were stored with, or move "
+                      "them (docs: README, 'Plain shards or a Redis Cluster')", cmap.label,
+                      sum(stray.values()), len(stray), len(tags),
+                      ", ".join(sorted(stray)[:5]))
+        out[cmap.label] = stray
+    return out

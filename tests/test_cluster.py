@@ -402,3 +402,23 @@ async def test_a_master_lost_is_one_mail_for_all_its_partitions(
         assert all(f"{redis_cluster.url}#" in sent[0][1] for _ in on_victim)
     finally:
         await shards.close()
+
+
+async def test_jobs_under_another_partition_count_are_reported_not_silently_stranded(
+        redis_cluster: RedisCluster, caplog: pytest.LogCaptureFixture) -> None:
+    from dq.cluster import warn_stray
+
+    old = Store(ShardSet.from_urls([redis_cluster.url], cluster_partitions=4))
+    new = ShardSet.from_urls([redis_cluster.url], cluster_partitions=PARTITIONS)
+    try:
+        for i in range(40):
+            await old.add("cl", f"s{i}", {}, delay_ms=3_600_000)
+        assert await warn_stray(old.shards.shards, "dq:") == {redis_cluster.url: {}}
+        found = await warn_stray(new.shards, "dq:")
+        stray = found[redis_cluster.url]
+        assert set(stray) == set(partition_tags(4)) - set(partition_tags(PARTITIONS))
+        assert sum(stray.values()) == 40
+        assert "cluster_partitions = 16 does not read" in caplog.text
+    finally:
+        await old.shards.close()
+        await new.close()
