@@ -141,6 +141,11 @@ class Settings:
     redis_timeout: float = setting(5.0, "seconds a shard may leave commands unanswered "
                                    "before they count as failed", group=SUPERVISION,
                                    metavar="S")
+    add_timeout: float = setting(0.4, "seconds an add waits for a shard's answer before it "
+                                 "is tried on the next shard (the silent one is passed over "
+                                 "for a while; a late write there is refused); an add is "
+                                 "answered within about twice this; 0 = wait up to "
+                                 "redis_timeout", group=SUPERVISION, metavar="S")
     log_dir: str = setting("", "also write daily request_/notify_/err_/notice_YYYYMMDD.txt "
                            "files here (php-delayqueue's names)", group=LOGS,
                            shown="stderr only (DATA_DIR/log with daemon)", metavar="DIR")
@@ -255,6 +260,9 @@ def _validate(s: Settings) -> Settings:
     need(s.retry_after_max >= 1, "retry_after_max must be at least 1 second")
     need(s.lease > 0, "lease must be a positive number of seconds")
     need(s.redis_timeout > 0, "redis_timeout must be a positive number of seconds")
+    need(0 <= s.add_timeout <= s.redis_timeout, f"add_timeout must be 0 (off) or a number of "
+         f"seconds up to redis_timeout ({s.redis_timeout:g}); php-delayqueue's PHP client "
+         f"waits 1 s for a reply, so keep it under 0.5 (got {s.add_timeout:g})")
     need(s.idle_timeout >= 0, "idle_timeout must be 0 (never close a quiet connection) or a "
          "positive number of seconds")
     need(s.grace >= 0, "grace must be 0 or more seconds")

@@ -65,6 +65,8 @@ _REFUSALS: tuple[tuple[str, str, str], ...] = (
     ("MISCONF ", "cannot save to disk (MISCONF) and refuses writes",
      "its operator must fix its disk or save settings"),
 )
+CLOCK_FRESH = 5.0  # seconds a comparison of the shard's clock with ours is used for
+CLOCK_MARGIN_MS = 5  # what the two clocks may drift apart in that while, and more
 REFUSAL_LOG_EVERY = 10.0  # seconds between a connection's log lines about refused writes
 
 
@@ -144,6 +146,12 @@ class RespConnection:
         self.heard = 0.0
         self._watch: asyncio.TimerHandle | None = None
         self._why = ""  # why this side dropped the connection
+        # The shard's clock (epoch ms) minus this process's monotonic ms, from its last TIME:
+        # never more than the true difference (the reply is read after TIME ran), so a
+        # deadline built from it falls no later on the shard than meant (`deadline`).
+        self.clock_ms: float | None = None
+        self._clock_at = 0.0  # monotonic: when clock_ms was measured
+        self._clock_asked = False
         self._refused = 0  # writes the shard refused since the last log line about them
         self._refusal_logged = -REFUSAL_LOG_EVERY  # monotonic
         self._out: list[bytes] = []
@@ -202,6 +210,26 @@ class RespConnection:
             hello.append(("SELECT", db))
         for cmd in hello:
             await self.call(*cmd)
+        self._clock(await self.call("TIME"), None)
+
+    def _clock(self, reply: Any, error: BaseException | None) -> None:
+        self._clock_asked = False
+        if error is None and isinstance(reply, list) and len(reply) == 2:
+            now = time.monotonic()
+            self.clock_ms = int(reply[0]) * 1000 + int(reply[1]) / 1000 - now * 1000
+            self._clock_at = now
+
+    def deadline(self, seconds: float) -> str:
+        """The shard-clock epoch ms `seconds` from now, less a margin for the clocks'
+        drift since they were compared; '' when they have not been (no deadline). The
+        comparison is renewed (one TIME) when older than CLOCK_FRESH."""
+        if self.clock_ms is None:
+            return ""
+        now = time.monotonic()
+        if now - self._clock_at > CLOCK_FRESH and not self._clock_asked and self.connected:
+            self._clock_asked = True
+            self.send_then(self._clock, "TIME")
+        return str(int(now * 1000 + self.clock_ms + seconds * 1000) - CLOCK_MARGIN_MS)
 
     async def connect(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

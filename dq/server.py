@@ -272,7 +272,7 @@ class Handler:
         tried once more on its own: None when stored, else the error for its client."""
         try:
             try:
-                await shard.evalsha(self.store.add_args([job]))
+                await self.store.add_once(shard, job)
             except DqError as exc:
                 if exc.err != UNAVAILABLE or isinstance(exc, ShardRefused):
                     raise
@@ -283,7 +283,7 @@ class Handler:
                 if shard is failed:
                     raise
                 self.stats["failover"] += 1
-                await shard.evalsha(self.store.add_args([job]))
+                await self.store.add_once(shard, job)
         except DqError as exc:
             if isinstance(exc, ShardRefused):
                 exc = exc.for_add()  # logged once per shard every few seconds by dq.resp

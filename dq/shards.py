@@ -164,6 +164,28 @@ class Shard:
         if not fut.cancelled():
             fut.exception()  # retrieved here; the awaiting callers see it too
 
+    def open_error(self) -> DqError | None:
+        """The error a call fails with at once while the breaker is open, else None."""
+        if self.open_until and time.monotonic() < self.open_until:
+            return DqError(UNAVAILABLE, self._broken)
+        return None
+
+    async def connect(self) -> None:
+        """Open the shard's connection now (a failure counts, as a failed call does)."""
+        if (err := self.open_error()) is not None:
+            raise err
+        try:
+            await self.conn.connect()
+        except DqError as exc:
+            self._mark_failure(exc)
+            raise
+
+    def suspect(self, why: str) -> None:
+        """An add found the shard silent (add_timeout): pass it over for a while, as if a
+        call had failed, so that the next adds go to the next shard at once."""
+        self._mark_failure(DqError(UNAVAILABLE, f"redis shard {self.label} {why}; retry "
+                                   "shortly"))
+
     def _mark_failure(self, exc: DqError) -> None:
         self.failures += 1
         if exc.err != UNAVAILABLE or isinstance(exc, ShardRefused):

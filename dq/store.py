@@ -35,6 +35,7 @@ from redis.exceptions import NoScriptError
 
 from dq import fastjson
 from dq.errors import UNAVAILABLE, DqError
+from dq.fence import Fence
 from dq.resp import ShardRefused
 from dq.shards import SCRIPTS, Shard, ShardSet
 
@@ -279,8 +280,11 @@ class Store:
     """Job operations over a ShardSet, with keys under one prefix."""
 
     def __init__(self, shards: ShardSet, *, prefix: str = "dq:", buckets: int = 8,
-                 zone: ZoneInfo | None = None, orig_prefix: str = "") -> None:
+                 zone: ZoneInfo | None = None, orig_prefix: str = "",
+                 add_timeout: float = 0.0) -> None:
         self.shards = shards
+        # Adds answered within add_timeout even when their shard hangs (dq/fence.py).
+        self.fence = Fence(self, add_timeout)
         self.prefix = prefix
         self.buckets = buckets
         self.zone = zone
@@ -433,13 +437,16 @@ class Store:
             log.debug("eviction failed: %s", task.exception())
 
     # batched script calls ---------------------------------------------------------------
-    def batch_args(self, script: str, parts: Sequence[Part]) -> tuple[Any, ...]:
+    def batch_args(self, script: str, parts: Sequence[Part],
+                   deadline: str = "") -> tuple[Any, ...]:
         """EVALSHA arguments of one call of a batched script (add, ack) for these jobs, all
-        on one shard: the script's own keys and arguments, then each job's."""
+        on one shard: the script's own keys and arguments, then each job's. An add call
+        may carry a deadline on the shard's clock (dq/fence.py)."""
         args: list[Any] = [self.day(), MINUTE_TTL]
         if script == "add":
             keys = [self.k_jobs, self.k_inflight, self.k_dead, self.k_dead_err, self.k_minute(),
                     self.k_guests]
+            args.append(deadline)
         elif script == "evict":
             keys = [self.k_jobs, self.k_guests, self.k_moving, self.k_inflight, self.k_dead]
             args = []
@@ -450,8 +457,13 @@ class Store:
             args += part_args
         return (SCRIPTS[script][0], len(keys), *keys, *args)
 
-    def add_args(self, jobs: Sequence[AddJob]) -> tuple[Any, ...]:
-        return self.batch_args("add", jobs)
+    def add_args(self, jobs: Sequence[AddJob], deadline: str = "") -> tuple[Any, ...]:
+        return self.batch_args("add", jobs, deadline)
+
+    async def add_once(self, shard: Shard, job: AddJob) -> Any:
+        """One add on `shard` on its own, within add_timeout (dq/fence.py): its reply
+        values, or DqError "unavailable"."""
+        return await self.fence.add_once(shard, job)
 
     def queue(self, script: str, shard: Shard, part: Part, done: Done) -> None:
         """Queue one job's call of a batched script without a coroutine (the server's hot
@@ -476,12 +488,17 @@ class Store:
         reads: nothing more joins it), each job told its result as soon as Redis answers."""
         items = self._queued.pop((script, shard))
         width = BATCHED[script]
+        fenced = script == "add" and self.fence.timeout > 0
         for i in range(0, len(items), ADD_BATCH):
             chunk = items[i:i + ADD_BATCH]
             done = [d for _, d in chunk]
             try:
-                shard.conn.send_then(functools.partial(self._settle, done, width), "EVALSHA",
-                                     *self.batch_args(script, [part for part, _ in chunk]))
+                if fenced:
+                    self.fence.send(shard, [part for part, _ in chunk], done)
+                else:
+                    shard.conn.send_then(functools.partial(self._settle, done, width),
+                                         "EVALSHA",
+                                         *self.batch_args(script, [part for part, _ in chunk]))
             except Exception as exc:  # a bug here must fail these jobs, not strand them
                 self._settle(done, width, None, exc)
 
@@ -514,6 +531,8 @@ class Store:
                 return await fut
             except (NoScriptError, DqError):
                 pass  # Shard.evalsha below reloads scripts, reconnects, marks health
+        if script == "add":
+            return await self.add_once(shard, part)
         return await shard.evalsha(self.batch_args(script, [part]))
 
     async def add(self, topic: str, job_id: str, body: dict[str, Any], *, priority: int = 2,
@@ -534,7 +553,7 @@ class Store:
                                           exclude=(failed.name,))
                 if shard is failed:
                     raise
-                res = await shard.evalsha(self.add_args([job]))
+                res = await self.add_once(shard, job)
         except ShardRefused as exc:
             raise exc.for_add() from None
         return AddResult(replaced=bool(res[0]), due_ms=int(res[1]), shard=shard.name)

@@ -102,7 +102,7 @@ def open_store(settings: Settings, extra_shards: list[tuple[str, str]] | None = 
                                 cluster_partitions=settings.cluster_partitions)
     shards.attach_health(HealthReader(health_path(settings)))
     return Store(shards, prefix=settings.prefix, buckets=settings.buckets, zone=settings.zone,
-                 orig_prefix=settings.adopt_prefix)
+                 orig_prefix=settings.adopt_prefix, add_timeout=settings.add_timeout)
 
 
 # ---------------------------------------------------------------------------------------

@@ -4,14 +4,27 @@ a read-only replica) says so in a line, and a shard that hangs does not hold add
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import json
 import logging
+import os
+import signal
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
-from tests.conftest import RedisProcess
+from dq.registry import Registry, Topic
+from dq.shards import ShardSet
+from dq.store import Store
+from tests.conftest import RedisProcess, free_port
+from tests.masters import Master
+from tests.receiver import Receiver
 from tests.test_server import Running, frame, raw_exchange, start_server
 
 SECRET = "body-marker-" + "x" * 200  # in every job's body: must never reach a log line
@@ -102,3 +115,213 @@ async def test_a_read_only_replica_says_so(
         await admin.execute_command("REPLICAOF", "NO", "ONE")
         await admin.aclose()
         await stop(running, ctx, task)
+
+
+# -- a shard that hangs: every add answered within the PHP client's 1 s --------------------
+
+class PhpLikeClient:
+    """What php-delayqueue's PHP client does: one connection, opened once and never
+    reopened, and a 1 s receive timeout (SO_RCVTIMEO) on each reply."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.sock.settimeout(1.0)
+        self.buf = b""
+
+    def exchange(self, obj: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        t0 = time.monotonic()
+        self.sock.sendall(frame(obj))
+        while len(self.buf) < 4 or len(self.buf) < 4 + int(self.buf[:4]):
+            chunk = self.sock.recv(65536)  # socket.timeout after 1 s: the PHP client fails
+            assert chunk, "the server closed the connection"
+            self.buf += chunk
+        n = int(self.buf[:4])
+        reply, self.buf = json.loads(self.buf[4:4 + n]), self.buf[4 + n:]
+        return reply, time.monotonic() - t0
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wait_ping(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if raw_exchange(port, frame({"cmd": "ping"}), timeout=1.0)[0]["code"] == 1:
+                return
+        time.sleep(0.1)
+    raise AssertionError("dq-server did not answer ping")
+
+
+async def test_adds_are_answered_within_a_second_while_a_shard_hangs_and_fire_once(
+        tmp_path: Path, redis_factory: Any) -> None:
+    """A real dq-master on two shards; one is stopped (SIGSTOP: its connections stay open,
+    nothing is answered) while a PHP-like client adds jobs: each add is answered, stored,
+    well within 1 s (today the first ones waited redis_timeout, 5 s). The stopped shard
+    wakes up within redis_timeout, so it then runs the adds that were queued to it:
+    they were given up and written to the other shard meanwhile, and must not be written
+    there too (both copies would fire). Each job fires exactly once."""
+    a, b = redis_factory(), redis_factory()
+    db = f"sqlite:///{tmp_path / 'dq.sqlite3'}"
+    registry = Registry(db)
+    owners = ShardSet.from_urls([a.url, b.url])
+    sa, sb = aioredis.Redis.from_url(a.url), aioredis.Redis.from_url(b.url)
+    async with Receiver() as rcv:
+        registry.save_topic(Topic(topic="t", name="t", callback=rcv.url("/t"), method="POST"))
+        registry.close()
+        m = Master(tmp_path / "m", free_port(),
+                   ["--timers", "1", "--consumers", "1", "--no-web", "--db", db,
+                    "--redis", a.url, "--redis", b.url],
+                   {"DQ_TIMER_TICK": "0.2", "DQ_REGISTRY_REFRESH": "0.3"})
+        try:
+            await asyncio.to_thread(wait_ping, m.port)
+            client = await asyncio.to_thread(PhpLikeClient, m.port)
+            stop_for = 3.0  # less than redis_timeout (5 s): the queued adds reach the shard
+            # Every job falls due as the shard wakes: before the checker's guest mover
+            # could tidy up a second copy (it keeps the later one), so only the add path
+            # itself can keep one from firing.
+            due_at = time.time() + stop_for
+
+            def add(i: int) -> tuple[dict[str, Any], float]:
+                return client.exchange({"cmd": "add", "topic": "t", "id": f"j{i}",
+                                        "body": {"i": i},
+                                        "delay": max(0.0, due_at - time.time())})
+
+            warm = [await asyncio.to_thread(add, i) for i in range(6)]  # both shards in use
+            assert all(r["code"] == 1 for r, _ in warm), warm
+            assert a.proc is not None
+            os.kill(a.proc.pid, signal.SIGSTOP)
+            try:
+                t0, results, i = time.monotonic(), [], 6
+                while time.monotonic() - t0 < stop_for:
+                    results.append(await asyncio.to_thread(add, i))
+                    i += 1
+                    await asyncio.sleep(0.05)
+            finally:
+                os.kill(a.proc.pid, signal.SIGCONT)
+            # The stopped shard runs what was queued to it as it wakes: none of it may
+            # leave a copy there of a job written to the other shard meanwhile.
+            await asyncio.sleep(0.3)
+            on_both = [await c.hkeys("dq:jobs") for c in (sa, sb)]
+            assert set(on_both[0]) & set(on_both[1]) == set(), on_both
+            failed = [r for r, _ in results if r["code"] != 1]
+            assert not failed, failed
+            slowest = max(took for _, took in results)
+            assert slowest < 1.0, slowest  # the PHP client's limit (its socket would fail)
+            on_a = [f"j{k}" for k in range(6, i) if owners.owner(f"t:j{k}").name == a.url]
+            assert len(on_a) >= 3, on_a  # adds whose owner was the stopped shard
+            ids = [f"j{k}" for k in range(i)]
+            await rcv.wait_calls(len(ids), path="/t", timeout=due_at - time.time() + 30)
+            await asyncio.sleep(3.0)  # a second copy would have fired by now
+            calls = collections.Counter(r.job_id for r in rcv.calls(path="/t"))
+            assert set(calls) == set(ids)
+            assert [j for j, n in calls.items() if n != 1] == [], calls
+            assert all(r.attempt == 1 for r in rcv.calls(path="/t"))
+            client.close()
+        finally:
+            m.stop()
+            await sa.aclose()
+            await sb.aclose()
+
+
+class HoldingProxy:
+    """A TCP proxy in front of a real redis-server that can hold back Redis's replies
+    (`hold`) while passing commands on at once: a shard that ran a command in time but
+    whose answer comes late (a network that stalls one way)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.held = asyncio.Event()
+        self.held.set()  # set: replies flow
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def hold(self) -> None:
+        self.held.clear()
+
+    def release(self) -> None:
+        self.held.set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def __aenter__(self) -> HoldingProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                       gate: asyncio.Event | None) -> None:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                while data := await src.read(65536):
+                    if gate is not None:
+                        await gate.wait()
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        for t in (asyncio.create_task(pump(reader, up_w, None)),
+                  asyncio.create_task(pump(up_r, writer, self.held))):
+            self._tasks.add(t)
+
+
+async def test_an_add_stored_in_time_but_answered_late_leaves_no_second_copy(
+        redis_factory: Any) -> None:
+    """The shard ran the add before its deadline, but its answer came after the add was
+    given up and written to the next shard: the copy it wrote is removed (only that
+    version: a later add of the job is kept)."""
+    a, b = redis_factory(), redis_factory()
+    async with HoldingProxy(a.port) as proxy:
+        store = Store(ShardSet.from_urls([proxy.url, b.url]), buckets=4, add_timeout=0.3)
+        direct_a = aioredis.Redis.from_url(a.url)
+        try:
+            sa, sb = store.shards.shards
+            job = next(f"j{i}" for i in range(100) if store.shards.owner(f"t:j{i}") is sa)
+            await store.shards.load_scripts()  # connected, scripts loaded
+            proxy.hold()
+            t0 = time.monotonic()
+            res = await store.add("t", job, {"x": 1}, delay_ms=60_000)
+            assert res.shard == sb.name and time.monotonic() - t0 < 1.0
+            assert await direct_a.hexists("dq:jobs", f"t:{job}")  # A ran it, in time
+            assert not sa.up  # passed over for a while
+            proxy.release()
+            deadline = time.monotonic() + 5
+            while await direct_a.hexists("dq:jobs", f"t:{job}"):
+                assert time.monotonic() < deadline, "the late copy is still there"
+                await asyncio.sleep(0.05)
+            assert store.fence.undone == 1
+            body = await store.get("t", job)
+            assert body is not None and body["x"] == 1  # the copy on B
+        finally:
+            await direct_a.aclose()
+            await store.shards.close()
+
+
+async def test_an_add_run_after_its_deadline_writes_nothing(redis_server: RedisProcess) -> None:
+    store = Store(ShardSet.from_urls([redis_server.url]), buckets=4, add_timeout=0.3)
+    try:
+        shard = store.shards.shards[0]
+        await shard.connect()
+        assert shard.conn.clock_ms is not None
+        _, job = store.add_job("t", "late", {}, delay_ms=0)
+        past = str(int(time.time() * 1000) - 1000)
+        with pytest.raises(ResponseError, match=r"^LATE"):
+            await shard.evalsha(store.add_args([job], past))
+        assert await shard.call("HEXISTS", store.k_jobs, "t:late") == 0
+        # a deadline built from the compared clocks is in the future on the shard's clock
+        await shard.evalsha(store.add_args([job], shard.conn.deadline(0.3)))
+        assert await shard.call("HEXISTS", store.k_jobs, "t:late") == 1
+    finally:
+        await store.shards.close()

@@ -113,3 +113,13 @@ def test_grace_and_heartbeat_timeout_are_checked() -> None:
     with pytest.raises(ConfigError, match="grace must be 0 or more"):
         load(grace=-1)
     assert load(grace=0, heartbeat_timeout=2).grace == 0
+
+
+def test_add_timeout_is_bounded_by_redis_timeout() -> None:
+    assert load(add_timeout=0).add_timeout == 0  # off: an add waits up to redis_timeout
+    assert load(add_timeout=0.25).add_timeout == 0.25
+    assert load().add_timeout == 0.4  # twice this stays under the PHP client's 1 s
+    for bad in (-0.1, 6.0):
+        with pytest.raises(ConfigError, match=r"add_timeout must be 0 \(off\) or a number "
+                                              r"of seconds up to redis_timeout"):
+            load(add_timeout=bad)

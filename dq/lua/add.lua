@@ -5,18 +5,25 @@
 -- KEYS[5] per-minute stat hash   KEYS[6] guests set (jobs whose owner is another shard)
 -- then per job: delay zset (the tid's bucket), wake list of that bucket, topic stat hash
 -- ARGV[1] day YYYYMMDD   ARGV[2] minute-stat ttl s
+-- ARGV[3] deadline, epoch-ms on this shard's clock ('' = none): a call that runs later
+--   writes nothing and fails with LATE, for its sender has answered its client without
+--   it (from another shard, or 'unavailable': dq/store.py, add_timeout)
 -- then per job: tid, payload, due epoch-ms ('' = now + delay), delay ms, guest 1|0 (1: its
 -- owner was passed over, being down; the checker moves it home later, guest_take.lua)
 -- Returns {replaced 0|1, due ms, replaced, due, ...} in job order.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local deadline = tonumber(ARGV[3])
+if deadline and now > deadline then
+  return redis.error_reply('LATE add ran ' .. (now - deadline) .. ' ms after its deadline: not written')
+end
 local out = {}
 local writes = {}      -- topic stat key -> jobs written
 local buckets = {}     -- delay key -> wake key, for the buckets written to
 local soonest = {}     -- delay key -> earliest due of this batch's jobs in it
-local n = (#ARGV - 2) / 5
+local n = (#ARGV - 3) / 5
 for j = 0, n - 1 do
-  local k, a = 7 + 3 * j, 3 + 5 * j
+  local k, a = 7 + 3 * j, 4 + 5 * j
   local tid = ARGV[a]
   local due = tonumber(ARGV[a + 2])
   if not due then due = now + tonumber(ARGV[a + 3]) end

@@ -1,0 +1,193 @@
+"""Adds answered within `add_timeout`, even when their shard hangs, without two copies.
+
+A shard that stops answering (a stopped process, a host that drops packets) keeps its
+connection open: nothing fails until `redis_timeout` (5 s). The PHP client gives up after
+1 s. So an add call that gets no answer within `add_timeout` (0.4 s) is given up: its
+jobs are told "unavailable" (the server then writes them to the next shard in their
+rendezvous order, as for a shard that is down) and the shard is passed over for a while
+(its breaker opens, dq/shards.py), so the next adds go elsewhere at once.
+
+The call given up is still on its way, and the shard may run it when it wakes up. Two
+things keep that late run from leaving a second live copy of the job:
+
+- the call carries a deadline on the shard's own clock (add.lua's ARGV[3], built from a
+  comparison of the clocks that can only err early: dq/resp.py `deadline`); a call that
+  runs after it writes nothing and fails with LATE. Every run after the add was given up
+  is such a run;
+- a call that ran in time but whose answer came late (the shard stopped between running
+  it and answering), or never came (its connection was dropped first), may have written
+  its jobs: their copies there are removed, each only if it is still the version that call
+  wrote (guest_land.lua 'undo'), at once or as soon as the shard answers again, for up
+  to UNDO_FOR seconds. A later add of the job is kept.
+
+What stays: a shard that wrote an add in time and then answered nothing, and stays silent
+past UNDO_FOR, or a server process killed meanwhile, leaves that copy; the guest mover
+(dq/guests.py) keeps the later of the two when the shard is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import ResponseError
+
+from dq.errors import UNAVAILABLE, DqError
+from dq.resp import ShardRefused
+from dq.shards import Shard
+
+if TYPE_CHECKING:
+    from dq.store import AddJob, Done, Store
+
+log = logging.getLogger(__name__)
+
+UNDO_FOR = 600.0  # seconds a late add's copies are waited for, to be removed
+UNDO_RETRY = 1.0  # seconds between tries while the shard does not answer
+
+
+@dataclass(eq=False)
+class _Batch:
+    """One fenced call of add.lua: its jobs' callbacks until answered or given up."""
+
+    shard: Shard
+    parts: list[AddJob]
+    done: list[Done]
+    timer: asyncio.TimerHandle | None = None
+    answered: bool = False
+    given_up: bool = False  # its jobs were told it failed: an answer now is late
+
+
+@dataclass(eq=False)
+class Fence:
+    """The add deadline of one Store (`timeout` seconds; 0: none)."""
+
+    store: Store
+    timeout: float
+    late: int = 0  # calls answered, or lost, after they were given up
+    undone: int = 0  # copies those calls wrote, removed
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def _why(self) -> str:
+        return f"did not answer an add within add_timeout ({self.timeout:g} s)"
+
+    def send(self, shard: Shard, parts: list[AddJob], done: list[Done]) -> None:
+        """Send one batch of adds, each job told its result by the answer or, if none
+        comes within the timeout, "unavailable" (and the shard is passed over)."""
+        batch = _Batch(shard, parts, done)
+        args = self.store.batch_args("add", parts, shard.conn.deadline(self.timeout))
+        shard.conn.send_then(functools.partial(self._answered, batch), "EVALSHA", *args)
+        if not batch.answered:  # not connected: told at once
+            loop = shard.conn.loop or asyncio.get_running_loop()
+            batch.timer = loop.call_later(self.timeout, self._overdue, batch, False)
+
+    def _answered(self, batch: _Batch, res: Any, exc: BaseException | None) -> None:
+        if batch.timer is not None:
+            batch.timer.cancel()
+        if batch.given_up:
+            self._late(batch.shard, batch.parts, res, exc)
+            return
+        batch.answered = True
+        self.store._settle(batch.done, 2, res, exc)
+
+    def _overdue(self, batch: _Batch, again: bool) -> None:
+        if batch.answered:
+            return
+        if not again:
+            # Once more after the loop has read its sockets: a loop that stalled (not a
+            # silent shard) may find the answer waiting there (libuv runs due timers
+            # before it polls).
+            loop = batch.shard.conn.loop or asyncio.get_running_loop()
+            batch.timer = loop.call_later(0.001, self._overdue, batch, True)
+            return
+        batch.given_up = True
+        batch.shard.suspect(self._why())
+        self.store._settle(batch.done, 2, None, DqError(
+            UNAVAILABLE, f"redis shard {batch.shard.label} {self._why()}; retry shortly"))
+
+    async def add_once(self, shard: Shard, job: AddJob) -> Any:
+        """One add on `shard` on its own (not batched): its reply values, or DqError
+        "unavailable" when the shard is passed over, fails, or does not answer within
+        the timeout (then it is passed over)."""
+        if not self.timeout:
+            return await shard.evalsha(self.store.add_args([job]))
+
+        async def attempt() -> Any:
+            if not shard.conn.connected:
+                await shard.connect()  # compares the clocks: the deadline needs them
+            return await shard.evalsha(
+                self.store.add_args([job], shard.conn.deadline(self.timeout)))
+
+        task = asyncio.ensure_future(attempt())
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.timeout)
+        except TimeoutError:
+            shard.suspect(self._why())
+            task.add_done_callback(functools.partial(self._late_task, shard, [job]))
+            raise DqError(UNAVAILABLE, f"redis shard {shard.label} {self._why()}; retry "
+                          "shortly") from None
+        except asyncio.CancelledError:
+            task.add_done_callback(functools.partial(self._late_task, shard, [job]))
+            raise
+
+    def _late_task(self, shard: Shard, parts: list[AddJob], task: asyncio.Future[Any]) -> None:
+        if task.cancelled():
+            self._late(shard, parts, None, DqError(UNAVAILABLE, "cancelled"))
+        else:
+            self._late(shard, parts, task.result() if task.exception() is None else None,
+                       task.exception())
+
+    def _late(self, shard: Shard, parts: list[AddJob], res: Any,
+              exc: BaseException | None) -> None:
+        """The answer (or loss) of an add call its jobs were told had failed."""
+        self.late += 1
+        if isinstance(exc, ResponseError) and str(exc).startswith("LATE"):
+            log.debug("redis shard %s refused %d late add(s), as meant", shard.label,
+                      len(parts))
+            return
+        if exc is not None and (not isinstance(exc, DqError) or exc.err != UNAVAILABLE
+                                or isinstance(exc, ShardRefused)):
+            return  # refused: nothing written
+        # Written in time but answered late (res), or unknown (the connection was lost):
+        # their copies there, if any, must go.
+        task = asyncio.ensure_future(self._undo(shard, parts, written=exc is None))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _undo(self, shard: Shard, parts: list[AddJob], *, written: bool) -> None:
+        st = self.store
+        until = time.monotonic() + UNDO_FOR
+        left = list(parts)
+        undone = 0
+        while left:
+            _, (tid, payload, *_rest) = left[0]
+            version = str(payload).split("|", 1)[0]
+            b = st.bucket(tid)
+            keys = (st.k_jobs, st.k_delay[b], st.k_wake[b], st.k_inflight, st.k_dead,
+                    st.k_dead_err)
+            try:
+                res = await shard.script("guest_land", keys, (tid, "undo", version, "", 0, 0))
+            except (DqError, ResponseError, OSError) as exc:
+                if time.monotonic() >= until:
+                    log.error("redis shard %s: %d add(s) given up on may be stored there "
+                              "too; it did not answer for %.0f s (%s); the guest mover keeps "
+                              "the later copy when it does", shard.label, len(left),
+                              UNDO_FOR, exc)
+                    return
+                await asyncio.sleep(UNDO_RETRY)
+                continue
+            left.pop(0)
+            undone += res == b"undone"
+        self.undone += undone
+        if undone or written:
+            log.warning("redis shard %s stored %d of %d add(s) after they were given up "
+                        "(add_timeout) and written elsewhere or refused: removed there",
+                        shard.label, undone, len(parts))
+
+    async def close(self) -> None:
+        """Wait (briefly) for removals under way; what is left is the guest mover's."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=1.0)
