@@ -2,27 +2,29 @@
 
 A shard that stops answering (a stopped process, a host that drops packets) keeps its
 connection open: nothing fails until `redis_timeout` (5 s). The PHP client gives up after
-1 s. So an add call that gets no answer within `add_timeout` (0.4 s) is given up: its
-jobs are told "unavailable" (the server then writes them to the next shard in their
-rendezvous order, as for a shard that is down) and the shard is passed over for a while
-(its breaker opens, dq/shards.py), so the next adds go elsewhere at once.
+1 s. So an add call on a shard that has been silent for `add_timeout` (0.4 s: no reply to
+anything on its connection; a shard that answers slowly is waited for) is given up: its
+jobs are told "unavailable", and the server writes them to the next shard in their
+rendezvous order, as for a shard that is down; when another shard can take its adds, the
+silent one is passed over for a while (its breaker opens, dq/shards.py).
 
 The call given up is still on its way, and the shard may run it when it wakes up. Two
 things keep that late run from leaving a second live copy of the job:
 
-- the call carries a deadline on the shard's own clock (add.lua's ARGV[3], built from a
-  comparison of the clocks that can only err early: dq/resp.py `deadline`); a call that
-  runs after it writes nothing and fails with LATE. Every run after the add was given up
-  is such a run;
-- a call that ran in time but whose answer came late (the shard stopped between running
-  it and answering), or never came (its connection was dropped first), may have written
-  its jobs: their copies there are removed, each only if it is still the version that call
-  wrote (guest_land.lua 'undo'), at once or as soon as the shard answers again, for up
-  to UNDO_FOR seconds. A later add of the job is kept.
+- a call that ran, in time or late, and answers on the open connection has the copies it
+  wrote removed at once, each only if it is still the version that call wrote
+  (guest_land.lua 'undo'), so a later add of the job is kept; a call whose connection was
+  dropped before it answered is treated the same as soon as the shard answers again
+  (for up to UNDO_FOR seconds);
+- the call carries a deadline on the shard's own clock (add.lua's ARGV[3]): the moment
+  its connection is dropped for silence (`redis_timeout`), built from a comparison of the
+  clocks that can only err early (dq/resp.py `deadline`). A shard that wakes later and
+  runs the commands it had received writes nothing (LATE).
 
-What stays: a shard that wrote an add in time and then answered nothing, and stays silent
-past UNDO_FOR, or a server process killed meanwhile, leaves that copy; the guest mover
-(dq/guests.py) keeps the later of the two when the shard is back.
+What stays: between a late run and its removal (one round trip) both copies exist, and a
+shard that ran an add in time, then stayed silent past UNDO_FOR (or a server process killed
+meanwhile) keeps that copy; the guest mover (dq/guests.py) keeps the later of the two
+when it is back.
 """
 
 from __future__ import annotations
@@ -56,9 +58,14 @@ class _Batch:
     shard: Shard
     parts: list[AddJob]
     done: list[Done]
+    sent: float  # monotonic
     timer: asyncio.TimerHandle | None = None
     answered: bool = False
     given_up: bool = False  # its jobs were told it failed: an answer now is late
+
+
+def _late_error(exc: BaseException | None) -> bool:
+    return isinstance(exc, ResponseError) and str(exc).startswith("LATE")
 
 
 @dataclass(eq=False)
@@ -69,16 +76,37 @@ class Fence:
     timeout: float
     late: int = 0  # calls answered, or lost, after they were given up
     undone: int = 0  # copies those calls wrote, removed
+    _given_up: dict[str, float] = field(default_factory=dict)  # shard -> monotonic
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def _why(self) -> str:
         return f"did not answer an add within add_timeout ({self.timeout:g} s)"
 
+    def _silence_left(self, shard: Shard, since: float) -> float:
+        """Seconds until `shard` has been silent for the timeout (nothing heard on its
+        connection since `since` or its last reply, whichever is later); <= 0: it has.
+        A shard that answers slowly (replies keep coming) is waited for."""
+        return max(shard.conn.heard, since) + self.timeout - time.monotonic()
+
+    def _give_up(self, shard: Shard) -> DqError:
+        """The shard is silent: pass it over for a while when another shard can take its
+        adds (with none, it is still tried: a stall may end)."""
+        self._given_up[shard.name] = time.monotonic()
+        if any(s.up for s in self.store.shards.shards if s is not shard):
+            shard.suspect(self._why())
+        return DqError(UNAVAILABLE, f"redis shard {shard.label} {self._why()}; retry shortly")
+
+    def _deadline(self, shard: Shard) -> str:
+        # When this process may give up on the call at the latest: the connection is
+        # dropped once the shard is silent for redis_timeout. A call given up earlier that
+        # runs before this answers on the open connection: its copy is then removed.
+        return shard.conn.deadline(shard.conn.command_timeout)
+
     def send(self, shard: Shard, parts: list[AddJob], done: list[Done]) -> None:
-        """Send one batch of adds, each job told its result by the answer or, if none
-        comes within the timeout, "unavailable" (and the shard is passed over)."""
-        batch = _Batch(shard, parts, done)
-        args = self.store.batch_args("add", parts, shard.conn.deadline(self.timeout))
+        """Send one batch of adds, each job told its result by the answer or, when the
+        shard is silent for the timeout, "unavailable" (and the shard is passed over)."""
+        batch = _Batch(shard, parts, done, time.monotonic())
+        args = self.store.batch_args("add", parts, self._deadline(shard))
         shard.conn.send_then(functools.partial(self._answered, batch), "EVALSHA", *args)
         if not batch.answered:  # not connected: told at once
             loop = shard.conn.loop or asyncio.get_running_loop()
@@ -91,47 +119,65 @@ class Fence:
             self._late(batch.shard, batch.parts, res, exc)
             return
         batch.answered = True
+        if _late_error(exc):
+            exc = DqError(UNAVAILABLE, f"redis shard {batch.shard.label} ran an add after "
+                          "its deadline and refused it; retry shortly")
         self.store._settle(batch.done, 2, res, exc)
 
     def _overdue(self, batch: _Batch, again: bool) -> None:
         if batch.answered:
             return
+        loop = batch.shard.conn.loop or asyncio.get_running_loop()
+        left = self._silence_left(batch.shard, batch.sent)
+        if left > 0:  # it answers, slowly: wait on
+            batch.timer = loop.call_later(left, self._overdue, batch, False)
+            return
         if not again:
             # Once more after the loop has read its sockets: a loop that stalled (not a
             # silent shard) may find the answer waiting there (libuv runs due timers
             # before it polls).
-            loop = batch.shard.conn.loop or asyncio.get_running_loop()
             batch.timer = loop.call_later(0.001, self._overdue, batch, True)
             return
         batch.given_up = True
-        batch.shard.suspect(self._why())
-        self.store._settle(batch.done, 2, None, DqError(
-            UNAVAILABLE, f"redis shard {batch.shard.label} {self._why()}; retry shortly"))
+        self.store._settle(batch.done, 2, None, self._give_up(batch.shard))
 
     async def add_once(self, shard: Shard, job: AddJob) -> Any:
         """One add on `shard` on its own (not batched): its reply values, or DqError
-        "unavailable" when the shard is passed over, fails, or does not answer within
-        the timeout (then it is passed over)."""
+        "unavailable" when the shard fails, is passed over, is still silent since an add
+        was given up there, or is silent for the timeout now."""
         if not self.timeout:
             return await shard.evalsha(self.store.add_args([job]))
+        if shard.conn.heard < self._given_up.get(shard.name, 0.0):
+            raise DqError(UNAVAILABLE, f"redis shard {shard.label} {self._why()}; retry "
+                          "shortly")
 
         async def attempt() -> Any:
             if not shard.conn.connected:
                 await shard.connect()  # compares the clocks: the deadline needs them
-            return await shard.evalsha(
-                self.store.add_args([job], shard.conn.deadline(self.timeout)))
+            return await shard.evalsha(self.store.add_args([job], self._deadline(shard)))
 
+        start = time.monotonic()
         task = asyncio.ensure_future(attempt())
         try:
-            return await asyncio.wait_for(asyncio.shield(task), self.timeout)
-        except TimeoutError:
-            shard.suspect(self._why())
-            task.add_done_callback(functools.partial(self._late_task, shard, [job]))
-            raise DqError(UNAVAILABLE, f"redis shard {shard.label} {self._why()}; retry "
-                          "shortly") from None
+            while True:
+                left = self._silence_left(shard, start)
+                if left <= 0:
+                    break
+                done, _ = await asyncio.wait({task}, timeout=left)
+                if done:
+                    try:
+                        return task.result()
+                    except ResponseError as exc:
+                        if not _late_error(exc):
+                            raise
+                        raise DqError(UNAVAILABLE, f"redis shard {shard.label} ran an add "
+                                      "after its deadline and refused it; retry shortly"
+                                      ) from None
         except asyncio.CancelledError:
             task.add_done_callback(functools.partial(self._late_task, shard, [job]))
             raise
+        task.add_done_callback(functools.partial(self._late_task, shard, [job]))
+        raise self._give_up(shard)
 
     def _late_task(self, shard: Shard, parts: list[AddJob], task: asyncio.Future[Any]) -> None:
         if task.cancelled():

@@ -153,14 +153,17 @@ def wait_ping(port: int, timeout: float = 30.0) -> None:
     raise AssertionError("dq-server did not answer ping")
 
 
+@pytest.mark.parametrize(("redis_timeout", "stop_for"), [("5", 3.0), ("1.5", 3.5)],
+                         ids=["wakes-before-redis-timeout", "wakes-after-redis-timeout"])
 async def test_adds_are_answered_within_a_second_while_a_shard_hangs_and_fire_once(
-        tmp_path: Path, redis_factory: Any) -> None:
+        tmp_path: Path, redis_factory: Any, redis_timeout: str, stop_for: float) -> None:
     """A real dq-master on two shards; one is stopped (SIGSTOP: its connections stay open,
     nothing is answered) while a PHP-like client adds jobs: each add is answered, stored,
-    well within 1 s (today the first ones waited redis_timeout, 5 s). The stopped shard
-    wakes up within redis_timeout, so it then runs the adds that were queued to it:
-    they were given up and written to the other shard meanwhile, and must not be written
-    there too (both copies would fire). Each job fires exactly once."""
+    well within 1 s (before, the first ones waited redis_timeout, 5 s). The adds given up
+    on the stopped shard were written to the other one; when it wakes it runs the ones
+    it had received: answering on the connection still open (woken before redis_timeout),
+    their copies are removed; on a connection dropped meanwhile (after), they are past
+    their deadline and write nothing. Each job fires exactly once."""
     a, b = redis_factory(), redis_factory()
     db = f"sqlite:///{tmp_path / 'dq.sqlite3'}"
     registry = Registry(db)
@@ -172,11 +175,11 @@ async def test_adds_are_answered_within_a_second_while_a_shard_hangs_and_fire_on
         m = Master(tmp_path / "m", free_port(),
                    ["--timers", "1", "--consumers", "1", "--no-web", "--db", db,
                     "--redis", a.url, "--redis", b.url],
-                   {"DQ_TIMER_TICK": "0.2", "DQ_REGISTRY_REFRESH": "0.3"})
+                   {"DQ_TIMER_TICK": "0.2", "DQ_REGISTRY_REFRESH": "0.3",
+                    "DQ_REDIS_TIMEOUT": redis_timeout})
         try:
             await asyncio.to_thread(wait_ping, m.port)
             client = await asyncio.to_thread(PhpLikeClient, m.port)
-            stop_for = 3.0  # less than redis_timeout (5 s): the queued adds reach the shard
             # Every job falls due as the shard wakes: before the checker's guest mover
             # could tidy up a second copy (it keeps the later one), so only the add path
             # itself can keep one from firing.
@@ -201,7 +204,7 @@ async def test_adds_are_answered_within_a_second_while_a_shard_hangs_and_fire_on
                 os.kill(a.proc.pid, signal.SIGCONT)
             # The stopped shard runs what was queued to it as it wakes: none of it may
             # leave a copy there of a job written to the other shard meanwhile.
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.5)
             on_both = [await c.hkeys("dq:jobs") for c in (sa, sb)]
             assert set(on_both[0]) & set(on_both[1]) == set(), on_both
             failed = [r for r, _ in results if r["code"] != 1]
@@ -325,3 +328,33 @@ async def test_an_add_run_after_its_deadline_writes_nothing(redis_server: RedisP
         assert await shard.call("HEXISTS", store.k_jobs, "t:late") == 1
     finally:
         await store.shards.close()
+
+
+async def test_a_lone_shard_that_hangs_gets_unavailable_within_a_second(
+        tmp_path: Path, redis_server: RedisProcess) -> None:
+    """With no other shard to write to, an add on a silent shard is answered
+    "unavailable" (not stored: the client may add it again) within the PHP client's 1 s,
+    and adds work again as soon as it answers."""
+    running, ctx, task = await start_server(tmp_path, [redis_server.url], add_timeout=0.4)
+    try:
+        client = await asyncio.to_thread(PhpLikeClient, running.port)
+        reply, _ = await asyncio.to_thread(client.exchange, add("warm"))
+        assert reply["code"] == 1
+        assert redis_server.proc is not None
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            for i in range(4):
+                reply, took = await asyncio.to_thread(client.exchange, add(f"h{i}"))
+                assert reply["code"] == 0 and reply["err"] == "unavailable", reply
+                assert "did not answer an add within add_timeout (0.4 s)" in reply["msg"]
+                assert took < 1.0, took
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        await asyncio.sleep(0.5)
+        for i in range(4):
+            assert await running.store.get("order", f"h{i}") is None  # told: not stored
+        reply, took = await asyncio.to_thread(client.exchange, add("after"))
+        assert reply["code"] == 1, reply
+        client.close()
+    finally:
+        await stop(running, ctx, task)

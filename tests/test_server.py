@@ -55,7 +55,8 @@ async def start_server(tmp: Path, urls: list[str], **settings: Any) -> tuple[Run
     registry.save_topic(make_topic("order"))
     registry.save_topic(make_topic("off", online=False))
     s = Settings(port=0, host="127.0.0.1", redis=tuple(urls), **settings)
-    store = Store(ShardSet.from_urls(urls, command_timeout=s.redis_timeout), buckets=s.buckets)
+    store = Store(ShardSet.from_urls(urls, command_timeout=s.redis_timeout), buckets=s.buckets,
+                  add_timeout=s.add_timeout)
     ctx = Context(s, "server")
     ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(run(ctx, store, TopicCache(registry, refresh=0.2), ready))
