@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 UNDO_FOR = 600.0  # seconds a late add's copies are waited for, to be removed
 UNDO_RETRY = 1.0  # seconds between tries while the shard does not answer
+RECHECK = 0.02  # seconds to look again at a shard not yet known to be silent
 
 
 @dataclass(eq=False)
@@ -83,10 +84,15 @@ class Fence:
         return f"did not answer an add within add_timeout ({self.timeout:g} s)"
 
     def _silence_left(self, shard: Shard, since: float) -> float:
-        """Seconds until `shard` has been silent for the timeout (nothing heard on its
-        connection since `since` or its last reply, whichever is later); <= 0: it has.
-        A shard that answers slowly (replies keep coming) is waited for."""
-        return max(shard.conn.heard, since) + self.timeout - time.monotonic()
+        """Seconds until `shard` counts as silent: connected, nothing heard on its
+        connection for the timeout (since `since` or its last reply, whichever is later)
+        and nothing waiting in its socket unread; <= 0: it does. A shard that answers
+        slowly (replies keep coming), a connection still being made (its own timeout
+        bounds it) and a loop too busy to read what came are waited for."""
+        left = max(shard.conn.heard, since) + self.timeout - time.monotonic()
+        if left <= 0 and (not shard.conn.connected or shard.conn.unread()):
+            return RECHECK
+        return left
 
     def _give_up(self, shard: Shard) -> DqError:
         """The shard is silent: pass it over for a while when another shard can take its

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import re
 import socket
 import ssl
@@ -218,6 +219,25 @@ class RespConnection:
             now = time.monotonic()
             self.clock_ms = int(reply[0]) * 1000 + int(reply[1]) / 1000 - now * 1000
             self._clock_at = now
+
+    def unread(self) -> bool:
+        """Whether the socket holds bytes this side has not read yet (or has reached its
+        end): the shard answered, and only this process's busy loop is behind."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return False
+        try:
+            peek = socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError:
+            return False
+        try:
+            return peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) is not None
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True  # broken: the loop will read the error
+        finally:
+            peek.close()
 
     def deadline(self, seconds: float) -> str:
         """The shard-clock epoch ms `seconds` from now, less a margin for the clocks'
