@@ -141,11 +141,11 @@ class Settings:
     redis_timeout: float = setting(5.0, "seconds a shard may leave commands unanswered "
                                    "before they count as failed", group=SUPERVISION,
                                    metavar="S")
-    add_timeout: float = setting(0.4, "seconds an add waits for a shard's answer before it "
-                                 "is tried on the next shard (the silent one is passed over "
-                                 "for a while; a late write there is refused); an add is "
-                                 "answered within about twice this; 0 = wait up to "
-                                 "redis_timeout", group=SUPERVISION, metavar="S")
+    add_timeout: float = setting(0.4, "seconds of silence from a shard after which an add "
+                                 "is written to the next shard instead (or answered "
+                                 "unavailable) and the silent one passed over for a while; "
+                                 "0 = wait up to redis_timeout", group=SUPERVISION,
+                                 metavar="S")
     log_dir: str = setting("", "also write daily request_/notify_/err_/notice_YYYYMMDD.txt "
                            "files here (php-delayqueue's names)", group=LOGS,
                            shown="stderr only (DATA_DIR/log with daemon)", metavar="DIR")
