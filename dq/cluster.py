@@ -236,6 +236,25 @@ class PartitionConnection:
         conn = self._current()
         return None if conn is None else conn.loop
 
+    # What dq/fence.py asks of a connection (the add deadline): the node's answers.
+    @property
+    def heard(self) -> float:
+        conn = self._current()
+        return 0.0 if conn is None else conn.heard
+
+    @property
+    def command_timeout(self) -> float:
+        conn = self._current()
+        return self.map.command_timeout if conn is None else conn.command_timeout
+
+    def deadline(self, seconds: float) -> str:
+        conn = self._current()
+        return "" if conn is None else conn.deadline(seconds)
+
+    def unread(self) -> bool:
+        conn = self._current()
+        return conn is not None and conn.unread()
+
     def close(self) -> None:
         """Drop the connection to the partition's node (a hung one: the checker's call)."""
         conn = self._current()

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import ResponseError
 
 from dq.errors import UNAVAILABLE, DqError
-from dq.resp import ShardRefused
+from dq.resp import RespConnection, ShardRefused
 from dq.shards import Shard
 
 if TYPE_CHECKING:
@@ -158,7 +158,7 @@ class Fence:
                           "shortly")
 
         async def attempt() -> Any:
-            if not shard.conn.connected:
+            if not shard.conn.connected and isinstance(shard.conn, RespConnection):
                 await shard.connect()  # compares the clocks: the deadline needs them
             return await shard.evalsha(self.store.add_args([job], self._deadline(shard)))
 
