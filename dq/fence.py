@@ -11,17 +11,18 @@ silent one is passed over for a while (its breaker opens, dq/shards.py).
 The call given up is still on its way, and the shard may run it when it wakes up. Two
 things keep that late run from leaving a second live copy of the job:
 
-- a call that ran, in time or late, and answers on the open connection has the copies it
-  wrote removed at once, each only if it is still the version that call wrote
-  (guest_land.lua 'undo'), so a later add of the job is kept; a call whose connection was
-  dropped before it answered is treated the same as soon as the shard answers again
-  (for up to UNDO_FOR seconds);
-- the call carries a deadline on the shard's own clock (add.lua's ARGV[3]): the moment
-  its connection is dropped for silence (`redis_timeout`), built from a comparison of the
-  clocks that can only err early (dq/resp.py `deadline`). A shard that wakes later and
-  runs the commands it had received writes nothing (LATE).
+- the call carries a deadline on the shard's own clock (add.lua's ARGV[3]): `add_timeout`
+  after it was sent, built from a comparison of the clocks that can only err early
+  (dq/resp.py `deadline`). A call can only be given up after that, so a shard that wakes
+  and runs it then writes nothing (LATE). (A slow shard that runs it late, not given up,
+  refuses it too: it is sent again, with a new deadline.)
+- a call that ran in time but whose answer came after it was given up (the shard stopped
+  between running it and answering) has the copies it wrote removed at once, each only if
+  it is still the version that call wrote (guest_land.lua 'undo'), so a later add of the
+  job is kept; a call whose connection was dropped before it answered is treated the same
+  as soon as the shard answers again (for up to UNDO_FOR seconds).
 
-What stays: between a late run and its removal (one round trip) both copies exist, and a
+What stays: in that last case, both copies exist until the removal (a round trip), and a
 shard that ran an add in time, then stayed silent past UNDO_FOR (or a server process killed
 meanwhile) keeps that copy; the guest mover (dq/guests.py) keeps the later of the two
 when it is back.
@@ -103,10 +104,10 @@ class Fence:
         return DqError(UNAVAILABLE, f"redis shard {shard.label} {self._why()}; retry shortly")
 
     def _deadline(self, shard: Shard) -> str:
-        # When this process may give up on the call at the latest: the connection is
-        # dropped once the shard is silent for redis_timeout. A call given up earlier that
-        # runs before this answers on the open connection: its copy is then removed.
-        return shard.conn.deadline(shard.conn.command_timeout)
+        # The earliest this process may give up on the call: the shard must have been
+        # silent for the timeout since it was sent. A call that runs later writes nothing
+        # (LATE); if it was not given up (a shard that answers slowly), it is sent again.
+        return shard.conn.deadline(self.timeout)
 
     def send(self, shard: Shard, parts: list[AddJob], done: list[Done]) -> None:
         """Send one batch of adds, each job told its result by the answer or, when the
