@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 UNDO_FOR = 600.0  # seconds a late add's copies are waited for, to be removed
 UNDO_RETRY = 1.0  # seconds between tries while the shard does not answer
+LATE_TRIES = 3  # an add the shard refused as late is sent again this many times in all
 RECHECK = 0.02  # seconds to look again at a shard not yet known to be silent
 
 
@@ -165,6 +166,7 @@ class Fence:
 
         start = time.monotonic()
         task = asyncio.ensure_future(attempt())
+        tries = 1
         try:
             while True:
                 left = self._silence_left(shard, start)
@@ -177,9 +179,14 @@ class Fence:
                     except ResponseError as exc:
                         if not _late_error(exc):
                             raise
-                        raise DqError(UNAVAILABLE, f"redis shard {shard.label} ran an add "
-                                      "after its deadline and refused it; retry shortly"
-                                      ) from None
+                        if tries >= LATE_TRIES:
+                            raise DqError(UNAVAILABLE, f"redis shard {shard.label} ran an add "
+                                          "after its deadline and refused it; retry shortly"
+                                          ) from None
+                    # Run late, so not written: a slow shard, or a busy loop that sent it
+                    # late (or after reloading the scripts). Again, with a new deadline.
+                    tries += 1
+                    task = asyncio.ensure_future(attempt())
         except asyncio.CancelledError:
             task.add_done_callback(functools.partial(self._late_task, shard, [job]))
             raise
