@@ -11,7 +11,9 @@ to a shard while their owner was down go back to the owner once it answers, so t
 one again cannot leave two copies that both fire. It records which shards hold guests
 (`health.json`), so that adds on the owners evict older copies there meanwhile. And it
 watches the registry's shard list (`watch_shards`): a change made in the console has the
-master reload.
+master reload. A retired shard (the embedded Redis once real shards are configured,
+dq/shardplan.py) has its jobs recorded as guests each round, so the same sweep moves them
+to the shards (`Retirement`), until it holds no job.
 
 Mail goes to the registry's Redis-down recipients (`AlertConf.redis_emails`): one when a
 shard goes down and one when it comes back. Outage mails are rate-limited to one per shard
@@ -32,21 +34,25 @@ import re
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from dq import cluster
 from dq.adopt import ADOPT_EVERY, Adopter
 from dq.alert import send_alert
+from dq.boot import enabled_shards
 from dq.config import Settings
+from dq.embedded import drained_path
 from dq.errors import DqError
 from dq.guests import GuestMover
 from dq.health import ShardHealth, health_path, read_health, safe_name, write_health
 from dq.registry import Registry
+from dq.shardplan import EMBEDDED, ShardPlan, plan_shards
 from dq.shards import Shard, ShardSet
 from dq.stats import EXPORT_EVERY, StatExporter
 from dq.store import Store
-from dq.worker import Context, shard_urls
+from dq.worker import Context, role_plan
 
 log = logging.getLogger(__name__)
 
@@ -288,35 +294,24 @@ class Checker:
                 t.cancel()
 
 
-def _open_registry(settings: Settings) -> tuple[Registry, list[tuple[str, str]]]:
-    registry = Registry(settings.db_url())
-    try:
-        return registry, [(s.name or s.url, s.url) for s in registry.shards() if s.enabled]
-    except Exception:
-        registry.close()
-        raise
-
-
-async def watch_shards(ctx: Context, registry: Registry, started_with: list[tuple[str, str]],
+async def watch_shards(ctx: Context, registry: Registry, plan: ShardPlan,
                        every: float) -> None:
     """Ask the master to reload (SIGHUP) once the registry's shard list differs from the one
-    this generation started with: shards registered, edited, enabled or disabled in the
+    this generation works (`plan`): shards registered, edited, enabled or disabled in the
     console take effect within `every` seconds, by the same reload as `kill -HUP`, which
     drops no job. Without a master (a role run on its own) it only logs."""
     settings = ctx.settings
-    want = shard_urls(settings, started_with)
     while True:
         await asyncio.sleep(every)
         try:
-            extra = [(s.name or s.url, s.url)
-                     for s in await asyncio.to_thread(registry.shards) if s.enabled]
+            rows = enabled_shards(await asyncio.to_thread(registry.shards))
         except Exception as exc:
             log.debug("%s: cannot read the registry's shards: %s", ctx.name, exc)
             continue
-        now = shard_urls(settings, extra)
-        if now == want:
+        now = plan_shards(settings, rows, keep_embedded=plan.embedded)
+        if now == plan:
             continue
-        names = ", ".join(safe_name(name) for name, _ in now)
+        names = ", ".join(safe_name(name) for name, _ in now.every)
         if ctx.master_pid is None:
             log.warning("%s: the registry's shards changed (now %s); restart to use them",
                         ctx.name, names)
@@ -325,6 +320,45 @@ async def watch_shards(ctx: Context, registry: Registry, started_with: list[tupl
                  ctx.name, names)
         os.kill(ctx.master_pid, signal.SIGHUP)
         return  # the reload replaces this checker
+
+
+class Retirement:
+    """The retired shards of this generation (the embedded Redis once real shards are
+    configured): each round their jobs are recorded as guests, which the sweep moves home;
+    once one holds no job at all, it is marked drained (dq/embedded.py) and a later start
+    no longer runs it."""
+
+    def __init__(self, ctx: Context, store: Store) -> None:
+        self.ctx = ctx
+        self.store = store
+        self.drained: set[str] = set()
+
+    async def run(self, answering: Callable[[Shard], bool]) -> None:
+        for shard in self.store.shards.retired:
+            if shard.name in self.drained or not answering(shard):
+                continue
+            try:
+                added = await self.store.retire(shard)
+                depth = await self.store.depths(shard)
+            except DqError as exc:
+                log.debug("%s: cannot retire shard %s: %s", self.ctx.name, shard.label, exc)
+                continue
+            if added:
+                log.info("%s: %d job(s) on the retired shard %s go to the configured shards",
+                         self.ctx.name, added, shard.label)
+            if depth["jobs"] or depth["dead"]:
+                continue
+            self.drained.add(shard.name)
+            if shard.name == EMBEDDED:
+                path = drained_path(self.ctx.settings)
+                with contextlib.suppress(OSError):
+                    path.write_text("no job left here once real shards were configured\n")
+            log.info("%s: the retired shard %s holds no job any more; a restart leaves it "
+                     "out", self.ctx.name, shard.label)
+
+
+def _open_registry(settings: Settings) -> Registry:
+    return Registry(settings.db_url())
 
 
 async def adopt_loop(ctx: Context, checker: Checker, adopter: Adopter, mover: GuestMover,
@@ -383,27 +417,28 @@ async def run(ctx: Context, *, registry: Registry | None = None,
     """Ping every shard every checker_interval seconds until ctx.stopping is set."""
     settings = ctx.settings
     own_registry = registry is None
-    extra: list[tuple[str, str]] = []
+    plan = ctx.plan
     try:
         if registry is None:
-            registry, extra = await asyncio.to_thread(_open_registry, settings)
-        else:
-            extra = [(s.name or s.url, s.url)
-                     for s in await asyncio.to_thread(registry.shards) if s.enabled]
+            registry = await asyncio.to_thread(_open_registry, settings)
+        if plan is None:
+            plan = await role_plan(ctx, registry)
     except Exception as exc:
         log.warning("%s: cannot read the registry (%s); checking the configured shards, "
                     "without alert mail", ctx.name, exc)
-    shards = ShardSet.from_urls(shard_urls(settings, extra), command_timeout=2.0,
+    plan = plan or plan_shards(settings)
+    shards = ShardSet.from_urls(plan.shards, plan.retired, command_timeout=2.0,
                                 cluster_partitions=settings.cluster_partitions)
     checker = Checker(ctx, shards, registry=registry, mail_every=mail_every)
     store = Store(shards, prefix=settings.prefix, buckets=settings.buckets, zone=settings.zone,
                   orig_prefix=settings.adopt_prefix)
     mover = GuestMover(store)
+    retirement = Retirement(ctx, store)
     log.info("%s started: %d shard(s), every %.1f s, down after %.1f s, record %s", ctx.name,
              len(shards.shards), settings.checker_interval, settings.shard_down_after,
              checker.path)
     watch = None if registry is None else asyncio.create_task(
-        watch_shards(ctx, registry, extra, settings.registry_refresh))
+        watch_shards(ctx, registry, plan, settings.registry_refresh))
     duties = []
     if settings.adopt_prefix:
         duties.append(asyncio.create_task(
@@ -419,6 +454,7 @@ async def run(ctx: Context, *, registry: Registry | None = None,
             started = time.monotonic()
             await checker.check()
             ctx.ready.set()
+            await retirement.run(checker.answering)
             await checker.sweep(mover, budget=settings.checker_interval / 2)
             wait = max(0.0, settings.checker_interval - (time.monotonic() - started))
             with contextlib.suppress(TimeoutError):

@@ -75,7 +75,7 @@ from dq.retry_policy import policy_of
 from dq.shards import Shard
 from dq.store import Claimed, FlowLimit, Store, split_tid
 from dq.topics import TopicCache
-from dq.worker import Context, open_store
+from dq.worker import Context, open_store, role_plan
 
 log = logging.getLogger(__name__)
 notify_log = logging.getLogger("dq.notify")
@@ -597,11 +597,12 @@ async def run(ctx: Context, store: Store | None = None, topics: TopicCache | Non
     """
     settings = ctx.settings
     own_store, own_registry = store is None, False
+    if topics is None and registry is None:
+        registry, own_registry = await asyncio.to_thread(Registry, settings.db_url()), True
     if store is None:
-        store = open_store(settings)
+        store = open_store(settings, await role_plan(ctx, registry))
     if topics is None:
-        if registry is None:
-            registry, own_registry = await asyncio.to_thread(Registry, settings.db_url()), True
+        assert registry is not None
         topics = TopicCache(registry, refresh=settings.registry_refresh)
     consumer = Consumer(ctx, store, topics, registry, owns_registry=own_registry)
     started = time.monotonic()

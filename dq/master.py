@@ -21,11 +21,13 @@ from typing import Any, ClassVar, NoReturn
 
 import setproctitle
 
+from dq.boot import BootStepError, read_registry
 from dq.config import Settings, load_settings
-from dq.embedded import EmbeddedError, EmbeddedRedis, find_binary
+from dq.embedded import EmbeddedError, EmbeddedRedis, drained_path, find_binary, holds_data
 from dq.errors import EXIT_BOOT, ConfigError
 from dq.logs import setup_logging
 from dq.pool import SIGNALS, STOP_MARGIN, WorkerPool, web_bind_host
+from dq.shardplan import ShardPlan, plan_shards
 from dq.supervise import (
     BOOT_STREAK,
     BootError,
@@ -36,6 +38,7 @@ from dq.supervise import (
     bind_listener,
     check_pid_file,
     listen_after_orphans,
+    remove_empty_data_dir,
     remove_pid_file,
     wait_for_orphans,
     write_pid_file,
@@ -92,13 +95,12 @@ class Arbiter(WorkerPool):
     # start and stop
 
     def prepare(self) -> None:
-        """What can fail before daemonizing, so errors reach the terminal: BootError."""
+        """What can fail before daemonizing, so errors reach the terminal: BootError.
+
+        Then the boot step (dq/boot.py) reads the registry, creating its tables once before
+        any child starts, and the shard plan is made; the embedded Redis is prepared when
+        the plan has it. A data dir this start created is removed again when it fails."""
         check_pid_file(self.cfg.pid_file)
-        try:
-            Path(self.cfg.data_dir).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise BootError(f"cannot create data dir {self.cfg.data_dir}: {exc.strerror}") \
-                from None
         self.listener = listen_after_orphans(self.cfg.host, self.cfg.port, say=log.warning)
         if self.cfg.web:
             why = web_listen_error(self.cfg)
@@ -108,13 +110,71 @@ class Arbiter(WorkerPool):
                 self.listener.close()
                 self.listener = None
                 raise BootError(why)
-        if self.cfg.embedded:
+        data = Path(self.cfg.data_dir)
+        created = not data.exists()
+        try:
             try:
-                self.redis = EmbeddedRedis(self.cfg)
-                self.redis.lock()
-                find_binary()
-            except EmbeddedError as exc:
-                raise BootError(str(exc)) from None
+                data.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise BootError(f"cannot create data dir {self.cfg.data_dir}: "
+                                f"{exc.strerror}") from None
+            plan = self.make_plan(self.cfg, keep_embedded=holds_data(self.cfg), start=True)
+            assert plan is not None
+            self.plan = plan
+            if plan.embedded:
+                self.redis = self.prepare_redis(self.cfg, plan)
+        except BootError:
+            if self.listener is not None:
+                self.listener.close()
+                self.listener = None
+            if created:
+                remove_empty_data_dir(data)
+            raise
+
+    def make_plan(self, cfg: Settings, *, keep_embedded: bool,
+                  start: bool = False) -> ShardPlan | None:
+        """The shard plan for `cfg`: its `redis` setting and the registry's shards, read by
+        the boot step. A registry that cannot be read at start leaves the `redis` setting
+        alone (the checker reloads once it reads shards there); on a reload it keeps the
+        running generation (None)."""
+        try:
+            rows = read_registry(cfg, close_fds=self.boot_close_fds())
+        except BootStepError as exc:
+            if not start:
+                log.error("reload refused, the running generation stays: cannot read the "
+                          "registry's shards: %s", exc)
+                return None
+            log.warning("cannot read the registry's shards (%s); starting with %s, and the "
+                        "checker reloads when the registry names shards", exc,
+                        "the redis setting" if cfg.redis else "the embedded redis")
+            rows = []
+        plan = plan_shards(cfg, rows, keep_embedded=keep_embedded)
+        if plan.only_embedded:  # the only shard (again): it takes adds, whatever it held
+            drained_path(cfg).unlink(missing_ok=True)
+        if plan.retired:
+            log.info("the embedded redis in %s/redis holds jobs from before shards were "
+                     "configured: they are delivered from there and moved to the shards; "
+                     "it takes no new jobs", cfg.data_dir)
+        return plan
+
+    def boot_close_fds(self) -> list[int]:
+        fds = [fd for fd in self.pipe if fd >= 0]
+        if self.listener is not None:
+            fds.append(self.listener.fileno())
+        if self.redis is not None and self.redis.lock_fd >= 0:
+            fds.append(self.redis.lock_fd)
+        return fds
+
+    @staticmethod
+    def prepare_redis(cfg: Settings, plan: ShardPlan) -> EmbeddedRedis:
+        """The embedded Redis over cfg's data dir, locked and with a binary to run."""
+        try:
+            redis = EmbeddedRedis(cfg)
+            redis.lock()
+            find_binary()
+        except EmbeddedError as exc:
+            raise BootError(str(exc)) from None
+        return redis
 
     def start(self) -> None:
         self.pid = os.getpid()
@@ -135,7 +195,7 @@ class Arbiter(WorkerPool):
             self.start_redis()
 
     def summary(self) -> str:
-        redis = "embedded redis" if self.cfg.embedded else f"{len(self.cfg.redis)} shard(s)"
+        redis = self.plan.describe()
         web = f"web :{self.cfg.web_port}" if self.cfg.web else "no web"
         return (f"{self.cfg.servers} server(s), {self.cfg.timers} timer(s), "
                 f"{self.num_consumers} consumer(s), {web}, {redis}")
@@ -369,9 +429,19 @@ class Arbiter(WorkerPool):
             self.listener = listener
             # servers on the old socket must not leave connections to those on the new one
             self.board = LoadBoard(max(64, 4 * cfg.servers))
-        if cfg.embedded and self.redis is None:
-            log.warning("reload: embedded Redis is only started at master start; restart "
-                        "dq-master to use it")
+        running = self.redis is not None and bool(self.redis.pid)
+        plan = self.make_plan(cfg, keep_embedded=running and holds_data(cfg))
+        if plan is None:
+            return
+        if plan.embedded and self.redis is None:
+            try:
+                self.redis = self.prepare_redis(cfg, plan)
+                self.start_redis()
+            except BootError as exc:
+                self.redis = None
+                log.error("reload refused, the running generation stays: %s", exc)
+                return
+        self.plan = plan
         self.cfg = cfg
         self.num_consumers = cfg.consumers
         self.generation += 1

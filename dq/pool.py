@@ -18,6 +18,7 @@ from typing import NoReturn
 from dq.config import Settings
 from dq.embedded import EmbeddedError, EmbeddedRedis
 from dq.errors import EXIT_BOOT
+from dq.shardplan import plan_shards
 from dq.supervise import (
     BOOT_STREAK,
     ROLE_ORDER,
@@ -47,6 +48,27 @@ def web_bind_host(cfg: Settings) -> str:
     return "0.0.0.0" if cfg.web_password else "127.0.0.1"
 
 
+def ready_line(cfg: Settings, listener: socket.socket | None) -> str:
+    """The one line that says the system is up and what to do next (README's commands)."""
+    host, port = listener.getsockname()[:2] if listener is not None else (cfg.host, cfg.port)
+    here = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    parts = [f"dq is ready: clients add jobs on TCP {host}:{port}"]
+    if cfg.web:
+        web = web_bind_host(cfg)
+        web_here = "127.0.0.1" if web in ("0.0.0.0", "::") else web
+        auth = "-u :$DQ_WEB_PASSWORD " if cfg.web_password else ""
+        parts.append(f"the console is http://{web_here}:{cfg.web_port}/")
+        parts.append(f"register a topic: curl {auth}-H 'content-type: application/json' "
+                     f"{web_here}:{cfg.web_port}/api/topics -d '{{\"topic\": \"demo\", "
+                     f"\"callback\": \"http://127.0.0.1:8000/cb\"}}'")
+    else:
+        parts.append("no console (--no-web): register topics in the registry's dq_topic")
+    parts.append(f"add a job: python3 -c \"from dq.client import DqClient; "
+                 f"DqClient(['{here}:{port}']).add('demo', '1', {{'hello': 'world'}}, "
+                 f"delay=5)\"")
+    return "; ".join(parts)
+
+
 class WorkerPool:
     """The children of one master, by pid, with a restart backoff per (role, index) slot."""
 
@@ -66,6 +88,8 @@ class WorkerPool:
         self.handover: socket.socket | None = None  # servers pass connections on (reload)
         self.board = LoadBoard(max(64, 4 * cfg.servers))  # the servers' connection counts
         self.board_slots: dict[int, tuple[LoadBoard, int]] = {}  # server pid -> its slot
+        self.plan = plan_shards(cfg)  # the generation's shards (dq/shardplan.py)
+        self.announced = False  # the ready line was logged
         self.redis: EmbeddedRedis | None = None
         self.web_at: tuple[str, int] | None = None  # where the last dq-web forked listens
         self.redis_slot = Slot()
@@ -137,7 +161,7 @@ class WorkerPool:
                       listen_sock=self.listener if role == "server" else None,
                       handover_sock=self.handover if role == "server" else None,
                       board=self.board if board_slot >= 0 else None, board_slot=board_slot,
-                      close_fds=close)
+                      close_fds=close, plan=self.plan)
         except BaseException as exc:
             try:
                 hb.write_text(f"boot-failed: {type(exc).__name__}: {exc}\n")
@@ -227,6 +251,9 @@ class WorkerPool:
             log.info("generation %d is up: %s", self.generation, ", ".join(
                 sorted(w.name for w in self.workers.values()
                        if w.generation == self.generation and not w.retiring_at)))
+            if not self.announced:
+                self.announced = True
+                log.info("%s", ready_line(self.cfg, self.listener))
 
     def reap_workers(self) -> None:
         """Collect every exited child and decide what its exit means."""

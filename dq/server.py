@@ -48,7 +48,7 @@ from dq.shards import Shard
 from dq.store import AddJob, Store
 from dq.supervise import LoadBoard, bind_listener
 from dq.topics import TopicCache
-from dq.worker import Context, open_store
+from dq.worker import Context, open_store, role_plan
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("dq.request")
@@ -865,9 +865,7 @@ async def run(ctx: Context, store: Store | None = None, topics: TopicCache | Non
         registry = Registry(settings.db_url())
         topics = TopicCache(registry, refresh=settings.registry_refresh)
     if store is None:
-        extra = [(s.name or s.url, s.url) for s in registry.shards() if s.enabled] \
-            if registry else []
-        store = open_store(settings, extra)
+        store = open_store(settings, await role_plan(ctx, registry))
     await topics.refresh(force=True)
     server = Server(ctx, store, topics)
     await server.start()

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 SCRIPT_NAMES = (
     "add", "delete", "move_due", "claim", "ack", "retry", "bury", "requeue_expired", "redrive",
     "guest_take", "guest_land", "guest_drop", "evict", "rebucket", "alert_claim", "park",
-    "adopt", "release", "breaker",
+    "adopt", "release", "breaker", "retire",
 )
 
 
@@ -239,19 +239,27 @@ def cluster_shards(name: str, url: str, n: int, *, connect_timeout: float | None
 
 
 class ShardSet:
-    """The configured shards and the rendezvous order of each tid over their names."""
+    """The shards of a store and the rendezvous order of each tid over their names.
 
-    def __init__(self, shards: Sequence[Shard]) -> None:
+    `shards` is every shard to work (timers, consumers, get, del and the console go through
+    all of them); `retired` ones (the embedded Redis once real shards are configured, see
+    dq/shardplan.py) come last, own no tid and never take an add."""
+
+    def __init__(self, shards: Sequence[Shard], retired: Sequence[Shard] = ()) -> None:
         if not shards:
             raise ValueError("at least one redis shard is needed")
-        self.shards = list(shards)
+        self.writers = list(shards)
+        self.retired = list(retired)
+        self.shards = [*self.writers, *self.retired]
         self.by_name = {s.name: s for s in self.shards}
 
     @classmethod
-    def from_urls(cls, urls: Iterable[str] | Iterable[tuple[str, str]], *,
+    def from_urls(cls, urls: Iterable[str] | Iterable[tuple[str, str]],
+                  retired: Iterable[tuple[str, str]] = (), *,
                   cluster_partitions: int = 16, **kw: Any) -> ShardSet:
-        """Shards from URLs (each named by its URL) or (name, url) pairs. A Redis Cluster
-        URL gives `cluster_partitions` shards, named `<name>#<i>` (dq/cluster.py)."""
+        """Shards from URLs (each named by its URL) or (name, url) pairs; `retired` ones
+        (plain shards) are worked but take no add. A Redis Cluster URL gives
+        `cluster_partitions` shards, named `<name>#<i>` (dq/cluster.py)."""
         shards = []
         for item in urls:
             name, url = (item, item) if isinstance(item, str) else item
@@ -259,19 +267,23 @@ class ShardSet:
                 shards += cluster_shards(name, url, cluster_partitions, **kw)
             else:
                 shards.append(Shard(name, url, **kw))
-        return cls(shards)
+        return cls(shards, [Shard(name, url, **kw) for name, url in retired])
 
     def order(self, tid: str) -> list[Shard]:
-        """All shards, the tid's owner first (rendezvous hashing over shard names)."""
-        if len(self.shards) == 1:
-            return self.shards
+        """All shards, the tid's owner first (rendezvous hashing over shard names), the
+        retired ones last."""
+        return [*self._ranked(tid), *self.retired] if self.retired else self._ranked(tid)
+
+    def _ranked(self, tid: str) -> list[Shard]:
+        if len(self.writers) == 1:
+            return self.writers
         key = tid.encode()
-        return sorted(self.shards, key=lambda s: s.weight(key), reverse=True)
+        return sorted(self.writers, key=lambda s: s.weight(key), reverse=True)
 
     def owner(self, tid: str) -> Shard:
         """The shard with the highest weight for the tid (the first of equals), spelled out:
         it runs once per add. Digests of one length compare as their big-endian ints do."""
-        shards = self.shards
+        shards = self.writers
         if len(shards) == 1:
             return shards[0]
         key = tid.encode()
@@ -298,7 +310,7 @@ class ShardSet:
             owner = self.owner(tid)
             if owner.up:
                 return owner, True
-        order = self.order(tid)
+        order = self._ranked(tid)  # never a retired shard
         for shard in order:
             if shard.up and shard.name not in exclude:
                 return shard, shard is order[0]

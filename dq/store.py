@@ -1088,6 +1088,19 @@ class Store:
                     out[m][k] = out[m].get(k, 0) + int(v)
         return [(m, out[m]) for m in mins]
 
+    async def retire(self, shard: Shard, batch: int = 500) -> int:
+        """Record every job on a retired shard (one that takes no adds) as a guest, so it
+        is moved home to its owner like any guest (dq/guests.py); dead letters stay.
+        Returns how many were newly recorded. A job written there after the pass (by an
+        older generation still routing to it) is caught by the next pass."""
+        cursor, added = b"0", 0
+        while True:
+            cursor, n = await shard.script("retire", (self.k_jobs, self.k_guests, self.k_dead),
+                                           (cursor, batch))
+            added += int(n)
+            if cursor in (b"0", 0, "0"):
+                return added
+
     async def depths(self, shard: Shard) -> dict[str, int]:
         """How many jobs a shard holds in each state, and how many of them are guests
         (their owner is another shard; moved home once it answers)."""

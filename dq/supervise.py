@@ -316,6 +316,22 @@ def check_pid_file(path: str) -> None:
                     "stop it first or use another --pid-file")
 
 
+def remove_empty_data_dir(path: Path) -> None:
+    """After a failed start that created the data dir: remove it again when it holds
+    nothing but the embedded Redis's empty lock and dirs (never a file with data)."""
+    try:
+        for name in ("redis.lock",):
+            lock = path / name
+            if lock.is_file() and lock.stat().st_size == 0:
+                lock.unlink()
+        redis_dir = path / "redis"
+        if redis_dir.is_dir() and not any(redis_dir.iterdir()):
+            redis_dir.rmdir()
+        path.rmdir()  # only when empty: OSError otherwise
+    except OSError:
+        pass
+
+
 def write_pid_file(path: str) -> None:
     if not path:
         return

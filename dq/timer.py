@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 from dq.errors import DqError
 from dq.shards import Shard
 from dq.store import Store
-from dq.worker import Context, open_store
+from dq.worker import Context, open_store, role_plan
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ async def run(ctx: Context, store: Store | None = None) -> None:
     """Run timer `ctx.index` until `ctx.stopping` is set. Closes the store it opened."""
     own_store = store is None
     if store is None:
-        store = open_store(ctx.settings)
+        store = open_store(ctx.settings, await role_plan(ctx))
     timer = Timer(ctx, store)
     started = time.monotonic()
     log.info("%s started: buckets %s of %d on %d shard(s), tick %.2fs", ctx.name,

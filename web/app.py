@@ -23,7 +23,7 @@ from dq.config import Settings, is_loopback
 from dq.errors import ConfigError
 from dq.registry import Registry
 from dq.store import Store
-from dq.worker import Context, open_store
+from dq.worker import Context, open_store, read_plan, role_plan
 from web import api, errors, metrics, pages, pages_ops
 from web.auth import SESSION_COOKIE, SESSION_TTL, Keys
 from web.errors import FORBIDDEN, TOO_LARGE, ApiError
@@ -113,8 +113,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None,
     if registry is None:
         registry = Registry(settings.db_url())
     if store is None:
-        extra = [(s.name or s.url, s.url) for s in registry.shards() if s.enabled]
-        store = open_store(settings, extra)
+        store = open_store(settings, read_plan(settings, registry))
     st = WebState(settings=settings, registry=registry, store=store,
                   templates=make_templates(settings.zone), keys=Keys(settings.web_password),
                   own_store=own_store, own_registry=own_registry)
@@ -211,8 +210,7 @@ async def run(ctx: Context) -> None:
                               "bind web_host 127.0.0.1")
         log.warning("no web_password: console bound to %s only", host)
     registry = await asyncio.to_thread(Registry, settings.db_url())
-    confs = await asyncio.to_thread(registry.shards)
-    store = open_store(settings, [(s.name or s.url, s.url) for s in confs if s.enabled])
+    store = open_store(settings, await role_plan(ctx, registry))
     app = create_app(settings, registry=registry, store=store)
     try:
         sock = listen_socket(host, settings.web_port, beside=ctx.master_pid is not None)
