@@ -25,8 +25,8 @@ DESCRIPTION = """\
 dq is a delay queue with HTTP callbacks: clients add jobs over TCP, and when a job falls
 due dq calls its topic's callback URL, retrying on failure. dq-master opens the TCP port,
 then starts and supervises the server, timer, consumer, checker and web console
-processes. With no --redis it runs its own redis-server in the data dir, so a bare
-`dq-master` is a working system.
+processes. With no --redis and no shard in the registry's dq_redis table it runs its
+own redis-server in the data dir, so a bare `dq-master` is a working system.
 
 Settings come from defaults < the config file (dq.toml) < DQ_* environment variables <
 these flags. Each flag below is a setting: --some-name is some_name in dq.toml and
@@ -185,13 +185,15 @@ def build_adopt_parser() -> argparse.ArgumentParser:
 
 async def _adopt(settings: Settings) -> int:
     from dq.adopt import Adopter
+    from dq.boot import enabled_shards
     from dq.registry import Registry
+    from dq.shardplan import plan_shards
     from dq.worker import open_store
 
     registry = Registry(settings.db_url())
     try:
         topics = registry.topics()
-        extra = [(s.name or s.url, s.url) for s in registry.shards() if s.enabled]
+        extra = enabled_shards(registry.shards())
     finally:
         registry.close()
     if not settings.redis and not extra:
@@ -199,7 +201,7 @@ async def _adopt(settings: Settings) -> int:
               "php-delayqueue's jobs live in the Redis servers it was configured with: "
               "name them with --redis or --db", file=sys.stderr)
         return EXIT_CONFIG
-    store = open_store(settings, extra)
+    store = open_store(settings, plan_shards(settings, extra))
     try:
         done = await Adopter(store).adopt_all({k: t.priority for k, t in topics.items()},
                                               every=True)

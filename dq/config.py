@@ -62,8 +62,10 @@ class Settings:
                                      "unix://path or redis+cluster://host:port[,host:port"
                                      "...] (a whole Redis Cluster, cut into "
                                      "cluster_partitions shards): repeat the flag per shard "
-                                     "(comma-separated in DQ_REDIS)", group=STORAGE,
-                                     shown="none: an embedded redis-server", metavar="URL")
+                                     "(comma-separated in DQ_REDIS); the registry's enabled "
+                                     "dq_redis shards are added", group=STORAGE,
+                                     shown="none: the registry's dq_redis shards, else an "
+                                     "embedded redis-server", metavar="URL")
     cluster_partitions: int = setting(16, "shards a redis+cluster:// URL is cut into, each "
                                       "one hash-tagged slot placed on a master by the "
                                       "cluster (1 to 256); chosen once: changing it strands "
