@@ -159,8 +159,7 @@ class Arbiter(WorkerPool):
 
     def boot_close_fds(self) -> list[int]:
         fds = [fd for fd in self.pipe if fd >= 0]
-        if self.listener is not None:
-            fds.append(self.listener.fileno())
+        fds += [s.fileno() for s in (self.listener, self.handover) if s is not None]
         if self.redis is not None and self.redis.lock_fd >= 0:
             fds.append(self.redis.lock_fd)
         return fds
@@ -415,6 +414,18 @@ class Arbiter(WorkerPool):
         except ConfigError as exc:
             log.error("reload refused, the running configuration stays: %s", exc)
             return
+        running = self.redis is not None and bool(self.redis.pid)
+        plan = self.make_plan(cfg, keep_embedded=running and holds_data(cfg))
+        if plan is None:
+            return
+        if plan.embedded and self.redis is None:
+            try:
+                self.redis = self.prepare_redis(cfg, plan)
+                self.start_redis()
+            except BootError as exc:
+                self.redis = None
+                log.error("reload refused, the running generation stays: %s", exc)
+                return
         if (cfg.host, cfg.port) != (self.cfg.host, self.cfg.port):
             try:
                 listener = bind_listener(cfg.host, cfg.port)
@@ -429,18 +440,6 @@ class Arbiter(WorkerPool):
             self.listener = listener
             # servers on the old socket must not leave connections to those on the new one
             self.board = LoadBoard(max(64, 4 * cfg.servers))
-        running = self.redis is not None and bool(self.redis.pid)
-        plan = self.make_plan(cfg, keep_embedded=running and holds_data(cfg))
-        if plan is None:
-            return
-        if plan.embedded and self.redis is None:
-            try:
-                self.redis = self.prepare_redis(cfg, plan)
-                self.start_redis()
-            except BootError as exc:
-                self.redis = None
-                log.error("reload refused, the running generation stays: %s", exc)
-                return
         self.plan = plan
         self.cfg = cfg
         self.num_consumers = cfg.consumers
