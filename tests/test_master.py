@@ -344,16 +344,18 @@ def test_new_master_binds_right_after_kill_9_of_the_old_one(
         redis_server: RedisProcess, tmp_path: Path) -> None:
     """kill -9 of the master leaves its servers (and console) running until they notice,
     holding the port: a new master started at once waits for them, says so, and serves.
-    Three masters in a row, each started right after kill -9 of the one before; the second
-    one's orphans are stopped (SIGSTOP) until the third says it waits, so the old code's
+    Four masters in a row, each started right after kill -9 of the one before; the third
+    one's orphans are stopped (SIGSTOP) until the fourth says it waits, so the old code's
     refusal ("Address already in use", exit 3) cannot be missed by luck."""
     port, web_port = free_port(), free_port()
     args = ["--redis", redis_server.url, "--servers", "2", "--timers", "1", "--consumers", "1",
             "--web-host", "127.0.0.1", "--web-port", str(web_port)]
+    rounds = 4
     started: list[Master] = []
     orphans: list[int] = []
     try:
-        for n in range(3):
+        for n in range(rounds):
+            t0 = time.monotonic()
             m = Master(tmp_path / f"m{n}", port, args, {})
             started.append(m)
             if orphans:  # stopped until the new master waits for them (or gave up)
@@ -364,18 +366,23 @@ def test_new_master_binds_right_after_kill_9_of_the_old_one(
                 orphans = []
             m.wait_titles(expected_titles(servers=2, web=True), timeout=40)
             m.wait("it serves", lambda: _pings(port) and _http_answers(web_port))
-            assert "cannot listen" not in m.output(), m.output()
-            if n == 2:
+            out = m.output()
+            assert "cannot listen" not in out, out
+            if n:
+                print(f"\nmaster {n}, started right after kill -9 of master {n - 1}: "
+                      f"{'waited for its orphans' if ORPHANS_WAIT in out else 'bound at once'}"
+                      f", serving after {time.monotonic() - t0:.2f} s", file=sys.stderr)
+            if n == rounds - 1:
                 break
-            if n == 1:
+            if n == rounds - 2:
                 orphans = [pid for pid, t in m.workers().items()
                            if t.startswith(("dq-server-", "dq-web"))]
                 for pid in orphans:
                     os.kill(pid, signal.SIGSTOP)
             m.proc.kill()
             m.proc.wait()
-        assert ORPHANS_WAIT in started[2].output()
-        assert started[2].proc.poll() is None
+        assert ORPHANS_WAIT in started[-1].output()
+        assert started[-1].proc.poll() is None
     finally:
         for pid in orphans:
             os.kill(pid, signal.SIGCONT)
