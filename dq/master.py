@@ -40,7 +40,7 @@ from dq.supervise import (
     listen_after_orphans,
     remove_empty_data_dir,
     remove_pid_file,
-    wait_for_orphans,
+    retry_after_orphans,
     write_pid_file,
 )
 
@@ -104,8 +104,11 @@ class Arbiter(WorkerPool):
         self.listener = listen_after_orphans(self.cfg.host, self.cfg.port, say=log.warning)
         if self.cfg.web:
             why = web_listen_error(self.cfg)
-            if why and wait_for_orphans(self.cfg.web_port, b"dq-web", say=log.warning):
-                why = web_listen_error(self.cfg)
+            if why:  # a dead master's console may still hold it: wait for that one
+                def free() -> bool | None:
+                    return None if web_listen_error(self.cfg) else True
+                if retry_after_orphans(self.cfg.web_port, b"dq-web", free, say=log.warning):
+                    why = ""
             if why:
                 self.listener.close()
                 self.listener = None

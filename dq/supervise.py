@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from dq.config import Settings
 
@@ -33,11 +34,16 @@ BACKOFF_MIN = 0.1  # first restart delay of a slot; doubles per quick death
 BACKOFF_MAX = 10.0
 BACKOFF_RESET = 30.0  # a child that ran this long restarts after BACKOFF_MIN again
 BOOT_STREAK = 3  # boot failures in a row after which the master says so and slows down
+_T = TypeVar("_T")
 ORPHAN_WAIT = 5.0  # seconds a new master waits for a dead master's servers to free the port
 
 
 class BootError(Exception):
     """The master cannot start (port taken, data dir locked, ...); the message says why."""
+
+
+class AddressInUse(BootError):
+    """The port to listen on is taken (EADDRINUSE)."""
 
 
 def child_name(role: str, index: int) -> str:
@@ -177,7 +183,8 @@ def bind_listener(host: str, port: int) -> socket.socket:
         sock.listen(1024)
     except OSError as exc:
         sock.close()
-        raise BootError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        error = AddressInUse if exc.errno == errno.EADDRINUSE else BootError
+        raise error(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.setblocking(False)
     return sock
 
@@ -220,10 +227,11 @@ def _ppid_and_title(pid: int) -> tuple[int, bytes]:
 def port_orphans(port: int, title: bytes = b"dq-server-") -> list[int] | None:
     """The pids holding `port`'s listen socket when every one is a dq child titled
     `title`... whose master is gone (an orphan: it stops by itself within a second or so
-    of seeing that), else None: the port is free, or held by something else."""
+    of seeing that); [] when no holder can be seen (nothing listens, or another user's
+    process whose descriptors are hidden); None when a holder is something else."""
     inodes = _listening_inodes(port)
     if not inodes:
-        return None
+        return []
     links = {f"socket:[{i}]" for i in inodes}
     holders = set()
     for entry in os.listdir("/proc"):
@@ -235,51 +243,73 @@ def port_orphans(port: int, title: bytes = b"dq-server-") -> list[int] | None:
                 holders.add(int(entry))
         except OSError:  # gone meanwhile, or another user's: not ours to judge
             continue
-    if not holders:
-        return None  # another user's process (its fds are hidden from us)
     for pid in holders:
         try:
             ppid, own = _ppid_and_title(pid)
+        except (OSError, ValueError, IndexError):
+            continue  # it exited meanwhile
+        try:
             _, parent = _ppid_and_title(ppid)
         except (OSError, ValueError, IndexError):
-            own, parent = b"", b""
+            parent = b""
         if not own.startswith(title) or parent.startswith(b"dq-master"):
             return None
     return sorted(holders)
 
 
-def wait_for_orphans(port: int, title: bytes = b"dq-server-", wait: float = ORPHAN_WAIT,
-                     say: Callable[[str], None] = print) -> bool:
-    """When `port` is held only by dq children (`title`...) of a master that died (kill
-    -9), say so once and wait up to `wait` seconds for them to exit; True when it waited,
-    False at once when the port is held by anything else. Still held after `wait`: a
-    BootError naming them."""
-    orphans = port_orphans(port, title)
-    if orphans is None:
-        return False
-    pids = ", ".join(map(str, orphans))
-    say(f"port {port} is still held by {title.decode().rstrip('-')} processes of a master "
-        f"that is gone (pids {pids}); waiting up to {wait:g} s for them to exit")
-    deadline = time.monotonic() + wait
-    while port_orphans(port, title) is not None:
-        if time.monotonic() >= deadline:
-            raise BootError(f"port {port} is still held by {title.decode().rstrip('-')} "
-                            f"processes of a master that is gone (pids {pids}) after "
-                            f"{wait:g} s; kill them and start again")
+def retry_after_orphans(port: int, title: bytes, attempt: Callable[[], _T | None],
+                        wait: float = ORPHAN_WAIT,
+                        say: Callable[[str], None] = print) -> _T | None:
+    """`attempt()` (a bind of `port`) again and again while the port is held only by dq
+    children titled `title`... of a master that died (kill -9), up to `wait` seconds,
+    saying so once; its first result that is not None. None at once when the port is held
+    by something else (or by nothing that can be seen: another user's process), or at
+    the end of `wait`. Orphans still there then: a BootError naming them."""
+    got = attempt()
+    orphans: list[int] | None = []
+    for _ in range(4):  # nothing seen: the holder may just have let go, or a read missed it
+        if got is not None:
+            return got
+        orphans = port_orphans(port, title)
+        if orphans is None or orphans:
+            break
         time.sleep(0.05)
-    return True
+        got = attempt()
+    if not orphans:
+        return got
+    pids = ", ".join(map(str, orphans))
+    what = f"{title.decode().rstrip('-')} processes of a master that is gone (pids {pids})"
+    say(f"port {port} is still held by {what}; waiting up to {wait:g} s for them to exit")
+    deadline = time.monotonic() + wait
+    while True:
+        time.sleep(0.05)
+        got = attempt()
+        # A read of /proc/net/tcp may miss a socket that changes meanwhile: only the
+        # attempt says the port is free, and only a holder seen says it is someone else's.
+        if got is not None or port_orphans(port, title) is None:
+            return got
+        if time.monotonic() >= deadline:
+            raise BootError(f"port {port} is still held by {what} after {wait:g} s; kill "
+                            "them and start again")
 
 
 def listen_after_orphans(host: str, port: int, wait: float = ORPHAN_WAIT,
                          say: Callable[[str], None] = print) -> socket.socket:
-    """bind_listener, after waiting (see wait_for_orphans) for the servers of a master that
+    """bind_listener, waiting (see retry_after_orphans) for the servers of a master that
     died to free the port; held by anything else, the BootError is raised at once."""
-    try:
-        return bind_listener(host, port)
-    except BootError:
-        if not wait_for_orphans(port, b"dq-server-", wait, say):
-            raise
-    return bind_listener(host, port)
+    refused: list[BootError] = []
+
+    def attempt() -> socket.socket | None:
+        try:
+            return bind_listener(host, port)
+        except AddressInUse as exc:
+            refused[:] = [exc]
+            return None
+
+    sock = retry_after_orphans(port, b"dq-server-", attempt, wait, say)
+    if sock is None:
+        raise refused[-1]
+    return sock
 
 
 def check_pid_file(path: str) -> None:
