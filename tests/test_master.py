@@ -743,6 +743,8 @@ def test_usr2_during_steady_adds_loses_nothing(
     try:
         want = expected_titles(servers=2)
         old = set(m.wait_titles(want))
+        # Titles appear at fork; on a loaded machine the servers take seconds more to serve.
+        m.wait("generation 0 up", lambda: "generation 0 is up" in m.output(), timeout=60)
         stop, added, failed = threading.Event(), list[str](), list[str]()
         adder = threading.Thread(target=_adder, args=(m.port, stop, added, failed))
         adder.start()
