@@ -48,7 +48,7 @@ from dq.errors import DqError
 from dq.guests import GuestMover
 from dq.health import ShardHealth, health_path, read_health, safe_name, write_health
 from dq.registry import Registry
-from dq.shardplan import EMBEDDED, ShardPlan, plan_shards
+from dq.shardplan import EMBEDDED, ShardPlan, drained_record, plan_shards
 from dq.shards import Shard, ShardSet
 from dq.stats import EXPORT_EVERY, StatExporter
 from dq.store import Store
@@ -309,7 +309,7 @@ async def watch_shards(ctx: Context, registry: Registry, plan: ShardPlan,
             log.debug("%s: cannot read the registry's shards: %s", ctx.name, exc)
             continue
         now = plan_shards(settings, rows, keep_embedded=plan.embedded)
-        if now == plan:
+        if now.shards == plan.shards:  # retired ones come and go by themselves
             continue
         names = ", ".join(safe_name(name) for name, _ in now.every)
         if ctx.master_pid is None:
@@ -349,10 +349,13 @@ class Retirement:
             if depth["jobs"] or depth["dead"]:
                 continue
             self.drained.add(shard.name)
-            if shard.name == EMBEDDED:
-                path = drained_path(self.ctx.settings)
-                with contextlib.suppress(OSError):
-                    path.write_text("no job left here once real shards were configured\n")
+            with contextlib.suppress(OSError):
+                if shard.name == EMBEDDED:
+                    drained_path(self.ctx.settings).write_text(
+                        "no job left here once real shards were configured\n")
+                else:
+                    with drained_record(self.ctx.settings).open("a", encoding="utf-8") as f:
+                        f.write(shard.url + "\n")
             log.info("%s: the retired shard %s holds no job any more; a restart leaves it "
                      "out", self.ctx.name, shard.label)
 

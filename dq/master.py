@@ -27,7 +27,7 @@ from dq.embedded import EmbeddedError, EmbeddedRedis, drained_path, find_binary,
 from dq.errors import EXIT_BOOT, ConfigError
 from dq.logs import setup_logging
 from dq.pool import SIGNALS, STOP_MARGIN, WorkerPool, web_bind_host
-from dq.shardplan import ShardPlan, plan_shards
+from dq.shardplan import ShardPlan, carry_over, drained_urls, masked, plan_shards
 from dq.supervise import (
     BOOT_STREAK,
     BootError,
@@ -421,6 +421,11 @@ class Arbiter(WorkerPool):
         plan = self.make_plan(cfg, keep_embedded=running and holds_data(cfg))
         if plan is None:
             return
+        plan = carry_over(self.plan, plan, drained_urls(cfg))
+        if len(plan.retired) > len(self.plan.retired):
+            log.info("reload: shards left out of the list are worked, and take no new job, "
+                     "until they hold none: %s", ", ".join(
+                         masked(n) for n, _ in plan.retired if n not in dict(self.plan.retired)))
         if plan.embedded and self.redis is None:
             try:
                 self.redis = self.prepare_redis(cfg, plan)

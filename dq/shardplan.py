@@ -16,6 +16,7 @@ imports this.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,7 @@ class ShardPlan:
         if self.only_embedded:
             return "embedded redis"
         out = f"{len(self.shards)} shard(s)"
-        return out + ", embedded redis retired" if self.retired else out
+        return out + f", {len(self.retired)} retired" if self.retired else out
 
     def to_json(self) -> str:
         return json.dumps({"shards": self.shards, "retired": self.retired})
@@ -67,6 +68,36 @@ class ShardPlan:
         data = json.loads(text)
         return cls(tuple((str(n), str(u)) for n, u in data["shards"]),
                    tuple((str(n), str(u)) for n, u in data.get("retired", ())))
+
+
+def masked(name: str) -> str:
+    """A shard's name as logs show it: a URL's password left out."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", name)
+
+
+def drained_record(settings: Settings) -> Path:
+    """The URLs of retired shards the checker found empty, one a line (dq/checker.py)."""
+    return Path(settings.data_dir).resolve() / "drained-shards"
+
+
+def drained_urls(settings: Settings) -> set[str]:
+    try:
+        return set(drained_record(settings).read_text(encoding="utf-8").split())
+    except OSError:
+        return set()
+
+
+def carry_over(old: ShardPlan, new: ShardPlan, drained: Iterable[str] = ()) -> ShardPlan:
+    """`new`, with the shards `old` worked that `new` leaves out kept as retired: a reload
+    that drops a shard from the list (disabled or deleted in the registry) leaves its jobs
+    to be delivered and moved to the other shards, and the jobs the old generation's
+    servers write there until they stop; a shard once found empty (`drained` URLs) is let
+    go. The embedded Redis is not carried: it has its own rule (plan_shards)."""
+    have = {url for _, url in new.every}
+    done = set(drained)
+    keep = tuple(s for s in old.every if s[1] not in have and s[1] not in done
+                 and s[0] != EMBEDDED)
+    return ShardPlan(new.shards, new.retired + keep) if keep else new
 
 
 def plan_shards(settings: Settings, registry: Iterable[Named] = (), *,

@@ -23,7 +23,7 @@ import redis as redis_py
 import sqlalchemy as sa
 
 from dq.config import Settings
-from dq.shardplan import EMBEDDED, ShardPlan, embedded_redis_url, plan_shards
+from dq.shardplan import EMBEDDED, ShardPlan, carry_over, embedded_redis_url, plan_shards
 from dq.shards import ShardSet
 from tests.conftest import RedisProcess, free_port
 from tests.masters import REPO, Master
@@ -136,6 +136,13 @@ def test_plan_is_the_redis_setting_then_the_registry_else_the_embedded_redis(
                            ("r1", "redis://h1:6379/0"))  # a URL listed twice is one shard
     assert plan.retired == (embedded,) and plan.embedded and not plan.only_embedded
     assert ShardPlan.from_json(plan.to_json()) == plan
+    # a reload that leaves a shard out keeps it retired until it is found drained
+    smaller = plan_shards(conf, rows[1:], keep_embedded=True)
+    kept = carry_over(plan, smaller)
+    assert kept.shards == smaller.shards
+    assert kept.retired == (embedded, ("r1", "redis://h1:6379/0"))
+    assert carry_over(kept, smaller) == kept  # and at the reload after
+    assert carry_over(kept, smaller, {"redis://h1:6379/0"}) == smaller
 
 
 def test_a_retired_shard_is_worked_but_owns_no_job_and_takes_no_add() -> None:
@@ -256,6 +263,39 @@ def test_shards_registered_while_embedded_take_over_and_the_embedded_one_drains(
     assert "1 shard(s)" in again.output()
     add_jobs(again.port, "order", ["after"], delay=0.5)
     again.wait("the callback", lambda: "after" in callbacks.ids(), timeout=30)
+
+
+def test_a_shard_left_out_on_a_reload_is_worked_until_it_holds_no_job(
+        tmp_path: Path, redis_factory: Callable[[], RedisProcess],
+        masters: Callable[..., Master], callbacks: Callbacks) -> None:
+    """A shard disabled in the registry: the reload leaves it taking no new job, but its
+    jobs (and any the old servers write there meanwhile) are still delivered, moved to the
+    shard that stays; once it holds none it is let go."""
+    from dq.registry import Registry, Topic
+
+    r1, r2 = redis_factory(), redis_factory()
+    db = f"sqlite:///{tmp_path / 'reg.sqlite3'}"
+    reg = Registry(db)
+    try:
+        reg.save_topic(Topic(topic="order", callback=callbacks.url, method="POST"))
+        reg.save_shard("one", f"127.0.0.1:{r1.port}")
+        reg.save_shard("two", f"127.0.0.1:{r2.port}")
+        m = masters("--db", db)
+        m.wait("the ready line", lambda: READY in m.output(), timeout=40)
+        ids = [str(i) for i in range(30)]
+        add_jobs(m.port, "order", ids, delay=5)
+        assert jobs_on(r2.url) > 0 and jobs_on(r1.url) > 0
+        reg.save_shard("two", f"127.0.0.1:{r2.port}", enabled=False)
+    finally:
+        reg.close()
+    m.wait("the reload", lambda: "generation 1 is up" in m.output(), timeout=40)
+    assert "shards left out of the list are worked" in m.output()
+    add_jobs(m.port, "order", ["later"], delay=0.5)
+    m.wait("every callback", lambda: callbacks.ids() >= {*ids, "later"}, timeout=60)
+    m.wait("the left-out shard drained", lambda: "holds no job any more" in m.output(),
+           timeout=30)
+    assert jobs_on(r2.url) == 0
+    assert f"127.0.0.1:{r2.port}" in (m.home / "var" / "drained-shards").read_text()
 
 
 # --------------------------------------------------------------------------------------
