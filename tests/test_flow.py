@@ -318,3 +318,31 @@ async def test_a_paused_topic_takes_adds_over_tcp_where_an_offline_one_refuses(
         await asyncio.wait_for(task, 10)
         await running.store.shards.close()
         running.registry.close()
+
+
+async def test_a_job_replaced_and_claimed_again_while_in_flight_leaks_no_slot(
+        store: Store, roles: Roles, topic: Callable[..., Topic]) -> None:
+    """A job added again (replaced) while its call runs can be claimed a second time before
+    the first delivery frees its slot: both outcomes written, no slot stays taken (before,
+    the second claim counted the tid twice under one lease entry and one slot leaked for
+    good: a topic with concurrency n stopped after n such replacements)."""
+    topic("two", concurrency=2)
+    roles.start("timer")
+    shard = store.shards.shards[0]
+    limits = [FlowLimit("two", concurrency=2)]
+
+    async def claim_one() -> list[Any]:
+        async with asyncio.timeout(10):
+            while not (got := await store.claim(shard, 1, [1, 2, 3], 5000, limits)):
+                await asyncio.sleep(0.05)
+        return got
+
+    await store.add("two", "a", {}, delay_ms=0)
+    first = await claim_one()
+    await store.add("two", "a", {"again": 1}, delay_ms=0)  # replaced while in flight
+    second = await claim_one()
+    assert first[0].flow_lease and second[0].flow_lease
+    await store.ack(second[0])
+    await store.release(second[0])
+    await store.release(first[0])  # its outcome (the old version) written late
+    assert (await store.flow_state(shard, "two"))["inflight"] == 0

@@ -69,9 +69,13 @@ local function take(f, tid, payload)
     f.dirty = true
   end
   if f.cap > 0 then
-    f.n = f.n + 1
-    f.dirty = true
-    redis.call('ZADD', KEYS[4], deadline, tid)
+    -- One slot per tid in the lease zset: a job replaced and claimed again while its first
+    -- call runs takes over that slot (the first delivery's release no longer matches), so
+    -- "<topic>|n" keeps counting the zset's entries and no slot leaks.
+    if redis.call('ZADD', KEYS[4], deadline, tid) == 1 then
+      f.n = f.n + 1
+      f.dirty = true
+    end
   end
   lease(tid, payload)
 end
