@@ -348,6 +348,11 @@ class Retirement:
                          self.ctx.name, added, shard.label)
             if depth["jobs"] or depth["dead"]:
                 continue
+            try:  # php-delayqueue's jobs not adopted yet (adopt_loop) are jobs too
+                if await self.store.orig_pending(shard):
+                    continue
+            except DqError:
+                continue
             self.drained.add(shard.name)
             with contextlib.suppress(OSError):
                 if shard.name == EMBEDDED:

@@ -380,3 +380,34 @@ def test_a_failed_start_removes_the_data_dir_it_created(tmp_path: Path) -> None:
                 env=env, timeout=60)
             assert res.returncode == 3 and "cannot listen" in res.stderr, res
             assert data.exists() == made  # one it did not create is left alone
+
+
+async def test_a_retired_shard_with_php_delayqueue_jobs_left_is_not_drained(
+        tmp_path: Path, redis_factory: Callable[[], RedisProcess]) -> None:
+    """A retired shard whose only jobs are php-delayqueue's, not adopted yet (dq's adopt
+    pass runs beside the retirement pass, every 30 s): it is not let go as holding no job,
+    or a later reload would drop it with the original's jobs in it."""
+    from dq.checker import Retirement
+    from dq.shardplan import drained_urls
+    from dq.store import Store
+    from dq.worker import Context
+
+    keep, old = redis_factory(), redis_factory()
+    r = redis_py.Redis.from_url(old.url)
+    try:
+        due = int(time.time()) + 3600
+        r.hset("dq_job_info", "order:1", '{"topic":"order","id":"1","body":"{}"}')
+        r.zadd("dq_bucket_3", {"order:1": due})
+    finally:
+        r.close()
+    settings = Settings(redis=(keep.url,), data_dir=str(tmp_path / "var"))
+    os.makedirs(settings.data_dir)
+    shards = ShardSet.from_urls([(keep.url, keep.url)], [(old.url, old.url)])
+    store = Store(shards, orig_prefix="dq_")
+    try:
+        retirement = Retirement(Context(settings, "checker"), store)
+        await retirement.run(lambda _shard: True)
+        assert old.url not in drained_urls(settings)
+        assert not retirement.drained
+    finally:
+        await shards.close()
