@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from dq.config import Settings
 from dq.guests import GuestMover
 from dq.shards import Shard, ShardSet
-from dq.store import Claimed, Store, payload_version, split_tid
+from dq.store import Claimed, FlowLimit, Store, payload_version, split_tid
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,14 @@ def _store(urls: Sequence[str], settings: Settings) -> Store:
 
 
 async def requeue(src: Store, shard: Shard) -> int:
-    """Ready and in-flight jobs on `shard` back in their delay buckets, due now."""
+    """Ready (held back by flow control too) and in-flight jobs on `shard` back in their
+    delay buckets, due now."""
     n = 0
+    # Jobs a flow-controlled topic held back (claim.lua's held lists) are ready too:
+    # claimed with no limit, so they are put back as well.
+    held = [FlowLimit(topic=t) for t in sorted(await src.held_topics(shard))]
     while True:
-        claimed = await src.claim(shard, BATCH, (1, 2, 3), 60_000)
+        claimed = await src.claim(shard, BATCH, (1, 2, 3), 60_000, held)
         if not claimed:
             break
         n += sum(await asyncio.gather(*(src.park(c, 0) for c in claimed)))

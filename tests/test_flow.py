@@ -346,3 +346,35 @@ async def test_a_job_replaced_and_claimed_again_while_in_flight_leaks_no_slot(
     await store.release(second[0])
     await store.release(first[0])  # its outcome (the old version) written late
     assert (await store.flow_state(shard, "two"))["inflight"] == 0
+
+
+async def test_dq_move_takes_a_paused_topics_held_jobs_too(
+        redis_factory: Callable[[], RedisProcess], tmp_path: Path) -> None:
+    """dq-move puts ready and in-flight jobs back in their buckets to move them; jobs a
+    flow-controlled topic holds back (its held list) are pending too and must move (before,
+    they were left on the source, 'busy' for the guest mover)."""
+    from dq.move import move
+
+    src_redis, dst_redis = redis_factory(), redis_factory()
+    settings = base_settings((src_redis.url,), tmp_path)
+    src = open_store(settings)
+    try:
+        await src.add("p", "held", {"x": 1}, delay_ms=0)
+        await src.add("p", "due", {"x": 2}, delay_ms=0)
+        shard = src.shards.shards[0]
+        async with asyncio.timeout(10):
+            while (await src.depths(shard))["ready"] < 2:
+                await src.move_due(shard, range(settings.buckets))
+                await asyncio.sleep(0.05)
+        assert await src.claim(shard, 1, [1, 2, 3], 5000, [FlowLimit("p", paused=True)]) == []
+        assert (await src.flow_state(shard, "p"))["held"] == 2
+    finally:
+        await src.shards.close()
+    reports = await move([src_redis.url], [dst_redis.url], settings, wait=10)
+    assert reports[0].left == 0, reports
+    dst = open_store(base_settings((dst_redis.url,), tmp_path))
+    try:
+        assert (await dst.get("p", "held") or {}).get("x") == 1
+        assert (await dst.get("p", "due") or {}).get("x") == 2
+    finally:
+        await dst.shards.close()
