@@ -436,7 +436,8 @@ async def run(ctx: Context, *, registry: Registry | None = None,
                     "without alert mail", ctx.name, exc)
     plan = plan or plan_shards(settings)
     shards = ShardSet.from_urls(plan.shards, plan.retired, command_timeout=2.0,
-                                cluster_partitions=settings.cluster_partitions)
+                                cluster_partitions=settings.cluster_partitions,
+                                replica_acks=settings.replica_acks)
     checker = Checker(ctx, shards, registry=registry, mail_every=mail_every)
     store = Store(shards, prefix=settings.prefix, buckets=settings.buckets, zone=settings.zone,
                   orig_prefix=settings.adopt_prefix)

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, get_type_hints
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from dq import clusterurl
+from dq import clusterurl, shardurl
 from dq.errors import ConfigError
+from dq.shardurl import split_shard_urls
 
 # Seconds: an add wakes a sleeping timer only for a job due within this (dq/lua/add.lua), so
 # no timer may sleep longer than this between looks at its buckets (timer_tick).
@@ -59,8 +60,10 @@ class Settings:
     max_frame: int = setting(9999, "bytes of JSON in one request frame, 64 to 9999 (the "
                              "4-digit length prefix caps it)", group=TCP, metavar="BYTES")
     redis: tuple[str, ...] = setting((), "Redis shards, each redis://host:port/db, rediss://, "
-                                     "unix://path or redis+cluster://host:port[,host:port"
-                                     "...] (a whole Redis Cluster, cut into "
+                                     "unix://path, redis+sentinel://host:port[,host:port"
+                                     "...]/service_name[/db] (a Sentinel master, followed "
+                                     "across failovers) or redis+cluster://host:port[,host:"
+                                     "port...] (a whole Redis Cluster, cut into "
                                      "cluster_partitions shards): repeat the flag per shard "
                                      "(comma-separated in DQ_REDIS); the registry's enabled "
                                      "dq_redis shards are added", group=STORAGE,
@@ -140,6 +143,12 @@ class Settings:
     shard_down_after: float = setting(10.0, "seconds a shard must fail before it is marked "
                                       "down (and mailed about)", group=SUPERVISION,
                                       metavar="S")
+    replica_acks: int = setting(0, "replicas that must have an add, and every later change "
+                                "of a job, before it is answered (Redis WAIT after each "
+                                "batch, 150 ms at most; fewer in time: the add is answered "
+                                "unavailable, though stored on the master); 1 = an "
+                                "acknowledged add survives the loss of its master",
+                                group=STORAGE, metavar="N")
     redis_timeout: float = setting(5.0, "seconds a shard may leave commands unanswered "
                                    "before they count as failed", group=SUPERVISION,
                                    metavar="S")
@@ -233,7 +242,7 @@ def _coerce(name: str, value: Any, source: str = "") -> Any:
         if hint is str:
             return str(value)
         if hint == tuple[str, ...] and name == "redis" and isinstance(value, str):
-            return clusterurl.join_parts(value.split(","))  # a cluster URL's nodes too
+            return split_shard_urls(value)  # sentinel and cluster URLs hold commas too
         if hint == tuple[str, ...]:
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(v).strip() for v in items if str(v).strip())
@@ -288,18 +297,15 @@ def _validate(s: Settings) -> Settings:
                 raise ConfigError(f"{name}: {item!r} is not an IP address or CIDR range; "
                                   "write e.g. 10.0.0.0/8, 127.0.0.1 or fd00::/8") from None
     for url in s.redis:
-        if clusterurl.is_cluster_url(url):
-            try:
-                clusterurl.parse_url(url)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-            continue
-        need(url.split("://", 1)[0] in ("redis", "rediss", "unix"),
-             f"redis shard {url!r} must be a redis://, rediss://, unix:// or "
-             "redis+cluster:// URL")
+        try:
+            shardurl.parse(url)  # a cluster URL by dq/clusterurl.py
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     need(1 <= s.cluster_partitions <= clusterurl.MAX_PARTITIONS,
          f"cluster_partitions must be 1 to {clusterurl.MAX_PARTITIONS} (got "
          f"{s.cluster_partitions}); pick it once, before the cluster holds jobs")
+    need(0 <= s.replica_acks <= 16, f"replica_acks is how many replicas must have a write "
+         f"before it is answered: 0 (do not wait) to 16 (got {s.replica_acks})")
     if s.db:
         why = db_url_problem(s.db)
         need(not why, f"db is not a valid SQLAlchemy URL ({why}); write it as "

@@ -27,6 +27,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from dq import headers as hdr
+from dq import shardurl
 from dq.config import Settings
 from dq.retry_policy import DEFAULT as DEFAULT_POLICY
 
@@ -222,7 +223,9 @@ class Topic:
 
 @dataclass(frozen=True)
 class ShardConf:
-    """One `dq_redis` row; `url` is always a redis://, rediss:// or unix:// URL."""
+    """One `dq_redis` row; `url` is always a URL dq/shardurl.py takes (redis://, rediss://,
+    unix://, redis+sentinel://). Its name, not its URL, is the shard's identity, so a row
+    keeps its jobs' routing when its URL changes (a move onto Sentinel)."""
 
     id: int
     name: str
@@ -302,13 +305,15 @@ def topic_values(t: Topic) -> dict[str, Any]:
 
 
 def normalise_redis_url(text: str) -> str:
-    """A shard URL from either a URL or the original's `host:port[:auth][,slave...]` form.
+    """A shard URL from either a URL (dq/shardurl.py: redis://, rediss://, unix://,
+    redis+sentinel://) or the original's `host:port[:auth][,slave...]` form.
 
     The slave part of the original form is ignored. Raises ValueError for text that is
     neither.
     """
     text = text.strip()
     if "://" in text:
+        shardurl.parse(text)  # ValueError saying what to write
         return text
     host, _, rest = text.split(",", 1)[0].strip().partition(":")
     port, _, auth = rest.partition(":")

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import os
-import re
 import socket
 import ssl
 import time
@@ -26,6 +26,7 @@ import hiredis
 from redis.exceptions import NoScriptError, ResponseError
 
 from dq.errors import UNAVAILABLE, DqError
+from dq.shardurl import mask
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ Waiter: TypeAlias = "asyncio.Future[Any] | ReplyCallback"
 def safe_name(text: str) -> str:
     """A shard name or URL with any password masked, fit for a log line, an error or the
     health record (a shard from the settings is named by its URL)."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", text)
+    return mask(text)
 
 
 class ShardRefused(DqError):
@@ -56,6 +57,26 @@ class ShardRefused(DqError):
                        f"retry later ({self.fix})")
 
 
+class ReplicasBehind(ShardRefused):
+    """A write the master made but fewer than `replica_acks` replicas confirmed within
+    WAIT_MS (Redis WAIT): err "unavailable". Like a refusal it neither opens the shard's
+    breaker nor moves an add to another shard: the job is on this shard's master (it may
+    still be delivered), and the client's retry of the same id replaces it there."""
+
+    def __init__(self, label: str, wanted: int, got: int | None, why: str = "") -> None:
+        self.label, self.wanted, self.got = label, wanted, got
+        self.what = (f"stored it on the master but not yet on {wanted} replica(s) within "
+                     f"{WAIT_MS} ms ({why or f'{got} confirmed'})")
+        self.fix = ("retry: the same id replaces the job, so it is not delivered twice; if "
+                    "this goes on, check the replicas (INFO replication) or lower "
+                    "replica_acks")
+        DqError.__init__(self, UNAVAILABLE, f"redis shard {label} {self.what}; {self.fix}")
+
+    def for_add(self) -> DqError:
+        return DqError(UNAVAILABLE, f"redis shard {self.label} {self.what}: the add is not "
+                       f"acknowledged; {self.fix}")
+
+
 # (text in the Redis error, what it means, what the operator does). In a Lua script the
 # error comes wrapped ("ERR Error running script ...: -OOM command not allowed ...").
 _REFUSALS: tuple[tuple[str, str, str], ...] = (
@@ -69,6 +90,13 @@ _REFUSALS: tuple[tuple[str, str, str], ...] = (
 CLOCK_FRESH = 5.0  # seconds a comparison of the shard's clock with ours is used for
 CLOCK_MARGIN_MS = 5  # what the two clocks may drift apart in that while, and more
 REFUSAL_LOG_EVERY = 10.0  # seconds between a connection's log lines about refused writes
+# With replica_acks, how long (ms) a batch of writes waits for its replicas (Redis WAIT)
+# before it fails as ReplicasBehind: well under add_timeout, so that an add is answered
+# in time and its shard is not taken for a silent one.
+WAIT_MS = 150
+# The commands that change jobs (every state change is a script): with replica_acks, each
+# flush of the connection that carries one is followed by one WAIT.
+DURABLE = frozenset((b"EVALSHA", "EVALSHA", b"EVAL", "EVAL"))
 
 
 def pack(args: tuple[Any, ...]) -> bytes:
@@ -117,6 +145,11 @@ class _Protocol(asyncio.Protocol):
         self.conn.lost(exc)
 
 
+def _held(held: list[tuple[Waiter, Any, BaseException | None]], waiter: Waiter, reply: Any,
+          error: BaseException | None) -> None:
+    held.append((waiter, reply, error))
+
+
 def _call(callback: ReplyCallback, reply: Any, error: BaseException | None) -> None:
     """A reply callback; one that fails must not leave the other replies unmatched."""
     try:
@@ -135,8 +168,14 @@ class RespConnection:
     breaker opens). One timer per connection checks this, not one per command."""
 
     def __init__(self, url: str, *, name: str, connect_timeout: float = 1.0,
-                 command_timeout: float = 5.0) -> None:
+                 command_timeout: float = 5.0, replica_acks: int = 0) -> None:
         self.url = url
+        # Writes (scripts) are answered once this many replicas have them (Redis WAIT, one
+        # per flush that carries any): their replies are held until the WAIT's arrives.
+        self.replica_acks = replica_acks
+        self._held: list[tuple[Waiter, Any, BaseException | None]] | None = None
+        self._behind = 0  # writes not confirmed by enough replicas since the last log line
+        self._behind_logged = -REFUSAL_LOG_EVERY  # monotonic
         self.name = name
         self.label = safe_name(name)  # the name, shown: without a password
         self.connect_timeout = connect_timeout
@@ -162,7 +201,7 @@ class RespConnection:
         # system call in Python 3.11, once per command otherwise.
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    def refusal(self, msg: str) -> ShardRefused | None:
+    def refusal(self, msg: str) -> DqError | None:
         """The ShardRefused a Redis error message means, if it is a refused write; logged
         as one line per connection every REFUSAL_LOG_EVERY seconds at most, with a count
         (never the command: it holds the job)."""
@@ -182,15 +221,39 @@ class RespConnection:
         return DqError(UNAVAILABLE, f"redis shard {self.label} is unavailable ({why}); "
                        "retry shortly")
 
+    async def _address(self) -> tuple[str, int]:
+        """Where the Redis to write to is: the URL's host and port (a Sentinel shard asks
+        its sentinels, dq/sentinel.py)."""
+        u = urlparse(self.url)
+        return u.hostname or "127.0.0.1", u.port or 6379
+
+    def _tls(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context() if urlparse(self.url).scheme == "rediss" else None
+
+    def _hello(self) -> list[tuple[Any, ...]]:
+        """AUTH and SELECT, as the URL asks, sent first on each new connection."""
+        u = urlparse(self.url)
+        hello: list[tuple[Any, ...]] = []
+        if u.password:
+            user = unquote(u.username) if u.username else None
+            hello.append(("AUTH", user, unquote(u.password)) if user
+                         else ("AUTH", unquote(u.password)))
+        db = (u.path or "/0").strip("/") if u.scheme != "unix" else ""
+        if db and db != "0":
+            hello.append(("SELECT", db))
+        return hello
+
+    async def _verify(self) -> None:
+        """Checks on a new connection once hello is done (a Sentinel shard's: a master)."""
+
     async def _open(self) -> None:
         u = urlparse(self.url)
         loop = self.loop = asyncio.get_running_loop()
         if u.scheme == "unix":
             make = loop.create_unix_connection(lambda: _Protocol(self), unquote(u.path))
         else:
-            ctx = ssl.create_default_context() if u.scheme == "rediss" else None
-            make = loop.create_connection(lambda: _Protocol(self), u.hostname or "127.0.0.1",
-                                          u.port or 6379, ssl=ctx)
+            host, port = await self._address()
+            make = loop.create_connection(lambda: _Protocol(self), host, port, ssl=self._tls())
         try:
             async with asyncio.timeout(self.connect_timeout):
                 transport, _ = await make
@@ -201,16 +264,9 @@ class RespConnection:
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        hello: list[tuple[Any, ...]] = []
-        if u.password:
-            user = unquote(u.username) if u.username else None
-            hello.append(("AUTH", user, unquote(u.password)) if user
-                         else ("AUTH", unquote(u.password)))
-        db = (u.path or "/0").strip("/") if u.scheme != "unix" else ""
-        if db and db != "0":
-            hello.append(("SELECT", db))
-        for cmd in hello:
+        for cmd in self._hello():
             await self.call(*cmd)
+        await self._verify()
         self._clock(await self.call("TIME"), None)
 
     def _clock(self, reply: Any, error: BaseException | None) -> None:
@@ -274,7 +330,8 @@ class RespConnection:
             fut.set_exception(self._unavailable("not connected"))
             return fut
         fut = self.loop.create_future()
-        self._queue(pack(args), fut)
+        self._queue(pack(args), self._hold(fut) if self.replica_acks and args[0] in DURABLE
+                    else fut)
         return fut
 
     def send_then(self, callback: ReplyCallback, *args: Any) -> None:
@@ -287,7 +344,8 @@ class RespConnection:
             _call(callback, None, self._unavailable("not connected"))
             return
         self._out.append(pack(args))
-        self._waits(callback)
+        self._waits(self._hold(callback) if self.replica_acks and args[0] in DURABLE
+                    else callback)
         self._flush()
 
     def _queue(self, command: bytes, waiter: Waiter) -> None:
@@ -326,8 +384,51 @@ class RespConnection:
             await self.connect()
         return await self.call_nowait(*args)
 
+    def _hold(self, waiter: Waiter) -> ReplyCallback:
+        """A write's waiter, held until the WAIT that follows it in this flush answers."""
+        if self._held is None:
+            self._held = []
+        return functools.partial(_held, self._held, waiter)
+
+    def _release(self, held: list[tuple[Waiter, Any, BaseException | None]], reply: Any,
+                 error: BaseException | None) -> None:
+        """The WAIT after a flush's writes answered: they are told their own results when
+        enough replicas confirmed them, else ReplicasBehind (a write that failed on its
+        own is told its own error)."""
+        short: BaseException | None = None
+        if error is not None:
+            short = ReplicasBehind(self.label, self.replica_acks, None, f"no answer: {error}")
+        elif not isinstance(reply, int) or reply < self.replica_acks:
+            short = ReplicasBehind(self.label, self.replica_acks, reply)
+        if short is not None and held:
+            self._behind += len(held)
+            now = time.monotonic()
+            if now >= self._behind_logged + REFUSAL_LOG_EVERY:
+                log.warning("redis shard %s: %d write(s) not confirmed by %d replica(s) "
+                            "within %d ms since the last report (%s); they are answered "
+                            "unavailable", self.label, self._behind, self.replica_acks,
+                            WAIT_MS, error or f"WAIT said {reply}")
+                self._behind_logged, self._behind = now, 0
+        for waiter, res, exc in held:
+            if exc is None and short is not None:
+                res, exc = None, short
+            if not isinstance(waiter, asyncio.Future):
+                _call(waiter, res, exc)
+            elif waiter.done():
+                continue
+            elif exc is not None:
+                waiter.set_exception(exc)
+            else:
+                waiter.set_result(res)
+
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._held is not None and self.transport is not None \
+                and not self.transport.is_closing():
+            # The writes of this flush, then one WAIT whose answer releases their replies.
+            self._out.append(pack(("WAIT", self.replica_acks, WAIT_MS)))
+            self.waiting.append(functools.partial(self._release, self._held))
+            self._held = None
         if self._out and self.transport is not None and not self.transport.is_closing():
             data = b"".join(self._out)
             self._out.clear()
@@ -351,6 +452,9 @@ class RespConnection:
                 _call(waiter, None, err)
             elif not waiter.done():
                 waiter.set_exception(err)
+        if self._held is not None:  # writes queued but never flushed: each gets `err`
+            held, self._held = self._held, None
+            self._release(held, None, err)
 
     def close(self) -> None:
         if self.transport is not None:

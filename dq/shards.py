@@ -18,11 +18,13 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import NoScriptError
 
-from dq import cluster, clusterurl
+from dq import cluster, clusterurl, shardurl
 from dq.errors import UNAVAILABLE, DqError
 from dq.resp import RespConnection, ShardRefused, safe_name
+from dq.sentinel import SentinelConnection, sentinel_client
 
 if TYPE_CHECKING:
     from dq.health import HealthReader
@@ -74,18 +76,27 @@ class Shard:
     """
 
     def __init__(self, name: str, url: str, *, connect_timeout: float | None = None,
-                 command_timeout: float = 5.0, conn: Any = None, client: Any = None) -> None:
+                 command_timeout: float = 5.0, replica_acks: int = 0, conn: Any = None,
+                 client: Any = None) -> None:
         self.name = name
         self.label = safe_name(name)  # the name, shown: without a password
         self.url = url
         self._name_hash = hashlib.blake2b(f"{name}\0".encode(), digest_size=8)
         if connect_timeout is None:
-            connect_timeout = CONNECT_TIMEOUT_TLS if url.startswith("rediss:") \
+            connect_timeout = CONNECT_TIMEOUT_TLS if url.startswith("rediss") \
                 else CONNECT_TIMEOUT
         self.conn: RespConnection
         self.client: aioredis.Redis
+        self._sentinel: Sentinel | None = None
         if conn is not None:  # a partition of a Redis Cluster (dq/cluster.py)
             self.conn, self.client = conn, client
+        elif shardurl.kind_of(url) == shardurl.SENTINEL:
+            # The master the sentinels name, found again after a failover (dq/sentinel.py).
+            self.client, self._sentinel = sentinel_client(
+                url, connect_timeout=connect_timeout, command_timeout=command_timeout)
+            self.conn = SentinelConnection(url, name=name, connect_timeout=connect_timeout,
+                                           command_timeout=command_timeout,
+                                           replica_acks=replica_acks)
         else:
             # redis-py refuses TCP-only options on unix:// URLs (the embedded default).
             tcp = {} if url.startswith("unix:") else {"socket_keepalive": True}
@@ -94,7 +105,8 @@ class Shard:
                 health_check_interval=0, max_connections=64, **tcp,
             )
             self.conn = RespConnection(url, name=name, connect_timeout=connect_timeout,
-                                       command_timeout=command_timeout)
+                                       command_timeout=command_timeout,
+                                       replica_acks=replica_acks)
         self.marked_up = True
         self.has_guests = False  # the checker saw guests here (dq/health.py)
         self.guests_until = 0  # epoch ms: this process wrote a guest here lately
@@ -219,6 +231,9 @@ class Shard:
     async def close(self) -> None:
         self.conn.close()
         await self.client.aclose()
+        if self._sentinel is not None:
+            for s in self._sentinel.sentinels:
+                await s.aclose()
 
 
 def cluster_shards(name: str, url: str, n: int, *, connect_timeout: float | None = None,

@@ -89,7 +89,8 @@ def open_store(settings: Settings, plan: ShardPlan | None = None) -> Store:
     plan = plan or plan_shards(settings)
     shards = ShardSet.from_urls(plan.shards, plan.retired,
                                 command_timeout=settings.redis_timeout,
-                                cluster_partitions=settings.cluster_partitions)
+                                cluster_partitions=settings.cluster_partitions,
+                                replica_acks=settings.replica_acks)
     shards.attach_health(HealthReader(health_path(settings)))
     return Store(shards, prefix=settings.prefix, buckets=settings.buckets, zone=settings.zone,
                  orig_prefix=settings.adopt_prefix, add_timeout=settings.add_timeout)

@@ -1,0 +1,253 @@
+"""Shards on Redis Sentinel and replica_acks, against real processes on loopback: a master,
+a replica and 3 sentinels (`redis-server --sentinel`, tests/sentinels.py), real dq roles
+and a real HTTP receiver.
+
+What these show:
+- a redis+sentinel:// shard finds the master, follows it across a kill -9 failover and a
+  graceful one (SENTINEL FAILOVER), and never writes to the demoted master;
+- with replica_acks, an add is answered only once a replica has it, else `unavailable`
+  saying so (one WAIT per batch);
+- under a stream of adds from reconnecting clients through a real dq-master, the master is
+  killed -9: dq goes on adding and delivering by itself, every add acknowledged with
+  replica_acks = 1 is delivered, and its timers and consumers are the same processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dq.config import load_settings
+from dq.errors import UNAVAILABLE, ConfigError, DqError
+from dq.registry import normalise_redis_url
+from dq.resp import WAIT_MS, ReplicasBehind
+from dq.shards import ShardSet
+from dq.shardurl import parse, split_shard_urls
+from dq.store import Store
+from tests.conftest import RedisProcess
+from tests.sentinels import SERVICE, SentinelSetup, cmd, info
+
+
+@pytest.fixture
+def sentinel_setup(tmp_path: Path) -> Iterator[SentinelSetup]:
+    setup = SentinelSetup(tmp_path / "sentinel")
+    try:
+        yield setup.start()
+    finally:
+        setup.stop()
+
+
+async def _store(url: str, **kw: Any) -> Store:
+    return Store(ShardSet.from_urls([url], **kw), buckets=4)
+
+
+async def _until(what: str, pred: Callable[[], Any], timeout: float) -> float:
+    """Seconds until the (async) predicate holds; fails after `timeout`."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            if await pred():
+                return time.monotonic() - t0
+        except DqError:
+            pass
+        assert time.monotonic() - t0 < timeout, f"{what} did not happen within {timeout} s"
+        await asyncio.sleep(0.05)
+
+
+# -- URLs -------------------------------------------------------------------------------------
+
+def test_sentinel_urls_are_taken_everywhere_and_bad_ones_say_what_to_write(
+        tmp_path: Path) -> None:
+    url = "redis+sentinel://:pw@10.0.0.1:26379,10.0.0.2,[::1]:26380/mymaster/2"
+    p = parse(url)
+    assert p.sentinels == (("10.0.0.1", 26379), ("10.0.0.2", 26379), ("::1", 26380))
+    assert (p.service, p.db, p.password, p.tls) == ("mymaster", 2, "pw", False)
+    assert parse("rediss+sentinel://h:1/m").tls
+    # DQ_REDIS: a sentinel URL's hosts are comma-separated too
+    both = f"{url},redis://127.0.0.1:6380/0"
+    assert split_shard_urls(both) == (url, "redis://127.0.0.1:6380/0")
+    s = load_settings(env={"DQ_REDIS": both})
+    assert s.redis == (url, "redis://127.0.0.1:6380/0")
+    assert load_settings({"redis": [url]}, env={}).redis == (url,)
+    toml = tmp_path / "dq.toml"
+    toml.write_text(f'redis = ["{url}"]\n')
+    assert load_settings(config_file=str(toml), env={}).redis == (url,)
+    assert normalise_redis_url(url) == url  # a dq_redis row
+    for bad, says in [("redis+sentinel://h:1", "names no service"),
+                      ("redis+sentinel:///m", "names no sentinel"),
+                      ("redis+sentinel://h:x/m", "bad port"),
+                      ("redis+sentinel://h/m/x", "database number"),
+                      ("redis+sentinel://h/m?foo=1", "unknown option"),
+                      ("http://h:1/0", "not a shard URL")]:
+        with pytest.raises(ConfigError, match=says):
+            load_settings({"redis": [bad]}, env={})
+        with pytest.raises(ValueError, match=says):
+            normalise_redis_url(bad)
+    with pytest.raises(ConfigError, match="replica_acks"):
+        load_settings({"replica_acks": -1}, env={})
+    assert load_settings(env={"DQ_REPLICA_ACKS": "1"}).replica_acks == 1
+
+
+# -- replica_acks on a plain shard --------------------------------------------------------------
+
+async def test_replica_acks_without_a_replica_answers_unavailable_saying_so(
+        redis_server: RedisProcess) -> None:
+    store = await _store(redis_server.url, replica_acks=1)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(DqError) as got:
+            await store.add("t", "1", {"a": 1}, delay_ms=60_000)
+        took = time.monotonic() - t0
+        assert got.value.err == UNAVAILABLE
+        assert "not yet on 1 replica" in got.value.msg and "same id" in got.value.msg
+        assert took < 5, took  # WAIT's timeout, not the command timeout, bounds it
+        # stored on the master all the same (the retry of the same id replaces it)
+        assert await store.get("t", "1") is not None
+        # nor does it open the shard's breaker: reads go on
+        assert store.shards.shards[0].up
+    finally:
+        await store.shards.close()
+    plain = await _store(redis_server.url)  # replica_acks 0: as before
+    try:
+        assert not (await plain.add("t", "2", {}, delay_ms=60_000)).replaced
+    finally:
+        await plain.shards.close()
+
+
+async def test_replica_acks_waits_once_per_batch_and_answers_when_replicated(
+        redis_factory: Callable[..., RedisProcess]) -> None:
+    master = redis_factory()
+    replica = redis_factory()
+    cmd(replica.port, "REPLICAOF", "127.0.0.1", str(master.port))
+    deadline = time.monotonic() + 20
+    while "state=online" not in info(master.port).get("slave0", ""):
+        assert time.monotonic() < deadline, "the replica did not connect"
+        await asyncio.sleep(0.05)
+    cmd(master.port, "CONFIG", "RESETSTAT")
+    store = await _store(master.url, replica_acks=1)
+    try:
+        # 300 adds in one loop turn: one script call and one WAIT, not 300
+        res = await asyncio.gather(*(store.add("t", str(i), {"i": i}, delay_ms=60_000)
+                                     for i in range(300)))
+        assert len(res) == 300
+        stats = info(master.port, "commandstats")
+        waits = int(stats["cmdstat_wait"].split("calls=")[1].split(",")[0])
+        assert 1 <= waits <= 3, stats["cmdstat_wait"]
+        assert int(cmd(replica.port, "HLEN", "dq:jobs")) == 300  # type: ignore[arg-type]
+        # the replica goes away: adds are answered unavailable, within WAIT's timeout
+        replica.stop()
+        t0 = time.monotonic()
+        with pytest.raises(ReplicasBehind):  # any script: a job's later changes too
+            await store.shards.shards[0].conn.call("EVAL", "return redis.call('SET', "
+                                                   "'dq:x', 1)", 0)
+        with pytest.raises(DqError, match="not yet on 1 replica"):
+            await store.add("t", "late", {}, delay_ms=60_000)
+        assert time.monotonic() - t0 < 5 + 2 * WAIT_MS / 1000
+    finally:
+        await store.shards.close()
+
+
+# -- Sentinel ---------------------------------------------------------------------------------
+
+async def test_sentinel_shard_follows_its_master_across_a_kill_9_failover(
+        sentinel_setup: SentinelSetup) -> None:
+    store = await _store(sentinel_setup.url, replica_acks=1)
+    plain = await _store(sentinel_setup.url)  # replica_acks 0
+    shard = store.shards.shards[0]
+    assert shard.name == sentinel_setup.url  # its identity: the URL, not the master's address
+    try:
+        acked = []
+        for i in range(200):
+            await store.add("t", f"a{i}", {"i": i}, delay_ms=600_000)
+            acked.append(f"a{i}")
+        old = sentinel_setup.master()
+        old.kill()
+        t0 = time.monotonic()
+        refused = 0
+        while True:  # adds go on by themselves once the sentinels have promoted the replica
+            try:
+                await plain.add("t", "after", {}, delay_ms=600_000)
+                break
+            except DqError as exc:
+                assert exc.err == UNAVAILABLE, exc
+                refused += 1
+                assert time.monotonic() - t0 < 15, f"no add stored 15 s after the kill: {exc}"
+                await asyncio.sleep(0.05)
+        took = time.monotonic() - t0
+        assert refused > 0, "the kill did not interrupt the adds"
+        new = sentinel_setup.master_port()
+        assert new != old.port
+        assert plain.shards.shards[0].conn.master == ("127.0.0.1", new)
+        # every add acknowledged with replica_acks = 1 is on the new master
+        for tid in acked:
+            assert await store.get("t", tid) is not None, tid
+        # the timers' blocking client (redis-py's Sentinel client) follows it too
+        assert await shard.client.blpop(["dq:nothing"], timeout=0.1) is None
+        # The new master has no replica left: with replica_acks = 1 an add is refused,
+        # saying why, until the old master is back (restarted by its supervisor, made a
+        # replica of the new one by the sentinels).
+        with pytest.raises(DqError, match="not yet on 1 replica"):
+            await store.add("t", "alone", {}, delay_ms=600_000)
+        await asyncio.to_thread(old.start)
+        t1 = time.monotonic()
+
+        async def durable() -> bool:
+            await store.add("t", "again", {}, delay_ms=600_000)
+            return True
+        back = await _until("a replicated add once the old master is a replica", durable, 60)
+        assert info(old.port)["role"] == "slave"
+        assert cmd(old.port, "HEXISTS", "dq:jobs", "t:again") == 1
+        assert time.monotonic() - t1 >= back
+        print(f"\nsentinel kill -9: adds stored again {took:.1f} s after the kill "
+              f"({refused} refused meanwhile); with replica_acks 1, {back:.1f} s after the "
+              "old master restarted", file=sys.stderr)
+    finally:
+        await store.shards.close()
+        await plain.shards.close()
+
+
+async def test_sentinel_graceful_failover_never_writes_to_the_demoted_master(
+        sentinel_setup: SentinelSetup) -> None:
+    store = await _store(sentinel_setup.url)
+    shard = store.shards.shards[0]
+    try:
+        await store.add("t", "before", {}, delay_ms=600_000)
+        old = sentinel_setup.master_port()
+        assert shard.conn.master == ("127.0.0.1", old)
+        # the old master stays up and becomes a replica
+        cmd(sentinel_setup.sentinels[0].port, "SENTINEL", "FAILOVER", SERVICE)
+        new = await asyncio.to_thread(sentinel_setup.wait_failover, old)
+        await _until("the old master to be a replica",
+                     _async(lambda: info(old).get("role") == "slave"), 20)
+
+        async def stored() -> bool:
+            await store.add("t", "after", {}, delay_ms=600_000)
+            return True
+        await _until("an add after the failover", stored, 15)
+        assert shard.conn.master == ("127.0.0.1", new)
+        assert await store.get("t", "before") is not None
+        # the old master (a replica now) holds only what it replicated from the new one
+        assert info(old)["role"] == "slave"
+        await _until("the replica to catch up",
+                     _async(lambda: cmd(old, "HEXISTS", "dq:jobs", "t:after") == 1), 10)
+    finally:
+        await store.shards.close()
+
+
+def _async(pred: Callable[[], Any]) -> Callable[[], Any]:
+    async def run() -> Any:
+        return await asyncio.to_thread(pred)
+    return run
+
+
+@pytest.fixture
+async def plain_store(redis_server: RedisProcess) -> AsyncIterator[Store]:
+    s = await _store(redis_server.url)
+    yield s
+    await s.shards.close()
