@@ -30,7 +30,10 @@ from dq.resp import WAIT_MS, ReplicasBehind
 from dq.shards import ShardSet
 from dq.shardurl import parse, split_shard_urls
 from dq.store import Store
-from tests.conftest import RedisProcess
+from dq.client import AsyncDqClient
+from tests.conftest import RedisProcess, free_port
+from tests.masters import Master
+from tests.test_chaos import Flaky, receiving, register
 from tests.sentinels import SERVICE, SentinelSetup, cmd, info
 
 
@@ -251,3 +254,89 @@ async def plain_store(redis_server: RedisProcess) -> AsyncIterator[Store]:
     s = await _store(redis_server.url)
     yield s
     await s.shards.close()
+
+
+# -- a real dq-master under a stream of adds while the master is killed -9 --------------------
+
+@pytest.mark.slow
+async def test_dq_master_adds_and_delivers_through_a_kill_9_failover_losing_no_acked_add(
+        tmp_path: Path) -> None:
+    # two replicas: with replica_acks = 1, one is left to confirm adds after the failover
+    setup = SentinelSetup(tmp_path / "sentinel", replicas=2)
+    await asyncio.to_thread(setup.start)
+    m = None
+    flaky = Flaky(fail=0.0, max_ms=5)
+    try:
+        async with receiving(flaky) as rcv:
+            db = register(tmp_path / "reg" / "dq.sqlite3", "ha", rcv.url("/cb"))
+            m = Master(tmp_path / "m", free_port(),
+                       ["--no-web", "--redis", setup.url, "--db", db, "--timers", "1",
+                        "--consumers", "1"],
+                       {"DQ_REPLICA_ACKS": "1", "DQ_RETRY_UNIT": "1", "DQ_LEASE": "3",
+                        "DQ_TIMER_TICK": "0.2"})
+            before = await asyncio.to_thread(
+                m.wait_titles, {"dq-server-0", "dq-timer-0", "dq-consumer-0"}, exact=False)
+            clients = [AsyncDqClient([f"127.0.0.1:{m.port}"], timeout=2.0) for _ in range(3)]
+            acked: dict[str, float] = {}  # job id -> when its add was acknowledged
+            refused: list[float] = []
+            slowest = [0.0]  # the longest wait for an add_many's answer
+
+            async def adder(client: AsyncDqClient, name: str, seconds: float) -> None:
+                end, i = time.monotonic() + seconds, 0
+                while time.monotonic() < end:
+                    jobs: list[dict[str, Any]] = [
+                        {"topic": "ha", "id": f"{name}-{i + k}", "body": {},
+                         "due_ms": int((time.time() + 1.0) * 1000)} for k in range(10)]
+                    i += 10
+                    t0 = time.monotonic()
+                    try:
+                        res = await client.add_many(jobs)
+                    except DqError as exc:
+                        assert exc.err == UNAVAILABLE, exc
+                        refused.append(time.monotonic())
+                        res = []
+                    slowest[0] = max(slowest[0], time.monotonic() - t0)
+                    for job, err in zip(jobs, res, strict=False):
+                        if err is None:
+                            acked[job["id"]] = time.monotonic()
+                        else:
+                            assert err.err == UNAVAILABLE, err
+                            refused.append(time.monotonic())
+                    await asyncio.sleep(0.05)
+
+            tasks = [asyncio.create_task(adder(c, f"c{n}", 14.0))
+                     for n, c in enumerate(clients)]
+            await asyncio.sleep(4.0)
+            old = setup.master()
+            old.kill()
+            killed = time.monotonic()
+            await asyncio.gather(*tasks)
+            after = sorted(t for t in acked.values() if t > killed)
+            assert after, "no add was acknowledged after the kill"
+            resumed = after[0] - killed
+            assert resumed < 15, f"adds resumed only {resumed:.1f} s after the kill"
+            assert any(t > killed for t in refused) or resumed > 0
+            deadline = time.monotonic() + 40
+            while not set(acked) <= flaky.delivered() and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            delivered_after = [j for j, t in acked.items() if t > killed and
+                               j in flaky.delivered()]
+            for c in clients:
+                await c.close()
+            # the same timer and consumer: they resumed after the failover, no restart
+            now = m.workers()
+            for pid, title in before.items():
+                if title.startswith(("dq-timer-", "dq-consumer-")):
+                    assert now.get(pid) == title, (title, "was restarted")
+            lost = set(acked) - flaky.delivered()
+            print(f"\nsentinel failover under dq-master: {len(acked)} adds acknowledged, "
+                  f"{len(refused)} refused; adds resumed {resumed:.1f} s after the kill -9; "
+                  f"slowest answer {slowest[0] * 1000:.0f} ms; "
+                  f"{len(acked) - len(lost)} delivered ({len(delivered_after)} of them added "
+                  f"after the kill), {len(lost)} lost", file=sys.stderr)
+            assert not lost, f"{len(lost)} acknowledged adds lost, e.g. {sorted(lost)[:5]}"
+            assert delivered_after
+    finally:
+        if m is not None:
+            await asyncio.to_thread(m.stop)
+        await asyncio.to_thread(setup.stop)
