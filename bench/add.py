@@ -8,6 +8,7 @@ processes spent per add.
     python bench/add.py --client pipelined --n 200000 --conns 4 --servers 2
     python bench/add.py --client dqload --conns 50 --cluster   (a local 3+3 Redis Cluster)
     python bench/add.py --client pipelined --redis redis+cluster://10.0.0.5:7000
+    python bench/add.py --client dqload --shards 1 --setup sentinel --replica-acks 1
 
 Starts its own redis-servers (two shards, like the original's measurement) and dq-master.
 With --against HOST:PORT it starts nothing and drives a server already running there (the
@@ -32,7 +33,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import cpu_us, dq_stack, dqload_binary, percentile, pids_titled
+from bench.common import (
+    SETUP_HELP,
+    SETUPS,
+    cpu_us,
+    dq_stack,
+    dqload_binary,
+    percentile,
+    pids_titled,
+)
 from dq.client import AsyncDqClient
 
 
@@ -88,6 +97,9 @@ def main() -> None:
     ap.add_argument("--redis", metavar="URL", action="append", default=[],
                     help="run on this shard URL (redis://, redis+cluster://...; repeat), "
                     "started by you, instead of starting redis-servers")
+    ap.add_argument("--setup", choices=SETUPS, default="plain", help=SETUP_HELP)
+    ap.add_argument("--replica-acks", type=int, default=0,
+                    help="dq's replica_acks setting (Redis WAIT after each batch)")
     ap.add_argument("--against", metavar="HOST:PORT",
                     help="drive the server running there with dqload; start nothing")
     ap.add_argument("--redis-pid", type=int, action="append", default=[],
@@ -105,8 +117,10 @@ def main() -> None:
         s1, r1 = cpu_us(servers), cpu_us(args.redis_pid)
         report(args, qps, p50, p99, total, fails, s1 - s0, r1 - r0, gen_us)
         return
-    with dq_stack(args.servers, args.shards, cluster=args.cluster, urls=args.redis) as (
-            port, redis_pids):
+    if args.setup != "plain":
+        args.shards = 1
+    with dq_stack(args.servers, args.shards, cluster=args.cluster, urls=args.redis,
+                  setup=args.setup, replica_acks=args.replica_acks) as (port, redis_pids):
         servers = pids_titled("dq-server")
         s0, r0, t0 = cpu_us(servers), cpu_us(redis_pids), time.perf_counter()
         client_us: float | None = None
@@ -139,8 +153,10 @@ def run_dqload(host: str, port: int, args: argparse.Namespace,
     out = subprocess.run(
         [binary, "-h", host, "-p", str(port), "-t", "bench", "-c", str(args.conns), "-n",
          str(args.n), "-b", str(args.body), "-m", "add", "-f", "86400"],
-        capture_output=True, text=True, check=True).stdout
-    line = out.strip().splitlines()[-1]
+        capture_output=True, text=True, check=False)  # it exits 1 when an add failed
+    if "RESULT" not in out.stdout:
+        sys.exit(f"dqload failed (exit {out.returncode}): {out.stderr.strip()[-500:]}")
+    line = out.stdout.strip().splitlines()[-1]
     stats = dict(kv.split("=") for kv in line.split()[1:])
     return (float(stats["qps"]), float(stats["p50_ms"]), float(stats["p99_ms"]),
             int(stats["ok"]) + int(stats["fail"]), int(stats["fail"]),
@@ -152,6 +168,7 @@ def report(args: argparse.Namespace, qps: float, p50: float, p99: float, total: 
     target = f" against={args.against}" if args.against else ""
     target += " store=cluster" if args.cluster else " store=" + ",".join(args.redis) \
         if args.redis else ""
+    target += "" if args.against else f" setup={args.setup} replica_acks={args.replica_acks}"
     print(f"RESULT mode={args.client}{target} conns={args.conns} servers={args.servers} "
           f"shards={'cluster' if args.cluster else args.shards} total={total} fail={fails} "
           f"qps={qps:.0f} p50_ms={p50:.3f} "

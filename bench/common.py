@@ -120,12 +120,20 @@ def dq_master(args: Sequence[str], port: int, tmp: Path) -> Iterator[subprocess.
         log.close()
 
 
+SETUPS = ("plain", "replica", "sentinel")
+SETUP_HELP = ("the Redis behind each shard: plain (one redis-server, the default), replica "
+              "(a master and 1 replica, a redis:// URL to the master), sentinel (a master, 1 "
+              "replica and 3 sentinels, a redis+sentinel:// URL); replica and sentinel start "
+              "one shard")
+
+
 @contextmanager
 def stores(shards: int, tmp: Path, *, cluster: bool = False, urls: Sequence[str] = (),
-           ) -> Iterator[tuple[list[str], list[int]]]:
+           setup: str = "plain") -> Iterator[tuple[list[str], list[int]]]:
     """The shard URLs a benchmark runs on and the redis-server pids behind them (for their
     CPU): `urls` as given (pids unknown), else a local Redis Cluster of 3 masters + 3
-    replicas (`cluster`), else `shards` plain redis-servers."""
+    replicas (`cluster`), else a master with 1 replica, reached directly (`setup`
+    "replica") or through 3 sentinels ("sentinel"), else `shards` plain redis-servers."""
     if urls:
         yield list(urls), []
     elif cluster:
@@ -137,6 +145,17 @@ def stores(shards: int, tmp: Path, *, cluster: bool = False, urls: Sequence[str]
             yield [c.url], [n.proc.pid for n in c.nodes if n.proc is not None]
         finally:
             c.stop()
+    elif setup in ("replica", "sentinel"):
+        from tests.sentinels import SentinelSetup
+
+        s = SentinelSetup(tmp / "sentinel", replicas=1)
+        try:
+            s.start()
+            pids = [p.proc.pid for p in s.servers if p.proc]
+            master = f"redis://127.0.0.1:{s.master_port()}/0"
+            yield [s.url if setup == "sentinel" else master], pids
+        finally:
+            s.stop()
     else:
         with redis_servers(shards, tmp) as procs:
             yield [url for url, _ in procs], [p.pid for _, p in procs]
@@ -144,18 +163,20 @@ def stores(shards: int, tmp: Path, *, cluster: bool = False, urls: Sequence[str]
 
 @contextmanager
 def dq_stack(servers: int = 1, shards: int = 2, *, cluster: bool = False,
-             urls: Sequence[str] = ()) -> Iterator[tuple[int, list[int]]]:
-    """`shards` redis-servers (or a local Redis Cluster, or the shards at `urls`: see
-    `stores`), a registry with the topic "bench", and a dq-master with `servers` server
-    processes (1 timer, 1 consumer, no console) on a free port, up and settled: (its port,
-    the redis-servers' pids)."""
-    with tempdir() as t, stores(shards, Path(t), cluster=cluster, urls=urls) as (found, pids):
+             urls: Sequence[str] = (), setup: str = "plain", replica_acks: int = 0,
+             ) -> Iterator[tuple[int, list[int]]]:
+    """`shards` redis-servers (or a local Redis Cluster, a Sentinel setup, or the shards at
+    `urls`: see `stores`), a registry with the topic "bench", and a dq-master with
+    `servers` server processes (1 timer, 1 consumer, no console, `replica_acks`) on a free
+    port, up and settled: (its port, the redis-servers' pids)."""
+    with tempdir() as t, stores(shards, Path(t), cluster=cluster, urls=urls,
+                                setup=setup) as (found, pids):
         tmp = Path(t)
         db = f"sqlite:///{tmp / 'reg.sqlite3'}"
         register(db, "bench")
         port = free_port()
         flags = ["--db", db, "--servers", str(servers), "--timers", "1", "--consumers", "1",
-                 "--no-web"]
+                 "--no-web", "--replica-acks", str(replica_acks)]
         for url in found:
             flags += ["--redis", url]
         with dq_master(flags, port, tmp):

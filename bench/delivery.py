@@ -10,6 +10,7 @@ receiver has seen every one.
     python bench/delivery.py --n 20000 --consumers 2 --timers 1
     python bench/delivery.py --n 20000 --cluster   (a local 3+3 Redis Cluster)
     python bench/delivery.py --n 20000 --breaker 5    # the topic has a (closed) breaker
+    python bench/delivery.py --n 20000 --setup sentinel --replica-acks 1
 
 The last line is `RESULT delivered=... seconds=... per_s=... late_p50_ms=... late_p99_ms=...
 late_max_ms=...`: `seconds` runs from the due instant to the last arrival, and lateness is
@@ -29,7 +30,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import cpu_us, free_port, percentile, register, stores, tempdir
+from bench.common import (
+    SETUP_HELP,
+    SETUPS,
+    cpu_us,
+    free_port,
+    percentile,
+    register,
+    stores,
+    tempdir,
+)
 from bench.roles import Receiver, roles
 from dq.config import Settings
 from dq.worker import open_store
@@ -100,17 +110,22 @@ def main() -> None:
                     help="run on this shard URL (repeat), started by you")
     ap.add_argument("--breaker", type=int, default=0,
                     help="the topic's breaker_threshold (0: no breaker); it stays closed")
+    ap.add_argument("--setup", choices=SETUPS, default="plain", help=SETUP_HELP)
+    ap.add_argument("--replica-acks", type=int, default=0,
+                    help="dq's replica_acks setting (Redis WAIT after each batch)")
     args = ap.parse_args()
 
     ctx = mp.get_context("fork")  # children start before this process runs any event loop
-    with tempdir() as tmpdir, stores(1, Path(tmpdir), cluster=args.cluster,
-                                     urls=args.redis) as (urls, redis_pids):
+    with tempdir() as tmpdir, stores(1, Path(tmpdir), cluster=args.cluster, urls=args.redis,
+                                     setup=args.setup) as (urls, redis_pids):
         settings = Settings(redis=tuple(urls), db=f"sqlite:///{Path(tmpdir) / 'dq.sqlite3'}",
                             timers=args.timers, consumers=args.consumers,
-                            concurrency=args.concurrency, lease=60.0, retry_unit=1.0)
+                            concurrency=args.concurrency, lease=60.0, retry_unit=1.0,
+                            replica_acks=args.replica_acks)
         port = free_port()
         register(settings.db, "bench", callback=f"http://127.0.0.1:{port}/cb",
                  timeout_ms=10_000, breaker_threshold=args.breaker)
+        print(f"setup={args.setup} replica_acks={args.replica_acks}")
         _run(ctx, settings, args, port, redis_pids)
 
 

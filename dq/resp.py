@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 # Gets a command's reply, or the exception it failed with, as soon as it is read.
 ReplyCallback: TypeAlias = Callable[[Any, BaseException | None], None]
 Waiter: TypeAlias = "asyncio.Future[Any] | ReplyCallback"
+# Writes whose replies wait for a WAIT: (waiter, reply, error) as each reply is read.
+Held: TypeAlias = "list[tuple[Waiter, Any, BaseException | None]]"
 
 
 def safe_name(text: str) -> str:
@@ -94,8 +96,15 @@ REFUSAL_LOG_EVERY = 10.0  # seconds between a connection's log lines about refus
 # before it fails as ReplicasBehind: well under add_timeout, so that an add is answered
 # in time and its shard is not taken for a silent one.
 WAIT_MS = 150
+# After a WAIT fell short, the writes of the next SHORT_FOR seconds are not waited for
+# (a PING marks where their replies end) and fail as ReplicasBehind at once; then one WAIT
+# tries again. WAIT holds the connection (and Redis times it out only on its 100 ms
+# cron), so waiting for each batch while a replica is gone would leave every other
+# command queued behind the refused adds.
+SHORT_FOR = 1.0
 # The commands that change jobs (every state change is a script): with replica_acks, each
 # flush of the connection that carries one is followed by one WAIT.
+_PING = b"*1\r\n$4\r\nPING\r\n"
 DURABLE = frozenset((b"EVALSHA", "EVALSHA", b"EVAL", "EVAL"))
 
 
@@ -145,8 +154,7 @@ class _Protocol(asyncio.Protocol):
         self.conn.lost(exc)
 
 
-def _held(held: list[tuple[Waiter, Any, BaseException | None]], waiter: Waiter, reply: Any,
-          error: BaseException | None) -> None:
+def _held(held: Held, waiter: Waiter, reply: Any, error: BaseException | None) -> None:
     held.append((waiter, reply, error))
 
 
@@ -173,7 +181,12 @@ class RespConnection:
         # Writes (scripts) are answered once this many replicas have them (Redis WAIT, one
         # per flush that carries any): their replies are held until the WAIT's arrives.
         self.replica_acks = replica_acks
-        self._held: list[tuple[Waiter, Any, BaseException | None]] | None = None
+        self._held: Held | None = None
+        self._short_until = 0.0  # monotonic: writes are not waited for until then
+        # One WAIT (or PING) in flight at a time; the writes flushed meanwhile wait for the
+        # next, sent when it answers (group commit: they arrive at Redis behind it anyway).
+        self._wait_out = False
+        self._pending: list[Held] = []
         self._behind = 0  # writes not confirmed by enough replicas since the last log line
         self._behind_logged = -REFUSAL_LOG_EVERY  # monotonic
         self.name = name
@@ -390,16 +403,36 @@ class RespConnection:
             self._held = []
         return functools.partial(_held, self._held, waiter)
 
-    def _release(self, held: list[tuple[Waiter, Any, BaseException | None]], reply: Any,
-                 error: BaseException | None) -> None:
+    def _send_wait(self, groups: list[Held]) -> None:
+        """Queue the WAIT (or, while replicas are known missing, a PING) whose answer
+        releases these writes' replies; written with the next flush."""
+        self._wait_out = True
+        if self._short_until > time.monotonic():
+            self._out.append(_PING)
+            self.waiting.append(functools.partial(self._release, groups, waited=False))
+        else:
+            self._out.append(pack(("WAIT", self.replica_acks, WAIT_MS)))
+            self.waiting.append(functools.partial(self._release, groups))
+
+    def _release(self, groups: list[Held], reply: Any, error: BaseException | None, *,
+                 waited: bool = True) -> None:
         """The WAIT after a flush's writes answered: they are told their own results when
         enough replicas confirmed them, else ReplicasBehind (a write that failed on its
-        own is told its own error)."""
+        own is told its own error). Not `waited`: the PING sent instead of a WAIT while
+        replicas are known to be missing answered."""
         short: BaseException | None = None
         if error is not None:
             short = ReplicasBehind(self.label, self.replica_acks, None, f"no answer: {error}")
+        elif not waited:
+            short = ReplicasBehind(self.label, self.replica_acks, None, "the last wait fell "
+                                   "short; waiting again within a second")
         elif not isinstance(reply, int) or reply < self.replica_acks:
             short = ReplicasBehind(self.label, self.replica_acks, reply)
+            self._short_until = time.monotonic() + SHORT_FOR
+        else:
+            self._short_until = 0.0
+        self._wait_out = False
+        held = [item for group in groups for item in group]
         if short is not None and held:
             self._behind += len(held)
             now = time.monotonic()
@@ -420,14 +453,20 @@ class RespConnection:
                 waiter.set_exception(exc)
             else:
                 waiter.set_result(res)
+        if self._pending and self.connected:
+            pending, self._pending = self._pending, []
+            self._send_wait(pending)
+            self._flush()
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self._held is not None and self.transport is not None \
                 and not self.transport.is_closing():
             # The writes of this flush, then one WAIT whose answer releases their replies.
-            self._out.append(pack(("WAIT", self.replica_acks, WAIT_MS)))
-            self.waiting.append(functools.partial(self._release, self._held))
+            if self._wait_out:
+                self._pending.append(self._held)
+            else:
+                self._send_wait([self._held])
             self._held = None
         if self._out and self.transport is not None and not self.transport.is_closing():
             data = b"".join(self._out)
@@ -452,9 +491,10 @@ class RespConnection:
                 _call(waiter, None, err)
             elif not waiter.done():
                 waiter.set_exception(err)
-        if self._held is not None:  # writes queued but never flushed: each gets `err`
-            held, self._held = self._held, None
-            self._release(held, None, err)
+        groups = self._pending + ([self._held] if self._held is not None else [])
+        self._pending, self._held, self._wait_out = [], None, False
+        if groups:  # writes flushed with no WAIT yet, or never flushed: each gets `err`
+            self._release(groups, None, err)
 
     def close(self) -> None:
         if self.transport is not None:

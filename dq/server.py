@@ -43,7 +43,7 @@ from dq.protocol import (
     decode_payload,
 )
 from dq.registry import Registry, Topic
-from dq.resp import ShardRefused
+from dq.resp import ReplicasBehind, ShardRefused
 from dq.shards import Shard
 from dq.store import AddJob, Store
 from dq.supervise import LoadBoard, bind_listener
@@ -123,7 +123,11 @@ class _Many:
 
     def stored(self, i: int, res: Any, exc: BaseException | None) -> None:
         """The batch's answer for job i (the store's callback)."""
-        if exc is not None:
+        if isinstance(exc, ReplicasBehind):  # on the master: not to be stored elsewhere
+            sent, self.sent[i] = self.sent[i], None
+            assert sent is not None
+            self.set(i, self.handler._behind(sent[0], sent[1], self.t0, exc))
+        elif exc is not None:
             self.handler._many_slow(self, i)
         else:
             self.set(i, None)
@@ -199,6 +203,9 @@ class Handler:
                 log_request("add", req.topic, req.id, "ok", t0, shard.label)
                 reply.set(protocol.OK_EMPTY)
                 return
+            if isinstance(exc, ReplicasBehind):  # on the master: not to be stored elsewhere
+                reply.set(protocol.error_reply(self._behind(req, shard, t0, exc)))
+                return
             # scripts not loaded yet, or an error: the ordinary path retries or explains
             slow = Pending.of(self._add_slow(shard, job, req, t0))
             slow.on_set = lambda: reply.set(slow.data or b"")
@@ -238,6 +245,16 @@ class Handler:
             else:
                 self._many_slow(many, i)
         return many.reply if many.reply.data is None else many.reply.data
+
+    def _behind(self, req: AddRequest, shard: Shard, t0: float,
+                exc: ReplicasBehind) -> DqError:
+        """An add its batch stored on the master but fewer than replica_acks replicas
+        confirmed in time: answered unavailable at once (tried again alone it would wait
+        for the replicas once more, one add at a time)."""
+        self.stats["fail"] += 1
+        error = exc.for_add()
+        log_request("add", req.topic, req.id, error.err, t0, shard.label, error.msg)
+        return error
 
     def _many_slow(self, many: _Many, i: int) -> None:
         """A job of an add_many frame the batch could not store, tried once more alone."""

@@ -36,7 +36,7 @@ from redis.exceptions import NoScriptError
 from dq import fastjson
 from dq.errors import UNAVAILABLE, DqError
 from dq.fence import Fence
-from dq.resp import ShardRefused
+from dq.resp import ReplicasBehind, ShardRefused
 from dq.shards import SCRIPTS, Shard, ShardSet
 
 log = logging.getLogger(__name__)
@@ -529,6 +529,8 @@ class Store:
             self.queue(script, shard, part, _to_future(fut))
             try:
                 return await fut
+            except ReplicasBehind:
+                raise  # done on the master: doing it again alone would wait once more
             except (NoScriptError, DqError):
                 pass  # Shard.evalsha below reloads scripts, reconnects, marks health
         if script == "add":

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from dq.client import AsyncDqClient
 from dq.config import load_settings
 from dq.errors import UNAVAILABLE, ConfigError, DqError
 from dq.registry import normalise_redis_url
@@ -30,11 +31,10 @@ from dq.resp import WAIT_MS, ReplicasBehind
 from dq.shards import ShardSet
 from dq.shardurl import parse, split_shard_urls
 from dq.store import Store
-from dq.client import AsyncDqClient
 from tests.conftest import RedisProcess, free_port
 from tests.masters import Master
-from tests.test_chaos import Flaky, receiving, register
 from tests.sentinels import SERVICE, SentinelSetup, cmd, info
+from tests.test_chaos import Flaky, receiving, register
 
 
 @pytest.fixture
