@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import ResponseError
 
 from dq.errors import UNAVAILABLE, DqError
-from dq.resp import RespConnection, ShardRefused
+from dq.resp import ReplicasBehind, RespConnection, ShardRefused
 from dq.shards import Shard
 
 if TYPE_CHECKING:
@@ -209,8 +209,9 @@ class Fence:
                       len(parts))
             return
         if exc is not None and (not isinstance(exc, DqError) or exc.err != UNAVAILABLE
-                                or isinstance(exc, ShardRefused)):
-            return  # refused: nothing written
+                                or (isinstance(exc, ShardRefused)
+                                and not isinstance(exc, ReplicasBehind))):
+            return  # refused: nothing written (short of replicas: written on the master)
         # Written in time but answered late (res), or unknown (the connection was lost):
         # their copies there, if any, must go.
         task = asyncio.ensure_future(self._undo(shard, parts, written=exc is None))

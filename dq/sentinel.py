@@ -2,9 +2,9 @@
 
 A `redis+sentinel://s1:26379,s2:26379/mymaster[/db]` shard is the master the sentinels
 monitor under `mymaster`, wherever it is now:
-- each new connection asks the sentinels, in turn, `SENTINEL get-master-addr-by-name`
-  (the one that answered is asked first next time), connects there and checks with
-  `ROLE` that it is a master: dq never writes to a replica;
+- each new connection asks the sentinels, all at once, `SENTINEL get-master-addr-by-name`
+  (the first answer wins), connects there and checks with `ROLE` that it is a master: dq
+  never writes to a replica;
 - a lost connection, or a `READONLY` (the master was demoted) or `LOADING` reply, drops
   the connection: the commands waiting on it fail as "unavailable" (the shard's usual
   failure: adds are retried on another shard or answered unavailable, timers and
@@ -67,7 +67,7 @@ class SentinelConnection(RespConnection):
         super().__init__(url, name=name, connect_timeout=connect_timeout,
                          command_timeout=command_timeout, replica_acks=replica_acks)
         self.target: ShardUrl = parse(url)
-        self.sentinels = list(self.target.sentinels)
+        self.sentinels = self.target.sentinels
         self.master: tuple[str, int] | None = None  # where the open connection goes
 
     def _tls(self) -> ssl.SSLContext | None:
@@ -93,6 +93,8 @@ class SentinelConnection(RespConnection):
                                       timeout=self.connect_timeout)
         except (OSError, TimeoutError) as exc:
             return f"{host}:{port} unreachable ({exc or 'timed out'})"
+        except hiredis.ProtocolError as exc:
+            return f"{host}:{port} does not speak RESP ({exc})"
         reply = replies[-1]
         if isinstance(reply, hiredis.ReplyError):
             return f"{host}:{port} said {reply}"
@@ -102,19 +104,31 @@ class SentinelConnection(RespConnection):
         return reply[0].decode(), int(reply[1])
 
     async def _address(self) -> tuple[str, int]:
-        why = []
-        for i, (host, port) in enumerate(self.sentinels):
-            got = await self._ask(host, port)
-            if isinstance(got, str):
-                why.append(got)
-                continue
-            if i:  # ask the one that answered first from now on
-                self.sentinels.insert(0, self.sentinels.pop(i))
-            if got != self.master and self.master is not None:
-                log.warning("redis shard %s: the sentinels name a new master %s:%d (was "
-                            "%s:%d)", self.label, *got, *self.master)
-            self.master = got
-            return got
+        """The master's address from the first sentinel to name it. All are asked at once
+        (within connect_timeout), so a sentinel that is down costs no time; the master
+        named is then checked with ROLE (`_verify`)."""
+        asks = [asyncio.ensure_future(self._ask(h, p)) for h, p in self.sentinels]
+        why: list[str] = []
+        try:
+            for next_done in asyncio.as_completed(asks, timeout=self.connect_timeout):
+                try:
+                    got = await next_done
+                except TimeoutError:
+                    break
+                if isinstance(got, str):
+                    why.append(got)
+                    continue
+                if got != self.master and self.master is not None:
+                    log.warning("redis shard %s: the sentinels name a new master %s:%d (was "
+                                "%s:%d)", self.label, *got, *self.master)
+                self.master = got
+                return got
+        finally:
+            for ask in asks:
+                ask.cancel()
+        if len(why) < len(asks):
+            why.append(f"{len(asks) - len(why)} gave no answer within "
+                       f"{self.connect_timeout:g} s")
         raise DqError(UNAVAILABLE, f"redis shard {self.label} is unavailable (no sentinel "
                       f"named the master of {self.target.service!r}: {'; '.join(why)}); "
                       "retry shortly")
