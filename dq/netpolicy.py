@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from dq import clusterurl
+from dq import clusterurl, shardurl
 from dq.config import Settings
 
 log = logging.getLogger(__name__)
@@ -203,6 +203,14 @@ def own_services(settings: Settings, shard_urls: Sequence[str]) -> list[Own]:
                 continue
             for host, port in seeds:
                 out += _own("Redis Cluster node", host, port)
+            continue
+        if shardurl.kind_of(url) == shardurl.SENTINEL:  # its sentinels (masters: found later)
+            try:
+                sentinels = shardurl.parse(url).sentinels
+            except ValueError:
+                continue
+            for host, port in sentinels:
+                out += _own("Redis sentinel", host, port)
             continue
         parts = urlsplit(url)
         if parts.scheme in ("redis", "rediss") and parts.hostname:

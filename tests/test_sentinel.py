@@ -26,6 +26,7 @@ import pytest
 from dq.client import AsyncDqClient
 from dq.config import load_settings
 from dq.errors import UNAVAILABLE, ConfigError, DqError
+from dq.netpolicy import own_services
 from dq.registry import normalise_redis_url
 from dq.resp import WAIT_MS, ReplicasBehind
 from dq.shards import ShardSet
@@ -92,6 +93,9 @@ def test_sentinel_urls_are_taken_everywhere_and_bad_ones_say_what_to_write(
             load_settings({"redis": [bad]}, env={})
         with pytest.raises(ValueError, match=says):
             normalise_redis_url(bad)
+    # callbacks may not go to the sentinels (dq's own services)
+    own = own_services(load_settings({}, env={}), [url])
+    assert {o.port for o in own if o.what.startswith("Redis sentinel")} == {26379, 26380}
     with pytest.raises(ConfigError, match="replica_acks"):
         load_settings({"replica_acks": -1}, env={})
     assert load_settings(env={"DQ_REPLICA_ACKS": "1"}).replica_acks == 1

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
-from dq import clusterurl
+from dq import clusterurl, shardurl
 from dq import headers as hdr
 from dq.netpolicy import CallbackPolicy, judge_url
 from dq.registry import (
@@ -302,6 +302,9 @@ def validate_shard(data: Mapping[str, Any], *, keep_url: str = "") -> tuple[str,
             if clusterurl.is_cluster_url(normalised):
                 clusterurl.parse_url(normalised)
                 usable = True
+            elif shardurl.kind_of(normalised) == shardurl.SENTINEL:
+                shardurl.parse(normalised)
+                usable = True
             else:
                 usable = (rest.startswith("/") if scheme == "unix" else
                           scheme in ("redis", "rediss") and bool(urlsplit(normalised).hostname))
@@ -309,6 +312,7 @@ def validate_shard(data: Mapping[str, Any], *, keep_url: str = "") -> tuple[str,
             usable = False
         if not usable or re.search(r"\s", url):
             f.fail("url", "url must be redis://host:port/db, rediss://..., unix:///path, "
+                   "redis+sentinel://host:port[,host:port...]/service_name[/db], "
                    "redis+cluster://host:port[,host:port...] (or the original's "
                    "host:port[:password])")
     errors.update(f.errors)
