@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 # Gets a command's reply, or the exception it failed with, as soon as it is read.
 ReplyCallback: TypeAlias = Callable[[Any, BaseException | None], None]
 Waiter: TypeAlias = "asyncio.Future[Any] | ReplyCallback"
-# Writes whose replies wait for a WAIT: (waiter, reply, error) as each reply is read.
-Held: TypeAlias = "list[tuple[Waiter, Any, BaseException | None]]"
+# Writes whose replies wait for a WAIT: (waiter, strict, reply, error), filled in as each
+# reply is read; a strict one fails when the WAIT falls short.
+Held: TypeAlias = "list[tuple[Waiter, bool, Any, BaseException | None]]"
 
 
 def safe_name(text: str) -> str:
@@ -154,8 +155,9 @@ class _Protocol(asyncio.Protocol):
         self.conn.lost(exc)
 
 
-def _held(held: Held, waiter: Waiter, reply: Any, error: BaseException | None) -> None:
-    held.append((waiter, reply, error))
+def _held(held: Held, waiter: Waiter, strict: bool, reply: Any,
+          error: BaseException | None) -> None:
+    held.append((waiter, strict, reply, error))
 
 
 def _call(callback: ReplyCallback, reply: Any, error: BaseException | None) -> None:
@@ -182,6 +184,10 @@ class RespConnection:
         # per flush that carries any): their replies are held until the WAIT's arrives.
         self.replica_acks = replica_acks
         self._held: Held | None = None
+        # Scripts (by sha) whose callers get their own result even when the WAIT after
+        # them falls short: a timer's or consumer's step that, lost with its master, is
+        # only done again (dq/shards.py sets them; adds, deletes and redrives are strict).
+        self.lenient: frozenset[str] = frozenset()
         self._short_until = 0.0  # monotonic: writes are not waited for until then
         # One WAIT (or PING) in flight at a time; the writes flushed meanwhile wait for the
         # next, sent when it answers (group commit: they arrive at Redis behind it anyway).
@@ -343,8 +349,8 @@ class RespConnection:
             fut.set_exception(self._unavailable("not connected"))
             return fut
         fut = self.loop.create_future()
-        self._queue(pack(args), self._hold(fut) if self.replica_acks and args[0] in DURABLE
-                    else fut)
+        self._queue(pack(args), self._hold(fut, args) if self.replica_acks
+                    and args[0] in DURABLE else fut)
         return fut
 
     def send_then(self, callback: ReplyCallback, *args: Any) -> None:
@@ -357,7 +363,7 @@ class RespConnection:
             _call(callback, None, self._unavailable("not connected"))
             return
         self._out.append(pack(args))
-        self._waits(self._hold(callback) if self.replica_acks and args[0] in DURABLE
+        self._waits(self._hold(callback, args) if self.replica_acks and args[0] in DURABLE
                     else callback)
         self._flush()
 
@@ -397,11 +403,13 @@ class RespConnection:
             await self.connect()
         return await self.call_nowait(*args)
 
-    def _hold(self, waiter: Waiter) -> ReplyCallback:
-        """A write's waiter, held until the WAIT that follows it in this flush answers."""
+    def _hold(self, waiter: Waiter, args: tuple[Any, ...]) -> ReplyCallback:
+        """A write's waiter, held until the WAIT that follows it in this flush answers.
+        It fails when the WAIT falls short unless its script is one of `lenient`."""
         if self._held is None:
             self._held = []
-        return functools.partial(_held, self._held, waiter)
+        strict = len(args) < 2 or args[1] not in self.lenient
+        return functools.partial(_held, self._held, waiter, strict)
 
     def _send_wait(self, groups: list[Held]) -> None:
         """Queue the WAIT (or, while replicas are known missing, a PING) whose answer
@@ -442,8 +450,8 @@ class RespConnection:
                             "unavailable", self.label, self._behind, self.replica_acks,
                             WAIT_MS, error or f"WAIT said {reply}")
                 self._behind_logged, self._behind = now, 0
-        for waiter, res, exc in held:
-            if exc is None and short is not None:
+        for waiter, strict, res, exc in held:
+            if exc is None and short is not None and strict:
                 res, exc = None, short
             if not isinstance(waiter, asyncio.Future):
                 _call(waiter, res, exc)

@@ -51,6 +51,13 @@ def _load_scripts() -> dict[str, tuple[str, str]]:
 
 
 SCRIPTS = _load_scripts()
+# With replica_acks, the scripts whose result is used even when too few replicas have it
+# yet: the timers' and consumers' steps. Lost with their master, they are only done again
+# (a job moved, claimed or acked again: called again at worst, as at-least-once allows),
+# and failing them would stop deliveries while a replica is away. The client's own
+# changes (add, delete, redrive) fail instead: their answer promises N replicas.
+LENIENT = frozenset(SCRIPTS[name][0] for name in SCRIPTS
+                    if name not in ("add", "delete", "redrive", "adopt"))
 
 # A connect that takes longer than this counts as a failure: adds must not wait on a dead
 # shard. TLS handshakes (rediss://, maybe across a WAN) get more time.
@@ -107,6 +114,8 @@ class Shard:
             self.conn = RespConnection(url, name=name, connect_timeout=connect_timeout,
                                        command_timeout=command_timeout,
                                        replica_acks=replica_acks)
+        if isinstance(self.conn, RespConnection):
+            self.conn.lenient = LENIENT
         self.marked_up = True
         self.has_guests = False  # the checker saw guests here (dq/health.py)
         self.guests_until = 0  # epoch ms: this process wrote a guest here lately

@@ -118,6 +118,17 @@ async def test_replica_acks_without_a_replica_answers_unavailable_saying_so(
         assert await store.get("t", "1") is not None
         # nor does it open the shard's breaker: reads go on
         assert store.shards.shards[0].up
+        # the timers' and consumers' steps go on (lost with the master they would only be
+        # done again): the job stored on the master is moved, claimed and acked
+        shard = store.shards.shards[0]
+        with pytest.raises(DqError, match="not yet on 1 replica"):
+            await store.add("t", "due", {"a": 1}, delay_ms=0)
+        await asyncio.sleep(0.01)
+        moved, _next, _now = await store.move_due(shard, range(4))
+        assert moved == 1
+        [job] = await store.claim(shard, 10, [1, 2, 3], 60_000)
+        assert job.id == "due"
+        assert await store.ack(job) is True
     finally:
         await store.shards.close()
     plain = await _store(redis_server.url)  # replica_acks 0: as before
@@ -229,20 +240,20 @@ async def test_sentinel_graceful_failover_never_writes_to_the_demoted_master(
         assert shard.conn.master == ("127.0.0.1", old)
         # the old master stays up and becomes a replica
         cmd(sentinel_setup.sentinels[0].port, "SENTINEL", "FAILOVER", SERVICE)
-        new = await asyncio.to_thread(sentinel_setup.wait_failover, old)
+        new = await asyncio.to_thread(sentinel_setup.wait_failover, old, 60.0)
         await _until("the old master to be a replica",
-                     _async(lambda: info(old).get("role") == "slave"), 20)
+                     _async(lambda: info(old).get("role") == "slave"), 60)
 
         async def stored() -> bool:
             await store.add("t", "after", {}, delay_ms=600_000)
             return True
-        await _until("an add after the failover", stored, 15)
+        await _until("an add after the failover", stored, 30)
         assert shard.conn.master == ("127.0.0.1", new)
         assert await store.get("t", "before") is not None
         # the old master (a replica now) holds only what it replicated from the new one
         assert info(old)["role"] == "slave"
         await _until("the replica to catch up",
-                     _async(lambda: cmd(old, "HEXISTS", "dq:jobs", "t:after") == 1), 10)
+                     _async(lambda: cmd(old, "HEXISTS", "dq:jobs", "t:after") == 1), 60)
     finally:
         await store.shards.close()
 
