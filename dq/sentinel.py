@@ -69,6 +69,9 @@ class SentinelConnection(RespConnection):
         self.target: ShardUrl = parse(url)
         self.sentinels = self.target.sentinels
         self.master: tuple[str, int] | None = None  # where the open connection goes
+        # The sentinels get half the connect timeout, the master's connect the other half
+        # (an add waits for both when it finds the connection down).
+        self.ask_timeout = connect_timeout / 2
 
     def _tls(self) -> ssl.SSLContext | None:
         return ssl.create_default_context() if self.target.tls else None
@@ -90,7 +93,7 @@ class SentinelConnection(RespConnection):
         cmds.append(("SENTINEL", "get-master-addr-by-name", self.target.service))
         try:
             replies = await _exchange(host, port, cmds, tls=self._tls(),
-                                      timeout=self.connect_timeout)
+                                      timeout=self.ask_timeout)
         except (OSError, TimeoutError) as exc:
             return f"{host}:{port} unreachable ({exc or 'timed out'})"
         except hiredis.ProtocolError as exc:
@@ -105,12 +108,12 @@ class SentinelConnection(RespConnection):
 
     async def _address(self) -> tuple[str, int]:
         """The master's address from the first sentinel to name it. All are asked at once
-        (within connect_timeout), so a sentinel that is down costs no time; the master
+        (within half the connect timeout), so a sentinel that is down costs no time; the master
         named is then checked with ROLE (`_verify`)."""
         asks = [asyncio.ensure_future(self._ask(h, p)) for h, p in self.sentinels]
         why: list[str] = []
         try:
-            for next_done in asyncio.as_completed(asks, timeout=self.connect_timeout):
+            for next_done in asyncio.as_completed(asks, timeout=self.ask_timeout):
                 try:
                     got = await next_done
                 except TimeoutError:
@@ -128,7 +131,7 @@ class SentinelConnection(RespConnection):
                 ask.cancel()
         if len(why) < len(asks):
             why.append(f"{len(asks) - len(why)} gave no answer within "
-                       f"{self.connect_timeout:g} s")
+                       f"{self.ask_timeout:g} s")
         raise DqError(UNAVAILABLE, f"redis shard {self.label} is unavailable (no sentinel "
                       f"named the master of {self.target.service!r}: {'; '.join(why)}); "
                       "retry shortly")
