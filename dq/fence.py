@@ -19,8 +19,10 @@ things keep that late run from leaving a second live copy of the job:
 - a call that ran in time but whose answer came after it was given up (the shard stopped
   between running it and answering) has the copies it wrote removed at once, each only if
   it is still the version that call wrote (guest_land.lua 'undo'), so a later add of the
-  job is kept; a call whose connection was dropped before it answered is treated the same
-  as soon as the shard answers again (for up to UNDO_FOR seconds).
+  job is kept, and only if another shard holds the job (the add written there instead):
+  a copy that is the job's only one stays, as it may have replaced a job stored before;
+  a call whose connection was dropped before it answered is treated the same as soon as
+  the shard answers again (for up to UNDO_FOR seconds).
 
 What stays: in that last case, both copies exist until the removal (a round trip), and a
 shard that ran an add in time, then stayed silent past UNDO_FOR (or a server process killed
@@ -230,6 +232,12 @@ class Fence:
             keys = (st.k_jobs, st.k_delay[b], st.k_wake[b], st.k_inflight, st.k_dead,
                     st.k_dead_err)
             try:
+                if not await self._copy_elsewhere(shard, tid):
+                    # The only copy of the job (nothing was written elsewhere: one shard,
+                    # or the others failed too): removing it would lose the job, and the
+                    # one it replaced, which the client had stored before.
+                    left.pop(0)
+                    continue
                 res = await shard.script("guest_land", keys, (tid, "undo", version, "", 0, 0))
             except (DqError, ResponseError, OSError) as exc:
                 if time.monotonic() >= until:
@@ -247,6 +255,14 @@ class Fence:
             log.warning("redis shard %s stored %d of %d add(s) after they were given up "
                         "(add_timeout) and written elsewhere or refused: removed there",
                         shard.label, undone, len(parts))
+
+    async def _copy_elsewhere(self, shard: Shard, tid: str) -> bool:
+        """Whether a shard other than `shard` holds the job (the add written there instead,
+        once this one was given up); a shard that does not answer counts as holding none."""
+        others = [s for s in self.store.shards.shards if s is not shard]
+        found = await asyncio.gather(*(s.call("HEXISTS", self.store.k_jobs, tid)
+                                       for s in others), return_exceptions=True)
+        return any(f == 1 for f in found)
 
     async def close(self) -> None:
         """Wait (briefly) for removals under way; what is left is the guest mover's."""

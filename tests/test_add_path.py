@@ -315,6 +315,34 @@ async def test_an_add_stored_in_time_but_answered_late_leaves_no_second_copy(
             await store.shards.close()
 
 
+async def test_a_replacing_add_answered_late_with_no_copy_elsewhere_keeps_the_job(
+        redis_server: RedisProcess) -> None:
+    """One shard: a job is stored (acknowledged), then added again; the shard runs that
+    add in time but its answer comes after the add was given up ("unavailable", and no
+    other shard to write it to). The late copy is the only copy of the job: it stays
+    (before, it was removed, and with it the job the client had stored first)."""
+    from dq.errors import DqError
+
+    async with HoldingProxy(redis_server.port) as proxy:
+        store = Store(ShardSet.from_urls([proxy.url]), buckets=4, add_timeout=0.3)
+        try:
+            await store.add("t", "j", {"x": 1}, delay_ms=60_000)  # acknowledged
+            proxy.hold()
+            with pytest.raises(DqError, match=r"add_timeout"):
+                await store.add("t", "j", {"x": 2}, delay_ms=60_000)
+            proxy.release()
+            deadline = time.monotonic() + 10
+            while store.fence.late == 0 or store.fence._tasks:
+                assert time.monotonic() < deadline, "the late answer never came"
+                await asyncio.sleep(0.05)
+            body = await store.get("t", "j")
+            assert body is not None, "the job stored first is gone"
+            assert body["x"] in (1, 2)
+        finally:
+            await store.fence.close()
+            await store.shards.close()
+
+
 async def test_an_add_run_after_its_deadline_writes_nothing(redis_server: RedisProcess) -> None:
     store = Store(ShardSet.from_urls([redis_server.url]), buckets=4, add_timeout=0.3)
     try:
