@@ -434,6 +434,11 @@ class Arbiter(WorkerPool):
                 self.redis = None
                 log.error("reload refused, the running generation stays: %s", exc)
                 return
+        try:
+            self.renew_handover()
+        except BootError as exc:
+            log.error("reload refused, the running generation stays: %s", exc)
+            return
         if (cfg.host, cfg.port) != (self.cfg.host, self.cfg.port):
             try:
                 listener = bind_listener(cfg.host, cfg.port)
@@ -456,6 +461,35 @@ class Arbiter(WorkerPool):
         self.slots.clear()
         log.info("reload: starting generation %d: %s", self.generation, self.summary())
         self.manage_workers()
+
+    def renew_handover(self) -> None:
+        """A hand-over socket of its own for the generation about to start, bound at the
+        same path: the old servers hand their connections to that path, so only the new
+        generation can take them. The old socket stays open in the old servers, which
+        still accept on it, but nothing can connect to it any more. (With one socket for
+        all, a retiring server that had not yet seen its own USR1 took connections from
+        its retiring sibling and handed them on a second time.)"""
+        if self.handover is None:
+            return
+        if any(w.role == "server" and w.generation != self.generation
+               for w in self.workers.values()):
+            # A reload not held (the new generation fails to boot) while servers from
+            # before still hand over: they keep the socket the current generation takes
+            # on. A new one would hold their connections until the next generation boots.
+            log.info("reload: servers of an older generation still hand connections "
+                     "over; the new generation shares their hand-over socket")
+            return
+        path = self.handover.getsockname()
+        aside = f"{path}.old"
+        os.replace(path, aside)  # nothing hands over now: no generation is retiring
+        try:
+            sock = bind_handover(path)
+        except BootError:
+            os.replace(aside, path)
+            raise
+        os.unlink(aside)
+        self.handover.close()  # the old servers keep their copies until they exit
+        self.handover = sock
 
     def reload_config(self) -> str | None:
         if self.config_file:
