@@ -337,6 +337,13 @@ class Retirement:
         for shard in self.store.shards.retired:
             if shard.name in self.drained or not answering(shard):
                 continue
+            same = await self._same_dataset(shard)
+            if same is not None:
+                # A new URL for the same Redis (a move onto Sentinel): nothing to move, and
+                # moving its jobs "home" onto themselves would never end.
+                self._drained(shard, f"is the same Redis as {same.label} (a new URL for "
+                              "it): its jobs stay where they are")
+                continue
             try:
                 added = await self.store.retire(shard)
                 depth = await self.store.depths(shard)
@@ -353,16 +360,31 @@ class Retirement:
                     continue
             except DqError:
                 continue
-            self.drained.add(shard.name)
-            with contextlib.suppress(OSError):
-                if shard.name == EMBEDDED:
-                    drained_path(self.ctx.settings).write_text(
-                        "no job left here once real shards were configured\n")
-                else:
-                    with drained_record(self.ctx.settings).open("a", encoding="utf-8") as f:
-                        f.write(shard.url + "\n")
-            log.info("%s: the retired shard %s holds no job any more; a restart leaves it "
-                     "out", self.ctx.name, shard.label)
+            self._drained(shard, "holds no job any more")
+
+    async def _same_dataset(self, shard: Shard) -> Shard | None:
+        """The shard that stays whose Redis dataset this retired one is (the same dataset
+        token, `Store.stat_epoch`, kept in the data and replicated with it), if any."""
+        try:
+            token = await self.store.stat_epoch(shard)
+            for other in self.store.shards.writers:
+                if await self.store.stat_epoch(other) == token:
+                    return other
+        except DqError:
+            pass
+        return None
+
+    def _drained(self, shard: Shard, why: str) -> None:
+        self.drained.add(shard.name)
+        with contextlib.suppress(OSError):
+            if shard.name == EMBEDDED:
+                drained_path(self.ctx.settings).write_text(
+                    "no job left here once real shards were configured\n")
+            else:
+                with drained_record(self.ctx.settings).open("a", encoding="utf-8") as f:
+                    f.write(shard.url + "\n")
+        log.info("%s: the retired shard %s %s; a restart leaves it out", self.ctx.name,
+                 shard.label, why)
 
 
 def _open_registry(settings: Settings) -> Registry:

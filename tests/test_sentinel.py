@@ -355,3 +355,36 @@ async def test_dq_master_adds_and_delivers_through_a_kill_9_failover_losing_no_a
         if m is not None:
             await asyncio.to_thread(m.stop)
         await asyncio.to_thread(setup.stop)
+
+
+async def test_moving_onto_sentinel_by_a_new_url_moves_no_job(
+        sentinel_setup: SentinelSetup, tmp_path: Path) -> None:
+    """A reload from redis://master to redis+sentinel://... keeps the old URL as a retired
+    shard (dq/shardplan.py); it is the same Redis, so the checker lets it go at once
+    instead of moving its jobs onto themselves for ever."""
+    from dq.checker import Retirement
+    from dq.config import Settings
+    from dq.shardplan import drained_urls
+    from dq.worker import Context
+
+    old_url = f"redis://127.0.0.1:{sentinel_setup.master_port()}/0"
+    before = await _store(old_url)
+    try:
+        await before.add("t", "kept", {"a": 1}, delay_ms=600_000)
+    finally:
+        await before.shards.close()
+    settings = Settings(redis=(sentinel_setup.url,), data_dir=str(tmp_path / "var"))
+    (tmp_path / "var").mkdir()
+    shards = ShardSet.from_urls([(sentinel_setup.url, sentinel_setup.url)],
+                                [(old_url, old_url)])
+    store = Store(shards, buckets=4)
+    try:
+        retirement = Retirement(Context(settings, "checker"), store)
+        await retirement.run(lambda _shard: True)
+        assert retirement.drained == {old_url}
+        assert old_url in drained_urls(settings)
+        assert await store.get("t", "kept") is not None
+        port = sentinel_setup.master_port()
+        assert cmd(port, "SCARD", store.k_guests) == 0  # nothing recorded to move
+    finally:
+        await shards.close()
