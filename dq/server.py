@@ -884,6 +884,14 @@ async def run(ctx: Context, store: Store | None = None, topics: TopicCache | Non
     if store is None:
         store = open_store(settings, await role_plan(ctx, registry))
     await topics.refresh(force=True)
+    # The scripts in Redis before the first request: an add that finds them missing is
+    # run again on its own, after a get pipelined behind it (which then misses the job).
+    try:
+        async with asyncio.timeout(settings.redis_timeout):
+            await store.shards.load_scripts()
+    except TimeoutError:
+        log.warning("%s: a shard did not load the scripts within %g s; serving anyway",
+                    ctx.name, settings.redis_timeout)
     server = Server(ctx, store, topics)
     await server.start()
     log.info("%s serving on port %d (%d shards)", ctx.name, server.port,
