@@ -229,12 +229,18 @@ async def test_a_reshard_under_load_loses_nothing(
             await client.close()
 
 
+@pytest.mark.parametrize("acks", [0, 1])
 async def test_a_master_killed_9_fails_over_and_dq_goes_on(
-        redis_cluster: RedisCluster, dq_on: Callable[..., Master], tmp_path: Path) -> None:
+        redis_cluster: RedisCluster, dq_on: Callable[..., Master], tmp_path: Path,
+        acks: int) -> None:
+    """With replica_acks = 1 an add is answered once a replica has it: the adds go on
+    through the kill, and the killed node is restarted 3 s later (as a supervisor would)
+    to be the new master's replica, without which its partitions refuse adds."""
     seen = Seen()
     async with Receiver(seen) as rcv:
         db = register(tmp_path / "reg" / "dq.sqlite3", "cl", rcv.url("/cb"))
-        m = await asyncio.to_thread(dq_on, redis_cluster.url, db)
+        m = await asyncio.to_thread(dq_on, redis_cluster.url, db,
+                                    DQ_REPLICA_ACKS=str(acks))
         client = AsyncDqClient([f"127.0.0.1:{m.port}"], timeout=5.0)
         stop, acked = asyncio.Event(), []
         stream = asyncio.create_task(add_stream(client, stop, acked, "f"))
@@ -253,12 +259,16 @@ async def test_a_master_killed_9_fails_over_and_dq_goes_on(
                     break
                 await asyncio.sleep(0.2)
             assert back, "dq did not go on adding and delivering within 15 s of the kill"
+            if acks:
+                await asyncio.sleep(max(0.0, killed + 3 - time.monotonic()))
+                await asyncio.to_thread(victim.start)
             await asyncio.to_thread(redis_cluster.wait_ok)
             await asyncio.sleep(2)
             stop.set()
             await stream
             missing = await wait_delivered(seen, set(acked), 90)
-            print(f"\nfailover: adding and delivering again {back:.1f} s after "
+            print(f"\nfailover (replica_acks {acks}): adding and delivering again "
+                  f"{back:.1f} s after "
                   f"kill -9 of a master; {len(acked)} adds acknowledged, {len(missing)} "
                   f"not delivered", file=sys.stderr)
             # Redis sends a write to its replicas in the event-loop turn it answers it, so
