@@ -23,9 +23,24 @@ def cli(*args: str, timeout: float = 120.0) -> str:
     return out.stdout
 
 
+def node_port() -> int:
+    """A free port whose cluster bus port (+10000) is a valid port and free too."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class ClusterNode:
     def __init__(self, home: Path) -> None:
-        self.port = free_port()
+        self.port = node_port()
         self.dir = home / f"node-{self.port}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -35,7 +50,7 @@ class ClusterNode:
         for _ in range(3):
             if self._start():
                 return
-            self.port = free_port()
+            self.port = node_port()
         raise RuntimeError(f"cluster node on port {self.port} did not start")
 
     def _start(self) -> bool:
