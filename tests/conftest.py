@@ -7,10 +7,19 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiosmtpd.controller import Controller
+
+from dq.config import Settings
+from dq.registry import Registry, Topic
+from dq.store import Store
+from dq.worker import open_store
+from tests.receiver import Receiver
+from tests.roles import Mailbox, Roles
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
@@ -156,3 +165,52 @@ def no_login_throttle(request: pytest.FixtureRequest) -> Iterator[None]:
         web.throttle.LIMITS = web.throttle.Limits(wait=0.0, limited=False)
     yield
     web.throttle.LIMITS = saved
+
+
+# -- the delivery tests' fixtures (test_delivery, test_flow, test_flow_retry, test_adopt):
+# each module defines its own `settings`, and these build on it.
+
+@pytest.fixture
+def registry(settings: Settings) -> Iterator[Registry]:
+    reg = Registry(settings.db)
+    yield reg
+    reg.close()
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[Store]:
+    s = open_store(settings)
+    yield s
+    await s.shards.close()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    async with Receiver() as r:
+        yield r
+
+
+@pytest.fixture
+async def roles(settings: Settings) -> AsyncIterator[Roles]:
+    r = Roles(settings)
+    yield r
+    await r.stop()
+
+
+@pytest.fixture
+def topic(registry: Registry, receiver: Receiver) -> Callable[..., Topic]:
+    def make(key: str, **kw: Any) -> Topic:
+        kw.setdefault("callback", receiver.url(f"/{key}"))
+        kw.setdefault("method", "POST")
+        return registry.save_topic(Topic(topic=key, name=key, **kw))
+    return make
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[Mailbox, int]]:
+    box = Mailbox()
+    port = free_port()
+    ctl = Controller(box, hostname="127.0.0.1", port=port)
+    ctl.start()
+    yield box, port
+    ctl.stop()

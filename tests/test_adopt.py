@@ -14,7 +14,7 @@ import sys
 import time
 import zlib
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -96,26 +96,6 @@ def settings(two_shards: tuple[RedisProcess, RedisProcess], tmp_path: Path) -> S
                     db=f"sqlite:///{tmp_path / 'dq.sqlite3'}", buckets=4, timers=1,
                     retry_unit=1.0, lease=5.0, timer_tick=0.2, grace=5.0,
                     registry_refresh=0.2)
-
-
-@pytest.fixture
-def registry(settings: Settings) -> Iterator[Registry]:
-    reg = Registry(settings.db)
-    yield reg
-    reg.close()
-
-
-@pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[Store]:
-    s = open_store(settings)
-    yield s
-    await s.shards.close()
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    async with Receiver() as r:
-        yield r
 
 
 async def test_original_jobs_adopted_once_by_racing_adopters_and_delivered(

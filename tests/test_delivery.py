@@ -11,16 +11,15 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 from urllib.parse import unquote
 
 import pytest
 import redis
 from aiosmtpd.controller import Controller
 
-from dq import consumer, timer
+from dq import consumer
 from dq import store as store_module
 from dq.config import Settings
 from dq.consumer import priority_order, retry_delay_ms
@@ -31,55 +30,7 @@ from dq.topics import TopicCache
 from dq.worker import Context, open_store
 from tests.conftest import RedisProcess, free_port
 from tests.receiver import Receiver, Reply, Request
-
-
-class Roles:
-    """Timers and consumers running as tasks of this loop."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.running: list[tuple[Context, asyncio.Task[None]]] = []
-
-    def start(self, role: str, index: int = 0, **changes: Any) -> tuple[Context,
-                                                                        asyncio.Task[None]]:
-        ctx = Context(self.settings.replace(**changes), role, index)
-        fn = timer.run if role == "timer" else consumer.run
-        task = asyncio.create_task(fn(ctx), name=ctx.name)
-        self.running.append((ctx, task))
-        return ctx, task
-
-    def kill(self, task: asyncio.Task[None]) -> None:
-        """Like kill -9: no drain, no final writes."""
-        task.cancel()
-
-    async def stop(self) -> None:
-        for ctx, _ in self.running:
-            ctx.stopping.set()
-        tasks = [t for _, t in self.running]
-        async with asyncio.timeout(15):
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-        for r in results:
-            if isinstance(r, Exception):
-                raise r
-
-
-class Mailbox:
-    def __init__(self) -> None:
-        self.messages: list[tuple[list[str], str]] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.messages.append((list(envelope.rcpt_tos), envelope.content.decode("utf-8", "replace")))
-        return "250 OK"
-
-
-@pytest.fixture
-def smtp() -> Iterator[tuple[Mailbox, int]]:
-    box = Mailbox()
-    port = free_port()
-    ctl = Controller(box, hostname="127.0.0.1", port=port)
-    ctl.start()
-    yield box, port
-    ctl.stop()
+from tests.roles import Mailbox, Roles
 
 
 @pytest.fixture
@@ -87,42 +38,6 @@ def settings(redis_server: RedisProcess, tmp_path: Path) -> Settings:
     return Settings(redis=(redis_server.url,), db=f"sqlite:///{tmp_path / 'dq.sqlite3'}",
                     buckets=4, timers=1, concurrency=64, retry_unit=1.0, lease=5.0,
                     timer_tick=0.2, grace=5.0, registry_refresh=0.2, max_attempts=5)
-
-
-@pytest.fixture
-def registry(settings: Settings) -> Iterator[Registry]:
-    reg = Registry(settings.db)
-    yield reg
-    reg.close()
-
-
-@pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[Store]:
-    s = open_store(settings)
-    yield s
-    await s.shards.close()
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    async with Receiver() as r:
-        yield r
-
-
-@pytest.fixture
-async def roles(settings: Settings) -> AsyncIterator[Roles]:
-    r = Roles(settings)
-    yield r
-    await r.stop()
-
-
-@pytest.fixture
-def topic(registry: Registry, receiver: Receiver) -> Callable[..., Topic]:
-    def make(key: str, **kw: Any) -> Topic:
-        kw.setdefault("callback", receiver.url(f"/{key}"))
-        kw.setdefault("method", "POST")
-        return registry.save_topic(Topic(topic=key, name=key, **kw))
-    return make
 
 
 def after(n: int, replies: list[Reply], then: Reply = (200, b'{"code":0}')) -> Callable[

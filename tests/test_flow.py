@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from dq.store import FlowLimit, Store
 from dq.worker import open_store
 from tests.conftest import RedisProcess
 from tests.receiver import Receiver, Reply, Request
-from tests.test_delivery import Roles
+from tests.roles import Roles
 
 
 def base_settings(urls: tuple[str, ...], tmp_path: Path) -> Settings:
@@ -32,42 +32,6 @@ def base_settings(urls: tuple[str, ...], tmp_path: Path) -> Settings:
 @pytest.fixture
 def settings(redis_server: RedisProcess, tmp_path: Path) -> Settings:
     return base_settings((redis_server.url,), tmp_path)
-
-
-@pytest.fixture
-def registry(settings: Settings) -> Iterator[Registry]:
-    reg = Registry(settings.db)
-    yield reg
-    reg.close()
-
-
-@pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[Store]:
-    s = open_store(settings)
-    yield s
-    await s.shards.close()
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    async with Receiver() as r:
-        yield r
-
-
-@pytest.fixture
-async def roles(settings: Settings) -> AsyncIterator[Roles]:
-    r = Roles(settings)
-    yield r
-    await r.stop()
-
-
-@pytest.fixture
-def topic(registry: Registry, receiver: Receiver) -> Callable[..., Topic]:
-    def make(key: str, **kw: Any) -> Topic:
-        kw.setdefault("callback", receiver.url(f"/{key}"))
-        kw.setdefault("method", "POST")
-        return registry.save_topic(Topic(topic=key, name=key, **kw))
-    return make
 
 
 def start_instance(roles: Roles, consumers: int = 2) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -24,10 +24,9 @@ from dq.config import Settings
 from dq.registry import AlertConf, Registry, Topic
 from dq.retry_policy import RetryPolicyError, normalise, parse
 from dq.store import Store
-from dq.worker import open_store
 from tests.conftest import RedisProcess, free_port
 from tests.receiver import Receiver, Reply, Request
-from tests.test_delivery import Mailbox, Roles
+from tests.roles import Mailbox, Roles
 from tests.test_web_api import Web, open_web
 from tests.test_web_pages import login
 
@@ -107,15 +106,6 @@ def test_headers_are_checked_kept_and_masked() -> None:
 # -- end to end -------------------------------------------------------------------------
 
 @pytest.fixture
-def smtp() -> Iterator[tuple[Mailbox, int]]:
-    box, port = Mailbox(), free_port()
-    ctl = Controller(box, hostname="127.0.0.1", port=port)
-    ctl.start()
-    yield box, port
-    ctl.stop()
-
-
-@pytest.fixture
 def settings(redis_server: RedisProcess, redis_factory: Callable[..., RedisProcess],
              tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
     """One shard, or as many as the test's indirect parameter says."""
@@ -123,42 +113,6 @@ def settings(redis_server: RedisProcess, redis_factory: Callable[..., RedisProce
     return Settings(redis=(redis_server.url, *extra), db=f"sqlite:///{tmp_path / 'dq.sqlite3'}",
                     buckets=4, timers=1, concurrency=64, retry_unit=1.0, lease=10.0,
                     timer_tick=0.2, grace=5.0, registry_refresh=0.2, max_attempts=5)
-
-
-@pytest.fixture
-def registry(settings: Settings) -> Iterator[Registry]:
-    reg = Registry(settings.db)
-    yield reg
-    reg.close()
-
-
-@pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[Store]:
-    s = open_store(settings)
-    yield s
-    await s.shards.close()
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    async with Receiver() as r:
-        yield r
-
-
-@pytest.fixture
-async def roles(settings: Settings) -> AsyncIterator[Roles]:
-    r = Roles(settings)
-    yield r
-    await r.stop()
-
-
-@pytest.fixture
-def topic(registry: Registry, receiver: Receiver) -> Callable[..., Topic]:
-    def make(key: str, **kw: Any) -> Topic:
-        kw.setdefault("callback", receiver.url(f"/{key}"))
-        kw.setdefault("method", "POST")
-        return registry.save_topic(Topic(topic=key, name=key, **kw))
-    return make
 
 
 def first_then(first: Reply, then: Reply = (200, b'{"code":0}')) -> Callable[[Request], Reply]:
