@@ -1,5 +1,5 @@
 """Adopting php-delayqueue's pending jobs: how fast dq moves the jobs the original left in
-its Redis into its own layout (dq/adopt.py), and what a pass costs when there are none.
+its Redis into its own layout (dq/storage/adopt.py), and what a pass costs when there are none.
 
     python bench/adopt.py --n 100000
 
@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import redis_servers, tempdir
-from dq.adopt import Adopter
-from dq.shards import ShardSet
-from dq.store import Store
+from dq.sharding.shards import ShardSet
+from dq.storage.adopt import Adopter
+from dq.storage.store import Store
 
 
 async def run(url: str, n: int) -> None:

@@ -30,7 +30,7 @@ if "dq" not in sys.modules:
 
 from bench.common import redis_servers, tempdir
 from dq.config import Settings
-from dq.worker import open_store
+from dq.runtime.context import open_store
 
 
 async def _run(url: str, n: int, flow: int) -> None:
@@ -45,7 +45,7 @@ async def _run(url: str, n: int, flow: int) -> None:
             pass
         extra: dict[str, Any] = {}
         if flow:
-            from dq.store import FlowLimit  # only in trees with flow control
+            from dq.storage.store import FlowLimit  # only in trees with flow control
             extra["flow"] = [FlowLimit(f"limited{i}", rate=40.0, burst=4.0) for i in range(flow)]
         assert not flow or "flow" in inspect.signature(store.claim).parameters
         await shard.call("CONFIG", "RESETSTAT")

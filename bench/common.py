@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from dq.registry import Registry, Topic
+from dq.registry.core import Registry, Topic
 
 ROOT = Path(__file__).resolve().parent.parent
 TICK_US = 1_000_000 / os.sysconf("SC_CLK_TCK")

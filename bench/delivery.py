@@ -1,8 +1,8 @@
 """Delivery benchmark: N jobs due at one instant, how fast and how late are they called back?
 
 Starts its own redis-server (free port, temp dir, no persistence), a lean HTTP receiver in
-a child process, and timer and consumer roles as child processes (the real `dq.timer.run`
-and `dq.consumer.run`; the harness is bench/roles.py); adds N jobs, pipelined through the
+a child process, and timer and consumer roles as child processes (the real `dq.roles.timer.run`
+and `dq.roles.consumer.run`; the harness is bench/roles.py); adds N jobs, pipelined through the
 Store, all due at the same instant `--ahead` seconds from the start, and waits until the
 receiver has seen every one.
 
@@ -42,7 +42,7 @@ from bench.common import (
 )
 from bench.roles import Receiver, roles
 from dq.config import Settings
-from dq.worker import open_store
+from dq.runtime.context import open_store
 
 
 async def _add_jobs(settings: Settings, n: int, due_ms: int, chunk: int = 2000) -> float:

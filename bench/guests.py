@@ -4,7 +4,7 @@ while their owner was down back to the owner.
     python bench/guests.py --n 20000
 
 Starts two redis-servers, writes N jobs owned by the second to the first as guests (as
-the failover path does), then sweeps them home with GuestMover.sweep (dq/guests.py) the
+the failover path does), then sweeps them home with GuestMover.sweep (dq/storage/guests.py) the
 way the checker does. Last line:
 RESULT guests=... seconds=... per_s=... moved=...
 """
@@ -20,9 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import redis_servers, tempdir
-from dq.guests import GuestMover
-from dq.shards import ShardSet
-from dq.store import Store
+from dq.sharding.shards import ShardSet
+from dq.storage.guests import GuestMover
+from dq.storage.store import Store
 
 
 async def run(urls: list[str], n: int) -> None:

@@ -12,7 +12,7 @@ Clients: `httpx` (AsyncClient used the way dq 0.1 used it: build_request, send(s
 capped aiter_bytes, aclose, inside asyncio.timeout), `aiohttp` (one ClientSession with a
 TCPConnector limited to C, capped content.read, release), `raw` (a hand-written HTTP/1.1
 keep-alive client on asyncio.Protocol: the floor, not a candidate), and `dq` (whatever
-dq.callback.call does now, so a regression there shows up here).
+dq.roles.callback.call does now, so a regression there shows up here).
 
 Last line: `RESULT n=... c=... <client>/<loop>=<req/s>:<cpu us per req> ...` (best of the
 repeats by CPU).
@@ -96,9 +96,9 @@ async def _aiohttp(url: str, c: int) -> tuple[Send, Callable[[], Awaitable[None]
 
 
 async def _dq(url: str, c: int) -> tuple[Send, Callable[[], Awaitable[None]]]:
-    from dq.callback import ExprCache, call, open_session
-    from dq.registry import Topic
-    from dq.store import Claimed
+    from dq.registry.core import Topic
+    from dq.roles.callback import ExprCache, call, open_session
+    from dq.storage.store import Claimed
 
     session = open_session(c)
     topic = Topic(topic="bench", name="bench", callback=url, method="POST", secret="s3cret",

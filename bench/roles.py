@@ -25,9 +25,9 @@ from multiprocessing.synchronize import Event as MpEvent
 from types import TracebackType
 from typing import Any
 
-from dq import consumer, timer
 from dq.config import Settings
-from dq.worker import Context, run_loop
+from dq.roles import consumer, timer
+from dq.runtime.context import Context, run_loop
 
 REPLY = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nContent-Type: application/json\r\n\r\n" \
         b'{"code":0}'
@@ -127,7 +127,7 @@ class Receiver:
 # dq roles (child processes) -------------------------------------------------------------
 def _role_main(role: str, index: int, settings: Settings, stop: MpEvent) -> None:
     logging.basicConfig(level=logging.INFO, format=f"  [{role}-{index}] %(message)s")
-    for quiet in ("dq.notify", "dq.registry", "dq.topics"):
+    for quiet in ("dq.notify", "dq.registry.core", "dq.registry.topics"):
         logging.getLogger(quiet).setLevel(logging.WARNING)
 
     async def main() -> None:
@@ -148,7 +148,7 @@ def _role_main(role: str, index: int, settings: Settings, stop: MpEvent) -> None
 @contextmanager
 def roles(ctx: ForkContext, settings: Settings) -> Iterator[list[ForkProcess]]:
     """`settings.timers` timer and `settings.consumers` consumer processes, the real
-    `dq.timer.run` and `dq.consumer.run`, for the length of a `with` block."""
+    `dq.roles.timer.run` and `dq.roles.consumer.run`, for the length of a `with` block."""
     stop = ctx.Event()
     procs = [ctx.Process(target=_role_main, args=(role, i, settings, stop))
              for role, n in (("timer", settings.timers), ("consumer", settings.consumers))

@@ -26,8 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import percentile, redis_servers, tempdir
-from dq.shards import ShardSet
-from dq.store import Store
+from dq.sharding.shards import ShardSet
+from dq.storage.store import Store
 
 BODY = {"order_id": 1234567, "user": "u-42", "action": "cancel"}
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import free_port, percentile, redis_servers, register, tempdir
 from bench.roles import Receiver, roles
 from dq.config import Settings
-from dq.worker import open_store
+from dq.runtime.context import open_store
 
 
 async def _feed(settings: Settings, rate: int, seconds: float, ahead: float) -> dict[str, int]:

@@ -17,9 +17,9 @@ from typing import Any, NoReturn, get_type_hints
 from dq import __version__
 from dq.config import LOGS, STORAGE, WEB, Settings, flag_name, load_settings, shown_default
 from dq.errors import EXIT_BOOT, EXIT_CONFIG, ConfigError
-from dq.logs import setup_logging
-from dq.master import Arbiter
-from dq.supervise import ROLE_PATHS, BootError, anchor_paths, daemonize
+from dq.master.arbiter import Arbiter
+from dq.master.supervise import ROLE_PATHS, BootError, anchor_paths, daemonize
+from dq.runtime.logs import setup_logging
 
 DESCRIPTION = """\
 dq is a delay queue with HTTP callbacks: clients add jobs over TCP, and when a job falls
@@ -144,7 +144,7 @@ def master_main(argv: list[str] | None = None) -> NoReturn:
 async def _serve_web(settings: Settings) -> None:
     import asyncio
 
-    from dq.worker import Context, load_role
+    from dq.runtime.context import Context, load_role
 
     ctx = Context(settings, "web")
     loop = asyncio.get_running_loop()
@@ -184,11 +184,11 @@ def build_adopt_parser() -> argparse.ArgumentParser:
 
 
 async def _adopt(settings: Settings) -> int:
-    from dq.adopt import Adopter
-    from dq.boot import enabled_shards
-    from dq.registry import Registry
-    from dq.shardplan import plan_shards
-    from dq.worker import open_store
+    from dq.master.boot import enabled_shards
+    from dq.registry.core import Registry
+    from dq.runtime.context import open_store
+    from dq.sharding.plan import plan_shards
+    from dq.storage.adopt import Adopter
 
     registry = Registry(settings.db_url())
     try:
@@ -235,7 +235,7 @@ def adopt_main(argv: list[str] | None = None) -> NoReturn:
 def build_move_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dq-move", description=(
         "Move every pending job of a store onto other shards, e.g. from one Redis onto a "
-        "Redis Cluster, with its due time, version and attempts (dq/move.py: the guests "
+        "Redis Cluster, with its due time, version and attempts (dq/storage/move.py: the guests "
         "machinery's crash-safe steps). First point dq at the new store (--redis "
         "redis+cluster://..., then a reload), so nothing works the old one any more; then "
         "run this with the old store's URL. Ready and in-flight jobs there are moved too, "
@@ -255,10 +255,10 @@ def build_move_parser() -> argparse.ArgumentParser:
 
 
 def move_main(argv: list[str] | None = None) -> NoReturn:
-    """`dq-move`: move a store's pending jobs onto other shards (dq/move.py)."""
+    """`dq-move`: move a store's pending jobs onto other shards (dq/storage/move.py)."""
     import asyncio
 
-    from dq.move import move
+    from dq.storage.move import move
 
     args = build_move_parser().parse_args(argv)
     move_from, move_to, wait = args.move_from, args.move_to, args.wait

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, get_type_hints
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from dq import clusterurl, shardurl
 from dq.errors import ConfigError
-from dq.shardurl import split_shard_urls
+from dq.sharding import clusterurl, shardurl
+from dq.sharding.shardurl import split_shard_urls
 
-# Seconds: an add wakes a sleeping timer only for a job due within this (dq/lua/add.lua), so
+# Seconds: an add wakes a sleeping timer only for a job due within this (dq/storage/lua/add.lua), so
 # no timer may sleep longer than this between looks at its buckets (timer_tick).
 WAKE_WITHIN = 60.0
 
@@ -277,10 +277,10 @@ def _validate(s: Settings) -> Settings:
     need(s.idle_timeout >= 0, "idle_timeout must be 0 (never close a quiet connection) or a "
          "positive number of seconds")
     need(s.grace >= 0, "grace must be 0 or more seconds")
-    # children beat every second (dq/worker.py HEARTBEAT_EVERY)
+    # children beat every second (dq/runtime/context.py HEARTBEAT_EVERY)
     need(s.heartbeat_timeout >= 2, "heartbeat_timeout must be at least 2 seconds (children "
          "beat every second; a shorter one aborts healthy children)")
-    # dq/lua/add.lua wakes a timer only for jobs due within WAKE_WITHIN: a timer must look
+    # dq/storage/lua/add.lua wakes a timer only for jobs due within WAKE_WITHIN: a timer must look
     # at its buckets at least that often on its own.
     need(0 < s.timer_tick <= WAKE_WITHIN, f"timer_tick must be more than 0 and at most "
          f"{WAKE_WITHIN:g} seconds (got {s.timer_tick:g})")
@@ -298,7 +298,7 @@ def _validate(s: Settings) -> Settings:
                                   "write e.g. 10.0.0.0/8, 127.0.0.1 or fd00::/8") from None
     for url in s.redis:
         try:
-            shardurl.parse(url)  # a cluster URL by dq/clusterurl.py
+            shardurl.parse(url)  # a cluster URL by dq/sharding/clusterurl.py
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     need(1 <= s.cluster_partitions <= clusterurl.MAX_PARTITIONS,

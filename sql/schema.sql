@@ -2,7 +2,7 @@
 --
 -- A column superset of php-delayqueue's dq.sql: same tables, same columns and defaults,
 -- plus new columns that all have defaults, so the original console and dq can share one
--- database. dq runs the equivalent of this file itself on first start (dq/registry.py,
+-- database. dq runs the equivalent of this file itself on first start (dq/registry/core.py,
 -- create_tables), so running it by hand is optional.
 --
 -- Differences from the original, for new databases only:
@@ -70,7 +70,7 @@ CREATE TABLE IF NOT EXISTS `dq_stat` (
   UNIQUE KEY `u_key` (`u_key`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 
--- dq only: how much of each of dq's Redis counters has been added to dq_stat (dq/stats.py),
+-- dq only: how much of each of dq's Redis counters has been added to dq_stat (dq/roles/statexport.py),
 -- so that several dq instances exporting them never count a gain twice.
 CREATE TABLE IF NOT EXISTS `dq_stat_mark` (
   `id` int(11) NOT NULL AUTO_INCREMENT,

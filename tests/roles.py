@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from dq import consumer, timer
 from dq.config import Settings
-from dq.worker import Context
+from dq.roles import consumer, timer
+from dq.runtime.context import Context
 
 
 class Roles:

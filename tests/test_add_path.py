@@ -19,9 +19,9 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from dq.registry import Registry, Topic
-from dq.shards import ShardSet
-from dq.store import Store
+from dq.registry.core import Registry, Topic
+from dq.sharding.shards import ShardSet
+from dq.storage.store import Store
 from tests.conftest import RedisProcess, free_port
 from tests.masters import Master
 from tests.receiver import Receiver

@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 import redis
 
-from dq import consumer, timer
-from dq.adopt import Adopter
 from dq.config import Settings
-from dq.registry import Registry, Topic
-from dq.store import Store
-from dq.worker import Context, open_store
+from dq.registry.core import Registry, Topic
+from dq.roles import consumer, timer
+from dq.runtime.context import Context, open_store
+from dq.storage.adopt import Adopter
+from dq.storage.store import Store
 from tests.conftest import RedisProcess, free_port
 from tests.masters import Master
 from tests.receiver import Receiver
@@ -260,7 +260,7 @@ def test_dq_master_adopts_on_boot_and_delivers(
                 assert sum(int(n) for n, _ in lines) == 40, master.output()[-3000:]
                 assert {shard for _, shard in lines} == {s.url for s in two_shards}
                 assert orig.keys_left() == []
-                # The original console's counters move too (dq/stats.py, every 5 s).
+                # The original console's counters move too (dq/roles/statexport.py, every 5 s).
                 want = {"1:total_notfiy": 40, f"1:tn:{time.strftime('%Y%m%d')}": 40}
 
                 def moved() -> bool:

@@ -10,10 +10,10 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from dq.alert import dead_letter_mail, send_alert
-from dq.registry import AlertConf, Topic
-from dq.shards import Shard
-from dq.store import Claimed
+from dq.registry.core import AlertConf, Topic
+from dq.roles.alert import dead_letter_mail, send_alert
+from dq.sharding.shards import Shard
+from dq.storage.store import Claimed
 from tests.conftest import free_port
 
 

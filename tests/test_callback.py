@@ -1,4 +1,4 @@
-"""One callback attempt (dq.callback.call) against the real test receiver: what is sent,
+"""One callback attempt (dq.roles.callback.call) against the real test receiver: what is sent,
 what counts as a failure, and the limits on the reply and on time."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import aiohttp
 import pytest
 
 import dq
-from dq.callback import (
+from dq.registry.core import Topic
+from dq.roles.callback import (
     REPLY_CAP,
     ExprCache,
     call,
@@ -25,8 +26,7 @@ from dq.callback import (
     open_session,
     sign,
 )
-from dq.registry import Topic
-from dq.store import Claimed
+from dq.storage.store import Claimed
 from tests.conftest import free_port
 from tests.receiver import Receiver, Reply, Request
 

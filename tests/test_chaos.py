@@ -31,7 +31,7 @@ import pytest
 
 from dq.client import AsyncDqClient
 from dq.errors import UNAVAILABLE, DqError
-from dq.registry import Registry, Topic
+from dq.registry.core import Registry, Topic
 from tests.conftest import RedisProcess, free_port
 from tests.masters import Master, kill_quietly
 from tests.receiver import Receiver, Reply, Request

@@ -25,7 +25,7 @@ from dq.client import (
     add_frame,
 )
 from dq.errors import DqError
-from dq.protocol import OK_EMPTY, error_reply
+from dq.wire.protocol import OK_EMPTY, error_reply
 from tests.conftest import RedisProcess
 from tests.test_server import Running, start_server
 

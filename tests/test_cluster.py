@@ -17,11 +17,11 @@ import pytest
 import redis
 
 from dq.client import AsyncDqClient
-from dq.clusterurl import join_parts, key_slot, parse_url, partition_tags
 from dq.config import load_settings
 from dq.errors import ConfigError
-from dq.shards import ShardSet
-from dq.store import Store
+from dq.sharding.clusterurl import join_parts, key_slot, parse_url, partition_tags
+from dq.sharding.shards import ShardSet
+from dq.storage.store import Store
 from tests.conftest import RedisProcess
 from tests.masters import Master
 from tests.receiver import Receiver, Reply, Request
@@ -378,8 +378,8 @@ async def test_a_master_lost_is_one_mail_for_all_its_partitions(
         redis_cluster: RedisCluster, tmp_path: Path) -> None:
     """The partitions on a master that dies go down in the same round: one mail says so
     (not one per partition), and one says they are back after the failover."""
-    from dq.checker import Checker
-    from dq.worker import Context
+    from dq.roles.checker import Checker
+    from dq.runtime.context import Context
     from tests.test_health import make_settings
 
     settings = make_settings(tmp_path, [redis_cluster.url], shard_down_after=0.5,
@@ -416,7 +416,7 @@ async def test_a_master_lost_is_one_mail_for_all_its_partitions(
 
 async def test_jobs_under_another_partition_count_are_reported_not_silently_stranded(
         redis_cluster: RedisCluster, caplog: pytest.LogCaptureFixture) -> None:
-    from dq.cluster import warn_stray
+    from dq.sharding.cluster import warn_stray
 
     old = Store(ShardSet.from_urls([redis_cluster.url], cluster_partitions=4))
     new = ShardSet.from_urls([redis_cluster.url], cluster_partitions=PARTITIONS)

@@ -24,8 +24,8 @@ import httpx
 import pytest
 
 from dq.config import Settings
-from dq.store import Store
-from dq.worker import Context, open_store
+from dq.runtime.context import Context, open_store
+from dq.storage.store import Store
 from tests.conftest import ARTIFACTS, RedisProcess, free_port
 from tests.test_web_jobs import fail_once
 from web.app import run

@@ -31,9 +31,9 @@ from fastapi.routing import APIRoute
 from markupsafe import escape
 
 from dq.config import Settings
-from dq.registry import Registry, Topic, TopicRow
-from dq.store import Store
-from dq.worker import open_store
+from dq.registry.core import Registry, Topic, TopicRow
+from dq.runtime.context import open_store
+from dq.storage.store import Store
 from tests.conftest import RedisProcess, free_port
 from tests.test_console_browser import CHROMEDRIVER, CHROMIUM, Browser, LiveConsole, wait
 from web.app import create_app
@@ -536,7 +536,7 @@ async def test_run_refuses_an_open_console_built_in_code(redis_server: RedisProc
                                                          tmp_path: Path) -> None:
     """Settings made in code skip load_settings' checks; the web role checks again."""
     from dq.errors import ConfigError
-    from dq.worker import Context
+    from dq.runtime.context import Context
     from web.app import run
 
     settings = Settings(redis=(redis_server.url,), web_port=free_port(), web_host="0.0.0.0",

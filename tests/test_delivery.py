@@ -19,15 +19,15 @@ import pytest
 import redis
 from aiosmtpd.controller import Controller
 
-from dq import consumer
-from dq import store as store_module
 from dq.config import Settings
-from dq.consumer import priority_order, retry_delay_ms
 from dq.errors import DqError
-from dq.registry import AlertConf, Registry, Topic
-from dq.store import Store
-from dq.topics import TopicCache
-from dq.worker import Context, open_store
+from dq.registry.core import AlertConf, Registry, Topic
+from dq.registry.topics import TopicCache
+from dq.roles import consumer
+from dq.roles.consumer import priority_order, retry_delay_ms
+from dq.runtime.context import Context, open_store
+from dq.storage import store as store_module
+from dq.storage.store import Store
 from tests.conftest import RedisProcess, free_port
 from tests.receiver import Receiver, Reply, Request
 from tests.roles import Mailbox, Roles

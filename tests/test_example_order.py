@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from dq.callback import sign
 from dq.client import DqClient
+from dq.roles.callback import sign
 from tests.conftest import RedisProcess, free_port
 
 REPO = Path(__file__).resolve().parent.parent

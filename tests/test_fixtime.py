@@ -12,9 +12,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from dq import fixtime
 from dq.errors import BAD_REQUEST, DqError
-from dq.protocol import AddRequest, parse_request
+from dq.wire import fixtime
+from dq.wire.protocol import AddRequest, parse_request
 from tests.conftest import RedisProcess
 from tests.test_server import frame, raw_exchange, start_server
 

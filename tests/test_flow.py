@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from dq.config import Settings
-from dq.flow import shard_limits, shard_share
-from dq.registry import Registry, Topic
-from dq.store import FlowLimit, Store
-from dq.worker import open_store
+from dq.registry.core import Registry, Topic
+from dq.roles.flow import shard_limits, shard_share
+from dq.runtime.context import open_store
+from dq.storage.store import FlowLimit, Store
 from tests.conftest import RedisProcess
 from tests.receiver import Receiver, Reply, Request
 from tests.roles import Roles
@@ -317,7 +317,7 @@ async def test_dq_move_takes_a_paused_topics_held_jobs_too(
     """dq-move puts ready and in-flight jobs back in their buckets to move them; jobs a
     flow-controlled topic holds back (its held list) are pending too and must move (before,
     they were left on the source, 'busy' for the guest mover)."""
-    from dq.move import move
+    from dq.storage.move import move
 
     src_redis, dst_redis = redis_factory(), redis_factory()
     settings = base_settings((src_redis.url,), tmp_path)

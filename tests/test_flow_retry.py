@@ -16,14 +16,14 @@ import httpx
 import pytest
 from aiosmtpd.controller import Controller
 
-from dq import consumer
-from dq import headers as hdr
-from dq import store as store_module
-from dq.callback import retry_after
 from dq.config import Settings
-from dq.registry import AlertConf, Registry, Topic
-from dq.retry_policy import RetryPolicyError, normalise, parse
-from dq.store import Store
+from dq.registry import headers as hdr
+from dq.registry.core import AlertConf, Registry, Topic
+from dq.registry.retry_policy import RetryPolicyError, normalise, parse
+from dq.roles import consumer
+from dq.roles.callback import retry_after
+from dq.storage import store as store_module
+from dq.storage.store import Store
 from tests.conftest import RedisProcess, free_port
 from tests.receiver import Receiver, Reply, Request
 from tests.roles import Mailbox, Roles

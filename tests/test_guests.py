@@ -1,5 +1,5 @@
 """Guests: jobs written to another shard while their owner was down, moved home when it is
-back (dq/lua/guest_*.lua, dq/guests.py, Checker.sweep), against real redis-servers.
+back (dq/storage/lua/guest_*.lua, dq/storage/guests.py, Checker.sweep), against real redis-servers.
 
 Without the move, a job added during an outage and added again after it would exist on
 two shards and fire twice."""
@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from dq.errors import UNAVAILABLE, DqError
-from dq.guests import GuestMover
-from dq.shards import Shard, ShardSet
-from dq.store import Store
+from dq.sharding.shards import Shard, ShardSet
+from dq.storage.guests import GuestMover
+from dq.storage.store import Store
 from tests.conftest import RedisProcess
 
 
@@ -298,7 +298,7 @@ async def test_add_on_the_owner_evicts_the_older_guest_at_once(pair: Pair) -> No
     await pair.store.add("t", d, {"gen": 1}, delay_ms=60_000)  # delayed
     await pair.up()
     other.guests_until = 0
-    other.has_guests = True  # as dq/health.py sets it from the checker's record
+    other.has_guests = True  # as dq/sharding/health.py sets it from the checker's record
     for job in (a, b, c, d):
         await pair.store.add("t", job, {"gen": 2}, delay_ms=0)
     await asyncio.sleep(0.05)  # the evictions went out in the adds' loop turn

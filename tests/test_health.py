@@ -20,18 +20,18 @@ import pytest
 from aiosmtpd.controller import Controller
 from prometheus_client.parser import text_string_to_metric_families
 
-from dq import checker, consumer, server, timer
-from dq.checker import Checker
 from dq.client import AsyncDqClient
 from dq.config import Settings
 from dq.errors import UNAVAILABLE, DqError
-from dq.health import HealthReader, ShardHealth, health_path, read_health, write_health
-from dq.logs import JsonFormatter
-from dq.registry import AlertConf, Registry, Topic
-from dq.server import log_request
-from dq.shards import COOLOFF_MIN, Shard, ShardSet
-from dq.store import Store
-from dq.worker import Context, open_store
+from dq.registry.core import AlertConf, Registry, Topic
+from dq.roles import checker, consumer, server, timer
+from dq.roles.checker import Checker
+from dq.roles.server import log_request
+from dq.runtime.context import Context, open_store
+from dq.runtime.logs import JsonFormatter
+from dq.sharding.health import HealthReader, ShardHealth, health_path, read_health, write_health
+from dq.sharding.shards import COOLOFF_MIN, Shard, ShardSet
+from dq.storage.store import Store
 from tests.conftest import RedisProcess, free_port
 from tests.receiver import Receiver
 

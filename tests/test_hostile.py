@@ -32,10 +32,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dq import server as dq_server
 from dq.client import AsyncDqClient
 from dq.errors import ERR_WORDS
-from dq.worker import GC_THRESHOLD
+from dq.roles import server as dq_server
+from dq.runtime.context import GC_THRESHOLD
 from tests.conftest import RedisProcess
 from tests.test_server import Running, frame, raw_exchange, start_server
 
@@ -128,7 +128,7 @@ async def in_thread(fn: Callable[[], Any]) -> Any:
 
 @pytest.fixture
 async def dq(tmp_path: Path, redis_server: RedisProcess) -> AsyncIterator[Running]:
-    # The collector as a dq-server child sets it (dq/worker.py): at Python's default, a
+    # The collector as a dq-server child sets it (dq/runtime/context.py): at Python's default, a
     # full collection of this test process's large heap, run while a bulk client keeps the
     # server busy, stalls the canary for tens of ms that no dq-server would.
     threshold = gc.get_threshold()
@@ -154,7 +154,7 @@ async def stored_tids(dq: Running) -> list[str]:
     return sorted(t for t in tids if not t.startswith("order:canary-"))
 
 
-# -- a model of the framing, independent of dq.protocol -------------------------------------
+# -- a model of the framing, independent of dq.wire.protocol -------------------------------------
 
 def expected_replies(data: bytes, max_frame: int) -> tuple[int, int, bool]:
     """(replies the server owes for `data`, where it closes the connection or -1, whether

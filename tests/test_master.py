@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from dq.config import Settings
-from dq.embedded import EmbeddedRedis, command, find_binary, state
-from dq.supervise import BACKOFF_MIN, BACKOFF_RESET, BOOT_STREAK, LoadBoard, Slot
+from dq.master.embedded import EmbeddedRedis, command, find_binary, state
+from dq.master.supervise import BACKOFF_MIN, BACKOFF_RESET, BOOT_STREAK, LoadBoard, Slot
 from tests.conftest import RedisProcess, free_port
 from tests.masters import REPO, Master, alive, children_of
 
@@ -91,9 +91,9 @@ def test_bad_flag_is_one_line_and_exit_2(args: list[str]) -> None:
 
 
 def test_master_imports_no_client_libraries() -> None:
-    code = ("import sys, dq.cli, dq.master; "
+    code = ("import sys, dq.cli, dq.master.arbiter; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & "
-            "{'redis', 'httpx', 'sqlalchemy', 'uvicorn', 'fastapi', 'dq.worker'}))")
+            "{'redis', 'httpx', 'sqlalchemy', 'uvicorn', 'fastapi', 'dq.runtime.context'}))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
     assert res.stdout.strip() == "[]"
@@ -112,7 +112,7 @@ def test_log_files_route_by_logger_and_roll_at_midnight(tmp_path: Path) -> None:
     import logging
 
     from dq.config import Settings
-    from dq.logs import make_handlers
+    from dq.runtime.logs import make_handlers
 
     handlers = make_handlers(Settings(log_dir=str(tmp_path), log_format="json", daemon=True))
     today = time.time()
@@ -565,7 +565,7 @@ def test_child_that_cannot_boot_backs_off_and_says_why(
 def test_embedded_redis_default_survives_reload_and_stops_last(
         master: Callable[..., Master]) -> None:
     """No --redis: the master runs redis-server on a unix socket in the empty data dir."""
-    from dq.embedded import ping
+    from dq.master.embedded import ping
 
     web_port = free_port()
     m = master("--web-port", str(web_port), web=True)
@@ -706,7 +706,7 @@ class Receiver:
 
 
 def _topic(db_url: str, key: str, callback: str) -> None:
-    from dq.registry import Registry, Topic
+    from dq.registry.core import Registry, Topic
 
     reg = Registry(db_url)
     reg.save_topic(Topic(id=0, topic=key, name=key, delay=0, callback=callback,
@@ -798,8 +798,8 @@ def test_shard_registered_in_the_registry_is_used_after_an_automatic_reload(
     """The console writes shards to the registry; the checker sees the list change and
     has the master reload (as kill -HUP would), and the new generation routes to it."""
     from dq.client import DqClient
-    from dq.registry import Registry
-    from dq.shards import ShardSet
+    from dq.registry.core import Registry
+    from dq.sharding.shards import ShardSet
 
     r1, r2 = redis_factory(), redis_factory()
     db = f"sqlite:///{tmp_path / 'reg.sqlite3'}"

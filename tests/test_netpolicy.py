@@ -1,4 +1,4 @@
-"""The callback network policy (dq/netpolicy.py): what it refuses, where it is enforced
+"""The callback network policy (dq/roles/netpolicy.py): what it refuses, where it is enforced
 (every connection a consumer makes, judged after DNS), and how a refusal shows: a 422 at
 registration (API and console form), a dead letter saying why at delivery. Real
 redis-server, real HTTP receiver, the console over ASGI."""
@@ -16,14 +16,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from dq import consumer, timer
-from dq.callback import ExprCache, call, open_session
 from dq.config import Settings, load_settings
 from dq.errors import ConfigError
-from dq.netpolicy import CallbackPolicy, is_local, judge_url
-from dq.registry import Registry, Topic
-from dq.store import Claimed
-from dq.worker import Context, open_store
+from dq.registry.core import Registry, Topic
+from dq.roles import consumer, timer
+from dq.roles.callback import ExprCache, call, open_session
+from dq.roles.netpolicy import CallbackPolicy, is_local, judge_url
+from dq.runtime.context import Context, open_store
+from dq.storage.store import Claimed
 from tests.conftest import RedisProcess, free_port
 from tests.receiver import Receiver
 from tests.test_web_api import Web, open_web

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from dq.registry import (
+from dq.registry.core import (
     AlertConf,
     Base,
     Registry,
@@ -22,7 +22,7 @@ from dq.registry import (
     make_engine,
     normalise_redis_url,
 )
-from dq.topics import TopicCache
+from dq.registry.topics import TopicCache
 
 SCHEMA_SQL = Path(__file__).parent.parent / "sql" / "schema.sql"
 

@@ -75,7 +75,7 @@ def get(job_id: str) -> dict[str, Any]:
 
 
 def register_topic(db_url: str) -> None:
-    from dq.registry import Registry, Topic
+    from dq.registry.core import Registry, Topic
 
     reg = Registry(db_url)
     reg.save_topic(Topic(id=0, topic=TOPIC, name=TOPIC, delay=0,

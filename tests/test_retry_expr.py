@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dq import retry_expr
-from dq.retry_expr import (
+from dq.registry import retry_expr
+from dq.registry.retry_expr import (
     MAX_DEPTH,
     MAX_LENGTH,
     Expr,

@@ -26,12 +26,12 @@ import pytest
 from dq.client import AsyncDqClient
 from dq.config import load_settings
 from dq.errors import UNAVAILABLE, ConfigError, DqError
-from dq.netpolicy import own_services
-from dq.registry import normalise_redis_url
-from dq.resp import WAIT_MS, ReplicasBehind
-from dq.shards import ShardSet
-from dq.shardurl import parse, split_shard_urls
-from dq.store import Store
+from dq.registry.core import normalise_redis_url
+from dq.roles.netpolicy import own_services
+from dq.sharding.resp import WAIT_MS, ReplicasBehind
+from dq.sharding.shards import ShardSet
+from dq.sharding.shardurl import parse, split_shard_urls
+from dq.storage.store import Store
 from tests.conftest import RedisProcess, free_port
 from tests.masters import Master
 from tests.sentinels import SERVICE, SentinelSetup, cmd, info
@@ -360,12 +360,12 @@ async def test_dq_master_adds_and_delivers_through_a_kill_9_failover_losing_no_a
 async def test_moving_onto_sentinel_by_a_new_url_moves_no_job(
         sentinel_setup: SentinelSetup, tmp_path: Path) -> None:
     """A reload from redis://master to redis+sentinel://... keeps the old URL as a retired
-    shard (dq/shardplan.py); it is the same Redis, so the checker lets it go at once
+    shard (dq/sharding/plan.py); it is the same Redis, so the checker lets it go at once
     instead of moving its jobs onto themselves for ever."""
-    from dq.checker import Retirement
     from dq.config import Settings
-    from dq.shardplan import drained_urls
-    from dq.worker import Context
+    from dq.roles.checker import Retirement
+    from dq.runtime.context import Context
+    from dq.sharding.plan import drained_urls
 
     old_url = f"redis://127.0.0.1:{sentinel_setup.master_port()}/0"
     before = await _store(old_url)

@@ -14,17 +14,17 @@ from typing import Any
 
 import pytest
 
-from dq import server as dq_server
 from dq.client import AsyncDqClient, DqClient
 from dq.config import Settings, load_settings
 from dq.errors import ConfigError, DqError
-from dq.protocol import OK_EMPTY
-from dq.registry import Registry, Topic
-from dq.server import Server, run
-from dq.shards import ShardSet
-from dq.store import Store
-from dq.topics import TopicCache
-from dq.worker import Context
+from dq.registry.core import Registry, Topic
+from dq.registry.topics import TopicCache
+from dq.roles import server as dq_server
+from dq.roles.server import Server, run
+from dq.runtime.context import Context
+from dq.sharding.shards import ShardSet
+from dq.storage.store import Store
+from dq.wire.protocol import OK_EMPTY
 from tests.conftest import RedisProcess
 
 
@@ -278,7 +278,8 @@ async def test_batched_adds_survive_redis_losing_its_scripts(dq: Running) -> Non
     for i in (0, 200, 399):
         body = await client.get("order", f"n{i}")
         assert body is not None and body["i"] == i
-    assert dq.server.handler.stats["add"] == 401 and dq.server.handler.stats["fail"] == 0
+    stats = dq.server.handler.stats
+    assert stats["add"] == 401 and stats["fail"] == 0
     await client.close()
 
 
@@ -407,7 +408,7 @@ async def test_a_server_that_cannot_listen_leaves_no_hook_on_its_store(
         dq: Running) -> None:
     """A second server on the first one's port cannot listen: it says why, and the store
     it shares keeps no hook of it (a stale hook would hold the server for good)."""
-    from dq.supervise import BootError
+    from dq.master.supervise import BootError
 
     topics = TopicCache(dq.registry, refresh=0.2)
     await topics.refresh(force=True)

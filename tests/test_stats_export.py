@@ -1,4 +1,4 @@
-"""dq's counters exported to the original console's dq_stat rows (dq/stats.py), on SQLite
+"""dq's counters exported to the original console's dq_stat rows (dq/roles/statexport.py), on SQLite
 and on real MariaDB, from a real redis-server whose counters dq's own scripts bumped."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import sqlalchemy as sa
 
-from dq.registry import Registry, Topic
-from dq.shards import ShardSet
-from dq.stats import StatExporter
-from dq.store import Store
+from dq.registry.core import Registry, Topic
+from dq.roles.statexport import StatExporter
+from dq.sharding.shards import ShardSet
+from dq.storage.store import Store
 from tests.conftest import RedisProcess
 
 # php-delayqueue's dq_stat keys (DqRedis::incr_nums / redis_self_incr, DqModule::notify,

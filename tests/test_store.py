@@ -13,8 +13,8 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from dq.config import WAKE_WITHIN, load_settings
 from dq.errors import UNAVAILABLE, ConfigError, DqError
-from dq.shards import ShardSet
-from dq.store import ADD_BATCH, Store, make_tid
+from dq.sharding.shards import ShardSet
+from dq.storage.store import ADD_BATCH, Store, make_tid
 from tests.conftest import RedisProcess
 
 
@@ -387,7 +387,7 @@ def test_rendezvous_weights_are_stable() -> None:
     and the job would exist twice. The weight is blake2b-64 of "<name>\\0<tid>"."""
     import hashlib
 
-    from dq.shards import _weight
+    from dq.sharding.shards import _weight
 
     shards = ShardSet.from_urls([("a", "redis://127.0.0.1:1"), ("b", "redis://127.0.0.1:2"),
                                  ("c", "redis://127.0.0.1:3")])
@@ -547,7 +547,7 @@ async def test_a_failed_write_to_redis_fails_its_commands_once(store: Store) -> 
 
 
 def test_resp_pack_spells_each_argument_type_and_names_a_bad_one() -> None:
-    from dq.resp import pack
+    from dq.sharding.resp import pack
 
     assert pack(("SET", "k€", b"\x00\xff", 12, -3, 1.5)) == (
         b"*6\r\n$3\r\nSET\r\n$4\r\nk\xe2\x82\xac\r\n$2\r\n\x00\xff\r\n$2\r\n12\r\n"
@@ -561,7 +561,7 @@ def test_a_forked_child_makes_job_versions_of_its_own() -> None:
     parent would let two servers give two adds of one job the same version."""
     import os
 
-    from dq.store import new_version
+    from dq.storage.store import new_version
 
     parent = new_version()
     r, w = os.pipe()

@@ -16,9 +16,9 @@ from aiosmtpd.controller import Controller
 from fastapi import FastAPI
 
 from dq.config import Settings
-from dq.registry import Registry, Topic
-from dq.store import Store
-from dq.worker import open_store
+from dq.registry.core import Registry, Topic
+from dq.runtime.context import open_store
+from dq.storage.store import Store
 from tests.conftest import RedisProcess, free_port
 from web.app import create_app
 

@@ -13,10 +13,10 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
-from dq import consumer, timer
 from dq.config import Settings
-from dq.registry import Registry, Topic
-from dq.worker import Context, open_store
+from dq.registry.core import Registry, Topic
+from dq.roles import consumer, timer
+from dq.runtime.context import Context, open_store
 from tests.conftest import RedisProcess, free_port
 from tests.receiver import Receiver, Reply
 from tests.test_web_api import Web, assert_error, bury, make_topic, open_web
@@ -113,7 +113,7 @@ async def test_a_retrying_job_shows_its_last_error(redis_server: RedisProcess,
         (500, "HTTP 500", "upstream is down", 1)
     assert before <= error["at"] <= int(time.time() * 1000)
     assert error["at_time"] == web.store.fmt_time(error["at"])
-    # the first retry waits one retry_unit (dq.consumer.retry_delay_ms(0))
+    # the first retry waits one retry_unit (dq.roles.consumer.retry_delay_ms(0))
     assert job["due_ms"] >= error["at"] + 590_000 and job["next_attempt"] == job["due"]
 
 
@@ -124,7 +124,7 @@ async def test_fix_time_uses_the_configured_zone(redis_server: RedisProcess,
         await w.api.post("/api/topics", json={"topic": "z", "callback": "http://h/"})
         r = await w.api.post("/api/jobs", json={"topic": "z", "id": "1",
                                                 "fix_time": "2030-01-31 08:00:00"})
-        # the other spellings PHP's strtotime() read (dq/fixtime.py)
+        # the other spellings PHP's strtotime() read (dq/wire/fixtime.py)
         others = [await w.api.post("/api/jobs", json={"topic": "z", "id": str(i),
                                                       "fix_time": v})
                   for i, v in enumerate(["2030/01/31 08:00", "2030-01-31T00:00:00Z",

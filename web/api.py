@@ -13,11 +13,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel
 
-from dq.alert import send_alert
 from dq.errors import BAD_REQUEST, NOT_FOUND, TOPIC_OFFLINE, UNKNOWN_TOPIC, DqError
-from dq.protocol import MAX_DEPTH, AddRequest, parse_request
-from dq.registry import Topic
-from dq.store import BadPayload
+from dq.registry.core import Topic
+from dq.roles.alert import send_alert
+from dq.storage.store import BadPayload
+from dq.wire.protocol import MAX_DEPTH, AddRequest, parse_request
 from web import schemas as s
 from web.auth import require_api
 from web.errors import EXISTS, INVALID, MAIL_FAILED, NOT_CONFIGURED, ApiError, Invalid

@@ -21,9 +21,9 @@ from fastapi.staticfiles import StaticFiles
 
 from dq.config import Settings, is_loopback
 from dq.errors import ConfigError
-from dq.registry import Registry
-from dq.store import Store
-from dq.worker import Context, open_store, read_plan, role_plan
+from dq.registry.core import Registry
+from dq.runtime.context import Context, open_store, read_plan, role_plan
+from dq.storage.store import Store
 from web import api, errors, metrics, pages, pages_ops
 from web.auth import SESSION_COOKIE, SESSION_TTL, Keys
 from web.errors import FORBIDDEN, TOO_LARGE, ApiError
@@ -183,7 +183,7 @@ def listen_socket(host: str, port: int, *, beside: bool = False) -> socket.socke
     """The console's listening socket. `beside` (under dq-master) adds SO_REUSEPORT, so that
     a reload's new dq-web listens beside the old one, which stops once the new one serves:
     the console is never away. The master checks that the port is free before it forks the
-    first dq-web, or one on another address (dq/master.py)."""
+    first dq-web, or one on another address (dq/master/arbiter.py)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -12,10 +12,8 @@ from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
-from dq import clusterurl, shardurl
-from dq import headers as hdr
-from dq.netpolicy import CallbackPolicy, judge_url
-from dq.registry import (
+from dq.registry import headers as hdr
+from dq.registry.core import (
     BODY_FORMATS,
     MAX_CONCURRENCY,
     MAX_RATE,
@@ -24,8 +22,10 @@ from dq.registry import (
     normalise_redis_url,
     topic_values,
 )
-from dq.retry_expr import PLACEHOLDER, RetryExprError, parse
-from dq.retry_policy import RetryPolicyError, normalise
+from dq.registry.retry_expr import PLACEHOLDER, RetryExprError, parse
+from dq.registry.retry_policy import RetryPolicyError, normalise
+from dq.roles.netpolicy import CallbackPolicy, judge_url
+from dq.sharding import clusterurl, shardurl
 from web.errors import Invalid
 from web.state import WebState
 
@@ -150,7 +150,7 @@ def check_callback(url: str) -> str:
 
 async def check_callback_target(st: WebState, url: str) -> None:
     """Invalid when the callback's host already resolves only to addresses the callback
-    network policy refuses (dq/netpolicy.py: link-local and metadata addresses, dq's own
+    network policy refuses (dq/roles/netpolicy.py: link-local and metadata addresses, dq's own
     Redis, registry and console ports, `callback_deny`), or is an old numeric spelling of an
     address. A name that does not resolve (yet) passes: each call is judged again."""
     if st.callback_policy is None:

@@ -22,9 +22,9 @@ from prometheus_client.core import (
 from redis.exceptions import RedisError
 
 from dq.errors import DqError
-from dq.registry import Topic
-from dq.shards import Shard
-from dq.store import Store
+from dq.registry.core import Topic
+from dq.sharding.shards import Shard
+from dq.storage.store import Store
 from web import schemas as s
 from web.auth import require_api
 from web.forms import mask_url

@@ -10,10 +10,10 @@ from typing import Any, Final
 from redis.exceptions import RedisError
 
 from dq.errors import DqError
-from dq.registry import Topic
-from dq.resp import safe_name
-from dq.shards import Shard, ShardSet
-from dq.store import STAT_FIELDS, BadPayload, JobInfo, Store
+from dq.registry.core import Topic
+from dq.sharding.resp import safe_name
+from dq.sharding.shards import Shard, ShardSet
+from dq.storage.store import STAT_FIELDS, BadPayload, JobInfo, Store
 from web.forms import mask_url
 from web.state import WebState, db
 

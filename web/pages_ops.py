@@ -8,7 +8,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from dq.registry import AlertConf
+from dq.registry.core import AlertConf
 from web.api import send_test_mail
 from web.auth import require_docs
 from web.errors import ApiError, Invalid

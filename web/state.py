@@ -14,9 +14,9 @@ from fastapi import Request
 from fastapi.templating import Jinja2Templates
 
 from dq.config import Settings
-from dq.netpolicy import CallbackPolicy
-from dq.registry import Registry
-from dq.store import Store
+from dq.registry.core import Registry
+from dq.roles.netpolicy import CallbackPolicy
+from dq.storage.store import Store
 from web.auth import Keys
 from web.throttle import LoginGuard
 

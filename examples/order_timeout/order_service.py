@@ -67,7 +67,7 @@ class Reject(Exception):
 
 
 def verify(secret: str, headers: Any, body: bytes, now: float) -> None:
-    """Raise Reject(401) unless the callback carries a fresh, valid signature (dq/callback.py:
+    """Raise Reject(401) unless the callback carries a fresh, valid signature (dq/roles/callback.py:
     hex HMAC-SHA256 of `timestamp + "." + raw body`, keyed with the topic's secret)."""
     ts, sig = headers.get("X-Dq-Timestamp", ""), headers.get("X-Dq-Signature", "")
     if not ts.isdigit() or not sig:

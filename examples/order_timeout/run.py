@@ -30,7 +30,7 @@ from order_service import TOPIC, OrderService
 import dq
 from dq.client import DqClient
 from dq.errors import UNAVAILABLE, UNKNOWN_TOPIC, DqError
-from dq.registry import Registry, Topic
+from dq.registry.core import Registry, Topic
 
 DQ_ROOT = Path(dq.__file__).resolve().parent.parent  # so the master runs this same dq
 

@@ -1,0 +1,1 @@
+"""The job state machine: sole owner of key names, the payload format and the Lua scripts."""

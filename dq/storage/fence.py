@@ -1,0 +1,270 @@
+"""Adds answered within `add_timeout`, even when their shard hangs, without two copies.
+
+A shard that stops answering (a stopped process, a host that drops packets) keeps its
+connection open: nothing fails until `redis_timeout` (5 s). The PHP client gives up after
+1 s. So an add call on a shard that has been silent for `add_timeout` (0.4 s: no reply to
+anything on its connection; a shard that answers slowly is waited for) is given up: its
+jobs are told "unavailable", and the server writes them to the next shard in their
+rendezvous order, as for a shard that is down; when another shard can take its adds, the
+silent one is passed over for a while (its breaker opens, dq/sharding/shards.py).
+
+The call given up is still on its way, and the shard may run it when it wakes up. Two
+things keep that late run from leaving a second live copy of the job:
+
+- the call carries a deadline on the shard's own clock (add.lua's ARGV[3]): `add_timeout`
+  after it was sent, built from a comparison of the clocks that can only err early
+  (dq/sharding/resp.py `deadline`). A call can only be given up after that, so a shard that wakes
+  and runs it then writes nothing (LATE). (A slow shard that runs it late, not given up,
+  refuses it too: it is sent again, with a new deadline.)
+- a call that ran in time but whose answer came after it was given up (the shard stopped
+  between running it and answering) has the copies it wrote removed at once, each only if
+  it is still the version that call wrote (guest_land.lua 'undo'), so a later add of the
+  job is kept, and only if another shard holds the job (the add written there instead):
+  a copy that is the job's only one stays, as it may have replaced a job stored before;
+  a call whose connection was dropped before it answered is treated the same as soon as
+  the shard answers again (for up to UNDO_FOR seconds).
+
+What stays: in that last case, both copies exist until the removal (a round trip), and a
+shard that ran an add in time, then stayed silent past UNDO_FOR (or a server process killed
+meanwhile) keeps that copy; the guest mover (dq/storage/guests.py) keeps the later of the two
+when it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import ResponseError
+
+from dq.errors import UNAVAILABLE, DqError
+from dq.sharding.resp import ReplicasBehind, RespConnection, ShardRefused
+from dq.sharding.shards import Shard
+
+if TYPE_CHECKING:
+    from dq.storage.store import AddJob, Done, Store
+
+log = logging.getLogger("dq.fence")
+
+UNDO_FOR = 600.0  # seconds a late add's copies are waited for, to be removed
+UNDO_RETRY = 1.0  # seconds between tries while the shard does not answer
+LATE_TRIES = 3  # an add the shard refused as late is sent again this many times in all
+RECHECK = 0.02  # seconds to look again at a shard not yet known to be silent
+
+
+@dataclass(eq=False)
+class _Batch:
+    """One fenced call of add.lua: its jobs' callbacks until answered or given up."""
+
+    shard: Shard
+    parts: list[AddJob]
+    done: list[Done]
+    sent: float  # monotonic
+    timer: asyncio.TimerHandle | None = None
+    answered: bool = False
+    given_up: bool = False  # its jobs were told it failed: an answer now is late
+
+
+def _late_error(exc: BaseException | None) -> bool:
+    return isinstance(exc, ResponseError) and str(exc).startswith("LATE")
+
+
+@dataclass(eq=False)
+class Fence:
+    """The add deadline of one Store (`timeout` seconds; 0: none)."""
+
+    store: Store
+    timeout: float
+    late: int = 0  # calls answered, or lost, after they were given up
+    undone: int = 0  # copies those calls wrote, removed
+    _given_up: dict[str, float] = field(default_factory=dict)  # shard -> monotonic
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def _why(self) -> str:
+        return f"did not answer an add within add_timeout ({self.timeout:g} s)"
+
+    def _silence_left(self, shard: Shard, since: float) -> float:
+        """Seconds until `shard` counts as silent: connected, nothing heard on its
+        connection for the timeout (since `since` or its last reply, whichever is later)
+        and nothing waiting in its socket unread; <= 0: it does. A shard that answers
+        slowly (replies keep coming), a connection still being made (its own timeout
+        bounds it) and a loop too busy to read what came are waited for."""
+        left = max(shard.conn.heard, since) + self.timeout - time.monotonic()
+        if left <= 0 and (not shard.conn.connected or shard.conn.unread()):
+            return RECHECK
+        return left
+
+    def _give_up(self, shard: Shard) -> DqError:
+        """The shard is silent: pass it over for a while when another shard can take its
+        adds (with none, it is still tried: a stall may end)."""
+        self._given_up[shard.name] = time.monotonic()
+        if any(s.up for s in self.store.shards.shards if s is not shard):
+            shard.suspect(self._why())
+        return DqError(UNAVAILABLE, f"redis shard {shard.label} {self._why()}; retry shortly")
+
+    def _deadline(self, shard: Shard) -> str:
+        # The earliest this process may give up on the call: the shard must have been
+        # silent for the timeout since it was sent. A call that runs later writes nothing
+        # (LATE); if it was not given up (a shard that answers slowly), it is sent again.
+        return shard.conn.deadline(self.timeout)
+
+    def send(self, shard: Shard, parts: list[AddJob], done: list[Done]) -> None:
+        """Send one batch of adds, each job told its result by the answer or, when the
+        shard is silent for the timeout, "unavailable" (and the shard is passed over)."""
+        batch = _Batch(shard, parts, done, time.monotonic())
+        args = self.store.batch_args("add", parts, self._deadline(shard))
+        shard.conn.send_then(functools.partial(self._answered, batch), "EVALSHA", *args)
+        if not batch.answered:  # not connected: told at once
+            loop = shard.conn.loop or asyncio.get_running_loop()
+            batch.timer = loop.call_later(self.timeout, self._overdue, batch, False)
+
+    def _answered(self, batch: _Batch, res: Any, exc: BaseException | None) -> None:
+        if batch.timer is not None:
+            batch.timer.cancel()
+        if batch.given_up:
+            self._late(batch.shard, batch.parts, res, exc)
+            return
+        batch.answered = True
+        if _late_error(exc):
+            exc = DqError(UNAVAILABLE, f"redis shard {batch.shard.label} ran an add after "
+                          "its deadline and refused it; retry shortly")
+        self.store._settle(batch.done, 2, res, exc)
+
+    def _overdue(self, batch: _Batch, again: bool) -> None:
+        if batch.answered:
+            return
+        loop = batch.shard.conn.loop or asyncio.get_running_loop()
+        left = self._silence_left(batch.shard, batch.sent)
+        if left > 0:  # it answers, slowly: wait on
+            batch.timer = loop.call_later(left, self._overdue, batch, False)
+            return
+        if not again:
+            # Once more after the loop has read its sockets: a loop that stalled (not a
+            # silent shard) may find the answer waiting there (libuv runs due timers
+            # before it polls).
+            batch.timer = loop.call_later(0.001, self._overdue, batch, True)
+            return
+        batch.given_up = True
+        self.store._settle(batch.done, 2, None, self._give_up(batch.shard))
+
+    async def add_once(self, shard: Shard, job: AddJob) -> Any:
+        """One add on `shard` on its own (not batched): its reply values, or DqError
+        "unavailable" when the shard fails, is passed over, is still silent since an add
+        was given up there, or is silent for the timeout now."""
+        if not self.timeout:
+            return await shard.evalsha(self.store.add_args([job]))
+        if shard.conn.heard < self._given_up.get(shard.name, 0.0):
+            raise DqError(UNAVAILABLE, f"redis shard {shard.label} {self._why()}; retry "
+                          "shortly")
+
+        async def attempt() -> Any:
+            if not shard.conn.connected and isinstance(shard.conn, RespConnection):
+                await shard.connect()  # compares the clocks: the deadline needs them
+            return await shard.evalsha(self.store.add_args([job], self._deadline(shard)))
+
+        start = time.monotonic()
+        task = asyncio.ensure_future(attempt())
+        tries = 1
+        try:
+            while True:
+                left = self._silence_left(shard, start)
+                if left <= 0:
+                    break
+                done, _ = await asyncio.wait({task}, timeout=left)
+                if done:
+                    try:
+                        return task.result()
+                    except ResponseError as exc:
+                        if not _late_error(exc):
+                            raise
+                        if tries >= LATE_TRIES:
+                            raise DqError(UNAVAILABLE, f"redis shard {shard.label} ran an add "
+                                          "after its deadline and refused it; retry shortly"
+                                          ) from None
+                    # Run late, so not written: a slow shard, or a busy loop that sent it
+                    # late (or after reloading the scripts). Again, with a new deadline.
+                    tries += 1
+                    task = asyncio.ensure_future(attempt())
+        except asyncio.CancelledError:
+            task.add_done_callback(functools.partial(self._late_task, shard, [job]))
+            raise
+        task.add_done_callback(functools.partial(self._late_task, shard, [job]))
+        raise self._give_up(shard)
+
+    def _late_task(self, shard: Shard, parts: list[AddJob], task: asyncio.Future[Any]) -> None:
+        if task.cancelled():
+            self._late(shard, parts, None, DqError(UNAVAILABLE, "cancelled"))
+        else:
+            self._late(shard, parts, task.result() if task.exception() is None else None,
+                       task.exception())
+
+    def _late(self, shard: Shard, parts: list[AddJob], res: Any,
+              exc: BaseException | None) -> None:
+        """The answer (or loss) of an add call its jobs were told had failed."""
+        self.late += 1
+        if isinstance(exc, ResponseError) and str(exc).startswith("LATE"):
+            log.debug("redis shard %s refused %d late add(s), as meant", shard.label,
+                      len(parts))
+            return
+        if exc is not None and (not isinstance(exc, DqError) or exc.err != UNAVAILABLE
+                                or (isinstance(exc, ShardRefused)
+                                and not isinstance(exc, ReplicasBehind))):
+            return  # refused: nothing written (short of replicas: written on the master)
+        # Written in time but answered late (res), or unknown (the connection was lost):
+        # their copies there, if any, must go.
+        task = asyncio.ensure_future(self._undo(shard, parts, written=exc is None))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _undo(self, shard: Shard, parts: list[AddJob], *, written: bool) -> None:
+        st = self.store
+        until = time.monotonic() + UNDO_FOR
+        left = list(parts)
+        undone = 0
+        while left:
+            _, (tid, payload, *_rest) = left[0]
+            version = str(payload).split("|", 1)[0]
+            b = st.bucket(tid)
+            keys = (st.k_jobs, st.k_delay[b], st.k_wake[b], st.k_inflight, st.k_dead,
+                    st.k_dead_err)
+            try:
+                if not await self._copy_elsewhere(shard, tid):
+                    # The only copy of the job (nothing was written elsewhere: one shard,
+                    # or the others failed too): removing it would lose the job, and the
+                    # one it replaced, which the client had stored before.
+                    left.pop(0)
+                    continue
+                res = await shard.script("guest_land", keys, (tid, "undo", version, "", 0, 0))
+            except (DqError, ResponseError, OSError) as exc:
+                if time.monotonic() >= until:
+                    log.error("redis shard %s: %d add(s) given up on may be stored there "
+                              "too; it did not answer for %.0f s (%s); the guest mover keeps "
+                              "the later copy when it does", shard.label, len(left),
+                              UNDO_FOR, exc)
+                    return
+                await asyncio.sleep(UNDO_RETRY)
+                continue
+            left.pop(0)
+            undone += res == b"undone"
+        self.undone += undone
+        if undone or written:
+            log.warning("redis shard %s stored %d of %d add(s) after they were given up "
+                        "(add_timeout) and written elsewhere or refused: removed there",
+                        shard.label, undone, len(parts))
+
+    async def _copy_elsewhere(self, shard: Shard, tid: str) -> bool:
+        """Whether a shard other than `shard` holds the job (the add written there instead,
+        once this one was given up); a shard that does not answer counts as holding none."""
+        others = [s for s in self.store.shards.shards if s is not shard]
+        found = await asyncio.gather(*(s.call("HEXISTS", self.store.k_jobs, tid)
+                                       for s in others), return_exceptions=True)
+        return any(f == 1 for f in found)
+
+    async def close(self) -> None:
+        """Wait (briefly) for removals under way; what is left is the guest mover's."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=1.0)

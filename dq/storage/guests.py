@@ -1,0 +1,250 @@
+"""Guests: jobs written to a shard while their owner was down, and how they go home.
+
+An add whose owner shard is down goes to the next shard in the tid's order and is
+recorded in that shard's guests set (dq/storage/lua/add.lua). Left there, a job added during an
+outage and again after it would exist twice and fire twice. The checker (dq/roles/checker.py)
+runs `GuestMover.sweep` on every shard each round; each guest whose owner answers moves
+in four steps, each an atomic script:
+
+1. take (guest_take.lua, on its shard): out of its delay bucket, marked in the moving hash;
+2. land (guest_land.lua, on the owner): written unscheduled, unless the owner's copy is as
+   new or newer;
+3. drop (guest_drop.lua, on its shard): the copy there removed, the mark "|d";
+4. commit (guest_land.lua, on the owner): scheduled; then the mark is cleared.
+
+The mark outlives a mover that dies, so a later sweep finishes or undoes any move; several
+movers may run at once. The shard list may change between a mover's death and that sweep,
+and with it the owner: a copy it landed is then looked for on every shard, and moved from
+there to the owner (or undone, when the job was added again since). Meanwhile adds on a
+job's owner evict its older copies from shards known to hold guests (Store.add_job,
+dq/storage/lua/evict.lua).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+from dq.errors import DqError
+from dq.sharding.shards import Shard
+from dq.storage.store import Store, parse_payload
+
+log = logging.getLogger("dq.guests")
+
+BATCH = 500  # guests read (SSCAN COUNT) and moved concurrently at a time
+
+
+class _Keys(NamedTuple):
+    """The keys of one tid's guest scripts (take, land on the owner, drop here)."""
+
+    take: tuple[str, ...]
+    land: tuple[str, ...]
+    drop: tuple[str, ...]
+
+
+class GuestMover:
+    """Moves the guests of a store's shards home. Keeps, per shard, where its last sweep
+    stopped, so a sweep cut short by its deadline goes on from there next time."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._cursor: dict[str, int] = {}
+
+    async def count(self, shard: Shard) -> int:
+        """How many guests `shard` holds (jobs whose owner is another shard)."""
+        return int(await shard.call("SCARD", self.store.k_guests))
+
+    async def sweep(self, shard: Shard, usable: Callable[[Shard], bool], *,
+                    deadline: float | None = None) -> collections.Counter[str]:
+        """Move the guests on `shard` home to their owners, where `usable` says the owner
+        answers; the outcome of each, counted. One pass over the guests set (SSCAN, up to
+        BATCH at a time, moved concurrently), or until time.monotonic() passes
+        `deadline`; the next call goes on from there. Safe to run from several processes at
+        once, and to be killed at any point: a job taken out of its bucket here is marked
+        moving, and a later sweep finishes or undoes the move."""
+        st = self.store
+        counts = await self.put_back_stranded(shard, usable)
+        cursor = self._cursor.get(shard.name, 0)
+        while True:
+            cursor, found = await shard.call("SSCAN", st.k_guests, cursor, "COUNT",
+                                             BATCH)
+            cursor = int(cursor)
+            tids = [t.decode() for t in found]
+            tids = [t for t in tids if usable(owner := st.shards.owner(t)) or owner is shard]
+            done = await asyncio.gather(*(self._move_home(shard, t, usable) for t in tids),
+                                        return_exceptions=True)
+            for tid, outcome in zip(tids, done, strict=True):
+                if isinstance(outcome, BaseException):
+                    if not isinstance(outcome, DqError):
+                        log.error("moving guest %r home failed", tid, exc_info=outcome)
+                    counts["error"] += 1
+                else:
+                    counts[outcome] += 1
+            if not cursor or (deadline is not None and time.monotonic() >= deadline):
+                break
+        self._cursor[shard.name] = cursor
+        return counts
+
+    async def put_back_stranded(self, shard: Shard, usable: Callable[[Shard], bool],
+                                ) -> collections.Counter[str]:
+        """Jobs on `shard` a mover took out of their bucket and did not finish moving,
+        whose owner `usable` says is down now: back in their bucket here, to fire here.
+        Their marks stay (as "|u") until a sweep can reach the owner. Cheap: the moving
+        hash is empty unless a mover stopped midway."""
+        st = self.store
+        counts = collections.Counter[str]()
+        marks = await shard.call("HGETALL", st.k_moving)
+        for raw, mark in zip(marks[::2], marks[1::2], strict=True):
+            tid = raw.decode()
+            if mark.count(b"|") == 1 and not usable(st.shards.owner(tid)):
+                counts[(await shard.script("guest_drop", self._keys(tid).drop, (
+                    tid, "untake", mark.split(b"|")[0]))).decode()] += 1
+        return counts
+
+    def _keys(self, tid: str) -> _Keys:
+        st, b = self.store, self.store.bucket(tid)
+        return _Keys(
+            take=(st.k_jobs, st.k_delay[b], st.k_dead, st.k_guests, st.k_moving),
+            land=(st.k_jobs, st.k_delay[b], st.k_wake[b], st.k_inflight, st.k_dead,
+                  st.k_dead_err),
+            drop=(st.k_jobs, st.k_delay[b], st.k_guests, st.k_moving, st.k_wake[b]))
+
+    async def _move_home(self, here: Shard, tid: str, usable: Callable[[Shard], bool]) -> str:
+        """One guest's move (or the rest of a move a mover left midway); its outcome."""
+        owner = self.store.shards.owner(tid)
+        keys = self._keys(tid)
+        if owner is here:  # the shard list changed: this shard owns it now
+            return await self._owned(here, tid, keys, usable)
+        res = await here.script("guest_take", keys.take, (tid,))
+        status, payload, due, version = (res[0].decode(), res[1], int(res[2]),
+                                         res[3].decode())
+        if status not in ("take", "changed", "dead", "commit"):
+            return status  # gone, stay (a dead letter) or busy (being delivered here)
+        if not usable(owner):
+            if status != "take":
+                return "busy"  # the rest needs the owner
+            # down again since the sweep began: back in its bucket here
+            return str((await here.script("guest_drop", keys.drop,
+                                          (tid, "untake", version))).decode())
+        if status == "commit":  # a mover stopped after dropping the copy here: finish it
+            return await self._commit(owner, here, tid, version, due, keys, usable)
+        if status != "take":
+            # An earlier move stopped midway (maybe after landing this version on the
+            # owner, or on the owner of an earlier shard list), and the job changed or
+            # died here since: undo those copies first.
+            if not await self._undo(owner, here, tid, version, keys, usable):
+                return "busy"  # a shard that may hold a copy does not answer
+            await here.script("guest_drop", keys.drop,
+                              (tid, "forget" if status == "dead" else "drop", version))
+            return status
+        return await self._move(owner, here, tid, payload, due, version, keys)
+
+    async def _move(self, owner: Shard, here: Shard, tid: str, payload: bytes, due: int,
+                    version: str, keys: _Keys) -> str:
+        """Land, drop and commit a job just taken."""
+        try:
+            landed = await owner.script("guest_land", keys.land, (
+                tid, "land", version, payload, due, parse_payload(payload).set_ms))
+        except DqError:
+            # Maybe written, maybe not (a lost reply): the mark stays, and the next sweep
+            # lands it again (a no-op if it is there) or, the owner being down, puts it back.
+            return "unsure"
+        dropped = await here.script("guest_drop", keys.drop, (tid, "drop", version))
+        if landed == b"landed" and dropped in (b"changed", b"kept"):
+            # deleted or replaced here meanwhile (or put back by another mover): the copy
+            # just written on the owner, not yet scheduled, must not fire
+            await owner.script("guest_land", keys.land, (tid, "undo", version, "", 0, 0))
+            return "changed"
+        if dropped != b"dropped":  # changed here since, or another mover finished it
+            return "changed" if dropped == b"changed" else "gone"
+        # The copy here is gone: now the owner's may be scheduled (a commit of a version
+        # the owner no longer holds, superseded or deleted since, does nothing).
+        await self._commit(owner, here, tid, version, due, keys)
+        return "moved" if landed == b"landed" else "superseded"
+
+    async def _commit(self, owner: Shard, here: Shard, tid: str, version: str, due: int,
+                      keys: _Keys, search: Callable[[Shard], bool] | None = None) -> str:
+        """Schedule the copy landed on the owner, then clear the mark here. Finishing a
+        move a mover left (`search`: which shards answer), the owner may not hold that
+        version: the land may have gone to another shard, the owner of the shard list
+        of then, and `_adopt` brings it from there; "busy" (the mark stays) while a shard
+        that may hold it does not answer."""
+        committed = await owner.script("guest_land", keys.land,
+                                       (tid, "commit", version, "", due, 0))
+        if committed in (b"none", b"skipped") and search is not None \
+                and not await self._adopt(owner, here, tid, version, due, keys, search):
+            return "busy"
+        await here.script("guest_drop", keys.drop, (tid, "finish", version))
+        return "moved"
+
+    def _elsewhere(self, owner: Shard, here: Shard,
+                   usable: Callable[[Shard], bool]) -> tuple[list[Shard], bool]:
+        """The shards other than `owner` and `here` that answer, and whether all do."""
+        others = [s for s in self.store.shards.shards if s is not owner and s is not here]
+        reached = [s for s in others if usable(s)]
+        return reached, len(reached) == len(others)
+
+    async def _adopt(self, owner: Shard, here: Shard, tid: str, version: str, due: int,
+                     keys: _Keys, usable: Callable[[Shard], bool]) -> bool:
+        """A dropped move whose landed copy is not on the owner: look for it on the other
+        shards (a mover of an earlier shard list landed it on its owner of then), and move
+        it from there as a guest is moved: land on the owner (which keeps a copy written
+        as late or later), undo it there, commit. When the job has been added here again
+        since the drop, that later add wins: the copy is only undone. False when it was
+        not found and a shard that may hold it does not answer."""
+        st = self.store
+        reached, everywhere = self._elsewhere(owner, here, usable)
+        added_again = bool(await here.call("HEXISTS", st.k_jobs, tid))
+        for shard in reached:
+            raw = await shard.call("HGET", st.k_jobs, tid)
+            if raw is None or parse_payload(raw).version != version:
+                continue
+            landed = None
+            if not added_again:
+                landed = await owner.script("guest_land", keys.land, (
+                    tid, "land", version, raw, due, parse_payload(raw).set_ms))
+            await shard.script("guest_land", keys.land, (tid, "undo", version, "", 0, 0))
+            if landed == b"landed":
+                await owner.script("guest_land", keys.land,
+                                   (tid, "commit", version, "", due, 0))
+            log.warning("guest %s: its landed copy was on %s, no longer its owner (the shard "
+                        "list changed during a move); %s", tid, shard.label,
+                        f"moved to {owner.label}" if landed == b"landed"
+                        else "a later add of the job wins")
+            return True
+        return everywhere
+
+    async def _undo(self, owner: Shard, here: Shard, tid: str, version: str, keys: _Keys,
+                    usable: Callable[[Shard], bool]) -> bool:
+        """Remove the version's copies an unfinished move may have landed (unscheduled),
+        on the owner and on the other shards (an owner of an earlier shard list), not
+        here; False when a shard that may hold one does not answer."""
+        reached, everywhere = self._elsewhere(owner, here, usable)
+        for shard in [owner, *reached] if owner is not here else reached:
+            await shard.script("guest_land", keys.land, (tid, "undo", version, "", 0, 0))
+        return everywhere
+
+    async def _owned(self, here: Shard, tid: str, keys: _Keys,
+                     usable: Callable[[Shard], bool]) -> str:
+        """A guest whose shard is now its owner (the shard list changed): no longer a guest.
+        A take a mover left unfinished goes back in its bucket, and copies it may have
+        landed elsewhere are undone; the copy of a move that had dropped it here is
+        brought back from where it landed (`_adopt`)."""
+        mark = await here.call("HGET", self.store.k_moving, tid)
+        if mark is not None:
+            version, due = mark.split(b"|")[0].decode(), int(mark.split(b"|")[1])
+            dropped = mark.endswith(b"|d") or await here.script(
+                "guest_drop", keys.drop, (tid, "untake", version)) == b"dropped"
+            # (untake finds "|d" when a mover of another shard list dropped it just now)
+            if dropped:
+                if not await self._adopt(here, here, tid, version, due, keys, usable):
+                    return "busy"
+            elif not await self._undo(here, here, tid, version, keys, usable):
+                return "busy"
+            await here.script("guest_drop", keys.drop, (tid, "forget", version))
+        await here.call("SREM", self.store.k_guests, tid)
+        return "owned"

@@ -1,0 +1,1 @@
+"""The original's wire protocol: frames, request validation, fix_time."""
