@@ -137,7 +137,7 @@ def stores(shards: int, tmp: Path, *, cluster: bool = False, urls: Sequence[str]
     if urls:
         yield list(urls), []
     elif cluster:
-        from tests.rediscluster import RedisCluster
+        from tests.support.rediscluster import RedisCluster
 
         c = RedisCluster(tmp / "cluster")
         try:
@@ -146,7 +146,7 @@ def stores(shards: int, tmp: Path, *, cluster: bool = False, urls: Sequence[str]
         finally:
             c.stop()
     elif setup in ("replica", "sentinel"):
-        from tests.sentinels import SentinelSetup
+        from tests.support.sentinels import SentinelSetup
 
         s = SentinelSetup(tmp / "sentinel", replicas=1)
         try:

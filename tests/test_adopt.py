@@ -28,9 +28,10 @@ from dq.roles import consumer, timer
 from dq.runtime.context import Context, open_store
 from dq.storage.adopt import Adopter
 from dq.storage.store import Store
-from tests.conftest import RedisProcess, free_port
-from tests.masters import Master
-from tests.receiver import Receiver
+from tests.support.masters import Master
+from tests.support.procs import free_port
+from tests.support.receiver import Receiver
+from tests.support.redisproc import RedisProcess
 
 # php-delayqueue's Redis layout, as its source has it (facts, not its code):
 # DqConf::$prefix = 'dq_', DqConf::$bucket = 2; DqRedis::getJobKey() = prefix.'job_info'

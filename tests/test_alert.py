@@ -14,7 +14,7 @@ from dq.registry.core import AlertConf, Topic
 from dq.roles.alert import dead_letter_mail, send_alert
 from dq.sharding.shards import Shard
 from dq.storage.store import Claimed
-from tests.conftest import free_port
+from tests.support.procs import free_port
 
 
 class Box:

@@ -27,8 +27,8 @@ from dq.roles.callback import (
     sign,
 )
 from dq.storage.store import Claimed
-from tests.conftest import free_port
-from tests.receiver import Receiver, Reply, Request
+from tests.support.procs import free_port
+from tests.support.receiver import Receiver, Reply, Request
 
 
 @pytest.fixture

@@ -32,9 +32,10 @@ import pytest
 from dq.client import AsyncDqClient
 from dq.errors import UNAVAILABLE, DqError
 from dq.registry.core import Registry, Topic
-from tests.conftest import RedisProcess, free_port
-from tests.masters import Master, kill_quietly
-from tests.receiver import Receiver, Reply, Request
+from tests.support.masters import Master, kill_quietly
+from tests.support.procs import free_port
+from tests.support.receiver import Receiver, Reply, Request
+from tests.support.redisproc import RedisProcess
 
 PING = b'0014{"cmd":"ping"}'
 

@@ -26,7 +26,7 @@ from dq.client import (
 )
 from dq.errors import DqError
 from dq.wire.protocol import OK_EMPTY, error_reply
-from tests.conftest import RedisProcess
+from tests.support.redisproc import RedisProcess
 from tests.test_server import Running, start_server
 
 # -- frames ----------------------------------------------------------------------------------

@@ -22,10 +22,10 @@ from dq.errors import ConfigError
 from dq.sharding.clusterurl import join_parts, key_slot, parse_url, partition_tags
 from dq.sharding.shards import ShardSet
 from dq.storage.store import Store
-from tests.conftest import RedisProcess
-from tests.masters import Master
-from tests.receiver import Receiver, Reply, Request
-from tests.rediscluster import RedisCluster, cli
+from tests.support.masters import Master
+from tests.support.receiver import Receiver, Reply, Request
+from tests.support.rediscluster import RedisCluster, cli
+from tests.support.redisproc import RedisProcess
 from tests.test_chaos import add_acked, register
 
 pytestmark = pytest.mark.slow
@@ -85,7 +85,7 @@ def dq_on(tmp_path: Path) -> Iterator[Callable[..., Master]]:
     started: list[Master] = []
 
     def make(url: str, db: str, **env: str) -> Master:
-        from tests.conftest import free_port
+        from tests.support.procs import free_port
         m = Master(tmp_path / f"dq{len(started)}", free_port(),
                    ["--no-web", "--redis", url, "--db", db, "--timers", "2",
                     "--consumers", "2"],

@@ -12,7 +12,7 @@ from sqlalchemy.engine import make_url
 
 from dq.config import Settings, is_loopback, load_settings
 from dq.errors import ConfigError
-from tests.masters import REPO
+from tests.support.paths import REPO
 
 
 def load(**overrides: object) -> Settings:

@@ -26,7 +26,9 @@ import pytest
 from dq.config import Settings
 from dq.runtime.context import Context, open_store
 from dq.storage.store import Store
-from tests.conftest import ARTIFACTS, RedisProcess, free_port
+from tests.support.paths import ARTIFACTS
+from tests.support.procs import free_port
+from tests.support.redisproc import RedisProcess
 from tests.test_web_jobs import fail_once
 from web.app import run
 

@@ -23,7 +23,8 @@ import pytest
 import web.protocol
 import web.throttle
 from dq.config import Settings
-from tests.conftest import RedisProcess, free_port
+from tests.support.procs import free_port
+from tests.support.redisproc import RedisProcess
 from tests.test_console_browser import LiveConsole
 from tests.test_web_api import GOOD_TOPIC, PW, Web, open_web
 

@@ -34,7 +34,8 @@ from dq.config import Settings
 from dq.registry.core import Registry, Topic, TopicRow
 from dq.runtime.context import open_store
 from dq.storage.store import Store
-from tests.conftest import RedisProcess, free_port
+from tests.support.procs import free_port
+from tests.support.redisproc import RedisProcess
 from tests.test_console_browser import CHROMEDRIVER, CHROMIUM, Browser, LiveConsole, wait
 from web.app import create_app
 from web.forms import TOPIC_FIELDS

@@ -28,9 +28,10 @@ from dq.roles.consumer import priority_order, retry_delay_ms
 from dq.runtime.context import Context, open_store
 from dq.storage import store as store_module
 from dq.storage.store import Store
-from tests.conftest import RedisProcess, free_port
-from tests.receiver import Receiver, Reply, Request
-from tests.roles import Mailbox, Roles
+from tests.support.procs import free_port
+from tests.support.receiver import Receiver, Reply, Request
+from tests.support.redisproc import RedisProcess
+from tests.support.roles import Mailbox, Roles
 
 
 @pytest.fixture

@@ -21,7 +21,8 @@ import pytest
 
 from dq.client import DqClient
 from dq.roles.callback import sign
-from tests.conftest import RedisProcess, free_port
+from tests.support.procs import free_port
+from tests.support.redisproc import RedisProcess
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "order_timeout"

@@ -18,9 +18,9 @@ from dq.registry.core import Registry, Topic
 from dq.roles.flow import shard_limits, shard_share
 from dq.runtime.context import open_store
 from dq.storage.store import FlowLimit, Store
-from tests.conftest import RedisProcess
-from tests.receiver import Receiver, Reply, Request
-from tests.roles import Roles
+from tests.support.receiver import Receiver, Reply, Request
+from tests.support.redisproc import RedisProcess
+from tests.support.roles import Roles
 
 
 def base_settings(urls: tuple[str, ...], tmp_path: Path) -> Settings:
@@ -195,7 +195,7 @@ async def test_flow_control_on_a_redis_cluster_holds_over_its_partitions(
     """On a Redis Cluster each hash-tagged partition is a shard: the flow state and the held
     lists are keys of the partition (tagged like its jobs), and the limit is shared out
     over the partitions."""
-    from tests.rediscluster import RedisCluster  # a real 3+3 cluster (redis-cli --cluster)
+    from tests.support.rediscluster import RedisCluster  # a real 3+3 cluster (redis-cli --cluster)
 
     cluster = RedisCluster(tmp_path / "cluster")
     cluster.start()

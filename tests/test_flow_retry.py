@@ -24,9 +24,10 @@ from dq.roles import consumer
 from dq.roles.callback import retry_after
 from dq.storage import store as store_module
 from dq.storage.store import Store
-from tests.conftest import RedisProcess, free_port
-from tests.receiver import Receiver, Reply, Request
-from tests.roles import Mailbox, Roles
+from tests.support.procs import free_port
+from tests.support.receiver import Receiver, Reply, Request
+from tests.support.redisproc import RedisProcess
+from tests.support.roles import Mailbox, Roles
 from tests.test_web_api import Web, open_web
 from tests.test_web_pages import login
 

@@ -18,7 +18,7 @@ from dq.errors import UNAVAILABLE, DqError
 from dq.sharding.shards import Shard, ShardSet
 from dq.storage.guests import GuestMover
 from dq.storage.store import Store
-from tests.conftest import RedisProcess
+from tests.support.redisproc import RedisProcess
 
 
 @dataclass

@@ -32,8 +32,9 @@ from dq.runtime.logs import JsonFormatter
 from dq.sharding.health import HealthReader, ShardHealth, health_path, read_health, write_health
 from dq.sharding.shards import COOLOFF_MIN, Shard, ShardSet
 from dq.storage.store import Store
-from tests.conftest import RedisProcess, free_port
-from tests.receiver import Receiver
+from tests.support.procs import free_port
+from tests.support.receiver import Receiver
+from tests.support.redisproc import RedisProcess
 
 RoleFn = Callable[[Context], Awaitable[None]]
 

@@ -36,7 +36,7 @@ from dq.client import AsyncDqClient
 from dq.errors import ERR_WORDS
 from dq.roles import server as dq_server
 from dq.runtime.context import GC_THRESHOLD
-from tests.conftest import RedisProcess
+from tests.support.redisproc import RedisProcess
 from tests.test_server import Running, frame, raw_exchange, start_server
 
 MAX_FRAME = 4096  # below 9999, so declared lengths can also be too large

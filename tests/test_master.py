@@ -23,8 +23,10 @@ import pytest
 from dq.config import Settings
 from dq.master.embedded import EmbeddedRedis, command, find_binary, state
 from dq.master.supervise import BACKOFF_MIN, BACKOFF_RESET, BOOT_STREAK, LoadBoard, Slot
-from tests.conftest import RedisProcess, free_port
-from tests.masters import REPO, Master, alive, children_of
+from tests.support.masters import Master, alive, children_of
+from tests.support.paths import REPO
+from tests.support.procs import free_port
+from tests.support.redisproc import RedisProcess
 
 PING = b'0014{"cmd":"ping"}'
 

@@ -24,8 +24,9 @@ from dq.roles.callback import ExprCache, call, open_session
 from dq.roles.netpolicy import CallbackPolicy, is_local, judge_url
 from dq.runtime.context import Context, open_store
 from dq.storage.store import Claimed
-from tests.conftest import RedisProcess, free_port
-from tests.receiver import Receiver
+from tests.support.procs import free_port
+from tests.support.receiver import Receiver
+from tests.support.redisproc import RedisProcess
 from tests.test_web_api import Web, open_web
 from tests.test_web_pages import login
 

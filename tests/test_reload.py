@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 
 from dq.client import DqClient
-from tests.conftest import RedisProcess, free_port
-from tests.masters import Master
+from tests.support.masters import Master
+from tests.support.procs import free_port
+from tests.support.redisproc import RedisProcess
 
 TOPIC = "reload"
 RCV_TIMEOUT = 1.0  # the PHP client's SO_RCVTIMEO

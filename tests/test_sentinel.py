@@ -1,5 +1,5 @@
 """Shards on Redis Sentinel and replica_acks, against real processes on loopback: a master,
-a replica and 3 sentinels (`redis-server --sentinel`, tests/sentinels.py), real dq roles
+a replica and 3 sentinels (`redis-server --sentinel`, tests/support/sentinels.py), real dq roles
 and a real HTTP receiver.
 
 What these show:
@@ -32,9 +32,10 @@ from dq.sharding.resp import WAIT_MS, ReplicasBehind
 from dq.sharding.shards import ShardSet
 from dq.sharding.shardurl import parse, split_shard_urls
 from dq.storage.store import Store
-from tests.conftest import RedisProcess, free_port
-from tests.masters import Master
-from tests.sentinels import SERVICE, SentinelSetup, cmd, info
+from tests.support.masters import Master
+from tests.support.procs import free_port
+from tests.support.redisproc import RedisProcess
+from tests.support.sentinels import SERVICE, SentinelSetup, cmd, info
 from tests.test_chaos import Flaky, receiving, register
 
 

@@ -25,7 +25,7 @@ from dq.runtime.context import Context
 from dq.sharding.shards import ShardSet
 from dq.storage.store import Store
 from dq.wire.protocol import OK_EMPTY
-from tests.conftest import RedisProcess
+from tests.support.redisproc import RedisProcess
 
 
 def make_topic(key: str, **kw: Any) -> Topic:

@@ -1,6 +1,6 @@
 """One shard list for every role, the master's boot step, and what a start says and leaves.
 
-End to end on real parts: dq-master (`tests/masters.py`), redis-servers on free ports, a
+End to end on real parts: dq-master (`tests/support/masters.py`), redis-servers on free ports, a
 registry holding php-delayqueue's own tables (SQLite and MariaDB), an HTTP receiver.
 """
 
@@ -25,8 +25,10 @@ import sqlalchemy as sa
 from dq.config import Settings
 from dq.sharding.plan import EMBEDDED, ShardPlan, carry_over, embedded_redis_url, plan_shards
 from dq.sharding.shards import ShardSet
-from tests.conftest import RedisProcess, free_port
-from tests.masters import REPO, Master
+from tests.support.masters import Master
+from tests.support.paths import REPO
+from tests.support.procs import free_port
+from tests.support.redisproc import RedisProcess
 from tests.test_registry import ORIGINAL_MYSQL, ORIGINAL_SQLITE, run_script
 
 READY = "dq is ready: "

@@ -14,7 +14,7 @@ from dq.registry.core import Registry, Topic
 from dq.roles.statexport import StatExporter
 from dq.sharding.shards import ShardSet
 from dq.storage.store import Store
-from tests.conftest import RedisProcess
+from tests.support.redisproc import RedisProcess
 
 # php-delayqueue's dq_stat keys (DqRedis::incr_nums / redis_self_incr, DqModule::notify,
 # read back by DqWeb/index.php): per topic "<dq_topic.id>:<key>", per shard

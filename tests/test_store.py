@@ -15,7 +15,7 @@ from dq.config import WAKE_WITHIN, load_settings
 from dq.errors import UNAVAILABLE, ConfigError, DqError
 from dq.sharding.shards import ShardSet
 from dq.storage.store import ADD_BATCH, Store, make_tid
-from tests.conftest import RedisProcess
+from tests.support.redisproc import RedisProcess
 
 
 @pytest.fixture

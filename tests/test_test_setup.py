@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import free_port
+from tests.support.procs import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -19,7 +19,8 @@ from dq.config import Settings
 from dq.registry.core import Registry, Topic
 from dq.runtime.context import open_store
 from dq.storage.store import Store
-from tests.conftest import RedisProcess, free_port
+from tests.support.procs import free_port
+from tests.support.redisproc import RedisProcess
 from web.app import create_app
 
 PW = "s3cret-pw"

@@ -9,7 +9,8 @@ from html.parser import HTMLParser
 import pytest
 import redis
 
-from tests.conftest import RedisProcess, free_port
+from tests.support.procs import free_port
+from tests.support.redisproc import RedisProcess
 from tests.test_web_api import Mailbox, Web, bury, make_topic, open_web, smtp
 from tests.test_web_pages import flash, follow, login
 

@@ -17,8 +17,9 @@ from dq.config import Settings
 from dq.registry.core import Registry, Topic
 from dq.roles import consumer, timer
 from dq.runtime.context import Context, open_store
-from tests.conftest import RedisProcess, free_port
-from tests.receiver import Receiver, Reply
+from tests.support.procs import free_port
+from tests.support.receiver import Receiver, Reply
+from tests.support.redisproc import RedisProcess
 from tests.test_web_api import Web, assert_error, bury, make_topic, open_web
 from web.app import bind_host, run
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import RedisProcess
+from tests.support.redisproc import RedisProcess
 from tests.test_web_api import BASE, PW, Web, open_web
 from web import chart
 from web.auth import SESSION_COOKIE, SESSION_TTL, Keys

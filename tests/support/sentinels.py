@@ -15,7 +15,7 @@ from pathlib import Path
 
 import hiredis
 
-from tests.conftest import free_port
+from tests.support.procs import free_port, stop
 
 SERVICE = "mymaster"
 
@@ -76,13 +76,7 @@ class Proc:
             self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc)
 
 
 def redis_args(port: int, *, replicaof: int | None = None, fsync: str = "everysec",

@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.conftest import free_port
+from tests.support.procs import free_port, stop
 
 NODE_TIMEOUT_MS = 2000  # how long a silent master takes to be failed over (+ an election)
 
@@ -84,13 +84,7 @@ class ClusterNode:
             self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc)
 
 
 class RedisCluster:

@@ -1,0 +1,10 @@
+"""What the tests share (no test module imports another test module; they import these):
+
+procs        free ports, stopping a process, one command to a local Redis
+redisproc    RedisProcess: a redis-server of a test's own
+receiver     a real HTTP/1.1 callback receiver
+roles        timers and consumers as tasks of the test's loop; an SMTP mailbox
+masters      a real dq-master (python -m dq.cli) and its children through /proc
+sentinels    a Redis Sentinel set-up (master, replicas, 3 sentinels)
+rediscluster a Redis Cluster of 3 masters + 3 replicas
+"""
