@@ -184,10 +184,9 @@ def build_adopt_parser() -> argparse.ArgumentParser:
 
 
 async def _adopt(settings: Settings) -> int:
-    from dq.master.boot import enabled_shards
     from dq.registry.core import Registry
     from dq.runtime.context import open_store
-    from dq.sharding.plan import plan_shards
+    from dq.sharding.plan import enabled_shards, plan_shards
     from dq.storage.adopt import Adopter
 
     registry = Registry(settings.db_url())

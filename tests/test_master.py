@@ -22,7 +22,8 @@ import pytest
 
 from dq.config import Settings
 from dq.master.embedded import EmbeddedRedis, command, find_binary, state
-from dq.master.supervise import BACKOFF_MIN, BACKOFF_RESET, BOOT_STREAK, LoadBoard, Slot
+from dq.master.supervise import BACKOFF_MIN, BACKOFF_RESET, BOOT_STREAK, Slot
+from dq.runtime.shared import LoadBoard
 from tests.support.masters import Master, alive, children_of
 from tests.support.paths import REPO
 from tests.support.procs import free_port

@@ -29,7 +29,6 @@ from dq.master.embedded import EmbeddedError, EmbeddedRedis, drained_path, find_
 from dq.master.supervise import (
     BOOT_STREAK,
     BootError,
-    LoadBoard,
     Slot,
     anchor_paths,
     bind_handover,
@@ -42,6 +41,7 @@ from dq.master.supervise import (
     write_pid_file,
 )
 from dq.runtime.logs import setup_logging
+from dq.runtime.shared import LoadBoard
 from dq.sharding.plan import ShardPlan, carry_over, drained_urls, masked, plan_shards
 
 log = logging.getLogger("dq.master")

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import setproctitle
 
 from dq.config import Settings
-from dq.sharding.plan import Named
+from dq.sharding.plan import Named, enabled_shards
 
 log = logging.getLogger("dq.master")
 
@@ -29,11 +29,6 @@ STEP_TIMEOUT = 30.0  # seconds the boot step may take (a registry that does not 
 
 class BootStepError(Exception):
     """The boot step could not read the registry; the message says why."""
-
-
-def enabled_shards(confs: Iterable[Any]) -> list[Named]:
-    """(name, url) of the enabled shard rows (dq.registry.core.ShardConf), in id order."""
-    return [(c.name or c.url, c.url) for c in confs if c.enabled]
 
 
 def _reason(exc: BaseException) -> str:

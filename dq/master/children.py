@@ -24,11 +24,11 @@ from dq.master.supervise import (
     ROLE_PATHS,
     BootError,
     Counters,
-    LoadBoard,
     Slot,
     Worker,
     describe_exit,
 )
+from dq.runtime.shared import LoadBoard
 from dq.sharding.plan import plan_shards
 
 log = logging.getLogger("dq.master")

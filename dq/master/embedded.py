@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from dq.config import Settings
+from dq.sharding.plan import command, drained_path, state
 
 log = logging.getLogger("dq.embedded")
 
@@ -53,47 +54,11 @@ def find_binary() -> str:
         "Redis (apt install redis-server), or point dq at a Redis with --redis URL")
 
 
-def drained_path(settings: Settings) -> Path:
-    """The file the checker writes once a retired embedded Redis holds no job: a later
-    start with real shards configured no longer runs it (dq/sharding/plan.py)."""
-    return Path(settings.data_dir).resolve() / "redis" / "drained"
-
-
 def holds_data(settings: Settings) -> bool:
     """Whether the embedded Redis's data dir has an append-only file not yet drained."""
     aof = Path(settings.data_dir).resolve() / "redis"
     found = (aof / "appendonlydir").is_dir() or (aof / "appendonly.aof").is_file()
     return found and not drained_path(settings).exists()
-
-
-def command(conn: socket.socket, *args: str) -> bytes:
-    """Send one command in RESP and return the first line of the reply."""
-    parts = [f"*{len(args)}\r\n".encode()]
-    for arg in args:
-        data = arg.encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    conn.sendall(b"".join(parts))
-    reply = b""
-    while not reply.endswith(b"\r\n"):
-        chunk = conn.recv(256)
-        if not chunk:
-            break
-        reply += chunk
-    return reply.split(b"\r\n", 1)[0]
-
-
-def state(path: str | Path, timeout: float = 0.5) -> str:
-    """What a Redis on the unix socket `path` says to PING: 'ready', 'loading' (its data set
-    is still being read into memory: it answers -LOADING) or 'down' (no answer)."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(timeout)
-            conn.connect(str(path))
-            reply = command(conn, "PING")
-    except OSError:
-        return "down"
-    return "ready" if reply == b"+PONG" else "loading" if reply.startswith(b"-LOADING") \
-        else "down"
 
 
 def ping(path: str | Path, timeout: float = 0.5) -> bool:

@@ -40,15 +40,20 @@ from datetime import datetime
 
 from dq.config import Settings
 from dq.errors import DqError
-from dq.master.boot import enabled_shards
-from dq.master.embedded import drained_path
 from dq.registry.core import Registry
 from dq.roles.alert import send_alert
 from dq.roles.statexport import EXPORT_EVERY, StatExporter
 from dq.runtime.context import Context, role_plan
 from dq.sharding import cluster
 from dq.sharding.health import ShardHealth, health_path, read_health, safe_name, write_health
-from dq.sharding.plan import EMBEDDED, ShardPlan, drained_record, plan_shards
+from dq.sharding.plan import (
+    EMBEDDED,
+    ShardPlan,
+    drained_path,
+    drained_record,
+    enabled_shards,
+    plan_shards,
+)
 from dq.sharding.shards import Shard, ShardSet
 from dq.storage.adopt import ADOPT_EVERY, Adopter
 from dq.storage.guests import GuestMover
@@ -325,7 +330,7 @@ async def watch_shards(ctx: Context, registry: Registry, plan: ShardPlan,
 class Retirement:
     """The retired shards of this generation (the embedded Redis once real shards are
     configured): each round their jobs are recorded as guests, which the sweep moves home;
-    once one holds no job at all, it is marked drained (dq/master/embedded.py) and a later start
+    once one holds no job at all, it is marked drained (dq/sharding/plan.py) and a later start
     no longer runs it."""
 
     def __init__(self, ctx: Context, store: Store) -> None:

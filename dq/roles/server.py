@@ -32,11 +32,11 @@ from dq.errors import (
     UNKNOWN_TOPIC,
     DqError,
 )
-from dq.master.supervise import LoadBoard, bind_listener
 from dq.registry.core import Registry, Topic
 from dq.registry.topics import TopicCache
 from dq.runtime.context import Context, open_store, role_plan
 from dq.runtime.handover import HandoverReceiver, hand
+from dq.runtime.shared import LoadBoard, bind_listener
 from dq.sharding.resp import ReplicasBehind, ShardRefused
 from dq.sharding.shards import Shard
 from dq.storage.store import AddJob, Store

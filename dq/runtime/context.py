@@ -26,12 +26,11 @@ import setproctitle
 
 from dq.config import Settings
 from dq.errors import EXIT_BOOT, EXIT_ORPHAN
-from dq.master.boot import enabled_shards
-from dq.master.embedded import state as embedded_state
-from dq.master.supervise import LoadBoard
 from dq.runtime.logs import setup_logging
+from dq.runtime.shared import LoadBoard
 from dq.sharding.health import HealthReader, health_path
-from dq.sharding.plan import ShardPlan, embedded_redis_url, plan_shards
+from dq.sharding.plan import ShardPlan, embedded_redis_url, enabled_shards, plan_shards
+from dq.sharding.plan import state as embedded_state
 from dq.sharding.shards import ShardSet
 from dq.storage.store import Store
 
@@ -55,7 +54,7 @@ class Context:
     # (dq/runtime/handover.py), and whether this server was asked to (SIGUSR1) rather than to stop.
     handover_sock: socket.socket | None = None
     hand_over: bool = False
-    board: LoadBoard | None = None  # the servers' connection counts (dq/master/supervise.py)
+    board: LoadBoard | None = None  # the servers' connection counts (dq/runtime/shared.py)
     board_slot: int = -1  # this server's place on it
     master_pid: int | None = None  # the dq-master that forked this role (None: standalone)
     # The shards of this generation (dq/sharding/plan.py), from the master; None: read_plan.

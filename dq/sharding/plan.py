@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dq.config import Settings
 
@@ -116,3 +118,44 @@ def plan_shards(settings: Settings, registry: Iterable[Named] = (), *,
     if not named:
         return ShardPlan((embedded,))
     return ShardPlan(tuple(named), (embedded,) if keep_embedded else ())
+
+
+def enabled_shards(confs: Iterable[Any]) -> list[Named]:
+    """(name, url) of the enabled shard rows (dq.registry.core.ShardConf), in id order."""
+    return [(c.name or c.url, c.url) for c in confs if c.enabled]
+
+
+def drained_path(settings: Settings) -> Path:
+    """The file the checker writes once a retired embedded Redis holds no job: a later
+    start with real shards configured no longer runs it (dq/sharding/plan.py)."""
+    return Path(settings.data_dir).resolve() / "redis" / "drained"
+
+
+def command(conn: socket.socket, *args: str) -> bytes:
+    """Send one command in RESP and return the first line of the reply."""
+    parts = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = arg.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    conn.sendall(b"".join(parts))
+    reply = b""
+    while not reply.endswith(b"\r\n"):
+        chunk = conn.recv(256)
+        if not chunk:
+            break
+        reply += chunk
+    return reply.split(b"\r\n", 1)[0]
+
+
+def state(path: str | Path, timeout: float = 0.5) -> str:
+    """What a Redis on the unix socket `path` says to PING: 'ready', 'loading' (its data set
+    is still being read into memory: it answers -LOADING) or 'down' (no answer)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(timeout)
+            conn.connect(str(path))
+            reply = command(conn, "PING")
+    except OSError:
+        return "down"
+    return "ready" if reply == b"+PONG" else "loading" if reply.startswith(b"-LOADING") \
+        else "down"
