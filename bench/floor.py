@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import cpu_us, dqload_binary, free_port, redis_servers, tempdir, wait_port
-from dq.wire.protocol import OK_EMPTY
+from dq.wire.frames import OK_EMPTY
 
 
 class Echo(asyncio.Protocol):

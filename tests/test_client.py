@@ -25,7 +25,7 @@ from dq.client import (
     add_frame,
 )
 from dq.errors import DqError
-from dq.wire.protocol import OK_EMPTY, error_reply
+from dq.wire.frames import OK_EMPTY, error_reply
 from tests.support.redisproc import RedisProcess
 from tests.test_server import Running, start_server
 

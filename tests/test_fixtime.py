@@ -14,7 +14,7 @@ import pytest
 
 from dq.errors import BAD_REQUEST, DqError
 from dq.wire import fixtime
-from dq.wire.protocol import AddRequest, parse_request
+from dq.wire.requests import AddRequest, parse_request
 from tests.support.redisproc import RedisProcess
 from tests.test_server import frame, raw_exchange, start_server
 

@@ -154,7 +154,7 @@ async def stored_tids(dq: Running) -> list[str]:
     return sorted(t for t in tids if not t.startswith("order:canary-"))
 
 
-# -- a model of the framing, independent of dq.wire.protocol -------------------------------------
+# -- a model of the framing, independent of dq.wire.frames ----------------------------------------
 
 def expected_replies(data: bytes, max_frame: int) -> tuple[int, int, bool]:
     """(replies the server owes for `data`, where it closes the connection or -1, whether

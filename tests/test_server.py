@@ -24,7 +24,7 @@ from dq.roles.server import Server, run
 from dq.runtime.context import Context
 from dq.sharding.shards import ShardSet
 from dq.storage.store import Store
-from dq.wire.protocol import OK_EMPTY
+from dq.wire.frames import OK_EMPTY
 from tests.support.redisproc import RedisProcess
 
 

@@ -17,7 +17,8 @@ from dq.errors import BAD_REQUEST, NOT_FOUND, TOPIC_OFFLINE, UNKNOWN_TOPIC, DqEr
 from dq.registry.core import Topic
 from dq.roles.alert import send_alert
 from dq.storage.store import BadPayload
-from dq.wire.protocol import MAX_DEPTH, AddRequest, parse_request
+from dq.wire.frames import MAX_DEPTH
+from dq.wire.requests import AddRequest, parse_request
 from web import schemas as s
 from web.auth import require_api
 from web.errors import EXISTS, INVALID, MAIL_FAILED, NOT_CONFIGURED, ApiError, Invalid
