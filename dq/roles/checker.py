@@ -43,7 +43,9 @@ from dq.errors import DqError
 from dq.registry.core import Registry
 from dq.roles.alert import send_alert
 from dq.roles.statexport import EXPORT_EVERY, StatExporter
-from dq.runtime.context import Context, role_plan
+from dq.runtime.context import Context
+from dq.runtime.loops import pause
+from dq.runtime.resources import role_resources
 from dq.sharding import cluster
 from dq.sharding.health import ShardHealth, health_path, read_health, safe_name, write_health
 from dq.sharding.plan import (
@@ -392,8 +394,14 @@ class Retirement:
                  shard.label, why)
 
 
-def _open_registry(settings: Settings) -> Registry:
-    return Registry(settings.db_url())
+def checker_store(settings: Settings, plan: ShardPlan) -> Store:
+    """The checker's own store: short command timeouts, and no health record to follow
+    (it writes that record)."""
+    shards = ShardSet.from_urls(plan.shards, plan.retired, command_timeout=2.0,
+                                cluster_partitions=settings.cluster_partitions,
+                                replica_acks=settings.replica_acks)
+    return Store(shards, prefix=settings.prefix, buckets=settings.buckets, zone=settings.zone,
+                 orig_prefix=settings.adopt_prefix)
 
 
 async def adopt_loop(ctx: Context, checker: Checker, adopter: Adopter, mover: GuestMover,
@@ -416,9 +424,7 @@ async def adopt_loop(ctx: Context, checker: Checker, adopter: Adopter, mover: Gu
         except Exception as exc:  # never fatal to the checker: tried again later
             log.warning("%s: adopting php-delayqueue's jobs failed (%s: %s); trying again "
                         "in %.0f s", ctx.name, exc.__class__.__name__, exc, every)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(every):
-                await ctx.stopping.wait()
+        await pause(ctx.stopping, every)
 
 
 async def export_loop(ctx: Context, exporter: StatExporter,
@@ -438,9 +444,7 @@ async def export_loop(ctx: Context, exporter: StatExporter,
             failing = True
         if stopping:
             return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(every):
-                await ctx.stopping.wait()
+        await pause(ctx.stopping, every)
 
 
 async def _warn_stray(shards: ShardSet, prefix: str) -> None:
@@ -451,64 +455,54 @@ async def run(ctx: Context, *, registry: Registry | None = None,
               mail_every: float = MAIL_EVERY) -> None:
     """Ping every shard every checker_interval seconds until ctx.stopping is set."""
     settings = ctx.settings
-    own_registry = registry is None
-    plan = ctx.plan
-    try:
-        if registry is None:
-            registry = await asyncio.to_thread(_open_registry, settings)
-        if plan is None:
-            plan = await role_plan(ctx, registry)
-    except Exception as exc:
+
+    def no_registry(exc: Exception) -> None:
         log.warning("%s: cannot read the registry (%s); checking the configured shards, "
                     "without alert mail", ctx.name, exc)
-    plan = plan or plan_shards(settings)
-    shards = ShardSet.from_urls(plan.shards, plan.retired, command_timeout=2.0,
-                                cluster_partitions=settings.cluster_partitions,
-                                replica_acks=settings.replica_acks)
-    checker = Checker(ctx, shards, registry=registry, mail_every=mail_every)
-    store = Store(shards, prefix=settings.prefix, buckets=settings.buckets, zone=settings.zone,
-                  orig_prefix=settings.adopt_prefix)
-    mover = GuestMover(store)
-    retirement = Retirement(ctx, store)
-    log.info("%s started: %d shard(s), every %.1f s, down after %.1f s, record %s", ctx.name,
-             len(shards.shards), settings.checker_interval, settings.shard_down_after,
-             checker.path)
-    watch = None if registry is None else asyncio.create_task(
-        watch_shards(ctx, registry, plan, settings.registry_refresh))
-    duties = []
-    if settings.adopt_prefix:
-        duties.append(asyncio.create_task(
-            adopt_loop(ctx, checker, Adopter(store), mover, registry), name="adopt"))
-    if registry is not None:
-        duties.append(asyncio.create_task(
-            export_loop(ctx, StatExporter(store, registry)), name="stat-export"))
-    # a Redis Cluster's jobs under another cluster_partitions count: said once, at start
-    duties.append(asyncio.create_task(_warn_stray(shards, settings.prefix),
-                                      name="cluster-stray"))
-    try:
-        while not ctx.stopping.is_set():
-            started = time.monotonic()
-            await checker.check()
-            ctx.ready.set()
-            await retirement.run(checker.answering)
-            await checker.sweep(mover, budget=settings.checker_interval / 2)
-            wait = max(0.0, settings.checker_interval - (time.monotonic() - started))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await ctx.stopping.wait()
-    finally:
-        if watch is not None:
-            watch.cancel()
-        # the last export runs on stopping; adoption stops where it is (a later pass goes on)
-        with contextlib.suppress(Exception, TimeoutError):
-            async with asyncio.timeout(5.0):
-                await asyncio.gather(*duties, return_exceptions=True)
-        for task in duties:
-            task.cancel()
-        await checker.wait_mails(12.0)
-        await shards.close()
-        if own_registry and registry is not None:
-            registry.close()
-        log.info("%s stopped: rounds=%d failures=%d changes=%d mailed=%d guests_moved=%d "
-                 "adopted=%d", ctx.name, checker.rounds, checker.failures, checker.changes,
-                 checker.mailed, checker.guests_moved, checker.adopted)
+
+    async with role_resources(ctx, registry=registry, open_registry=True,
+                              make_store=checker_store, registry_failed=no_registry) as res:
+        store, registry, plan = res.store, res.registry, res.plan
+        assert plan is not None
+        shards = store.shards
+        checker = Checker(ctx, shards, registry=registry, mail_every=mail_every)
+        mover = GuestMover(store)
+        retirement = Retirement(ctx, store)
+        log.info("%s started: %d shard(s), every %.1f s, down after %.1f s, record %s",
+                 ctx.name, len(shards.shards), settings.checker_interval,
+                 settings.shard_down_after, checker.path)
+        watch = None if registry is None else asyncio.create_task(
+            watch_shards(ctx, registry, plan, settings.registry_refresh))
+        duties = []
+        if settings.adopt_prefix:
+            duties.append(asyncio.create_task(
+                adopt_loop(ctx, checker, Adopter(store), mover, registry), name="adopt"))
+        if registry is not None:
+            duties.append(asyncio.create_task(
+                export_loop(ctx, StatExporter(store, registry)), name="stat-export"))
+        # a Redis Cluster's jobs under another cluster_partitions count: said once, at start
+        duties.append(asyncio.create_task(_warn_stray(shards, settings.prefix),
+                                          name="cluster-stray"))
+        try:
+            while not ctx.stopping.is_set():
+                started = time.monotonic()
+                await checker.check()
+                ctx.ready.set()
+                await retirement.run(checker.answering)
+                await checker.sweep(mover, budget=settings.checker_interval / 2)
+                wait = max(0.0, settings.checker_interval - (time.monotonic() - started))
+                await pause(ctx.stopping, wait)
+        finally:
+            if watch is not None:
+                watch.cancel()
+            # the last export runs on stopping; adoption stops where it is (a later pass
+            # goes on)
+            with contextlib.suppress(Exception, TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await asyncio.gather(*duties, return_exceptions=True)
+            for task in duties:
+                task.cancel()
+            await checker.wait_mails(12.0)
+            log.info("%s stopped: rounds=%d failures=%d changes=%d mailed=%d guests_moved=%d "
+                     "adopted=%d", ctx.name, checker.rounds, checker.failures, checker.changes,
+                     checker.mailed, checker.guests_moved, checker.adopted)

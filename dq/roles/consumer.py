@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import functools
 import json
 import logging
@@ -73,7 +72,9 @@ from dq.roles.breaker import Breakers
 from dq.roles.callback import EXCERPT, ExprCache, Outcome, call, open_session
 from dq.roles.flow import shard_limits
 from dq.roles.netpolicy import CallbackPolicy
-from dq.runtime.context import Context, open_store, role_plan
+from dq.runtime.context import Context
+from dq.runtime.loops import Backoff, pause
+from dq.runtime.resources import RoleResources, role_resources
 from dq.sharding.shards import Shard
 from dq.storage.store import Claimed, FlowLimit, Store, split_tid
 
@@ -169,13 +170,14 @@ class Consumer:
     """One consumer process's work over all shards, with its counters."""
 
     def __init__(self, ctx: Context, store: Store, topics: TopicCache,
-                 registry: Registry | None, *, owns_registry: bool = False) -> None:
+                 registry: Registry | None, *, resources: RoleResources | None = None) -> None:
         self.ctx = ctx
         self.settings = ctx.settings
         self.store = store
         self.topics = topics
-        self.registry = registry
-        self.owns_registry = owns_registry  # close it at the end
+        # the registry, opened when first needed if none was given (role_resources closes it)
+        self.resources = resources or RoleResources(ctx.settings, store=store,
+                                                    registry=registry)
         self.exprs = ExprCache()
         self.capped: set[str] = set()  # topics whose timeout was cut to fit the lease
         self.slots = Slots(ctx.settings.concurrency)
@@ -237,20 +239,15 @@ class Consumer:
             for t in pending:
                 t.cancel()
 
-    async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self.ctx.stopping.wait()
-
     async def _claim_loop(self, shard: Shard) -> None:
-        idle, backoff = IDLE_MIN, BACKOFF_MIN
+        idle, backoff = Backoff(IDLE_MIN, IDLE_MAX), Backoff(BACKOFF_MIN, BACKOFF_MAX)
         weights = self.settings.priority_weights
         # A claim holds its slots until Redis answers: one on a shard that hangs must
         # leave slots to the other shards' loops (a loop with work claims again at once).
         share = -(-self.settings.concurrency // len(self.store.shards.shards))
         while not self.ctx.stopping.is_set():
             if not shard.up:  # marked down by the checker, or its breaker is open
-                await self._pause(DOWN_WAIT)
+                await pause(self.ctx.stopping, DOWN_WAIT)
                 continue
             n = await self.slots.take(self.ctx.stopping, share)
             if n == 0:
@@ -264,23 +261,22 @@ class Consumer:
                 self.slots.give(n)
                 if isinstance(exc, SHARD_ERRORS):
                     log.warning("%s: claim on shard %s failed (%s: %s); retrying in %.1fs",
-                                self.ctx.name, shard.label, exc.__class__.__name__, exc, backoff)
+                                self.ctx.name, shard.label, exc.__class__.__name__, exc,
+                                backoff.delay)
                 else:
                     log.exception("%s: claim on shard %s failed", self.ctx.name, shard.name)
-                await self._pause(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
+                await backoff.wait(self.ctx.stopping)
                 continue
-            backoff = BACKOFF_MIN
+            backoff.reset()
             self.slots.give(n - len(jobs))
             for c in jobs:
                 task = asyncio.create_task(self._deliver(c, leased))
                 self.tasks.add(task)
                 task.add_done_callback(self._delivered)
             if jobs:
-                idle = IDLE_MIN
+                idle.reset()
             else:
-                await self._pause(idle)
-                idle = min(idle * 2, IDLE_MAX)
+                await idle.wait(self.ctx.stopping)
 
     async def _flow_limits(self, shard: Shard) -> list[FlowLimit]:
         """The flow limits to claim with on `shard`: rebuilt when the topics were reloaded
@@ -504,10 +500,8 @@ class Consumer:
         """Mail a dead letter's alert; once mailed (or with nobody to mail) it is no longer
         owed. One that fails stays owed: consumer 0's sweep tries it again later."""
         try:
-            if self.registry is None:
-                self.registry = await asyncio.to_thread(Registry, self.settings.db_url())
-                self.owns_registry = True
-            conf = await asyncio.to_thread(self.registry.alert)
+            registry = await self.resources.registry_now()
+            conf = await asyncio.to_thread(registry.alert)
             subject, text = dead_letter_mail(topic, c, error)
             sent = await send_alert(conf, topic.emails, subject, text)
             if sent or not (conf.host and any(a.strip() for a in topic.emails)):
@@ -524,10 +518,8 @@ class Consumer:
         """Mail a breaker's opening or closing; once mailed (or with nobody to mail) it is
         no longer owed. One that fails stays owed: consumer 0's sweep tries it again."""
         try:
-            if self.registry is None:
-                self.registry = await asyncio.to_thread(Registry, self.settings.db_url())
-                self.owns_registry = True
-            conf = await asyncio.to_thread(self.registry.alert)
+            registry = await self.resources.registry_now()
+            conf = await asyncio.to_thread(registry.alert)
             subject, text = breaker_mail(topic, json.loads(member))
             sent = await send_alert(conf, topic.emails, subject, text)
             if sent or not (conf.host and any(a.strip() for a in topic.emails)):
@@ -553,7 +545,7 @@ class Consumer:
         """Consumer 0 mails, every ALERT_SWEEP seconds, the alerts still owed: their
         consumer died or was stopped before mailing, or the mail server failed."""
         while not self.ctx.stopping.is_set():
-            await self._pause(ALERT_SWEEP)
+            await pause(self.ctx.stopping, ALERT_SWEEP)
             for shard in self.store.shards.shards:
                 if self.ctx.stopping.is_set() or not shard.up:
                     continue
@@ -596,27 +588,20 @@ async def run(ctx: Context, store: Store | None = None, topics: TopicCache | Non
     from `registry`, else from a registry opened on `settings.db_url()` when first needed.
     """
     settings = ctx.settings
-    own_store, own_registry = store is None, False
-    if topics is None and registry is None:
-        registry, own_registry = await asyncio.to_thread(Registry, settings.db_url()), True
-    if store is None:
-        store = open_store(settings, await role_plan(ctx, registry))
-    if topics is None:
-        assert registry is not None
-        topics = TopicCache(registry, refresh=settings.registry_refresh)
-    consumer = Consumer(ctx, store, topics, registry, owns_registry=own_registry)
-    started = time.monotonic()
-    log.info("%s started: %d shard(s), concurrency %d, lease %.1fs, retry unit %.1fs",
-             ctx.name, len(store.shards.shards), settings.concurrency, settings.lease,
-             settings.retry_unit)
-    try:
-        await consumer.serve()
-    finally:
-        log.info("%s stopped after %.0fs: delivered=%d retried=%d dead=%d failed=%d parked=%d "
-                 "deferred=%d", ctx.name, time.monotonic() - started, consumer.delivered,
-                 consumer.retried, consumer.dead, consumer.failed, consumer.parked,
-                 consumer.deferred)
-        if own_store:
-            await store.shards.close()
-        if consumer.owns_registry and consumer.registry is not None:
-            consumer.registry.close()
+    async with role_resources(ctx, store=store, registry=registry,
+                              open_registry=topics is None) as res:
+        if topics is None:
+            assert res.registry is not None
+            topics = TopicCache(res.registry, refresh=settings.registry_refresh)
+        consumer = Consumer(ctx, res.store, topics, res.registry, resources=res)
+        started = time.monotonic()
+        log.info("%s started: %d shard(s), concurrency %d, lease %.1fs, retry unit %.1fs",
+                 ctx.name, len(res.store.shards.shards), settings.concurrency, settings.lease,
+                 settings.retry_unit)
+        try:
+            await consumer.serve()
+        finally:
+            log.info("%s stopped after %.0fs: delivered=%d retried=%d dead=%d failed=%d "
+                     "parked=%d deferred=%d", ctx.name, time.monotonic() - started,
+                     consumer.delivered, consumer.retried, consumer.dead, consumer.failed,
+                     consumer.parked, consumer.deferred)

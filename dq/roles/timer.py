@@ -17,7 +17,6 @@ or on that event, whichever comes first.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -25,7 +24,9 @@ from collections.abc import Sequence
 from redis.exceptions import RedisError
 
 from dq.errors import DqError
-from dq.runtime.context import Context, open_store, role_plan
+from dq.runtime.context import Context
+from dq.runtime.loops import Backoff, pause
+from dq.runtime.resources import role_resources
 from dq.sharding.shards import Shard
 from dq.storage.store import Store
 
@@ -45,16 +46,6 @@ SHARD_ERRORS = (DqError, RedisError, OSError, asyncio.TimeoutError)
 def owned_buckets(buckets: int, timers: int, index: int) -> list[int]:
     """The buckets timer `index` of `timers` works on each shard."""
     return [b for b in range(buckets) if b % timers == index]
-
-
-async def _sleep_unless(event: asyncio.Event, seconds: float) -> bool:
-    """Sleep up to `seconds`; True when `event` was set meanwhile (or already)."""
-    if event.is_set():
-        return True
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            await event.wait()
-    return event.is_set()
 
 
 class Timer:
@@ -91,24 +82,22 @@ class Timer:
     async def _shard_loop(self, shard: Shard) -> None:
         wake = asyncio.Event()
         waker = asyncio.create_task(self._wake_loop(shard, wake), name=f"wake:{shard.name}")
-        backoff = BACKOFF_MIN
+        backoff = Backoff(BACKOFF_MIN, BACKOFF_MAX)
         stopping = self.ctx.stopping
         try:
             while not stopping.is_set():
                 if not shard.up:  # marked down by the checker, or its breaker is open
-                    await _sleep_unless(stopping, DOWN_WAIT)
+                    await pause(stopping, DOWN_WAIT)
                     continue
                 wake.clear()  # before the sweep: a wake landing during it is not lost
                 try:
                     wait = await self._sweep(shard)
                 except SHARD_ERRORS as exc:
-                    self._failed(shard, "sweep", exc, backoff)
-                    await _sleep_unless(stopping, backoff)
-                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    self._failed(shard, "sweep", exc, backoff.delay)
+                    await backoff.wait(stopping)
                     continue
-                if backoff > BACKOFF_MIN:
+                if backoff.reset():
                     log.info("timer: shard %s answers again", shard.label)
-                backoff = BACKOFF_MIN
                 if wait > 0:
                     await self._wait(wake, wait)
         finally:
@@ -161,21 +150,20 @@ class Timer:
                     log.warning("timer: checking the buckets of shard %s failed (%s: %s); "
                                 "trying again in %.0fs", shard.label, exc.__class__.__name__,
                                 exc, LAYOUT_EVERY)
-            await _sleep_unless(self.ctx.stopping, LAYOUT_EVERY)
+            await pause(self.ctx.stopping, LAYOUT_EVERY)
 
     async def _wake_loop(self, shard: Shard, wake: asyncio.Event) -> None:
         """BLPOP the owned wake lists; set `wake` for every pop. Ends when stopping."""
-        backoff = BACKOFF_MIN
+        backoff = Backoff(BACKOFF_MIN, BACKOFF_MAX)
         timeout = min(self.tick, 1.0)
         while not self.ctx.stopping.is_set():
             try:
                 got = await shard.client.blpop(self.wake_keys, timeout=timeout)
             except SHARD_ERRORS as exc:
-                self._failed(shard, "wake", exc, backoff)
-                await _sleep_unless(self.ctx.stopping, backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
+                self._failed(shard, "wake", exc, backoff.delay)
+                await backoff.wait(self.ctx.stopping)
                 continue
-            backoff = BACKOFF_MIN
+            backoff.reset()
             if got is not None:
                 wake.set()
 
@@ -187,20 +175,17 @@ class Timer:
 
 async def run(ctx: Context, store: Store | None = None) -> None:
     """Run timer `ctx.index` until `ctx.stopping` is set. Closes the store it opened."""
-    own_store = store is None
-    if store is None:
-        store = open_store(ctx.settings, await role_plan(ctx))
-    timer = Timer(ctx, store)
-    started = time.monotonic()
-    log.info("%s started: buckets %s of %d on %d shard(s), tick %.2fs", ctx.name,
-             _ranges(timer.owned), store.buckets, len(store.shards.shards), timer.tick)
-    try:
-        await timer.serve()
-    finally:
-        log.info("%s stopped after %.0fs: moved=%d requeued=%d errors=%d", ctx.name,
-                 time.monotonic() - started, timer.moved, timer.requeued, timer.errors)
-        if own_store:
-            await store.shards.close()
+    async with role_resources(ctx, store=store) as res:
+        timer = Timer(ctx, res.store)
+        started = time.monotonic()
+        log.info("%s started: buckets %s of %d on %d shard(s), tick %.2fs", ctx.name,
+                 _ranges(timer.owned), res.store.buckets, len(res.store.shards.shards),
+                 timer.tick)
+        try:
+            await timer.serve()
+        finally:
+            log.info("%s stopped after %.0fs: moved=%d requeued=%d errors=%d", ctx.name,
+                     time.monotonic() - started, timer.moved, timer.requeued, timer.errors)
 
 
 def _ranges(buckets: Sequence[int]) -> str:
