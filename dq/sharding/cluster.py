@@ -9,8 +9,9 @@ masters, and rendezvous hashing spreads jobs over the partitions as over plain s
 Each partition's tag is picked so the tags' slots are spread evenly over 0..16383: every
 master that serves a fair share of the slots serves partitions.
 
-Routing follows the cluster: the slot map comes from `CLUSTER SLOTS` (any node that
-answers; refreshed on a connection loss, `MOVED` and `CLUSTERDOWN`); `MOVED` and `ASK`
+Routing follows the cluster: the slot map (dq/sharding/clustermap.py) comes from
+`CLUSTER SLOTS` (any node that answers; refreshed on a connection loss, `MOVED` and
+`CLUSTERDOWN`); `MOVED` and `ASK`
 (`ASKING` first) are followed; `TRYAGAIN` (a slot half moved by a reshard) is tried again
 for a while. A command is sent again only when Redis said it did not run it (`MOVED`,
 `ASK`, `TRYAGAIN`, `CLUSTERDOWN`, or a connection that could not be made); a connection
@@ -25,12 +26,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from dq.errors import UNAVAILABLE, DqError
-from dq.sharding.clusterurl import SLOTS, Addr, ClusterUrl, key_slot
+from dq.sharding.clustermap import ClusterMap, stray_partitions
+from dq.sharding.clusterurl import Addr, key_slot
 from dq.sharding.resp import ReplyCallback, RespConnection, safe_name
+
+__all__ = ["ClusterMap", "PartitionClient", "PartitionConnection", "tag_keys", "warn_stray"]
 
 log = logging.getLogger("dq.cluster")
 
@@ -39,7 +42,6 @@ REDIRECTS = 16  # MOVED/ASK hops one command may take before it fails
 # reshard, CLUSTERDOWN during a failover) before it fails as unavailable (the add is then
 # stored on another partition, as on a plain shard that is down).
 SETTLE_FOR = 3.0
-REFRESH_GAP = 0.2  # seconds between two CLUSTER SLOTS of one map (a storm asks once)
 
 
 # Commands whose every argument is a key, keyless ones, and the rest: key first.
@@ -86,121 +88,6 @@ def _redirect(msg: str) -> tuple[str, int, Addr] | None:
 def _not_now(msg: str) -> bool:
     """Redis did not run the command and it may run shortly (a reshard, a failover)."""
     return msg.startswith(("TRYAGAIN", "CLUSTERDOWN"))
-
-
-class ClusterMap:
-    """One process's view of one cluster: which node serves each slot, and one pipelined
-    connection per node shared by the partitions that live there."""
-
-    def __init__(self, cu: ClusterUrl, *, connect_timeout: float, command_timeout: float,
-                 replica_acks: int = 0) -> None:
-        self.cu = cu
-        # passed on only when set: a RespConnection that waits for replicas takes it
-        self._conn_kw: dict[str, Any] = {"replica_acks": replica_acks} if replica_acks else {}
-        self.label = safe_name(cu.url)
-        self.connect_timeout = connect_timeout
-        self.command_timeout = command_timeout
-        self.slots: list[Addr | None] = [None] * SLOTS
-        self.masters: set[Addr] = set()
-        self.conns: dict[Addr, RespConnection] = {}
-        self.clients: dict[Addr, aioredis.Redis] = {}
-        self._refreshing: asyncio.Future[None] | None = None
-        self._refreshed = 0.0  # monotonic
-        self.closed = False
-
-    def node_url(self, addr: Addr) -> str:
-        host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
-        return f"{'rediss' if self.cu.tls else 'redis'}://{self.cu.userinfo}{host}:{addr[1]}/0"
-
-    def conn(self, addr: Addr) -> RespConnection:
-        conn = self.conns.get(addr)
-        if conn is None:
-            conn = self.conns[addr] = RespConnection(
-                self.node_url(addr), name=f"{self.label} node {addr[0]}:{addr[1]}",
-                connect_timeout=self.connect_timeout, command_timeout=self.command_timeout,
-                **self._conn_kw)
-        return conn
-
-    def client(self, addr: Addr) -> aioredis.Redis:
-        """A redis-py client of one node, for blocking commands (the timers' BLPOP)."""
-        client = self.clients.get(addr)
-        if client is None:
-            client = self.clients[addr] = aioredis.Redis.from_url(
-                self.node_url(addr), socket_connect_timeout=self.connect_timeout,
-                socket_timeout=self.command_timeout, health_check_interval=0,
-                max_connections=64, socket_keepalive=True)
-        return client
-
-    async def refresh(self) -> None:
-        """Read the slot map again (once for every caller that asks meanwhile, and at most
-        every REFRESH_GAP seconds)."""
-        if self._refreshing is None:
-            if time.monotonic() - self._refreshed < REFRESH_GAP and any(self.slots):
-                return
-            fut = asyncio.ensure_future(self._refresh())
-            self._refreshing = fut
-            fut.add_done_callback(self._refresh_done)
-        await asyncio.shield(self._refreshing)
-
-    def _refresh_done(self, fut: asyncio.Future[None]) -> None:
-        self._refreshing = None
-        self._refreshed = time.monotonic()
-        if not fut.cancelled():
-            fut.exception()  # retrieved here; the awaiting callers see it too
-
-    async def _refresh(self) -> None:
-        # Masters we know first (they see the newest map soonest), then the seeds.
-        candidates = list(dict.fromkeys([*sorted(self.masters), *self.conns, *self.cu.seeds]))
-        why: list[str] = []
-        for addr in candidates:
-            try:
-                async with asyncio.timeout(self.connect_timeout + 1.0):
-                    reply = await self.conn(addr).call("CLUSTER", "SLOTS")
-            except (DqError, ResponseError, TimeoutError, OSError) as exc:
-                why.append(f"{addr[0]}:{addr[1]}: {exc or 'no answer'}")
-                continue
-            self._apply(reply, addr)
-            return
-        raise DqError(UNAVAILABLE, f"redis cluster {self.label}: no node gave its slot map "
-                      f"({'; '.join(why)[:300]}); retry shortly")
-
-    def _apply(self, reply: Any, asked: Addr) -> None:
-        slots: list[Addr | None] = [None] * SLOTS
-        masters: set[Addr] = set()
-        for row in reply:
-            start, end, master = int(row[0]), int(row[1]), row[2]
-            host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
-            addr = (host or asked[0], int(master[1]))
-            masters.add(addr)
-            for s in range(start, end + 1):
-                slots[s] = addr
-        if masters != self.masters:
-            log.info("redis cluster %s: masters %s", self.label,
-                     ", ".join(f"{h}:{p}" for h, p in sorted(masters)))
-        self.slots, self.masters = slots, masters
-
-    async def node(self, slot: int) -> Addr:
-        addr = self.slots[slot]
-        if addr is None:
-            await self.refresh()
-            addr = self.slots[slot]
-        if addr is None:
-            raise DqError(UNAVAILABLE, f"redis cluster {self.label}: no node serves slot "
-                          f"{slot}; retry shortly")
-        return addr
-
-    def moved(self, slot: int, addr: Addr) -> None:
-        self.slots[slot] = addr
-        self._refreshed = 0.0  # the next refresh may go ahead at once
-
-    async def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        for conn in self.conns.values():
-            conn.close()
-        await asyncio.gather(*(c.aclose() for c in self.clients.values()),
-                             return_exceptions=True)
 
 
 class PartitionConnection:
@@ -406,30 +293,6 @@ class PartitionClient:
 
     async def aclose(self) -> None:
         await self.map.close()
-
-
-async def stray_partitions(cmap: ClusterMap, tags: Sequence[str], prefix: str,
-                           ) -> dict[str, int]:
-    """Partitions of another `cluster_partitions` count that hold jobs on the cluster: tag
-    -> jobs there. dq reads only the partitions of its count, so jobs under other tags
-    would wait forever (the count was changed after jobs were stored)."""
-    await cmap.refresh()
-    known = set(tags)
-    pattern = "{dq:*}" + "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "jobs"
-    found: dict[str, int] = {}
-    for addr in sorted(cmap.masters):
-        conn, cursor = cmap.conn(addr), 0
-        while True:
-            cursor, keys = await conn.call("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
-            for raw in keys:
-                key = raw.decode()
-                tag = key[:key.index("}") + 1]
-                if tag not in known and key == tag + prefix + "jobs":
-                    found[tag] = int(await conn.call("HLEN", key))
-            cursor = int(cursor)
-            if not cursor:
-                break
-    return {tag: n for tag, n in found.items() if n}
 
 
 async def warn_stray(shards: Sequence[Any], prefix: str) -> dict[str, dict[str, int]]:

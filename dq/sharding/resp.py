@@ -5,167 +5,42 @@ are written with one `transport.write` at its end (`call_nowait`), a batch its c
 gathered itself at once (`send_then`), and replies are matched in order by hiredis. That
 is what the server, timers and consumers need per request: no pool, no per-command
 timeout object, no per-command task. redis-py is still used for blocking and admin
-commands.
+commands. The RESP codec is in dq/sharding/respproto.py, the WAITs of replica_acks in
+dq/sharding/replicawait.py, the refusals a shard answers with in dq/sharding/refusals.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import logging
 import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
-from typing import Any, TypeAlias, cast
+from typing import Any, cast
 from urllib.parse import unquote, urlparse
 
-import hiredis
-from redis.exceptions import NoScriptError, ResponseError
-
 from dq.errors import UNAVAILABLE, DqError
-from dq.sharding.shardurl import mask
+from dq.sharding.refusals import (
+    REFUSAL_LOG_EVERY,
+    REFUSALS,
+    WAIT_MS,
+    ReplicasBehind,
+    ShardRefused,
+    safe_name,
+)
+from dq.sharding.replicawait import DURABLE, ReplicaWaits
+from dq.sharding.respproto import ReplyCallback, RespProtocol, Waiter, call_back, pack, settle
+
+# Also importable from here, where they were first defined.
+__all__ = ["WAIT_MS", "ReplicasBehind", "ReplyCallback", "RespConnection", "ShardRefused",
+           "pack", "safe_name"]
 
 log = logging.getLogger("dq.resp")
 
-# Gets a command's reply, or the exception it failed with, as soon as it is read.
-ReplyCallback: TypeAlias = Callable[[Any, BaseException | None], None]
-Waiter: TypeAlias = "asyncio.Future[Any] | ReplyCallback"
-# Writes whose replies wait for a WAIT: (waiter, strict, reply, error), filled in as each
-# reply is read; a strict one fails when the WAIT falls short.
-Held: TypeAlias = "list[tuple[Waiter, bool, Any, BaseException | None]]"
-
-
-def safe_name(text: str) -> str:
-    """A shard name or URL with any password masked, fit for a log line, an error or the
-    health record (a shard from the settings is named by its URL)."""
-    return mask(text)
-
-
-class ShardRefused(DqError):
-    """A shard that is up but refuses writes (out of memory, a read-only replica, a failed
-    disk save): err "unavailable", with what is wrong in the shard's words. Not a shard
-    failure: reads still work there, so its breaker stays closed and an add is not moved
-    to another shard (nothing would move it home while the shard refuses writes)."""
-
-    def __init__(self, label: str, what: str, fix: str) -> None:
-        self.label, self.what, self.fix = label, what, fix
-        super().__init__(UNAVAILABLE, f"redis shard {label} {what}: nothing was written; {fix}")
-
-    def for_add(self) -> DqError:
-        """The same refusal, worded for the client whose add it refused."""
-        return DqError(UNAVAILABLE, f"redis shard {self.label} {self.what}: job not stored; "
-                       f"retry later ({self.fix})")
-
-
-class ReplicasBehind(ShardRefused):
-    """A write the master made but fewer than `replica_acks` replicas confirmed within
-    WAIT_MS (Redis WAIT): err "unavailable". Like a refusal it neither opens the shard's
-    breaker nor moves an add to another shard: the job is on this shard's master (it may
-    still be delivered), and the client's retry of the same id replaces it there."""
-
-    def __init__(self, label: str, wanted: int, got: int | None, why: str = "") -> None:
-        self.label, self.wanted, self.got = label, wanted, got
-        self.what = (f"stored it on the master but not yet on {wanted} replica(s) within "
-                     f"{WAIT_MS} ms ({why or f'{got} confirmed'})")
-        self.fix = ("retry: the same id replaces the job, so it is not delivered twice; if "
-                    "this goes on, check the replicas (INFO replication) or lower "
-                    "replica_acks")
-        DqError.__init__(self, UNAVAILABLE, f"redis shard {label} {self.what}; {self.fix}")
-
-    def for_add(self) -> DqError:
-        return DqError(UNAVAILABLE, f"redis shard {self.label} {self.what}: the add is not "
-                       f"acknowledged; {self.fix}")
-
-
-# (text in the Redis error, what it means, what the operator does). In a Lua script the
-# error comes wrapped ("ERR Error running script ...: -OOM command not allowed ...").
-_REFUSALS: tuple[tuple[str, str, str], ...] = (
-    ("OOM command not allowed", "is out of memory (maxmemory)",
-     "its operator must free memory or raise maxmemory"),
-    ("READONLY You can't write", "is a read-only replica",
-     "point dq at its master, or at Sentinel with redis+sentinel://"),
-    ("MISCONF ", "cannot save to disk (MISCONF) and refuses writes",
-     "its operator must fix its disk or save settings"),
-)
 CLOCK_FRESH = 5.0  # seconds a comparison of the shard's clock with ours is used for
 CLOCK_MARGIN_MS = 5  # what the two clocks may drift apart in that while, and more
-REFUSAL_LOG_EVERY = 10.0  # seconds between a connection's log lines about refused writes
-# With replica_acks, how long (ms) a batch of writes waits for its replicas (Redis WAIT)
-# before it fails as ReplicasBehind: well under add_timeout, so that an add is answered
-# in time and its shard is not taken for a silent one.
-WAIT_MS = 150
-# After a WAIT fell short, the writes of the next SHORT_FOR seconds are not waited for
-# (a PING marks where their replies end) and fail as ReplicasBehind at once; then one WAIT
-# tries again. WAIT holds the connection (and Redis times it out only on its 100 ms
-# cron), so waiting for each batch while a replica is gone would leave every other
-# command queued behind the refused adds.
-SHORT_FOR = 1.0
-# The commands that change jobs (every state change is a script): with replica_acks, each
-# flush of the connection that carries one is followed by one WAIT.
-_PING = b"*1\r\n$4\r\nPING\r\n"
-DURABLE = frozenset((b"EVALSHA", "EVALSHA", b"EVAL", "EVAL"))
-
-
-def pack(args: tuple[Any, ...]) -> bytes:
-    """One command in RESP (*<n> then $<len> <bytes> per argument), packed by hiredis in C:
-    a batch of adds is a few thousand arguments, 2.3x faster than spelling them in Python."""
-    try:
-        return cast(bytes, hiredis.pack_command(args))
-    except TypeError:
-        bad = [type(a).__name__ for a in args if type(a) not in (str, int, float, bytes)]
-        if not bad:
-            raise
-        raise TypeError(f"cannot send {bad[0]} to redis") from None
-
-
-class _Protocol(asyncio.Protocol):
-    def __init__(self, conn: RespConnection) -> None:
-        self.conn = conn
-        self.reader = hiredis.Reader()
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-        self.conn.heard = time.monotonic()
-        waiting = self.conn.waiting
-        while True:
-            reply = self.reader.gets()
-            if reply is False:
-                return
-            if not waiting:  # unsolicited; cannot happen without pub/sub
-                continue
-            waiter = waiting.popleft()
-            error: BaseException | None = None
-            if isinstance(reply, hiredis.ReplyError):
-                msg = str(reply)
-                error = (NoScriptError(msg) if msg.startswith("NOSCRIPT")
-                         else self.conn.refusal(msg) or ResponseError(msg))
-            if not isinstance(waiter, asyncio.Future):
-                _call(waiter, reply, error)
-            elif waiter.done():
-                continue
-            elif error is not None:
-                waiter.set_exception(error)
-            else:
-                waiter.set_result(reply)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.conn.lost(exc)
-
-
-def _held(held: Held, waiter: Waiter, strict: bool, reply: Any,
-          error: BaseException | None) -> None:
-    held.append((waiter, strict, reply, error))
-
-
-def _call(callback: ReplyCallback, reply: Any, error: BaseException | None) -> None:
-    """A reply callback; one that fails must not leave the other replies unmatched."""
-    try:
-        callback(None if error is not None else reply, error)
-    except Exception:
-        log.exception("a redis reply callback failed")
 
 
 class RespConnection:
@@ -183,18 +58,11 @@ class RespConnection:
         # Writes (scripts) are answered once this many replicas have them (Redis WAIT, one
         # per flush that carries any): their replies are held until the WAIT's arrives.
         self.replica_acks = replica_acks
-        self._held: Held | None = None
+        self.waits = ReplicaWaits(self)
         # Scripts (by sha) whose callers get their own result even when the WAIT after
         # them falls short: a timer's or consumer's step that, lost with its master, is
         # only done again (dq/sharding/shards.py sets them; adds, deletes and redrives are strict).
         self.lenient: frozenset[str] = frozenset()
-        self._short_until = 0.0  # monotonic: writes are not waited for until then
-        # One WAIT (or PING) in flight at a time; the writes flushed meanwhile wait for the
-        # next, sent when it answers (group commit: they arrive at Redis behind it anyway).
-        self._wait_out = False
-        self._pending: list[Held] = []
-        self._behind = 0  # writes not confirmed by enough replicas since the last log line
-        self._behind_logged = -REFUSAL_LOG_EVERY  # monotonic
         self.name = name
         self.label = safe_name(name)  # the name, shown: without a password
         self.connect_timeout = connect_timeout
@@ -213,7 +81,7 @@ class RespConnection:
         self._clock_asked = False
         self._refused = 0  # writes the shard refused since the last log line about them
         self._refusal_logged = -REFUSAL_LOG_EVERY  # monotonic
-        self._out: list[bytes] = []
+        self.out: list[bytes] = []
         self._flush_scheduled = False
         self._connecting: asyncio.Future[None] | None = None
         # The loop of the open connection. asyncio.get_running_loop() costs a getpid()
@@ -224,7 +92,7 @@ class RespConnection:
         """The ShardRefused a Redis error message means, if it is a refused write; logged
         as one line per connection every REFUSAL_LOG_EVERY seconds at most, with a count
         (never the command: it holds the job)."""
-        found = next((r for r in _REFUSALS if r[0] in msg), None)
+        found = next((r for r in REFUSALS if r[0] in msg), None)
         if found is None:
             return None
         _, what, fix = found
@@ -269,10 +137,10 @@ class RespConnection:
         u = urlparse(self.url)
         loop = self.loop = asyncio.get_running_loop()
         if u.scheme == "unix":
-            make = loop.create_unix_connection(lambda: _Protocol(self), unquote(u.path))
+            make = loop.create_unix_connection(lambda: RespProtocol(self), unquote(u.path))
         else:
             host, port = await self._address()
-            make = loop.create_connection(lambda: _Protocol(self), host, port, ssl=self._tls())
+            make = loop.create_connection(lambda: RespProtocol(self), host, port, ssl=self._tls())
         try:
             async with asyncio.timeout(self.connect_timeout):
                 transport, _ = await make
@@ -349,7 +217,7 @@ class RespConnection:
             fut.set_exception(self._unavailable("not connected"))
             return fut
         fut = self.loop.create_future()
-        self._queue(pack(args), self._hold(fut, args) if self.replica_acks
+        self._queue(pack(args), self.waits.hold(fut, args) if self.replica_acks
                     and args[0] in DURABLE else fut)
         return fut
 
@@ -360,19 +228,19 @@ class RespConnection:
         saves two loop turns. Not connected, the callback gets the error at once. Raises
         only for an argument that cannot be sent, before anything is queued."""
         if self.transport is None or self.transport.is_closing() or self.loop is None:
-            _call(callback, None, self._unavailable("not connected"))
+            call_back(callback, None, self._unavailable("not connected"))
             return
-        self._out.append(pack(args))
-        self._waits(self._hold(callback, args) if self.replica_acks and args[0] in DURABLE
+        self.out.append(pack(args))
+        self._waits(self.waits.hold(callback, args) if self.replica_acks and args[0] in DURABLE
                     else callback)
-        self._flush()
+        self.flush()
 
     def _queue(self, command: bytes, waiter: Waiter) -> None:
-        self._out.append(command)
+        self.out.append(command)
         self._waits(waiter)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            cast(asyncio.AbstractEventLoop, self.loop).call_soon(self._flush)
+            cast(asyncio.AbstractEventLoop, self.loop).call_soon(self.flush)
 
     def _waits(self, waiter: Waiter) -> None:
         """Add a waiter for the next reply, and watch that replies keep coming."""
@@ -403,89 +271,22 @@ class RespConnection:
             await self.connect()
         return await self.call_nowait(*args)
 
-    def _hold(self, waiter: Waiter, args: tuple[Any, ...]) -> ReplyCallback:
-        """A write's waiter, held until the WAIT that follows it in this flush answers.
-        It fails when the WAIT falls short unless its script is one of `lenient`."""
-        if self._held is None:
-            self._held = []
-        strict = len(args) < 2 or args[1] not in self.lenient
-        return functools.partial(_held, self._held, waiter, strict)
-
-    def _send_wait(self, groups: list[Held]) -> None:
-        """Queue the WAIT (or, while replicas are known missing, a PING) whose answer
-        releases these writes' replies; written with the next flush."""
-        self._wait_out = True
-        if self._short_until > time.monotonic():
-            self._out.append(_PING)
-            self.waiting.append(functools.partial(self._release, groups, waited=False))
-        else:
-            self._out.append(pack(("WAIT", self.replica_acks, WAIT_MS)))
-            self.waiting.append(functools.partial(self._release, groups))
-
-    def _release(self, groups: list[Held], reply: Any, error: BaseException | None, *,
-                 waited: bool = True) -> None:
-        """The WAIT after a flush's writes answered: they are told their own results when
-        enough replicas confirmed them, else ReplicasBehind (a write that failed on its
-        own is told its own error). Not `waited`: the PING sent instead of a WAIT while
-        replicas are known to be missing answered."""
-        short: BaseException | None = None
-        if error is not None:
-            short = ReplicasBehind(self.label, self.replica_acks, None, f"no answer: {error}")
-        elif not waited:
-            short = ReplicasBehind(self.label, self.replica_acks, None, "the last wait fell "
-                                   "short; waiting again within a second")
-        elif not isinstance(reply, int) or reply < self.replica_acks:
-            short = ReplicasBehind(self.label, self.replica_acks, reply)
-            self._short_until = time.monotonic() + SHORT_FOR
-        else:
-            self._short_until = 0.0
-        self._wait_out = False
-        held = [item for group in groups for item in group]
-        if short is not None and held:
-            self._behind += len(held)
-            now = time.monotonic()
-            if now >= self._behind_logged + REFUSAL_LOG_EVERY:
-                log.warning("redis shard %s: %d write(s) not confirmed by %d replica(s) "
-                            "within %d ms since the last report (%s); they are answered "
-                            "unavailable", self.label, self._behind, self.replica_acks,
-                            WAIT_MS, error or f"WAIT said {reply}")
-                self._behind_logged, self._behind = now, 0
-        for waiter, strict, res, exc in held:
-            if exc is None and short is not None and strict:
-                res, exc = None, short
-            if not isinstance(waiter, asyncio.Future):
-                _call(waiter, res, exc)
-            elif waiter.done():
-                continue
-            elif exc is not None:
-                waiter.set_exception(exc)
-            else:
-                waiter.set_result(res)
-        if self._pending and self.connected:
-            pending, self._pending = self._pending, []
-            self._send_wait(pending)
-            self._flush()
-
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write everything queued in one `transport.write` (with replica_acks, one WAIT
+        after the writes among it)."""
         self._flush_scheduled = False
-        if self._held is not None and self.transport is not None \
-                and not self.transport.is_closing():
-            # The writes of this flush, then one WAIT whose answer releases their replies.
-            if self._wait_out:
-                self._pending.append(self._held)
-            else:
-                self._send_wait([self._held])
-            self._held = None
-        if self._out and self.transport is not None and not self.transport.is_closing():
-            data = b"".join(self._out)
-            self._out.clear()
+        if self.replica_acks:
+            self.waits.flushing()
+        if self.out and self.transport is not None and not self.transport.is_closing():
+            data = b"".join(self.out)
+            self.out.clear()
             try:
                 self.transport.write(data)
             except Exception:  # not seen with asyncio's or uvloop's transports
                 # Its commands are lost: closing tells their waiters (lost()), once.
                 log.exception("writing to redis shard %s failed; reconnecting", self.label)
                 self.transport.abort()
-        self._out.clear()
+        self.out.clear()
 
     def lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -494,15 +295,8 @@ class RespConnection:
             self._watch = None
         err = self._unavailable(self._why or exc or "connection closed")
         while self.waiting:
-            waiter = self.waiting.popleft()
-            if not isinstance(waiter, asyncio.Future):
-                _call(waiter, None, err)
-            elif not waiter.done():
-                waiter.set_exception(err)
-        groups = self._pending + ([self._held] if self._held is not None else [])
-        self._pending, self._held, self._wait_out = [], None, False
-        if groups:  # writes flushed with no WAIT yet, or never flushed: each gets `err`
-            self._release(groups, None, err)
+            settle(self.waiting.popleft(), None, err)
+        self.waits.lost(err)
 
     def close(self) -> None:
         if self.transport is not None:
