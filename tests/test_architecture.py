@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # Leaves every layer may use: settings, error codes, JSON, and the shard URL parsers (pure
 # functions that settings and the registry need to check a URL).
-LOW = {"dq", "dq.config", "dq.errors", "dq.fastjson", "dq.sharding.shardurl",
+LOW = {"dq", "dq.config", "dq.config_check", "dq.errors", "dq.fastjson", "dq.sharding.shardurl",
        "dq.sharding.clusterurl"}
 PACKAGES = ("master", "runtime", "wire", "roles", "storage", "sharding", "registry")
 

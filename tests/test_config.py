@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
-from dq.config import Settings, is_loopback, load_settings
+from dq.config import Settings, load_settings
+from dq.config_check import is_loopback
 from dq.errors import ConfigError
 from tests.support.paths import REPO
 

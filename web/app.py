@@ -19,7 +19,8 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 
-from dq.config import Settings, is_loopback
+from dq.config import Settings
+from dq.config_check import is_loopback
 from dq.errors import ConfigError
 from dq.registry.core import Registry
 from dq.runtime.context import Context, open_store, read_plan, role_plan
