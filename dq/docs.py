@@ -1,7 +1,7 @@
 """README's generated tables: every setting, and a topic's fields with their defaults.
 
 Both are made from the definitions themselves (the `Settings` fields' metadata in
-dq/config.py; `Topic()` and `TOPIC_HELP` in dq/registry/core.py), so README cannot drift from
+dq/config.py; `Topic()` and `TOPIC_HELP` in dq/registry/values.py), so README cannot drift from
 them. After changing either, run `python -m dq.docs` to rewrite README.md's tables
 (`--check` only says whether they are current; tests/test_docs.py checks it too).
 """
@@ -16,7 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from dq.config import Settings, env_name, flag_name, shown_default
-from dq.registry.core import TOPIC_HELP, Topic, topic_values
+from dq.registry.values import TOPIC_HELP, Topic, topic_values
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 REGENERATE = "python -m dq.docs"

@@ -31,7 +31,8 @@ from fastapi.routing import APIRoute
 from markupsafe import escape
 
 from dq.config import Settings
-from dq.registry.core import Registry, Topic, TopicRow
+from dq.registry.core import Registry, Topic
+from dq.registry.models import TopicRow
 from dq.runtime.context import open_store
 from dq.storage.store import Store
 from tests.support.procs import free_port

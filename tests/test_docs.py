@@ -1,5 +1,5 @@
 """Settings and topic fields explain themselves: --help, --version and README's tables are
-made from the definitions (dq/config.py, dq/registry/core.py), and checked against them here."""
+made from the definitions (dq/config.py, dq/registry/values.py), and checked against them here."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_readme_tables_are_what_the_definitions_make() -> None:
     text = README.read_text(encoding="utf-8")
     assert render(text) == text, (
         f"README.md's settings or topic-fields table is out of date with dq/config.py or "
-        f"dq/registry/core.py: run `{REGENERATE}` and commit README.md")
+        f"dq/registry/values.py: run `{REGENERATE}` and commit README.md")
 
 
 def test_every_setting_is_documented_in_help_and_readme() -> None:

@@ -12,17 +12,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from dq.registry.core import (
-    AlertConf,
-    Base,
-    Registry,
-    ShardConf,
-    Topic,
-    create_tables,
-    make_engine,
-    normalise_redis_url,
-)
+from dq.registry.core import AlertConf, Registry, ShardConf, Topic
+from dq.registry.models import Base
+from dq.registry.schema import create_tables, make_engine
 from dq.registry.topics import TopicCache
+from dq.registry.values import normalise_redis_url
 
 SCHEMA_SQL = Path(__file__).parent.parent / "sql" / "schema.sql"
 

@@ -26,7 +26,7 @@ import pytest
 from dq.client import AsyncDqClient
 from dq.config import load_settings
 from dq.errors import UNAVAILABLE, ConfigError, DqError
-from dq.registry.core import normalise_redis_url
+from dq.registry.values import normalise_redis_url
 from dq.roles.netpolicy import own_services
 from dq.sharding.resp import WAIT_MS, ReplicasBehind
 from dq.sharding.shards import ShardSet

@@ -13,7 +13,9 @@ from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 from dq.registry import headers as hdr
-from dq.registry.core import (
+from dq.registry.retry_expr import PLACEHOLDER, RetryExprError, parse
+from dq.registry.retry_policy import RetryPolicyError, normalise
+from dq.registry.values import (
     BODY_FORMATS,
     MAX_CONCURRENCY,
     MAX_RATE,
@@ -22,8 +24,6 @@ from dq.registry.core import (
     normalise_redis_url,
     topic_values,
 )
-from dq.registry.retry_expr import PLACEHOLDER, RetryExprError, parse
-from dq.registry.retry_policy import RetryPolicyError, normalise
 from dq.roles.netpolicy import CallbackPolicy, judge_url
 from dq.sharding import clusterurl, shardurl
 from web.errors import Invalid

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from dq.registry.core import TOPIC_HELP, Topic, topic_values
+from dq.registry.values import TOPIC_HELP, Topic, topic_values
 
 
 class ErrorOut(BaseModel):
