@@ -57,7 +57,7 @@ async def run(url: str, n: int) -> None:
         idle_ms = (time.perf_counter() - t1) * 10
         print(f"adopted {counts['adopted']} ({counts['ready']} ready, {counts['delayed']} "
               f"delayed) in {took:.2f}s; left: {await shard.call('EXISTS', 'dq_job_info')} "
-              f"original keys; dq holds {await shard.call('HLEN', store.k_jobs)}")
+              f"original keys; dq holds {await shard.call('HLEN', store.keys.jobs)}")
         print(f"RESULT jobs={counts['adopted']} seconds={took:.2f} per_s={n / took:.0f} "
               f"idle_ms={idle_ms:.2f}")
     finally:

@@ -37,7 +37,7 @@ async def run(urls: list[str], n: int) -> None:
                                    exclude=(owner.name,))
             parts.append(job)
         for i in range(0, len(parts), 500):
-            await here.evalsha(store.add_args(parts[i:i + 500]))
+            await here.evalsha(store.batch.add_args(parts[i:i + 500]))
         mover = GuestMover(store)
         assert await mover.count(here) == len(mine)
         moved = 0
@@ -46,8 +46,8 @@ async def run(urls: list[str], n: int) -> None:
             counts = await mover.sweep(here, lambda s: True)
             moved += counts["moved"]
         took = time.perf_counter() - t0
-        left = await here.call("HLEN", store.k_jobs)
-        home = await owner.call("HLEN", store.k_jobs)
+        left = await here.call("HLEN", store.keys.jobs)
+        home = await owner.call("HLEN", store.keys.jobs)
         print(f"moved {moved} in {took:.2f}s; left on the first shard {left}, "
               f"on the owner {home}")
         print(f"RESULT guests={len(mine)} seconds={took:.2f} per_s={len(mine) / took:.0f} "

@@ -68,10 +68,10 @@ async def move_rate(store: Store, n: int, tag: str) -> float:
             break
     rate = moved / (time.perf_counter() - t0)
     # Drop what was moved (ready entries and payloads), so the next round starts clean.
-    for key in store.k_ready:
+    for key in store.keys.ready:
         await shard.call("DEL", key)
     for start in range(0, n, 1000):
-        await shard.call("HDEL", store.k_jobs, *(f"scale:due-{tag}-{i}"
+        await shard.call("HDEL", store.keys.jobs, *(f"scale:due-{tag}-{i}"
                                                   for i in range(start, min(n, start + 1000))))
     return rate
 

@@ -353,11 +353,11 @@ async def test_an_add_run_after_its_deadline_writes_nothing(redis_server: RedisP
         _, job = store.add_job("t", "late", {}, delay_ms=0)
         past = str(int(time.time() * 1000) - 1000)
         with pytest.raises(ResponseError, match=r"^LATE"):
-            await shard.evalsha(store.add_args([job], past))
-        assert await shard.call("HEXISTS", store.k_jobs, "t:late") == 0
+            await shard.evalsha(store.batch.add_args([job], past))
+        assert await shard.call("HEXISTS", store.keys.jobs, "t:late") == 0
         # a deadline built from the compared clocks is in the future on the shard's clock
-        await shard.evalsha(store.add_args([job], shard.conn.deadline(0.3)))
-        assert await shard.call("HEXISTS", store.k_jobs, "t:late") == 1
+        await shard.evalsha(store.batch.add_args([job], shard.conn.deadline(0.3)))
+        assert await shard.call("HEXISTS", store.keys.jobs, "t:late") == 1
     finally:
         await store.shards.close()
 

@@ -107,7 +107,7 @@ async def two(tmp_path: Path, redis_server: RedisProcess) -> AsyncIterator[list[
 
 async def stored(running: Running) -> int:
     shard = running.store.shards.shards[0]
-    return int(await shard.client.hlen(running.store.k_jobs))
+    return int(await shard.client.hlen(running.store.keys.jobs))
 
 
 def jobs_of(n: int, prefix: str = "j") -> list[dict[str, Any]]:

@@ -337,7 +337,7 @@ async def test_dq_move_takes_a_plain_store_onto_the_cluster_with_due_times(
         dead = [c for c in claimed if c.id == "dead"] or \
             [c for c in await old.claim(shard, 100, (1, 2, 3), 600_000) if c.id == "dead"]
         assert await old.bury(dead[0], {"error": "test"})
-        depths = await old.depths(shard)
+        depths = await old.stats.depths(shard)
         assert depths["ready"] and depths["inflight"] and depths["dead"] == 1, depths
     finally:
         await old.shards.close()

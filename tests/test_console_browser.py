@@ -228,8 +228,9 @@ async def seed_history(store: Store) -> None:
         writes = round(40 + 25 * math.sin(i / 9) + 6 * math.sin(i * 1.7))
         ok = max(0, round(writes * 0.9 + 4 * math.sin(i / 3)))
         fail = round(3 + 3 * math.sin(i / 5)) if 25 <= i <= 40 else i % 7 == 0
-        await shard.call("HSET", store.k_minute(m), "writes", writes, "ok", ok, "fail", int(fail))
-        await shard.call("EXPIRE", store.k_minute(m), 3600)
+        await shard.call("HSET", store.keys.minute(m), "writes", writes, "ok", ok, "fail",
+                         int(fail))
+        await shard.call("EXPIRE", store.keys.minute(m), 3600)
 
 
 def test_console_in_a_browser(browser: Browser, redis_server: RedisProcess,

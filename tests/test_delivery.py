@@ -26,7 +26,7 @@ from dq.registry.topics import TopicCache
 from dq.roles import consumer
 from dq.roles.consumer import priority_order, retry_delay_ms
 from dq.runtime.context import Context, open_store
-from dq.storage import store as store_module
+from dq.storage import alerts as alerts_module
 from dq.storage.store import Store
 from tests.support.procs import free_port
 from tests.support.receiver import Receiver, Reply, Request
@@ -94,7 +94,7 @@ async def test_thousand_jobs_each_once_never_early(
     assert min(late) >= 0, f"a job arrived {-min(late):.1f} ms before its due time"
     print(f"\nlateness of 1000 jobs: p50={percentile(late, .5):.1f} ms "
           f"p99={percentile(late, .99):.1f} ms max={max(late):.1f} ms")
-    assert (await store.depths(store.shards.shards[0]))["jobs"] == 0
+    assert (await store.stats.depths(store.shards.shards[0]))["jobs"] == 0
 
 
 async def test_retry_schedule_then_dead_letter_and_one_mail(
@@ -147,7 +147,7 @@ async def test_retry_when_turns_a_200_into_a_retry(
     async with asyncio.timeout(2):
         while await store.get("rw", "1") is not None:
             await asyncio.sleep(0.02)
-    assert (await store.topic_stats("rw"))["ok"] == 1
+    assert (await store.stats.topic_stats("rw"))["ok"] == 1
 
 
 async def test_killed_consumer_job_redelivered_after_lease(
@@ -386,8 +386,8 @@ async def test_graceful_stop_finishes_callback_in_flight(
         await task
     assert 0.5 < time.monotonic() - t0 < 3
     assert await store.get("slow", "1") is None
-    assert (await store.depths(store.shards.shards[0]))["inflight"] == 0
-    assert (await store.topic_stats("slow"))["ok"] == 1
+    assert (await store.stats.depths(store.shards.shards[0]))["inflight"] == 0
+    assert (await store.stats.topic_stats("slow"))["ok"] == 1
 
 
 async def test_unreadable_jobs_become_dead_letters_and_do_not_hold_back_their_batch(
@@ -429,7 +429,7 @@ async def test_unreadable_jobs_become_dead_letters_and_do_not_hold_back_their_ba
     with pytest.raises(DqError, match=r"cannot read.*delete it"):
         await store.get("p", "notjson")
     assert await store.delete("p", "notjson")
-    assert (await store.depths(store.shards.shards[0]))["jobs"] == 2
+    assert (await store.stats.depths(store.shards.shards[0]))["jobs"] == 2
 
 
 async def test_jobs_added_with_more_buckets_are_delivered_after_the_setting_shrinks(
@@ -442,7 +442,7 @@ async def test_jobs_added_with_more_buckets_are_delivered_after_the_setting_shri
     try:
         for i in range(40):
             await wide.add("b", f"j{i}", {}, delay_ms=300)
-        assert any(wide.bucket(f"b:j{i}") >= 4 for i in range(40))
+        assert any(wide.keys.bucket(f"b:j{i}") >= 4 for i in range(40))
     finally:
         await wide.shards.close()
     roles.start("timer")
@@ -489,7 +489,7 @@ async def test_an_alert_the_mail_server_refused_is_mailed_once_it_answers(
     is mailed by consumer 0's sweep once it answers, once; one whose dead letter was
     deleted meanwhile is not mailed."""
     monkeypatch.setattr(consumer, "ALERT_SWEEP", 0.2)
-    monkeypatch.setattr(store_module, "ALERT_HEAD_START_MS", 300)
+    monkeypatch.setattr(alerts_module, "ALERT_HEAD_START_MS", 300)
     port = free_port()  # nothing listens there yet
     registry.save_alert(AlertConf(host="127.0.0.1", port=port, sender="dq@example.test"))
     topic("broken", max_attempts=1, emails=("ops@example.test",))
@@ -502,7 +502,7 @@ async def test_an_alert_the_mail_server_refused_is_mailed_once_it_answers(
         while len(await store.dead_letters("broken")) < 2:
             await asyncio.sleep(0.05)
     shard = store.shards.shards[0]
-    assert sorted(await shard.client.zrange(store.k_alerts, 0, -1)) == [b"broken:b1",
+    assert sorted(await shard.client.zrange(store.keys.alerts, 0, -1)) == [b"broken:b1",
                                                                        b"broken:b2"]
     assert await store.delete("broken", "b2")
     await asyncio.sleep(0.6)  # the sweep finds the mail server still down: b1 stays owed
@@ -518,4 +518,4 @@ async def test_an_alert_the_mail_server_refused_is_mailed_once_it_answers(
         ctl.stop()
     [(rcpt, mail)] = box.messages
     assert rcpt == ["ops@example.test"] and "broken:b1" in mail
-    assert await shard.client.zcard(store.k_alerts) == 0
+    assert await shard.client.zcard(store.keys.alerts) == 0

@@ -127,7 +127,7 @@ async def test_concurrency_holds_across_two_instances_and_two_shards(
         assert handler.most >= 2  # each shard's share was used
         assert sorted(int(c.job_id) for c in calls) == list(range(24))
         async with asyncio.timeout(10):  # every slot given back
-            while any([(await store.flow_state(s, "capped"))["inflight"]
+            while any([(await store.stats.flow_state(s, "capped"))["inflight"]
                        for s in store.shards.shards]):
                 await asyncio.sleep(0.05)
     finally:
@@ -149,18 +149,18 @@ async def test_a_dead_consumers_concurrency_slot_is_freed_when_its_lease_runs_ou
         while not (got := await store.claim(shard, 1, [1, 2, 3], 1000,
                                             [FlowLimit("one", concurrency=1)])):
             await asyncio.sleep(0.05)
-    assert got[0].flow_lease and (await store.flow_state(shard, "one"))["inflight"] == 1
+    assert got[0].flow_lease and (await store.stats.flow_state(shard, "one"))["inflight"] == 1
     await store.add("one", "b", {}, delay_ms=0)
     await asyncio.sleep(0.5)
     # Its slot is taken: a living claimer holds "b" back instead of calling it.
     assert await store.claim(shard, 5, [1, 2, 3], 1000, [FlowLimit("one", concurrency=1)]) == []
-    assert (await store.flow_state(shard, "one"))["held"] == 1
+    assert (await store.stats.flow_state(shard, "one"))["held"] == 1
     roles.start("consumer")
     calls = await receiver.wait_calls(2, path="/one", timeout=20)
     assert {c.job_id for c in calls} == {"a", "b"}
     assert [c.attempt for c in calls if c.job_id == "a"] == [2]  # the cut-off delivery counted
     async with asyncio.timeout(5):
-        while (await store.flow_state(shard, "one"))["inflight"]:
+        while (await store.stats.flow_state(shard, "one"))["inflight"]:
             await asyncio.sleep(0.05)
 
 
@@ -178,16 +178,16 @@ async def test_a_paused_topic_keeps_its_jobs_calls_nothing_and_holds_up_no_other
     assert receiver.calls(path="/a_paused") == []
     info = await store.lookup("a_paused", "7")
     assert info is not None and info.state == "ready" and info.attempt == 0
-    assert (await store.depths(store.shards.shards[0]))["ready"] == 100
+    assert (await store.stats.depths(store.shards.shards[0]))["ready"] == 100
 
     registry.save_topic(Topic(**{**paused.__dict__, "paused": False}))
     calls = await receiver.wait_calls(100, path="/a_paused", timeout=30)
     assert sorted(int(c.job_id) for c in calls) == list(range(100))
     assert {c.attempt for c in calls} == {1}  # waiting used up no attempt
     async with asyncio.timeout(5):
-        while (await store.depths(store.shards.shards[0]))["jobs"]:
+        while (await store.stats.depths(store.shards.shards[0]))["jobs"]:
             await asyncio.sleep(0.05)
-    assert not await store.held_topics(store.shards.shards[0])
+    assert not await store.stats.held_topics(store.shards.shards[0])
 
 
 async def test_flow_control_on_a_redis_cluster_holds_over_its_partitions(
@@ -217,7 +217,7 @@ async def test_flow_control_on_a_redis_cluster_holds_over_its_partitions(
             assert 1 <= handler.most <= 3
             await asyncio.sleep(1.0)
             assert receiver.calls(path="/held") == []
-            held = sum([(await store.flow_state(s, "held"))["held"]
+            held = sum([(await store.stats.flow_state(s, "held"))["held"]
                         for s in store.shards.shards])
             assert held == 24
         finally:
@@ -309,7 +309,7 @@ async def test_a_job_replaced_and_claimed_again_while_in_flight_leaks_no_slot(
     await store.ack(second[0])
     await store.release(second[0])
     await store.release(first[0])  # its outcome (the old version) written late
-    assert (await store.flow_state(shard, "two"))["inflight"] == 0
+    assert (await store.stats.flow_state(shard, "two"))["inflight"] == 0
 
 
 async def test_dq_move_takes_a_paused_topics_held_jobs_too(
@@ -327,11 +327,11 @@ async def test_dq_move_takes_a_paused_topics_held_jobs_too(
         await src.add("p", "due", {"x": 2}, delay_ms=0)
         shard = src.shards.shards[0]
         async with asyncio.timeout(10):
-            while (await src.depths(shard))["ready"] < 2:
+            while (await src.stats.depths(shard))["ready"] < 2:
                 await src.move_due(shard, range(settings.buckets))
                 await asyncio.sleep(0.05)
         assert await src.claim(shard, 1, [1, 2, 3], 5000, [FlowLimit("p", paused=True)]) == []
-        assert (await src.flow_state(shard, "p"))["held"] == 2
+        assert (await src.stats.flow_state(shard, "p"))["held"] == 2
     finally:
         await src.shards.close()
     reports = await move([src_redis.url], [dst_redis.url], settings, wait=10)

@@ -22,7 +22,7 @@ from dq.registry.core import AlertConf, Registry, Topic
 from dq.registry.retry_policy import RetryPolicyError, normalise, parse
 from dq.roles import consumer
 from dq.roles.callback import retry_after
-from dq.storage import store as store_module
+from dq.storage import alerts as alerts_module
 from dq.storage.store import Store
 from tests.support.procs import free_port
 from tests.support.receiver import Receiver, Reply, Request
@@ -154,7 +154,7 @@ async def test_503_with_retry_after_waits_and_uses_no_attempt(
         assert [c.attempt for c in calls] == [1, 1]  # the same attempt, sent again
     await asyncio.sleep(0.5)
     assert len(receiver.calls(job_id="b1")) == 2 and await store.lookup("busy", "b1") is None
-    stats = await store.topic_stats("busy")  # both calls counted, one failed, none dead
+    stats = await store.stats.topic_stats("busy")  # both calls counted, one failed, none dead
     assert (stats["notifies"], stats["fail"], stats["ok"], stats.get("dead", 0)) == (2, 1, 1, 0)
 
 
@@ -203,7 +203,7 @@ async def test_breaker_opens_holds_without_attempts_probes_and_closes_with_two_m
         await store.add("brk", f"j{i}", {}, delay_ms=0)
     await receiver.wait_calls(3, path="/brk", timeout=10)
     deadline = time.monotonic() + 10
-    while (await store.breaker_state("brk")).get("state") != "open":
+    while (await store.alerts.breaker_state("brk")).get("state") != "open":
         assert time.monotonic() < deadline, "the breaker did not open"
         await asyncio.sleep(0.05)
     opened = time.time()
@@ -230,11 +230,11 @@ async def test_breaker_opens_holds_without_attempts_probes_and_closes_with_two_m
     subjects = [m[1] for m in box.messages]
     assert len(box.messages) == 2 and all(m[0] == ["ops@example.test"] for m in box.messages)
     assert "circuit breaker open" in subjects[0] and "circuit breaker closed" in subjects[1]
-    state = await store.breaker_state("brk")
+    state = await store.alerts.breaker_state("brk")
     assert (state["state"], state["opens"], state["closes"], state["fails"]) == \
         ("closed", 1, 1, 0)
-    shard = store.breaker_home("brk")
-    assert await shard.call("ZCARD", store.k_breaker_mail) == 0  # no mail still owed
+    shard = store.alerts.breaker_home("brk")
+    assert await shard.call("ZCARD", store.keys.breaker_mail) == 0  # no mail still owed
 
 
 async def test_a_failed_probe_reopens_for_another_cooloff(
@@ -248,13 +248,13 @@ async def test_a_failed_probe_reopens_for_another_cooloff(
     calls = await receiver.wait_calls(3, job_id="r1", timeout=20)
     gaps = [b.at - a.at for a, b in itertools.pairwise(calls)]
     assert all(g >= 2 - 0.1 for g in gaps), f"probes {gaps} apart, cool-off 2 s"
-    assert (await store.breaker_state("rep"))["opens"] == 1  # a reopening mails nothing
+    assert (await store.alerts.breaker_state("rep"))["opens"] == 1  # a reopening mails nothing
 
 
 async def test_breaker_script_opens_once_hands_out_one_probe_and_owes_two_mails(
         store: Store) -> None:
     async def ask(op: str) -> tuple[str, Any]:
-        return await store.breaker("t", op, threshold=2, cooloff_ms=300, probe_ms=5000,
+        return await store.alerts.breaker("t", op, threshold=2, cooloff_ms=300, probe_ms=5000,
                                    error="HTTP 500")
     assert await ask("check") == ("call", 0)
     assert (await ask("fail"))[0] == "closed"
@@ -277,9 +277,9 @@ async def test_breaker_script_opens_once_hands_out_one_probe_and_owes_two_mails(
     verdict, member = await ask("ok")
     assert verdict == "closed" and '"event":"close"' in member
     assert (await ask("ok"))[0] == "ok" and await ask("check") == ("call", 0)
-    state = await store.breaker_state("t")
+    state = await store.alerts.breaker_state("t")
     assert (state["state"], state["opens"], state["closes"]) == ("closed", 1, 1)
-    assert await store.breaker_home("t").call("ZCARD", store.k_breaker_mail) == 2
+    assert await store.alerts.breaker_home("t").call("ZCARD", store.keys.breaker_mail) == 2
 
 
 async def test_a_breaker_mail_the_mail_server_refused_is_mailed_once_it_answers(
@@ -288,7 +288,7 @@ async def test_a_breaker_mail_the_mail_server_refused_is_mailed_once_it_answers(
     """The opening's mail is owed in Redis until sent: one the mail server could not take
     is mailed by consumer 0's sweep once it answers, once."""
     monkeypatch.setattr(consumer, "ALERT_SWEEP", 0.2)
-    monkeypatch.setattr(store_module, "ALERT_HEAD_START_MS", 300)
+    monkeypatch.setattr(alerts_module, "ALERT_HEAD_START_MS", 300)
     port = free_port()  # nothing listens there yet
     registry.save_alert(AlertConf(host="127.0.0.1", port=port, sender="dq@example.test"))
     topic("down", max_attempts=5, breaker_threshold=1, breaker_cooloff=600,
@@ -297,12 +297,12 @@ async def test_a_breaker_mail_the_mail_server_refused_is_mailed_once_it_answers(
     roles.start("timer")
     roles.start("consumer")
     await store.add("down", "d1", {}, delay_ms=0)
-    home = store.breaker_home("down")
+    home = store.alerts.breaker_home("down")
     async with asyncio.timeout(10):
-        while not await home.call("ZCARD", store.k_breaker_mail):
+        while not await home.call("ZCARD", store.keys.breaker_mail):
             await asyncio.sleep(0.05)
     await asyncio.sleep(0.6)  # the sweep finds the mail server still down: still owed
-    assert await home.call("ZCARD", store.k_breaker_mail) == 1
+    assert await home.call("ZCARD", store.keys.breaker_mail) == 1
     box = Mailbox()
     ctl = Controller(box, hostname="127.0.0.1", port=port)
     ctl.start()
@@ -315,7 +315,7 @@ async def test_a_breaker_mail_the_mail_server_refused_is_mailed_once_it_answers(
         ctl.stop()
     [(rcpt, mail)] = box.messages
     assert rcpt == ["ops@example.test"] and "circuit breaker open" in mail
-    assert await home.call("ZCARD", store.k_breaker_mail) == 0
+    assert await home.call("ZCARD", store.keys.breaker_mail) == 0
     assert len(receiver.calls(path="/down")) == 1  # open for 600 s: called once
 
 
@@ -394,7 +394,8 @@ async def test_console_form_masks_headers_and_explains_errors(web: Web) -> None:
         stored = web.registry.get_topic("hooks")
         assert stored is not None and stored.headers == (("Authorization", "Bearer t0k"),)
         assert stored.retry_policy == "list:1m,5m"
-        await web.store.breaker("hooks", "fail", threshold=1, cooloff_ms=60_000, probe_ms=5000)
+        await web.store.alerts.breaker("hooks", "fail", threshold=1, cooloff_ms=60_000,
+                                       probe_ms=5000)
         page = await client.get("/topics")
         assert "breaker open" in page.text
         metrics = await client.get("/metrics", auth=("admin", "s3cret-pw"))

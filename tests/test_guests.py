@@ -40,12 +40,12 @@ class Pair:
         self.shard(self.owner)._recovered()  # close its breaker (the cool-off would)
 
     async def holds(self, proc: RedisProcess, job_id: str) -> bytes | None:
-        res = await self.shard(proc).call("HGET", self.store.k_jobs, f"t:{job_id}")
+        res = await self.shard(proc).call("HGET", self.store.keys.jobs, f"t:{job_id}")
         return res if res is None else bytes(res)
 
     async def guests(self, proc: RedisProcess) -> set[str]:
         return {m.decode() for m in await self.shard(proc).call("SMEMBERS",
-                                                                self.store.k_guests)}
+                                                                self.store.keys.guests)}
 
     async def sweep(self) -> dict[str, int]:
         return dict(await self.mover.sweep(self.shard(self.other), everyone))
@@ -86,7 +86,8 @@ async def test_job_added_during_outage_and_again_after_fires_once(pair: Pair) ->
     res = await pair.store.add("t", job, {"gen": 1}, delay_ms=0)
     assert res.shard == pair.other.url
     assert await pair.guests(pair.other) == {f"t:{job}"}
-    assert (await pair.store.depths(pair.shard(pair.other)))["guests"] == 1  # console, metrics
+    # as the console and the metrics show it
+    assert (await pair.store.stats.depths(pair.shard(pair.other)))["guests"] == 1
     await pair.up()
     # re-added by another server process, which wrote no guest and has not yet read
     # the checker's record: no eviction, the sweep sorts it out
@@ -105,7 +106,7 @@ async def test_guests_move_home_with_payload_and_due(pair: Pair) -> None:
         await pair.store.add("t", job, {"gen": i}, delay_ms=60_000 + i)
     before = {job: await pair.holds(pair.other, job) for job in pair.ids}
     dues = {job: await pair.shard(pair.other).call(
-        "ZSCORE", pair.store.k_delay[pair.store.bucket(f"t:{job}")], f"t:{job}")
+        "ZSCORE", pair.store.keys.delay[pair.store.keys.bucket(f"t:{job}")], f"t:{job}")
         for job in pair.ids}
     await pair.up()
     assert await pair.sweep() == {"moved": len(pair.ids)}
@@ -113,7 +114,7 @@ async def test_guests_move_home_with_payload_and_due(pair: Pair) -> None:
         assert await pair.holds(pair.other, job) is None
         assert await pair.holds(pair.owner, job) == before[job]  # same version, attempt
         assert await pair.shard(pair.owner).call(
-            "ZSCORE", pair.store.k_delay[pair.store.bucket(f"t:{job}")], f"t:{job}") \
+            "ZSCORE", pair.store.keys.delay[pair.store.keys.bucket(f"t:{job}")], f"t:{job}") \
             == dues[job]
     assert await pair.guests(pair.other) == set()
     assert await pair.sweep() == {}  # nothing left to do
@@ -170,8 +171,9 @@ async def take(pair: Pair, job: str) -> list[bytes]:
     """guest_take alone: a mover that dies right after it."""
     store, tid = pair.store, f"t:{job}"
     res: list[bytes] = await pair.shard(pair.other).script("guest_take", (
-        store.k_jobs, store.k_delay[store.bucket(tid)], store.k_dead, store.k_guests,
-        store.k_moving), (tid,))
+        store.keys.jobs, store.keys.delay[store.keys.bucket(tid)], store.keys.dead,
+        store.keys.guests,
+        store.keys.moving), (tid,))
     return res
 
 
@@ -197,11 +199,11 @@ async def test_a_move_killed_midway_is_finished_or_undone(pair: Pair) -> None:
     assert dict(await pair.mover.sweep(other, lambda s: s is other)) == {"untaken": 2}
     # the marks stay, as put back: the owner may hold a copy an earlier land wrote
     assert await pair.mover.sweep(other, lambda s: s is other) == {}
-    assert await other.call("HLEN", pair.store.k_moving) == 2
+    assert await other.call("HLEN", pair.store.keys.moving) == 2
     await pair.up()
     assert (await take(pair, a))[0] == b"take"
     assert await pair.sweep() == {"moved": 2}  # a resumed, b taken afresh
-    assert await other.call("HLEN", pair.store.k_moving) == 0
+    assert await other.call("HLEN", pair.store.keys.moving) == 0
     assert await pair.deliver_all() == [(a, 1), (b, 1)]
 
 
@@ -245,10 +247,11 @@ async def test_copy_landed_before_a_delete_is_undone(pair: Pair) -> None:
     await pair.up()
     _, payload, due, version = await take(pair, job)
     assert await store.delete("t", job)
-    b = store.bucket(tid)
+    b = store.keys.bucket(tid)
     landed = await pair.shard(pair.owner).script("guest_land", (
-        store.k_jobs, store.k_delay[b], store.k_wake[b], store.k_inflight, store.k_dead,
-        store.k_dead_err), (tid, "land", version.decode(), payload, int(due), 0))
+        store.keys.jobs, store.keys.delay[b], store.keys.wake[b], store.keys.inflight,
+        store.keys.dead,
+        store.keys.dead_err), (tid, "land", version.decode(), payload, int(due), 0))
     assert landed == b"landed" and await pair.holds(pair.owner, job) is not None
     assert await pair.sweep() == {"changed": 1}
     assert await pair.holds(pair.owner, job) is None
@@ -265,21 +268,23 @@ async def test_copy_landed_then_deleted_while_the_owner_is_down_is_undone_later(
     store, tid = pair.store, f"t:{job}"
     await taken_guests(pair, job)
     other = pair.shard(pair.other)
-    b = store.bucket(tid)
+    b = store.keys.bucket(tid)
     _, payload, due, version = await pair.shard(pair.other).script("guest_take", (
-        store.k_jobs, store.k_delay[b], store.k_dead, store.k_guests, store.k_moving), (tid,))
+        store.keys.jobs, store.keys.delay[b], store.keys.dead, store.keys.guests,
+        store.keys.moving), (tid,))
     await pair.shard(pair.owner).script("guest_land", (
-        store.k_jobs, store.k_delay[b], store.k_wake[b], store.k_inflight, store.k_dead,
-        store.k_dead_err), (tid, "land", version.decode(), payload, int(due), 0))
+        store.keys.jobs, store.keys.delay[b], store.keys.wake[b], store.keys.inflight,
+        store.keys.dead,
+        store.keys.dead_err), (tid, "land", version.decode(), payload, int(due), 0))
     await pair.down()
     assert await store.delete("t", job)  # found and deleted where it was
     assert dict(await pair.mover.sweep(other, lambda s: s is other)) == {"changed": 1}
-    assert await other.call("HLEN", store.k_moving) == 1  # kept for the owner's return
+    assert await other.call("HLEN", store.keys.moving) == 1  # kept for the owner's return
     await pair.up()
     assert await pair.holds(pair.owner, job) is not None  # the landed copy, back with it
     assert await pair.sweep() == {"changed": 1}
     assert await pair.holds(pair.owner, job) is None
-    assert await other.call("HLEN", store.k_moving) == 0
+    assert await other.call("HLEN", store.keys.moving) == 0
     assert await pair.guests(pair.other) == set()
     assert await pair.deliver_all() == []
 
@@ -329,14 +334,14 @@ async def test_no_eviction_without_guests_or_for_a_guest_add(pair: Pair) -> None
     job = pair.ids[0]
     other = pair.shard(pair.other)
     await pair.store.add("t", job, {"gen": 1}, delay_ms=0)  # on the owner
-    calls_before = dict(pair.store._queued)
+    calls_before = dict(pair.store.batch._queued)
     other.has_guests = False
     await pair.store.add("t", job, {"gen": 2}, delay_ms=0)
-    assert ("evict", other) not in pair.store._queued and calls_before == {}
+    assert ("evict", other) not in pair.store.batch._queued and calls_before == {}
     pair.shard(pair.owner).open_until = 1e18  # the owner fails fast: the add is a guest
     other.has_guests = True
     shard, _ = pair.store.add_job("t", job, {"gen": 3}, delay_ms=0)
-    assert shard is other and ("evict", other) not in pair.store._queued
+    assert shard is other and ("evict", other) not in pair.store.batch._queued
     assert other.guests_until > time.time() * 1000  # its later owner adds will evict
     pair.shard(pair.owner)._recovered()
     pair.shard(pair.other).has_guests = False
@@ -349,25 +354,25 @@ async def test_landed_copy_fires_only_once_committed(pair: Pair) -> None:
     job = pair.ids[0]
     store, tid = pair.store, f"t:{job}"
     await taken_guests(pair, job)
-    b = store.bucket(tid)
+    b = store.keys.bucket(tid)
     owner, other = pair.shard(pair.owner), pair.shard(pair.other)
     _, payload, due, version = await take(pair, job)  # resumes the take
-    land_keys = (store.k_jobs, store.k_delay[b], store.k_wake[b], store.k_inflight,
-                 store.k_dead, store.k_dead_err)
-    drop_keys = (store.k_jobs, store.k_delay[b], store.k_guests, store.k_moving,
-                 store.k_wake[b])
+    land_keys = (store.keys.jobs, store.keys.delay[b], store.keys.wake[b], store.keys.inflight,
+                 store.keys.dead, store.keys.dead_err)
+    drop_keys = (store.keys.jobs, store.keys.delay[b], store.keys.guests, store.keys.moving,
+                 store.keys.wake[b])
     assert await owner.script("guest_land", land_keys, (
         tid, "land", version.decode(), payload, int(due), 0)) == b"landed"
     assert await other.script("guest_drop", drop_keys, (tid, "drop", version.decode())) \
         == b"dropped"
     # the mover dies here: the owner holds the job, in no bucket; nothing fires it
     assert await pair.holds(pair.owner, job) is not None
-    assert await owner.call("ZSCORE", store.k_delay[b], tid) is None
+    assert await owner.call("ZSCORE", store.keys.delay[b], tid) is None
     assert await pair.deliver_all() == []
     assert (await store.get("t", job) or {}).get("gen") == 1  # and get still finds it
     assert await pair.sweep() == {"moved": 1}
-    assert await owner.call("ZSCORE", store.k_delay[b], tid) is not None
-    assert await other.call("HLEN", store.k_moving) == 0
+    assert await owner.call("ZSCORE", store.keys.delay[b], tid) is not None
+    assert await other.call("HLEN", store.keys.moving) == 0
     assert await pair.guests(pair.other) == set()
     assert await pair.deliver_all() == [(job, 1)]
 
@@ -417,28 +422,31 @@ async def guest_taken_and_landed(store: Store, here: Shard, owner: Shard, job: s
                                  drop: bool) -> None:
     """A guest on `here`, added while its owner failed, whose mover took it and landed it on
     the owner (and dropped it here, with `drop`), then died."""
-    tid, b = f"t:{job}", store.bucket(f"t:{job}")
+    tid, b = f"t:{job}", store.keys.bucket(f"t:{job}")
     owner.open_until = 1e18  # the owner fails fast: the add goes to `here`, a guest
     assert (await store.add("t", job, {"gen": 1}, delay_ms=0)).shard == here.name
     owner._recovered()
     status, payload, due, version = await here.script("guest_take", (
-        store.k_jobs, store.k_delay[b], store.k_dead, store.k_guests, store.k_moving), (tid,))
+        store.keys.jobs, store.keys.delay[b], store.keys.dead, store.keys.guests,
+        store.keys.moving), (tid,))
     assert status == b"take"
     assert await owner.script("guest_land", (
-        store.k_jobs, store.k_delay[b], store.k_wake[b], store.k_inflight, store.k_dead,
-        store.k_dead_err), (tid, "land", version.decode(), payload, int(due), 0)) == b"landed"
+        store.keys.jobs, store.keys.delay[b], store.keys.wake[b], store.keys.inflight,
+        store.keys.dead,
+        store.keys.dead_err), (tid, "land", version.decode(), payload, int(due), 0)) == b"landed"
     if drop:
         assert await here.script("guest_drop", (
-            store.k_jobs, store.k_delay[b], store.k_guests, store.k_moving, store.k_wake[b]),
+            store.keys.jobs, store.keys.delay[b], store.keys.guests, store.keys.moving,
+            store.keys.wake[b]),
             (tid, "drop", version.decode())) == b"dropped"
 
 
 async def holds(store: Store, shard: Shard, job: str) -> tuple[bool, bool, bool]:
     """Whether `shard` holds the job, has it scheduled, and has it in its guests set."""
     tid = f"t:{job}"
-    return (await shard.call("HEXISTS", store.k_jobs, tid) == 1,
-            await shard.call("ZSCORE", store.k_delay[store.bucket(tid)], tid) is not None,
-            await shard.call("SISMEMBER", store.k_guests, tid) == 1)
+    return (await shard.call("HEXISTS", store.keys.jobs, tid) == 1,
+            await shard.call("ZSCORE", store.keys.delay[store.keys.bucket(tid)], tid) is not None,
+            await shard.call("SISMEMBER", store.keys.guests, tid) == 1)
 
 
 Stores = Callable[..., Store]
@@ -475,9 +483,9 @@ async def test_a_dropped_move_is_finished_from_where_it_landed_after_the_list_ch
     a, b, c = named(new, "a"), named(new, "b"), named(new, "c")
     # "b" may hold the copy and does not answer: the mark stays for a later sweep
     assert dict(await mover.sweep(a, lambda s: s is not b)) == {"busy": 1}
-    assert await a.call("HLEN", new.k_moving) == 1
+    assert await a.call("HLEN", new.keys.moving) == 1
     assert dict(await mover.sweep(a, everyone)) == {"moved": 1}
-    assert await a.call("HLEN", new.k_moving) == 0
+    assert await a.call("HLEN", new.keys.moving) == 0
     assert await holds(new, b, job) == (False, False, False)
     assert await holds(new, c, job) == (True, True, False)
     assert await deliver_all(new) == [(job, 1)]
@@ -516,7 +524,7 @@ async def test_a_landed_copy_of_a_changed_job_is_undone_after_the_list_changed(
     mover = GuestMover(new)
     # "b" may hold the stale copy and does not answer: the mark stays for a later sweep
     assert dict(await mover.sweep(a, lambda s: s is not b)) == {"busy": 1}
-    assert await a.call("HLEN", new.k_moving) == 1
+    assert await a.call("HLEN", new.keys.moving) == 1
     assert dict(await mover.sweep(a, everyone)) == {"changed": 1}
     assert await holds(new, b, job) == (False, False, False)
     assert dict(await mover.sweep(a, everyone)) == {"moved": 1}
@@ -561,14 +569,14 @@ async def test_a_new_list_sweep_racing_an_old_list_mover_keeps_the_job(
     await guest_taken_and_landed(old, oa, ob, job, drop=False)
     old_mover = GuestMover(old)
     keys = old_mover._keys(tid)
-    mark = await oa.call("HGET", old.k_moving, tid)
+    mark = await oa.call("HGET", old.keys.moving, tid)
     version, due = mark.split(b"|")[0].decode(), int(mark.split(b"|")[1])
     na = named(new, "a")
     real = na.call
 
     async def drop_after_the_mark_is_read(*args: Any) -> Any:
         res = await real(*args)
-        if args[:2] == ("HGET", new.k_moving):
+        if args[:2] == ("HGET", new.keys.moving):
             assert await oa.script("guest_drop", keys.drop, (tid, "drop", version)) \
                 == b"dropped"
         return res

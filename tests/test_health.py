@@ -405,20 +405,20 @@ async def test_shard_outage_failover_alert_and_recovery(
         await _wait_delivered(receiver, added, timeout=15)
         # the checker moves the guests home, so adding one again cannot make two copies
         deadline = time.monotonic() + 5
-        while await on_r1.call("SCARD", probe.k_guests) and time.monotonic() < deadline:
+        while await on_r1.call("SCARD", probe.keys.guests) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         for j in later:
-            assert await on_r1.call("HGET", probe.k_jobs, f"ho:{j}") is None
-            assert await on_r2.call("HGET", probe.k_jobs, f"ho:{j}") is not None
+            assert await on_r1.call("HGET", probe.keys.jobs, f"ho:{j}") is None
+            assert await on_r2.call("HGET", probe.keys.jobs, f"ho:{j}") is not None
         # Added again: one copy, on its owner (at once, or, if this server has not yet
         # read that r2 is back, after the next sweep moves the new guest home).
         await client.add("ho", later[0], {"again": True}, delay=3600)
         deadline = time.monotonic() + 5
-        while await on_r1.call("HGET", probe.k_jobs, f"ho:{later[0]}") is not None \
+        while await on_r1.call("HGET", probe.keys.jobs, f"ho:{later[0]}") is not None \
                 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        assert await on_r1.call("HGET", probe.k_jobs, f"ho:{later[0]}") is None
-        assert b'"again":true' in await on_r2.call("HGET", probe.k_jobs, f"ho:{later[0]}")
+        assert await on_r1.call("HGET", probe.keys.jobs, f"ho:{later[0]}") is None
+        assert b'"again":true' in await on_r2.call("HGET", probe.keys.jobs, f"ho:{later[0]}")
         assert read_health(health_path(settings))[r2.url].up is True
         deadline = time.monotonic() + 5
         while read_health(health_path(settings))[r1.url].guests:
@@ -482,7 +482,7 @@ async def test_metrics_match_jobs_added_and_delivered(
         assert await store.delete("m", "l0") and await store.delete("m", "l1")
         await receiver.wait_calls(n_now, path="/m", timeout=10)
         async with asyncio.timeout(5):
-            while (await store.topic_stats("m")).get("ok", 0) < n_now:
+            while (await store.stats.topic_stats("m")).get("ok", 0) < n_now:
                 await asyncio.sleep(0.02)
 
         app = create_app(settings, registry=registry, store=store)

@@ -149,7 +149,7 @@ async def dq(tmp_path: Path, redis_server: RedisProcess) -> AsyncIterator[Runnin
 async def stored_tids(dq: Running) -> list[str]:
     """Every job key on the shard (the canary's excluded)."""
     shard = dq.store.shards.shards[0]
-    keys = await shard.client.hkeys(dq.store.k_jobs)
+    keys = await shard.client.hkeys(dq.store.keys.jobs)
     tids = [k.decode() if isinstance(k, bytes) else k for k in keys]
     return sorted(t for t in tids if not t.startswith("order:canary-"))
 
@@ -486,7 +486,7 @@ async def test_bad_fix_time_is_refused_and_nothing_stored(dq: Running, fix_time:
     assert "fix_time" in reply["msg"]
     assert await stored_tids(dq) == []
     shard = dq.store.shards.shards[0]
-    assert sum([await shard.client.zcard(k) for k in dq.store.k_delay]) == 0
+    assert sum([await shard.client.zcard(k) for k in dq.store.keys.delay]) == 0
 
 
 @pytest.mark.parametrize("job", [
@@ -500,7 +500,7 @@ async def test_missing_id_is_refused_never_stored_as_topic_colon(
         assert reply["code"] == 0 and reply["err"] == "bad_request", (cmd, reply)
         assert "id must be" in reply["msg"]
     shard = dq.store.shards.shards[0]
-    assert not await shard.client.hexists(dq.store.k_jobs, "order:")
+    assert not await shard.client.hexists(dq.store.keys.jobs, "order:")
     assert await stored_tids(dq) == []
 
 
@@ -515,7 +515,7 @@ async def test_re_adding_an_id_succeeds_and_replaces_the_job(dq: Running) -> Non
     assert info is not None and info.state == "delayed"
     assert abs(info.due_ms - (time.time() + 30) * 1000) < 3000
     shard = dq.store.shards.shards[0]
-    assert sum([await shard.client.zcard(k) for k in dq.store.k_delay]) == 1
+    assert sum([await shard.client.zcard(k) for k in dq.store.keys.delay]) == 1
 
 
 @pytest.mark.parametrize("payload", [

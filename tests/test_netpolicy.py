@@ -248,7 +248,7 @@ async def test_a_callback_to_dqs_own_redis_is_a_dead_letter_saying_why(
         assert "169.254.169.254 is link-local" in meta["error"] and meta["reply"] == ""
         # "good" failed by retry_when "true" after a real call: its reply is kept
         assert by_topic["good"].error is not None and by_topic["good"].error["attempts"] == 1
-        stats = await store.topic_stats("evil")
+        stats = await store.stats.topic_stats("evil")
         assert stats.get("dead") == 1 and not stats.get("notifies")
     finally:
         await store.shards.close()

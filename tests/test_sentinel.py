@@ -386,6 +386,6 @@ async def test_moving_onto_sentinel_by_a_new_url_moves_no_job(
         assert old_url in drained_urls(settings)
         assert await store.get("t", "kept") is not None
         port = sentinel_setup.master_port()
-        assert cmd(port, "SCARD", store.k_guests) == 0  # nothing recorded to move
+        assert cmd(port, "SCARD", store.keys.guests) == 0  # nothing recorded to move
     finally:
         await shards.close()

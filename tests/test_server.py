@@ -177,7 +177,7 @@ async def test_bad_input_gets_clear_error_and_stores_nothing(
     assert reply["code"] == 0 and reply["err"] == err
     assert word.lower() in reply["msg"].lower()
     shard = dq.store.shards.shards[0]
-    assert await shard.client.hlen(dq.store.k_jobs) == 0
+    assert await shard.client.hlen(dq.store.keys.jobs) == 0
     # the same connection and the server keep serving
     [pong] = await asyncio.to_thread(raw_exchange, dq.port, frame({"cmd": "ping"}))
     assert pong["code"] == 1
@@ -274,7 +274,7 @@ async def test_batched_adds_survive_redis_losing_its_scripts(dq: Running) -> Non
     jobs = [{"topic": "order", "id": f"n{i}", "body": {"i": i}, "delay": 60} for i in range(400)]
     res = await client.add_many(jobs)
     assert res == [None] * 400
-    assert await shard.client.hlen(dq.store.k_jobs) == 401
+    assert await shard.client.hlen(dq.store.keys.jobs) == 401
     for i in (0, 200, 399):
         body = await client.get("order", f"n{i}")
         assert body is not None and body["i"] == i
@@ -307,7 +307,7 @@ async def test_add_many_frame_answers_each_job_in_place(dq: Running) -> None:
         "unknown_topic", "bad_request", "bad_request", "topic_offline", "bad_request"]
     assert "not registered" in data[1]["msg"] and "each job of add_many" in data[3]["msg"]
     assert "at most one of fix_time" in data[6]["msg"]
-    assert await dq.store.shards.shards[0].client.hlen(dq.store.k_jobs) == 2
+    assert await dq.store.shards.shards[0].client.hlen(dq.store.keys.jobs) == 2
     body = await dq.store.get("order", "6")
     assert body is not None and body["i"] == 6
     info = await dq.store.lookup("order", "m1")
@@ -324,7 +324,7 @@ async def test_add_many_frame_without_a_usable_job_list_is_refused_whole(
     assert bad["code"] == 0 and bad["err"] == "bad_request"
     assert "jobs must be a list of 1 to 200" in bad["msg"]
     assert pong["code"] == 1  # the connection goes on
-    assert await dq.store.shards.shards[0].client.hlen(dq.store.k_jobs) == 0
+    assert await dq.store.shards.shards[0].client.hlen(dq.store.keys.jobs) == 0
 
 
 async def test_add_many_frame_with_its_shard_down_says_unavailable_per_job(
@@ -350,7 +350,7 @@ async def test_sync_client_add_many_sends_add_many_frames(dq: Running) -> None:
     res = await asyncio.to_thread(client.add_many, jobs, chunk=200)
     assert [i for i, r in enumerate(res) if r is not None] == [300]
     assert isinstance(res[300], DqError) and res[300].err == "unknown_topic"
-    assert await dq.store.shards.shards[0].client.hlen(dq.store.k_jobs) == 449
+    assert await dq.store.shards.shards[0].client.hlen(dq.store.keys.jobs) == 449
     body = await asyncio.to_thread(client.get, "order", "s449")
     assert body is not None and body["i"] == 449
     client.close()
@@ -394,11 +394,11 @@ async def test_replies_are_written_with_or_without_the_stores_hook(dq: Running) 
     (Server.stop, e.g. a cancelled server), a reply made ready inside a batch's reply is
     still written, at the end of its loop turn."""
     add = frame({"cmd": "add", "topic": "order", "id": "hooked", "body": {}, "delay": 60})
-    assert dq.server.flush_ready in dq.store.after_settle
+    assert dq.server.flush_ready in dq.store.batch.on_batch_settled
     assert await asyncio.to_thread(raw_exchange, dq.port, add) == [
         {"code": 1, "msg": "succ", "data": []}]
     dq.server.stop()
-    assert dq.server.flush_ready not in dq.store.after_settle
+    assert dq.server.flush_ready not in dq.store.batch.on_batch_settled
     add = frame({"cmd": "add", "topic": "order", "id": "unhooked", "body": {}, "delay": 60})
     assert await asyncio.to_thread(raw_exchange, dq.port, add) == [
         {"code": 1, "msg": "succ", "data": []}]
@@ -414,10 +414,10 @@ async def test_a_server_that_cannot_listen_leaves_no_hook_on_its_store(
     await topics.refresh(force=True)
     settings = Settings(port=dq.port, host="127.0.0.1", redis=())
     other = Server(Context(settings, "server"), dq.store, topics)
-    hooks = list(dq.store.after_settle)
+    hooks = list(dq.store.batch.on_batch_settled)
     with pytest.raises(BootError, match=f"cannot listen on 127.0.0.1:{dq.port}"):
         await other.start()
-    assert dq.store.after_settle == hooks and not other.hooked
+    assert dq.store.batch.on_batch_settled == hooks and not other.hooked
 
 
 def read_frames(s: socket.socket, n: int | None = None) -> list[dict[str, Any]]:

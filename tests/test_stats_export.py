@@ -72,7 +72,7 @@ async def test_counters_keep_the_original_console_moving(
     order = registry.save_topic(Topic(topic="order", callback="http://h/o"))
     pay = registry.save_topic(Topic(topic="pay", callback="http://h/p"))
     rid = registry.save_shard("r1", f"127.0.0.1:{redis_server.port}").id
-    day = store.day()
+    day = store.clock.day()
     registry.stat_incr(f"{order.id}:total_write", 100)  # the original's, before cut-over
     registry.stat_incr(f"redis:{rid}:dq_notify_total_nums", 50)
     await traffic(store, "order", 5, ok=3, retry=1, bury=1, dels=1)

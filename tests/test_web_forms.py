@@ -273,7 +273,7 @@ async def test_shards_page_counts_guests(web: Web) -> None:
     shard = web.store.shards.shards[0]
     r = await web.anon.get("/shards")
     assert "guest job(s)" not in r.text
-    await shard.call("SADD", web.store.k_guests, "t:1", "t:2")
+    await shard.call("SADD", web.store.keys.guests, "t:1", "t:2")
     r = await web.anon.get("/shards")
     assert "2 guest job(s)" in r.text
     metrics = (await web.api.get("/metrics")).text

@@ -113,7 +113,7 @@ async def test_a_retrying_job_shows_its_last_error(redis_server: RedisProcess,
     assert (error["status"], error["error"], error["reply"], error["attempts"]) == \
         (500, "HTTP 500", "upstream is down", 1)
     assert before <= error["at"] <= int(time.time() * 1000)
-    assert error["at_time"] == web.store.fmt_time(error["at"])
+    assert error["at_time"] == web.store.clock.fmt_time(error["at"])
     # the first retry waits one retry_unit (dq.roles.consumer.retry_delay_ms(0))
     assert job["due_ms"] >= error["at"] + 590_000 and job["next_attempt"] == job["due"]
 
@@ -201,8 +201,8 @@ async def test_an_unreadable_dead_letter_is_listed_and_deleted_not_redriven(web:
     await bury(web.store, "order", "1")
     await bury(web.store, "order", "2")
     shard = web.store.shards.shards[0]
-    raw = await shard.call("HGET", web.store.k_jobs, "order:2")
-    await shard.call("HSET", web.store.k_jobs, "order:2", raw.split(b"|", 1)[0] + b"|2|0|x")
+    raw = await shard.call("HGET", web.store.keys.jobs, "order:2")
+    await shard.call("HSET", web.store.keys.jobs, "order:2", raw.split(b"|", 1)[0] + b"|2|0|x")
 
     dead = {j["id"]: j for j in (await web.api.get("/api/dead")).json()["dead"]}
     assert set(dead) == {"1", "2"}

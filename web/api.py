@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from dq.errors import BAD_REQUEST, NOT_FOUND, TOPIC_OFFLINE, UNKNOWN_TOPIC, DqError
 from dq.registry.core import Topic
 from dq.roles.alert import send_alert
-from dq.storage.store import BadPayload
+from dq.storage.payload import BadPayload
 from dq.wire.frames import MAX_DEPTH
 from dq.wire.requests import AddRequest, parse_request
 from web import schemas as s
@@ -294,7 +294,7 @@ async def add_job(request: Request, response: Response, st: St) -> dict[str, Any
     if res.replaced:
         response.status_code = 200
     return {"topic": req.topic, "id": req.id, "replaced": res.replaced, "due_ms": res.due_ms,
-            "due": st.store.fmt_time(res.due_ms), "shard": res.shard}
+            "due": st.store.clock.fmt_time(res.due_ms), "shard": res.shard}
 
 
 @router.get("/jobs/{topic}/{job_id:path}", response_model=s.JobOut, tags=["jobs"],
@@ -353,7 +353,7 @@ async def redrive_many(st: St, topic: str = "") -> dict[str, Any]:
 async def stats(st: St) -> dict[str, Any]:
     """Per-topic counters (today and total), shard depths, and the last hour per minute."""
     topics = list((await db(st.registry.topics)).values())
-    minutes = await st.store.minute_stats(60)
+    minutes = await st.store.stats.minute_stats(60)
     return {"topics": await topic_counters(st.store, topics),
             "shards": [v.json() for v in await shard_views(st)],
             "minutes": [{"minute": m, "writes": row.get("writes", 0), "ok": row.get("ok", 0),

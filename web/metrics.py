@@ -105,7 +105,7 @@ async def flow(store: Store, topics: list[Topic]) -> list[Metric]:
     held = GaugeMetricFamily("dq_topic_held_jobs", "Ready jobs of the topic held back by its "
                              "rate_limit, concurrency or pause", labels=["topic"])
     controlled = [t for t in topics if t.flow_controlled]
-    found = await asyncio.gather(*(store.flow_totals(t.topic) for t in controlled))
+    found = await asyncio.gather(*(store.stats.flow_totals(t.topic) for t in controlled))
     for t, totals in zip(controlled, found, strict=True):
         paused.add_metric([t.topic], 1 if t.paused else 0)
         if totals is not None:
@@ -161,7 +161,7 @@ async def delivery_histograms(store: Store, topics: list[Topic]) -> list[Metric]
                                  "to its callback, per attempt", labels=["topic"])
     took = HistogramMetricFamily("dq_callback_duration_seconds", "Duration of callback "
                                  "requests, per attempt", labels=["topic"])
-    found = await asyncio.gather(*(store.histograms(t.topic) for t in topics))
+    found = await asyncio.gather(*(store.stats.histograms(t.topic) for t in topics))
     for topic, hists in zip(topics, found, strict=True):
         for family, name in ((late, "late"), (took, "cb")):
             h = hists[name]

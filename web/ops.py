@@ -13,7 +13,9 @@ from dq.errors import DqError
 from dq.registry.core import Topic
 from dq.sharding.resp import safe_name
 from dq.sharding.shards import Shard, ShardSet
-from dq.storage.store import STAT_FIELDS, BadPayload, JobInfo, Store
+from dq.storage.payload import BadPayload
+from dq.storage.stats import STAT_FIELDS
+from dq.storage.store import JobInfo, Store
 from web.forms import mask_url
 from web.state import WebState, db
 
@@ -48,7 +50,7 @@ async def probe(store: Store, shard: Shard, view: ShardView) -> dict[str, str]:
     try:
         async with asyncio.timeout(PROBE_TIMEOUT):
             await shard.call("PING")
-            info, depths = await asyncio.gather(shard.call("INFO"), store.depths(shard))
+            info, depths = await asyncio.gather(shard.call("INFO"), store.stats.depths(shard))
     except (DqError, RedisError, OSError, TimeoutError) as exc:
         view.error = safe_name(str(exc)) or exc.__class__.__name__
         if isinstance(exc, TimeoutError):
@@ -136,8 +138,8 @@ async def shard_views(st: WebState) -> list[ShardView]:
 
 async def topic_counters(store: Store, topics: list[Topic]) -> list[dict[str, Any]]:
     """Per topic: today's and all-time writes, notifies, ok, fail, retries, dead, dels."""
-    stats = await asyncio.gather(*(store.topic_stats(t.topic) for t in topics))
-    day = store.day()
+    stats = await asyncio.gather(*(store.stats.topic_stats(t.topic) for t in topics))
+    day = store.clock.day()
     return [{"topic": t.topic, "name": t.name, "online": t.online,
              "today": {f: s.get(f"{f}:{day}", 0) for f in STAT_FIELDS},
              "total": {f: s.get(f, 0) for f in STAT_FIELDS}}
@@ -147,12 +149,12 @@ async def topic_counters(store: Store, topics: list[Topic]) -> list[dict[str, An
 def job_json(store: Store, info: JobInfo) -> dict[str, Any]:
     error = info.error
     if isinstance(error, dict) and type(error.get("at")) is int:
-        error = {**error, "at_time": store.fmt_time(error["at"])}
+        error = {**error, "at_time": store.clock.fmt_time(error["at"])}
     return {"topic": info.topic, "id": info.id, "shard": info.shard, "state": info.state,
-            "due_ms": info.due_ms, "due": store.fmt_time(info.due_ms),
+            "due_ms": info.due_ms, "due": store.clock.fmt_time(info.due_ms),
             "attempts": info.attempt, "priority": info.priority, "body": info.body,
             "error": error, "retrying": info.retrying,
-            "next_attempt": store.fmt_time(info.due_ms) if info.retrying else None}
+            "next_attempt": store.clock.fmt_time(info.due_ms) if info.retrying else None}
 
 
 def search_topics(topics: dict[str, Topic], q: str) -> list[Topic]:
@@ -181,7 +183,7 @@ async def redrive_all(store: Store, topic: str | None, limit: int = 10_000) -> i
 async def _breaker(store: Store, topic: str) -> dict[str, int | str]:
     try:
         async with asyncio.timeout(PROBE_TIMEOUT):
-            return await store.breaker_state(topic)
+            return await store.alerts.breaker_state(topic)
     except (DqError, RedisError, OSError, TimeoutError):
         return {"state": "unknown"}
 

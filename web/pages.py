@@ -103,13 +103,13 @@ async def logout(form: Form) -> Response:
 async def dashboard(request: Request, st: St, sess: PageSession) -> Response:
     topics = list((await db(st.registry.topics)).values())
     counters, minutes, shards = await asyncio.gather(
-        topic_counters(st.store, topics), st.store.minute_stats(60), shard_views(st))
+        topic_counters(st.store, topics), st.store.stats.minute_stats(60), shard_views(st))
     counters.sort(key=lambda r: (-r["today"]["writes"], r["topic"]))
     totals = {k: sum(r["today"][k] for r in counters)
               for k in ("writes", "notifies", "fail", "dead")}
     return render(request, "dashboard.html", {
         "counters": counters, "totals": totals, "shards": shards,
-        "chart": chart.build(minutes, st.settings.zone), "day": st.store.day()})
+        "chart": chart.build(minutes, st.settings.zone), "day": st.store.clock.day()})
 
 
 # topics -------------------------------------------------------------------------------

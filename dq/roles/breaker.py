@@ -1,7 +1,7 @@
 """Per-topic circuit breakers, the consumer's side (the state: dq/storage/lua/breaker.lua).
 
 A topic with `breaker_threshold` N > 0 has one breaker, kept in Redis on the topic's home
-shard (the topic key's rendezvous owner, Store.breaker_home), so it holds across every
+shard (the topic key's rendezvous owner, Alerts.breaker_home), so it holds across every
 consumer and dq instance: each shard's jobs ask the one breaker. After N failed callbacks
 in a row (any consumer's), it opens: jobs claimed meanwhile are parked, not called and
 not counted as attempts, until `breaker_cooloff` seconds after it opened; then one job is
@@ -61,7 +61,7 @@ class Breakers:
         return min(self.lease_ms, topic.timeout_ms + PROBE_SLACK_MS)
 
     async def _ask(self, topic: Topic, op: str, error: str = "") -> tuple[str, object]:
-        return await self.store.breaker(
+        return await self.store.alerts.breaker(
             topic.topic, op, threshold=topic.breaker_threshold,
             cooloff_ms=topic.breaker_cooloff * 1000, probe_ms=self._probe_ms(topic), error=error)
 
@@ -71,7 +71,8 @@ class Breakers:
             self._warned = now
             log.warning("circuit breaker of topic %s cannot be read on shard %s (%s: %s); "
                         "calling as if closed", topic.topic,
-                        self.store.breaker_home(topic.topic).label, exc.__class__.__name__, exc)
+                        self.store.alerts.breaker_home(topic.topic).label,
+                        exc.__class__.__name__, exc)
 
     async def admit(self, topic: Topic) -> tuple[bool, int]:
         """(probe, wait_ms): wait_ms > 0 means do not call, look again after that long;

@@ -352,8 +352,8 @@ class Retirement:
                               "it): its jobs stay where they are")
                 continue
             try:
-                added = await self.store.retire(shard)
-                depth = await self.store.depths(shard)
+                added = await self.store.maintenance.retire(shard)
+                depth = await self.store.stats.depths(shard)
             except DqError as exc:
                 log.debug("%s: cannot retire shard %s: %s", self.ctx.name, shard.label, exc)
                 continue
@@ -363,7 +363,7 @@ class Retirement:
             if depth["jobs"] or depth["dead"]:
                 continue
             try:  # php-delayqueue's jobs not adopted yet (adopt_loop) are jobs too
-                if await self.store.orig_pending(shard):
+                if await self.store.original.pending(shard):
                     continue
             except DqError:
                 continue
@@ -371,11 +371,11 @@ class Retirement:
 
     async def _same_dataset(self, shard: Shard) -> Shard | None:
         """The shard that stays whose Redis dataset this retired one is (the same dataset
-        token, `Store.stat_epoch`, kept in the data and replicated with it), if any."""
+        token, `Stats.stat_epoch`, kept in the data and replicated with it), if any."""
         try:
-            token = await self.store.stat_epoch(shard)
+            token = await self.store.stats.stat_epoch(shard)
             for other in self.store.shards.writers:
-                if await self.store.stat_epoch(other) == token:
+                if await self.store.stats.stat_epoch(other) == token:
                     return other
         except DqError:
             pass

@@ -19,7 +19,7 @@ as its own task:
   opening or closing is mailed to the topic's emails (owed until sent, like dead letters).
 - failure on the last attempt: bury as a dead letter with the last status, error and reply
   excerpt, and mail the topic's alert addresses (in the background). The mail is owed
-  until sent (Store.owed_alerts): one its consumer did not get out (it died or was stopped
+  until sent (Alerts.owed_alerts): one its consumer did not get out (it died or was stopped
   first, or the mail server failed) is mailed by consumer 0's sweep, for up to 24 hours.
 - flow control (a topic's rate_limit, concurrency and paused): the claim script takes
   each flow-controlled topic's share of the limits for the shard (dq/roles/flow.py, from the
@@ -286,7 +286,7 @@ class Consumer:
         now = time.monotonic()
         if now - self._held_seen.get(shard.name, -HELD_LOOK) >= HELD_LOOK:
             self._held_seen[shard.name] = now
-            seen = frozenset(await self.store.held_topics(shard))
+            seen = frozenset(await self.store.stats.held_topics(shard))
             if seen != held:
                 held, gen = seen, -1
         if gen != generation:
@@ -505,7 +505,7 @@ class Consumer:
             subject, text = dead_letter_mail(topic, c, error)
             sent = await send_alert(conf, topic.emails, subject, text)
             if sent or not (conf.host and any(a.strip() for a in topic.emails)):
-                await self.store.alert_done(c.shard, c.tid)
+                await self.store.alerts.alert_done(c.shard, c.tid)
         except Exception:
             log.exception("%s: alert for dead letter %s failed", self.ctx.name, c.tid)
 
@@ -523,21 +523,21 @@ class Consumer:
             subject, text = breaker_mail(topic, json.loads(member))
             sent = await send_alert(conf, topic.emails, subject, text)
             if sent or not (conf.host and any(a.strip() for a in topic.emails)):
-                await self.store.breaker_mail_done(topic.topic, member, shard)
+                await self.store.alerts.breaker_mail_done(topic.topic, member, shard)
         except Exception:
             log.exception("%s: breaker mail for topic %s failed", self.ctx.name, topic.topic)
 
     async def _owed_breaker_mails(self, shard: Shard) -> None:
-        for member in await self.store.owed_breaker_mails(shard):
+        for member in await self.store.alerts.owed_breaker_mails(shard):
             try:
                 event = json.loads(member)
                 key, at = str(event["topic"]), int(event["at"])
             except (ValueError, KeyError, TypeError):
-                await self.store.breaker_mail_done("", member, shard)  # not ours to read
+                await self.store.alerts.breaker_mail_done("", member, shard)  # not ours to read
                 continue
             topic = await self.topics.get(key)
             if topic is None or time.time() * 1000 - at > ALERT_GIVE_UP_MS:
-                await self.store.breaker_mail_done(key, member, shard)
+                await self.store.alerts.breaker_mail_done(key, member, shard)
                 continue
             await self._breaker_mail(topic, member, shard)
 
@@ -550,7 +550,7 @@ class Consumer:
                 if self.ctx.stopping.is_set() or not shard.up:
                     continue
                 try:
-                    for tid in await self.store.owed_alerts(shard):
+                    for tid in await self.store.alerts.owed_alerts(shard):
                         await self._owed_alert(shard, tid)
                     await self._owed_breaker_mails(shard)
                 except SHARD_ERRORS as exc:
@@ -561,18 +561,18 @@ class Consumer:
         topic_key, job_id = split_tid(tid)
         info = await self.store.lookup(topic_key, job_id)
         if info is None or info.state != "dead" or info.shard != shard.name:
-            await self.store.alert_done(shard, tid)  # redriven or deleted since
+            await self.store.alerts.alert_done(shard, tid)  # redriven or deleted since
             return
         error = info.error or {}
         at = error.get("at")
         if type(at) is int and time.time() * 1000 - at > ALERT_GIVE_UP_MS:
             log.warning("%s: the alert for dead letter %s could not be mailed within %d h; "
                         "giving up", self.ctx.name, tid, ALERT_GIVE_UP_MS // 3_600_000)
-            await self.store.alert_done(shard, tid)
+            await self.store.alerts.alert_done(shard, tid)
             return
         topic = await self.topics.get(topic_key)
         if topic is None:
-            await self.store.alert_done(shard, tid)  # its topic is gone: nobody to tell
+            await self.store.alerts.alert_done(shard, tid)  # its topic is gone: nobody to tell
             return
         await self._alert(topic, Claimed(
             shard=shard, tid=tid, topic=topic_key, id=job_id, version="",

@@ -531,7 +531,8 @@ class Connection(asyncio.Protocol):
         then), in one write per connection; ready otherwise, at the end of the loop turn."""
         server = self.server
         server.ready.add(self)
-        if not server.flush_scheduled and not (server.hooked and server.handler.store.settling):
+        if not server.flush_scheduled and not (server.hooked
+                                               and server.handler.store.batch.settling):
             server.flush_scheduled = True
             server.handler.loop.call_soon(server.flush_ready)
 
@@ -639,7 +640,7 @@ class Server:
         sock = self.ctx.listen_sock
         if sock is None:
             sock = bind_listener(self.settings.host, self.settings.port)
-        self.handler.store.after_settle.append(self.flush_ready)
+        self.handler.store.batch.on_batch_settled.append(self.flush_ready)
         self.hooked = True
         self.listener = sock
         self.accepting = True
@@ -800,7 +801,7 @@ class Server:
         is written at the end of its loop turn)."""
         if self.hooked:
             self.hooked = False
-            self.handler.store.after_settle.remove(self.flush_ready)
+            self.handler.store.batch.on_batch_settled.remove(self.flush_ready)
 
     async def drain(self) -> None:
         """Stop accepting, answer every request already read, then hand each connection to

@@ -19,7 +19,7 @@ each process and adds them to `dq_stat` (`u_key`, `num`) every DqConf::$flush_in
 dq's scripts count in Redis as they go; the checker of each instance exports every
 EXPORT_EVERY seconds what they gained since the last export (Registry.export_stats, one
 transaction; several instances take turns and never count a gain twice). A counter's mark
-is named by its Redis dataset's token (`Store.stat_epoch`), so a shard renamed or moved
+is named by its Redis dataset's token (`Stats.stat_epoch`), so a shard renamed or moved
 keeps its marks and a fresh (emptied) Redis starts from zero. Per-day counters are
 exported for today and yesterday (in the configured time zone).
 """
@@ -60,7 +60,7 @@ class StatExporter:
         self._last: dict[str, int] = {}  # mark -> value at this exporter's last export
 
     def _days(self) -> tuple[str, str]:
-        today = self.store.day()
+        today = self.store.clock.day()
         d = datetime.strptime(today, "%Y%m%d") - timedelta(days=1)
         return today, d.strftime("%Y%m%d")
 
@@ -75,8 +75,8 @@ class StatExporter:
         out: list[Counter] = []
         for shard in self.store.shards.shards:
             try:
-                token = await self.store.stat_epoch(shard)
-                values = await self.store.stat_values(shard, list(topics), fields)
+                token = await self.store.stats.stat_epoch(shard)
+                values = await self.store.stats.stat_values(shard, list(topics), fields)
             except DqError as exc:
                 log.debug("stat export: shard %s skipped: %s", shard.label, exc)
                 continue

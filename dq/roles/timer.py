@@ -5,7 +5,7 @@ shard, so timers never compete for a bucket. Per shard one task loops: move what
 (again at once while full batches come out), requeue jobs whose consumer lease ran out
 (at most every 100 ms), then sleep until the next due job or `timer_tick`, whichever is
 sooner. Timer 0 also keeps the delayed jobs in the buckets the `buckets` setting gives
-them, should that setting change (Store.rebucket).
+them, should that setting change (Maintenance.rebucket).
 
 The sleep is timed here, not by Redis: a BLPOP's own timeout fires on Redis's cron (every
 100 ms at the default hz 10), which would make jobs up to 100 ms late. Instead a second task
@@ -56,7 +56,7 @@ class Timer:
         self.store = store
         self.tick = max(ctx.settings.timer_tick, 0.01)
         self.owned = owned_buckets(store.buckets, ctx.settings.timers, ctx.index)
-        self.wake_keys = store.wake_keys(self.owned)
+        self.wake_keys = store.keys.wake_of(self.owned)
         self.moved = 0
         self.requeued = 0
         self.errors = 0
@@ -113,7 +113,7 @@ class Timer:
                 break
         if time.monotonic() - self._requeued_at.get(shard.name, 0.0) >= REQUEUE_EVERY:
             while True:
-                n = await self.store.requeue_expired(shard, limit=REQUEUE_LIMIT)
+                n = await self.store.maintenance.requeue_expired(shard, limit=REQUEUE_LIMIT)
                 self.requeued += n
                 if n < REQUEUE_LIMIT or self.ctx.stopping.is_set():
                     break
@@ -138,14 +138,14 @@ class Timer:
 
     async def _layout_loop(self) -> None:
         """Timer 0 keeps each shard's delayed jobs in the buckets the `buckets` setting
-        gives them (Store.rebucket): at start, after a change of the setting, and then
+        gives them (Maintenance.rebucket): at start, after a change of the setting, and then
         every LAYOUT_EVERY seconds (a shard that did not answer is looked at then)."""
         while not self.ctx.stopping.is_set():
             for shard in self.store.shards.shards:
                 if self.ctx.stopping.is_set():
                     return
                 try:
-                    await self.store.rebucket(shard)
+                    await self.store.maintenance.rebucket(shard)
                 except Exception as exc:  # not fatal to the timer: it moves due jobs on
                     log.warning("timer: checking the buckets of shard %s failed (%s: %s); "
                                 "trying again in %.0fs", shard.label, exc.__class__.__name__,

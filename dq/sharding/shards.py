@@ -2,7 +2,7 @@
 
 Every call a process makes to a shard goes through `Shard.call` on one pipelined
 connection (dq/sharding/resp.py): what is queued in one event-loop turn goes out in one write, and
-a loop turn's adds (or acks) are one script call (Store.queue). So a server with 50 busy
+a loop turn's adds (or acks) are one script call (dq/storage/batch.py). So a server with 50 busy
 connections talks to each shard in batches, not one command per round trip.
 `Shard.client` (redis-py) is kept for blocking and admin commands.
 """
@@ -13,8 +13,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Collection, Iterable, Sequence
-from importlib import resources
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
@@ -31,33 +30,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dq.shards")
 
-SCRIPT_NAMES = (
-    "add", "delete", "move_due", "claim", "ack", "retry", "bury", "requeue_expired", "redrive",
-    "guest_take", "guest_land", "guest_drop", "evict", "rebucket", "alert_claim", "park",
-    "adopt", "release", "breaker", "retire",
-)
+# name -> (sha1, source) of the Lua scripts, and the shas of those whose result is used
+# even when fewer replicas than replica_acks have it: given by the storage layer
+# (dq/storage/scripts.py registers them when imported). Shards only load and call them.
+SCRIPTS: dict[str, tuple[str, str]] = {}
+LENIENT: frozenset[str] = frozenset()
 
 
-def _load_scripts() -> dict[str, tuple[str, str]]:
-    """name -> (sha1, source) for every dq/storage/lua/*.lua script, each after
-    dq/storage/lua/_job.lua (the helpers that read a job's payload)."""
-    lua = resources.files("dq.storage").joinpath("lua")
-    prelude = lua.joinpath("_job.lua").read_text(encoding="utf-8")
-    out = {}
-    for name in SCRIPT_NAMES:
-        src = prelude + lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
-        out[name] = (hashlib.sha1(src.encode()).hexdigest(), src)
-    return out
+def register_scripts(scripts: Mapping[str, tuple[str, str]], *, lenient: Iterable[str]) -> None:
+    """Take the scripts shards load and call by name, and the names of the `lenient` ones
+    (see RespConnection.lenient); shards made before this keep the lenient set they had."""
+    global LENIENT
+    SCRIPTS.update(scripts)
+    LENIENT = frozenset(SCRIPTS[name][0] for name in lenient)
 
-
-SCRIPTS = _load_scripts()
-# With replica_acks, the scripts whose result is used even when too few replicas have it
-# yet: the timers' and consumers' steps. Lost with their master, they are only done again
-# (a job moved, claimed or acked again: called again at worst, as at-least-once allows),
-# and failing them would stop deliveries while a replica is away. The client's own
-# changes (add, delete, redrive) fail instead: their answer promises N replicas.
-LENIENT = frozenset(SCRIPTS[name][0] for name in SCRIPTS
-                    if name not in ("add", "delete", "redrive", "adopt"))
 
 # A connect that takes longer than this counts as a failure: adds must not wait on a dead
 # shard. TLS handshakes (rediss://, maybe across a WAN) get more time.

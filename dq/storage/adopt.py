@@ -53,7 +53,7 @@ class Adopter:
         self.store = store
 
     async def pending(self, shard: Shard) -> bool:
-        return await self.store.orig_pending(shard)
+        return await self.store.original.pending(shard)
 
     async def adopt_all(self, priorities: Mapping[str, int], *,
                         every: bool = False) -> dict[str, collections.Counter[str]]:
@@ -76,7 +76,7 @@ class Adopter:
         also per source: ready, delayed, orphan). Logs one line when it moved any."""
         st = self.store
         counts = collections.Counter[str]()
-        ready, buckets = await st.orig_queues(shard)
+        ready, buckets = await st.original.queues(shard)
         for key, prio in ready:
             await self._drain_ready(shard, key, prio, priorities, counts)
         for key in buckets:
@@ -102,10 +102,10 @@ class Adopter:
             tids = [t.decode() for t in await shard.call("LRANGE", key, 0, BATCH - 1)]
             if not tids:
                 return
-            bodies = await shard.call("HMGET", st.k_orig_jobs, *tids)
+            bodies = await shard.call("HMGET", st.keys.orig_jobs, *tids)
             jobs = await self._jobs(shard, list(zip(tids, bodies, [""] * len(tids),
                                                     strict=True)), priorities, prio)
-            res = await st.adopt(shard, "ready", key, (), jobs)
+            res = await st.original.adopt(shard, "ready", key, (), jobs)
             self._count(counts, res, "ready")
             # a body written again between read and script: read again, a few times
             stalls = stalls + 1 if res[3] else 0
@@ -119,10 +119,10 @@ class Adopter:
                 return
             tids = [flat[i].decode() for i in range(0, len(flat), 2)]
             scores = [flat[i].decode() for i in range(1, len(flat), 2)]
-            bodies = await shard.call("HMGET", st.k_orig_jobs, *tids)
+            bodies = await shard.call("HMGET", st.keys.orig_jobs, *tids)
             jobs = await self._jobs(shard, list(zip(tids, bodies, scores, strict=True)),
                                     priorities, 2)
-            res = await st.adopt(shard, "bucket", key, (), jobs)
+            res = await st.original.adopt(shard, "bucket", key, (), jobs)
             self._count(counts, res, "delayed")
             start += res[3]  # jobs written again since read stay ahead: the next pass
 
@@ -132,11 +132,12 @@ class Adopter:
         before delivering (it deletes a body before calling back), so it never would."""
         st, cursor = self.store, 0
         while True:
-            cursor, flat = await shard.call("HSCAN", st.k_orig_jobs, cursor, "COUNT", BATCH)
+            cursor, flat = await shard.call("HSCAN", st.keys.orig_jobs, cursor, "COUNT", BATCH)
             found = [(flat[i].decode(), flat[i + 1], "") for i in range(0, len(flat), 2)]
             if found:
                 jobs = await self._jobs(shard, found, priorities, 2)
-                self._count(counts, await st.adopt(shard, "orphan", st.k_orig_jobs, buckets,
+                self._count(counts, await st.original.adopt(shard, "orphan", st.keys.orig_jobs,
+                                                            buckets,
                                                    jobs), "orphan")
             cursor = int(cursor)
             if not cursor:
@@ -157,7 +158,7 @@ class Adopter:
         # An owner that holds the job already (added through dq since cut-over) keeps it.
         guests = [i for i, w in enumerate(whose) if w]
         held = await asyncio.gather(*(st.shards.owner(found[i][0]).call(
-            "HEXISTS", st.k_jobs, found[i][0]) for i in guests), return_exceptions=True)
+            "HEXISTS", st.keys.jobs, found[i][0]) for i in guests), return_exceptions=True)
         for i, h in zip(guests, held, strict=True):
             if h == 1:
                 whose[i] = 2

@@ -46,7 +46,8 @@ from dq.sharding.resp import ReplicasBehind, RespConnection, ShardRefused
 from dq.sharding.shards import Shard
 
 if TYPE_CHECKING:
-    from dq.storage.store import AddJob, Done, Store
+    from dq.storage.batch import AddJob, Done
+    from dq.storage.store import Store
 
 log = logging.getLogger("dq.fence")
 
@@ -116,7 +117,7 @@ class Fence:
         """Send one batch of adds, each job told its result by the answer or, when the
         shard is silent for the timeout, "unavailable" (and the shard is passed over)."""
         batch = _Batch(shard, parts, done, time.monotonic())
-        args = self.store.batch_args("add", parts, self._deadline(shard))
+        args = self.store.batch.args("add", parts, self._deadline(shard))
         shard.conn.send_then(functools.partial(self._answered, batch), "EVALSHA", *args)
         if not batch.answered:  # not connected: told at once
             loop = shard.conn.loop or asyncio.get_running_loop()
@@ -132,7 +133,7 @@ class Fence:
         if _late_error(exc):
             exc = DqError(UNAVAILABLE, f"redis shard {batch.shard.label} ran an add after "
                           "its deadline and refused it; retry shortly")
-        self.store._settle(batch.done, 2, res, exc)
+        self.store.batch.settle(batch.done, 2, res, exc)
 
     def _overdue(self, batch: _Batch, again: bool) -> None:
         if batch.answered:
@@ -149,14 +150,14 @@ class Fence:
             batch.timer = loop.call_later(0.001, self._overdue, batch, True)
             return
         batch.given_up = True
-        self.store._settle(batch.done, 2, None, self._give_up(batch.shard))
+        self.store.batch.settle(batch.done, 2, None, self._give_up(batch.shard))
 
     async def add_once(self, shard: Shard, job: AddJob) -> Any:
         """One add on `shard` on its own (not batched): its reply values, or DqError
         "unavailable" when the shard fails, is passed over, is still silent since an add
         was given up there, or is silent for the timeout now."""
         if not self.timeout:
-            return await shard.evalsha(self.store.add_args([job]))
+            return await shard.evalsha(self.store.batch.add_args([job]))
         if shard.conn.heard < self._given_up.get(shard.name, 0.0):
             raise DqError(UNAVAILABLE, f"redis shard {shard.label} {self._why()}; retry "
                           "shortly")
@@ -164,7 +165,7 @@ class Fence:
         async def attempt() -> Any:
             if not shard.conn.connected and isinstance(shard.conn, RespConnection):
                 await shard.connect()  # compares the clocks: the deadline needs them
-            return await shard.evalsha(self.store.add_args([job], self._deadline(shard)))
+            return await shard.evalsha(self.store.batch.add_args([job], self._deadline(shard)))
 
         start = time.monotonic()
         task = asyncio.ensure_future(attempt())
@@ -228,9 +229,9 @@ class Fence:
         while left:
             _, (tid, payload, *_rest) = left[0]
             version = str(payload).split("|", 1)[0]
-            b = st.bucket(tid)
-            keys = (st.k_jobs, st.k_delay[b], st.k_wake[b], st.k_inflight, st.k_dead,
-                    st.k_dead_err)
+            b = st.keys.bucket(tid)
+            keys = (st.keys.jobs, st.keys.delay[b], st.keys.wake[b], st.keys.inflight, st.keys.dead,
+                    st.keys.dead_err)
             try:
                 if not await self._copy_elsewhere(shard, tid):
                     # The only copy of the job (nothing was written elsewhere: one shard,
@@ -260,7 +261,7 @@ class Fence:
         """Whether a shard other than `shard` holds the job (the add written there instead,
         once this one was given up); a shard that does not answer counts as holding none."""
         others = [s for s in self.store.shards.shards if s is not shard]
-        found = await asyncio.gather(*(s.call("HEXISTS", self.store.k_jobs, tid)
+        found = await asyncio.gather(*(s.call("HEXISTS", self.store.keys.jobs, tid)
                                        for s in others), return_exceptions=True)
         return any(f == 1 for f in found)
 

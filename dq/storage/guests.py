@@ -31,7 +31,8 @@ from typing import NamedTuple
 
 from dq.errors import DqError
 from dq.sharding.shards import Shard
-from dq.storage.store import Store, parse_payload
+from dq.storage.payload import decode
+from dq.storage.store import Store
 
 log = logging.getLogger("dq.guests")
 
@@ -56,7 +57,7 @@ class GuestMover:
 
     async def count(self, shard: Shard) -> int:
         """How many guests `shard` holds (jobs whose owner is another shard)."""
-        return int(await shard.call("SCARD", self.store.k_guests))
+        return int(await shard.call("SCARD", self.store.keys.guests))
 
     async def sweep(self, shard: Shard, usable: Callable[[Shard], bool], *,
                     deadline: float | None = None) -> collections.Counter[str]:
@@ -70,7 +71,7 @@ class GuestMover:
         counts = await self.put_back_stranded(shard, usable)
         cursor = self._cursor.get(shard.name, 0)
         while True:
-            cursor, found = await shard.call("SSCAN", st.k_guests, cursor, "COUNT",
+            cursor, found = await shard.call("SSCAN", st.keys.guests, cursor, "COUNT",
                                              BATCH)
             cursor = int(cursor)
             tids = [t.decode() for t in found]
@@ -97,7 +98,7 @@ class GuestMover:
         hash is empty unless a mover stopped midway."""
         st = self.store
         counts = collections.Counter[str]()
-        marks = await shard.call("HGETALL", st.k_moving)
+        marks = await shard.call("HGETALL", st.keys.moving)
         for raw, mark in zip(marks[::2], marks[1::2], strict=True):
             tid = raw.decode()
             if mark.count(b"|") == 1 and not usable(st.shards.owner(tid)):
@@ -106,12 +107,12 @@ class GuestMover:
         return counts
 
     def _keys(self, tid: str) -> _Keys:
-        st, b = self.store, self.store.bucket(tid)
+        st, b = self.store, self.store.keys.bucket(tid)
         return _Keys(
-            take=(st.k_jobs, st.k_delay[b], st.k_dead, st.k_guests, st.k_moving),
-            land=(st.k_jobs, st.k_delay[b], st.k_wake[b], st.k_inflight, st.k_dead,
-                  st.k_dead_err),
-            drop=(st.k_jobs, st.k_delay[b], st.k_guests, st.k_moving, st.k_wake[b]))
+            take=(st.keys.jobs, st.keys.delay[b], st.keys.dead, st.keys.guests, st.keys.moving),
+            land=(st.keys.jobs, st.keys.delay[b], st.keys.wake[b], st.keys.inflight, st.keys.dead,
+                  st.keys.dead_err),
+            drop=(st.keys.jobs, st.keys.delay[b], st.keys.guests, st.keys.moving, st.keys.wake[b]))
 
     async def _move_home(self, here: Shard, tid: str, usable: Callable[[Shard], bool]) -> str:
         """One guest's move (or the rest of a move a mover left midway); its outcome."""
@@ -148,7 +149,7 @@ class GuestMover:
         """Land, drop and commit a job just taken."""
         try:
             landed = await owner.script("guest_land", keys.land, (
-                tid, "land", version, payload, due, parse_payload(payload).set_ms))
+                tid, "land", version, payload, due, decode(payload).set_ms))
         except DqError:
             # Maybe written, maybe not (a lost reply): the mark stays, and the next sweep
             # lands it again (a no-op if it is there) or, the owner being down, puts it back.
@@ -198,15 +199,15 @@ class GuestMover:
         not found and a shard that may hold it does not answer."""
         st = self.store
         reached, everywhere = self._elsewhere(owner, here, usable)
-        added_again = bool(await here.call("HEXISTS", st.k_jobs, tid))
+        added_again = bool(await here.call("HEXISTS", st.keys.jobs, tid))
         for shard in reached:
-            raw = await shard.call("HGET", st.k_jobs, tid)
-            if raw is None or parse_payload(raw).version != version:
+            raw = await shard.call("HGET", st.keys.jobs, tid)
+            if raw is None or decode(raw).version != version:
                 continue
             landed = None
             if not added_again:
                 landed = await owner.script("guest_land", keys.land, (
-                    tid, "land", version, raw, due, parse_payload(raw).set_ms))
+                    tid, "land", version, raw, due, decode(raw).set_ms))
             await shard.script("guest_land", keys.land, (tid, "undo", version, "", 0, 0))
             if landed == b"landed":
                 await owner.script("guest_land", keys.land,
@@ -234,7 +235,7 @@ class GuestMover:
         A take a mover left unfinished goes back in its bucket, and copies it may have
         landed elsewhere are undone; the copy of a move that had dropped it here is
         brought back from where it landed (`_adopt`)."""
-        mark = await here.call("HGET", self.store.k_moving, tid)
+        mark = await here.call("HGET", self.store.keys.moving, tid)
         if mark is not None:
             version, due = mark.split(b"|")[0].decode(), int(mark.split(b"|")[1])
             dropped = mark.endswith(b"|d") or await here.script(
@@ -246,5 +247,5 @@ class GuestMover:
             elif not await self._undo(here, here, tid, version, keys, usable):
                 return "busy"
             await here.script("guest_drop", keys.drop, (tid, "forget", version))
-        await here.call("SREM", self.store.k_guests, tid)
+        await here.call("SREM", self.store.keys.guests, tid)
         return "owned"

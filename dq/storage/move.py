@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from dq.config import Settings
 from dq.sharding.shards import Shard, ShardSet
 from dq.storage.guests import GuestMover
-from dq.storage.store import Claimed, FlowLimit, Store, payload_version, split_tid
+from dq.storage.jobs import Claimed, FlowLimit, split_tid
+from dq.storage.payload import version_of
+from dq.storage.store import Store
 
 log = logging.getLogger("dq.move")
 
@@ -55,20 +57,20 @@ async def requeue(src: Store, shard: Shard) -> int:
     n = 0
     # Jobs a flow-controlled topic held back (claim.lua's held lists) are ready too:
     # claimed with no limit, so they are put back as well.
-    held = [FlowLimit(topic=t) for t in sorted(await src.held_topics(shard))]
+    held = [FlowLimit(topic=t) for t in sorted(await src.stats.held_topics(shard))]
     while True:
         claimed = await src.claim(shard, BATCH, (1, 2, 3), 60_000, held)
         if not claimed:
             break
         n += sum(await asyncio.gather(*(src.park(c, 0) for c in claimed)))
-    tids = [t.decode() for t in await shard.call("ZRANGE", src.k_inflight, 0, -1)]
+    tids = [t.decode() for t in await shard.call("ZRANGE", src.keys.inflight, 0, -1)]
     for tid in tids:
-        raw = await shard.call("HGET", src.k_jobs, tid)
+        raw = await shard.call("HGET", src.keys.jobs, tid)
         if raw is None:
             continue
         topic, job_id = split_tid(tid)
         leased = Claimed(shard=shard, tid=tid, topic=topic, id=job_id,
-                         version=payload_version(raw), priority=2, attempt=0, due_ms=0,
+                         version=version_of(raw), priority=2, attempt=0, due_ms=0,
                          set_ms=0, body={}, claimed_ms=0)
         n += await src.park(leased, 0)
     return n
@@ -78,19 +80,19 @@ async def mark_guests(src: Store, shard: Shard) -> None:
     """Every job on `shard` a guest there (its owner is elsewhere now)."""
     cursor = 0
     while True:
-        cursor, flat = await shard.call("HSCAN", src.k_jobs, cursor, "COUNT", BATCH)
+        cursor, flat = await shard.call("HSCAN", src.keys.jobs, cursor, "COUNT", BATCH)
         cursor = int(cursor)
         tids = flat[::2]
         if tids:
-            await shard.call("SADD", src.k_guests, *tids)
+            await shard.call("SADD", src.keys.guests, *tids)
         if not cursor:
             return
 
 
 async def pending_left(src: Store, shard: Shard) -> tuple[int, int]:
     """(jobs still on `shard` that are not dead letters, dead letters)."""
-    jobs, dead = await asyncio.gather(shard.call("HLEN", src.k_jobs),
-                                      shard.call("ZCARD", src.k_dead))
+    jobs, dead = await asyncio.gather(shard.call("HLEN", src.keys.jobs),
+                                      shard.call("ZCARD", src.keys.dead))
     return int(jobs) - int(dead), int(dead)
 
 
