@@ -18,6 +18,7 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Set as AbstractSet
 from typing import Any, cast
 from urllib.parse import unquote, urlparse
 
@@ -62,7 +63,7 @@ class RespConnection:
         # Scripts (by sha) whose callers get their own result even when the WAIT after
         # them falls short: a timer's or consumer's step that, lost with its master, is
         # only done again (dq/sharding/shards.py sets them; adds, deletes and redrives are strict).
-        self.lenient: frozenset[str] = frozenset()
+        self.lenient: AbstractSet[str] = frozenset()
         self.name = name
         self.label = safe_name(name)  # the name, shown: without a password
         self.connect_timeout = connect_timeout

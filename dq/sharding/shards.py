@@ -34,15 +34,14 @@ log = logging.getLogger("dq.shards")
 # even when fewer replicas than replica_acks have it: given by the storage layer
 # (dq/storage/scripts.py registers them when imported). Shards only load and call them.
 SCRIPTS: dict[str, tuple[str, str]] = {}
-LENIENT: frozenset[str] = frozenset()
+LENIENT: set[str] = set()
 
 
 def register_scripts(scripts: Mapping[str, tuple[str, str]], *, lenient: Iterable[str]) -> None:
     """Take the scripts shards load and call by name, and the names of the `lenient` ones
-    (see RespConnection.lenient); shards made before this keep the lenient set they had."""
-    global LENIENT
+    (see RespConnection.lenient; every shard shares the one set, made before or after)."""
     SCRIPTS.update(scripts)
-    LENIENT = frozenset(SCRIPTS[name][0] for name in lenient)
+    LENIENT.update(SCRIPTS[name][0] for name in lenient)
 
 
 # A connect that takes longer than this counts as a failure: adds must not wait on a dead
