@@ -15,10 +15,40 @@ from dq.config import Settings
 from dq.registry.core import Registry, Topic
 from dq.runtime.context import open_store
 from dq.storage.store import Store
+from tests.support.kinds import kind
 from tests.support.procs import free_port
 from tests.support.receiver import Receiver
 from tests.support.redisproc import RedisProcess
 from tests.support.roles import Mailbox, Roles
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: 3 workers a core, at least 4. The tests mostly wait (on processes starting,
+    on timers, on failovers), so a core keeps several busy; more than 3 a core made the
+    run slower on a 2-core machine (README: Run the tests)."""
+    return max(4, 3 * (os.cpu_count() or 1))
+
+
+_ORDER = {"system": 0, "integration": 1, "unit": 2}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test is marked system, integration or unit (tests/support/kinds.py), from what
+    it reaches, unless it says so itself (`@pytest.mark.system` where what it starts is out
+    of sight, e.g. behind an example's module): `-m "not system"` is the fast subset. The
+    system tests, the longest, go first, so that the run does not end waiting on one of
+    them (xdist hands tests out in this order)."""
+    kinds: dict[str, str] = {}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        defs = info.name2fixturedefs if info is not None else {}
+        fixtures = {name: d[-1].func for name, d in defs.items() if d}
+        given = [m.name for m in item.iter_markers() if m.name in _ORDER]
+        kinds[item.nodeid] = given[0] if given else kind(
+            getattr(item, "function", None), fixtures, getattr(item, "fixturenames", ()))
+        if not given:
+            item.add_marker(getattr(pytest.mark, kinds[item.nodeid]))
+    items.sort(key=lambda item: _ORDER[kinds[item.nodeid]])
 
 
 @pytest.fixture

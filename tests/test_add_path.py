@@ -26,7 +26,7 @@ from tests.support.masters import Master
 from tests.support.procs import free_port
 from tests.support.receiver import Receiver
 from tests.support.redisproc import RedisProcess
-from tests.test_server import Running, frame, raw_exchange, start_server
+from tests.support.server import Running, frame, raw_exchange, start_server
 
 SECRET = "body-marker-" + "x" * 200  # in every job's body: must never reach a log line
 

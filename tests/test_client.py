@@ -27,7 +27,7 @@ from dq.client import (
 from dq.errors import DqError
 from dq.wire.frames import OK_EMPTY, error_reply
 from tests.support.redisproc import RedisProcess
-from tests.test_server import Running, start_server
+from tests.support.server import Running, start_server
 
 # -- frames ----------------------------------------------------------------------------------
 

@@ -22,11 +22,11 @@ from dq.errors import ConfigError
 from dq.sharding.clusterurl import join_parts, key_slot, parse_url, partition_tags
 from dq.sharding.shards import ShardSet
 from dq.storage.store import Store
+from tests.support.chaos import add_acked, register
 from tests.support.masters import Master
 from tests.support.receiver import Receiver, Reply, Request
 from tests.support.rediscluster import RedisCluster, cli
 from tests.support.redisproc import RedisProcess
-from tests.test_chaos import add_acked, register
 
 pytestmark = pytest.mark.slow
 
@@ -283,8 +283,8 @@ async def test_a_master_killed_9_fails_over_and_dq_goes_on(
 
 async def test_console_and_metrics_show_a_cluster_as_one_shard_summed_over_partitions(
         redis_cluster: RedisCluster, tmp_path: Path) -> None:
-    from tests.test_health import _samples
-    from tests.test_web_api import open_web
+    from tests.support.health import prom_samples
+    from tests.support.web import open_web
 
     async with open_web(redis_cluster.url, f"sqlite:///{tmp_path / 'dq.sqlite3'}",
                         cluster_partitions=PARTITIONS) as w:
@@ -297,7 +297,7 @@ async def test_console_and_metrics_show_a_cluster_as_one_shard_summed_over_parti
             [(redis_cluster.url, True, 300)], shards
         assert "on 3 masters" in shards[0]["memory"]
         r = await w.api.get("/metrics")
-        m = _samples(r.text)
+        m = prom_samples(r.text)
         label = frozenset({("shard", redis_cluster.url), ("state", "delayed")})
         assert m[("dq_shard_jobs", label)] == 300
         assert m[("dq_shard_used_memory_bytes", frozenset({("shard", redis_cluster.url)}))] > 0
@@ -308,7 +308,7 @@ async def test_console_and_metrics_show_a_cluster_as_one_shard_summed_over_parti
         rows = {s["name"]: s for s in (await w.api.get("/api/shards")).json()}
         assert rows["cl2"]["url"].startswith("redis+cluster://:***@")
         assert not rows["cl2"]["up"] and "AUTH" in rows["cl2"]["error"]  # it has none
-        from tests.test_web_pages import login
+        from tests.support.web import login
 
         await login(w.anon)
         for page in ("/", "/shards"):  # the pages show it too
@@ -380,7 +380,7 @@ async def test_a_master_lost_is_one_mail_for_all_its_partitions(
     (not one per partition), and one says they are back after the failover."""
     from dq.roles.checker import Checker
     from dq.runtime.context import Context
-    from tests.test_health import make_settings
+    from tests.support.health import make_settings
 
     settings = make_settings(tmp_path, [redis_cluster.url], shard_down_after=0.5,
                              cluster_partitions=PARTITIONS)

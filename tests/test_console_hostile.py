@@ -23,10 +23,10 @@ import pytest
 import web.protocol
 import web.throttle
 from dq.config import Settings
+from tests.support.browser import LiveConsole
 from tests.support.procs import free_port
 from tests.support.redisproc import RedisProcess
-from tests.test_console_browser import LiveConsole
-from tests.test_web_api import GOOD_TOPIC, PW, Web, open_web
+from tests.support.web import GOOD_TOPIC, PW, Web, open_web
 
 BASE = "http://127.0.0.1"
 LIMITS = web.throttle.Limits()  # what a console runs with

@@ -35,9 +35,9 @@ from dq.registry.core import Registry, Topic
 from dq.registry.models import TopicRow
 from dq.runtime.context import open_store
 from dq.storage.store import Store
+from tests.support.browser import CHROMEDRIVER, CHROMIUM, Browser, LiveConsole, wait
 from tests.support.procs import free_port
 from tests.support.redisproc import RedisProcess
-from tests.test_console_browser import CHROMEDRIVER, CHROMIUM, Browser, LiveConsole, wait
 from web.app import create_app
 from web.forms import TOPIC_FIELDS
 

@@ -73,6 +73,7 @@ def wait_for(what: str, pred: Callable[[], Any], timeout: float) -> Any:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+@pytest.mark.system  # run.dq_master starts a dq-master: out of kinds.py's sight
 def test_orders_against_a_real_master(example: tuple[ModuleType, ModuleType],
                                       redis_server: RedisProcess, tmp_path: Path) -> None:
     service_mod, run = example

@@ -16,7 +16,7 @@ from dq.errors import BAD_REQUEST, DqError
 from dq.wire import fixtime
 from dq.wire.requests import AddRequest, parse_request
 from tests.support.redisproc import RedisProcess
-from tests.test_server import frame, raw_exchange, start_server
+from tests.support.server import frame, raw_exchange, start_server
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")  # UTC+8, no DST
 NEW_YORK = ZoneInfo("America/New_York")

@@ -230,7 +230,7 @@ async def test_flow_control_on_a_redis_cluster_holds_over_its_partitions(
 
 async def test_metrics_show_a_paused_topics_held_jobs(redis_server: RedisProcess,
                                                      tmp_path: Path) -> None:
-    from tests.test_web_api import open_web
+    from tests.support.web import open_web
 
     async with open_web(redis_server.url, f"sqlite:///{tmp_path / 'web.sqlite3'}") as web:
         web.registry.save_topic(Topic(topic="p", callback="http://127.0.0.1:9/", paused=True))
@@ -259,7 +259,7 @@ async def test_a_paused_topic_takes_adds_over_tcp_where_an_offline_one_refuses(
         redis_server: RedisProcess, tmp_path: Path) -> None:
     from dq.client import AsyncDqClient
     from dq.errors import DqError
-    from tests.test_server import make_topic, start_server
+    from tests.support.server import make_topic, start_server
 
     running, ctx, task = await start_server(tmp_path, [redis_server.url])
     client = AsyncDqClient([running.addr])

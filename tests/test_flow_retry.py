@@ -23,13 +23,14 @@ from dq.registry.retry_policy import RetryPolicyError, normalise, parse
 from dq.roles import consumer
 from dq.roles.callback import retry_after
 from dq.storage import alerts as alerts_module
+from dq.storage.jobs import JobInfo
 from dq.storage.store import Store
 from tests.support.procs import free_port
 from tests.support.receiver import Receiver, Reply, Request
 from tests.support.redisproc import RedisProcess
 from tests.support.roles import Mailbox, Roles
-from tests.test_web_api import Web, open_web
-from tests.test_web_pages import login
+from tests.support.waits import until
+from tests.support.web import Web, login, open_web
 
 S = 1000  # ms
 
@@ -140,8 +141,11 @@ async def test_503_with_retry_after_waits_and_uses_no_attempt(
     await store.add("busy", "b1", {"x": 1}, delay_ms=0)
     await store.add("dated", "d1", {"x": 1}, delay_ms=0)
     busy = await receiver.wait_calls(1, job_id="b1", timeout=10)
-    await asyncio.sleep(1.0)
-    info = await store.lookup("busy", "b1")  # waiting, its error shown, no attempt counted
+
+    async def error_shown() -> JobInfo | None:
+        got = await store.lookup("busy", "b1")
+        return got if got is not None and got.error is not None else None
+    info = await until(error_shown, 5, "b1's error stored")  # waiting, no attempt counted
     assert info is not None and info.state == "delayed" and info.attempt == 0
     assert info.error is not None and info.error["status"] == 503
     assert "Retry-After 4s" in info.error["error"]
@@ -152,8 +156,10 @@ async def test_503_with_retry_after_waits_and_uses_no_attempt(
         assert gap >= least - 0.05, f"called again after {gap:.2f}s"
         assert gap < least + 5
         assert [c.attempt for c in calls] == [1, 1]  # the same attempt, sent again
-    await asyncio.sleep(0.5)
-    assert len(receiver.calls(job_id="b1")) == 2 and await store.lookup("busy", "b1") is None
+    async def finished() -> bool:
+        return await store.lookup("busy", "b1") is None
+    await until(finished, 5, "b1 finished")
+    assert len(receiver.calls(job_id="b1")) == 2
     stats = await store.stats.topic_stats("busy")  # both calls counted, one failed, none dead
     assert (stats["notifies"], stats["fail"], stats["ok"], stats.get("dead", 0)) == (2, 1, 1, 0)
 

@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import pytest
 from aiosmtpd.controller import Controller
-from prometheus_client.parser import text_string_to_metric_families
 
 from dq.client import AsyncDqClient
 from dq.config import Settings
@@ -32,6 +31,7 @@ from dq.runtime.logs import JsonFormatter
 from dq.sharding.health import HealthReader, ShardHealth, health_path, read_health, write_health
 from dq.sharding.shards import COOLOFF_MIN, Shard, ShardSet
 from dq.storage.store import Store
+from tests.support.health import make_settings, prom_samples
 from tests.support.procs import free_port
 from tests.support.receiver import Receiver
 from tests.support.redisproc import RedisProcess
@@ -107,16 +107,6 @@ async def roles() -> AsyncIterator[Roles]:
     await r.stop()
 
 
-def make_settings(tmp: Path, urls: list[str], **kw: Any) -> Settings:
-    base: dict[str, Any] = dict(
-        redis=tuple(urls), db=f"sqlite:///{tmp / 'dq.sqlite3'}", data_dir=str(tmp / "var"),
-        host="127.0.0.1", port=0, buckets=4, timers=1, concurrency=32, retry_unit=0.5,
-        lease=3.0, timer_tick=0.2, grace=5.0, registry_refresh=0.2, checker_interval=0.2,
-        shard_down_after=2.0, max_attempts=20, web_password="pw")
-    base.update(kw)
-    return Settings(**base)
-
-
 # --------------------------------------------------------------------------------------
 # the pieces
 
@@ -142,7 +132,6 @@ async def test_breaker_fails_fast_then_closes(redis_server: RedisProcess) -> Non
         assert shard.up and shard.open_until == 0.0
     finally:
         await shard.close()
-
 
 
 @contextlib.contextmanager
@@ -450,14 +439,6 @@ async def _wait_delivered(receiver: Receiver, jobs: list[str], timeout: float) -
 # /metrics
 
 
-def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
 async def test_metrics_match_jobs_added_and_delivered(
         tmp_path: Path, redis_factory: Callable[[], RedisProcess], receiver: Receiver,
         roles: Roles, caplog: pytest.LogCaptureFixture) -> None:
@@ -491,7 +472,7 @@ async def test_metrics_match_jobs_added_and_delivered(
             assert (await http.get("/metrics")).status_code == 401
             resp = await http.get("/metrics", headers={"Authorization": "Bearer pw"})
         assert resp.status_code == 200
-        m = _samples(resp.text)
+        m = prom_samples(resp.text)
 
         def ev(event: str, topic: str = "m") -> float:
             return m[("dq_topic_events_total", frozenset({("topic", topic),

@@ -37,7 +37,7 @@ from dq.errors import ERR_WORDS
 from dq.roles import server as dq_server
 from dq.runtime.context import GC_THRESHOLD
 from tests.support.redisproc import RedisProcess
-from tests.test_server import Running, frame, raw_exchange, start_server
+from tests.support.server import Running, frame, raw_exchange, start_server
 
 MAX_FRAME = 4096  # below 9999, so declared lengths can also be too large
 # Isolation, not speed: a server whose loop a hostile client holds keeps the canary waiting

@@ -28,6 +28,7 @@ from tests.support.masters import Master, alive, children_of
 from tests.support.paths import REPO
 from tests.support.procs import free_port
 from tests.support.redisproc import RedisProcess
+from tests.support.waits import wait_until
 
 PING = b'0014{"cmd":"ping"}'
 
@@ -455,11 +456,12 @@ def test_usr2_replaces_every_child_while_the_port_stays_open(
     stop = threading.Event()
     pinger = threading.Thread(target=ping_loop, args=(m.port, stop, stats), daemon=True)
     pinger.start()
-    time.sleep(0.3)
+    wait_until(lambda: stats["ok"] > 0, 10, "the first pings")
     m.kill(signal.SIGUSR2)
     m.wait("a whole new generation", lambda: not old & set(m.workers())
            and m.titles() == want, timeout=30)
-    time.sleep(0.3)
+    after = stats["ok"]
+    wait_until(lambda: stats["ok"] > after + 5, 10, "pings to the new generation")
     stop.set()
     pinger.join(15)
     assert m.proc.poll() is None
@@ -493,7 +495,8 @@ def test_usr2_keeps_the_console_answering(
     m.kill(signal.SIGUSR2)
     m.wait("generation 1", lambda: "generation 1 is up" in m.output(), timeout=60)
     m.wait("the old console gone", lambda: not old & set(m.workers()), timeout=30)
-    time.sleep(0.3)
+    after = stats["ok"]
+    wait_until(lambda: stats["ok"] > after + 5, 10, "the new console answering")
     stop.set()
     poller.join(15)
     assert "dq-web" in m.workers().values()
@@ -755,7 +758,8 @@ def test_usr2_during_steady_adds_loses_nothing(
         m.kill(signal.SIGUSR2)
         m.wait("a new generation", lambda: not old & set(m.workers())
                and m.titles() == want, timeout=30)
-        time.sleep(0.5)
+        after = len(added)
+        wait_until(lambda: len(added) > after + 20 or failed, 10, "adds to the new generation")
         stop.set()
         adder.join(15)
         assert failed == []

@@ -27,8 +27,7 @@ from dq.storage.store import Claimed
 from tests.support.procs import free_port
 from tests.support.receiver import Receiver
 from tests.support.redisproc import RedisProcess
-from tests.test_web_api import Web, open_web
-from tests.test_web_pages import login
+from tests.support.web import Web, login, open_web
 
 REDIS_PORT = 16379  # a port no test listens on: the policy is judged, nothing is called
 

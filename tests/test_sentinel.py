@@ -32,11 +32,11 @@ from dq.sharding.resp import WAIT_MS, ReplicasBehind
 from dq.sharding.shards import ShardSet
 from dq.sharding.shardurl import parse, split_shard_urls
 from dq.storage.store import Store
+from tests.support.chaos import Flaky, receiving, register
 from tests.support.masters import Master
 from tests.support.procs import free_port
 from tests.support.redisproc import RedisProcess
 from tests.support.sentinels import SERVICE, SentinelSetup, cmd, info
-from tests.test_chaos import Flaky, receiving, register
 
 
 @pytest.fixture

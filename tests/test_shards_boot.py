@@ -29,7 +29,7 @@ from tests.support.masters import Master
 from tests.support.paths import REPO
 from tests.support.procs import free_port
 from tests.support.redisproc import RedisProcess
-from tests.test_registry import ORIGINAL_MYSQL, ORIGINAL_SQLITE, run_script
+from tests.support.registry import ORIGINAL_MYSQL, ORIGINAL_SQLITE, run_script
 
 READY = "dq is ready: "
 

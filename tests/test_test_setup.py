@@ -50,6 +50,7 @@ def test_mariadb_tests_fail_when_dq_test_mysql_asks_for_one_that_is_not_there(
 def test_ci_sets_dq_test_mysql_and_runs_readmes_test_command() -> None:
     ci = (REPO / ".ci" / "run").read_text()
     readme = (REPO / "README.md").read_text()
-    assert "python3 -m pytest -q" in readme
-    assert ci.rstrip().splitlines()[-1] == "python3 -m pytest -q"
+    command = "python3 -m pytest -q -n auto"
+    assert f"pip install -e '.[test]' && {command}\n" in readme
+    assert ci.rstrip().splitlines()[-1] == command
     assert "export DQ_TEST_MYSQL=" in ci

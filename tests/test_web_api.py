@@ -4,64 +4,27 @@ SQLite and MariaDB. Every route, every validation error, every auth refusal."""
 from __future__ import annotations
 
 import base64
-import contextlib
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import pytest
 import redis
-from aiosmtpd.controller import Controller
-from fastapi import FastAPI
 
-from dq.config import Settings
-from dq.registry.core import Registry, Topic
-from dq.runtime.context import open_store
-from dq.storage.store import Store
+from dq.registry.core import Topic
 from tests.support.procs import free_port
 from tests.support.redisproc import RedisProcess
-from web.app import create_app
+from tests.support.web import (
+    GOOD_TOPIC,
+    PW,
+    Mailbox,
+    Web,
+    assert_error,
+    make_topic,
+    open_web,
+    smtp,
+)
 
-PW = "s3cret-pw"
-BASE = "http://127.0.0.1"
-GOOD_TOPIC = {"topic": "order_timeout", "name": "Cancel unpaid orders", "delay": 1800,
-              "callback": "https://shop.example.com/hooks/order", "method": "POST",
-              "timeout_ms": 5000, "emails": ["ops@example.com", "dev@example.com"],
-              "retry_when": "{res.code}!=200", "priority": 1, "status": "online",
-              "max_attempts": 5, "secret": "hush", "body_format": "json", "creator": "ann"}
-
-
-@dataclass
-class Web:
-    app: FastAPI
-    api: httpx.AsyncClient  # sends the password (Basic)
-    anon: httpx.AsyncClient  # sends nothing
-    registry: Registry
-    store: Store
-    settings: Settings
-
-
-def web_settings(redis_url: str, **kw: Any) -> Settings:
-    return Settings(redis=(redis_url,), **{"web_password": PW, **kw})
-
-
-@contextlib.asynccontextmanager
-async def open_web(redis_url: str, db_url: str, **settings: Any) -> AsyncIterator[Web]:
-    """The app over a real registry and store, with an API client and an anonymous one."""
-    conf = web_settings(redis_url, **settings)
-    registry = Registry(db_url)
-    store = open_store(conf)
-    app = create_app(conf, registry=registry, store=store)
-    transport = httpx.ASGITransport(app)
-    try:
-        async with httpx.AsyncClient(transport=transport, base_url=BASE,
-                                     auth=("admin", PW)) as api, \
-                httpx.AsyncClient(transport=transport, base_url=BASE) as anon:
-            yield Web(app, api, anon, registry, store, conf)
-    finally:
-        await store.shards.close()
-        registry.close()
+__all__ = ["smtp"]  # the SMTP fixture, used by name
 
 
 @pytest.fixture(name="web")
@@ -70,54 +33,10 @@ async def web_fixture(redis_server: RedisProcess, db_url: str) -> AsyncIterator[
         yield w
 
 
-class Mailbox:
-    def __init__(self) -> None:
-        self.messages: list[Any] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.messages.append(envelope)
-        return "250 OK"
-
-
-@pytest.fixture
-def smtp() -> Iterator[tuple[Mailbox, int]]:
-    box, port = Mailbox(), free_port()
-    ctl = Controller(box, hostname="127.0.0.1", port=port)
-    ctl.start()
-    yield box, port
-    ctl.stop()
-
-
-async def bury(store: Store, topic: str, job_id: str, body: dict[str, Any] | None = None) -> None:
-    """Make (topic, job_id) a dead letter the way a consumer would."""
-    await store.add(topic, job_id, body or {"n": job_id}, delay_ms=0)
-    shard = store.shards.shards[0]
-    await store.move_due(shard, range(store.buckets))
-    for c in await store.claim(shard, 100, [1, 2, 3], 30000):
-        await store.bury(c, {"status": 500, "error": "boom"})
-
-
-async def make_topic(w: Web, **fields: Any) -> dict[str, Any]:
-    r = await w.api.post("/api/topics", json={**GOOD_TOPIC, **fields})
-    assert r.status_code == 201, r.text
-    body: dict[str, Any] = r.json()
-    return body
-
-
 def stored_secret(w: Web, key: str) -> str:
     topic = w.registry.get_topic(key)
     assert topic is not None
     return topic.secret
-
-
-def assert_error(r: httpx.Response, status: int, err: str, field: str | None = None) -> None:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"detail", "err", "errors"}
-    assert body["err"] == err
-    assert body["detail"]
-    if field is not None:
-        assert field in body["errors"], body
 
 
 # -- auth -------------------------------------------------------------------------------

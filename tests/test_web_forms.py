@@ -11,8 +11,7 @@ import redis
 
 from tests.support.procs import free_port
 from tests.support.redisproc import RedisProcess
-from tests.test_web_api import Mailbox, Web, bury, make_topic, open_web, smtp
-from tests.test_web_pages import flash, follow, login
+from tests.support.web import Mailbox, Web, bury, flash, follow, login, make_topic, open_web, smtp
 
 __all__ = ["smtp"]  # the SMTP fixture, used by name
 

@@ -14,13 +14,10 @@ import httpx
 import pytest
 
 from dq.config import Settings
-from dq.registry.core import Registry, Topic
-from dq.roles import consumer, timer
-from dq.runtime.context import Context, open_store
+from dq.runtime.context import Context
 from tests.support.procs import free_port
-from tests.support.receiver import Receiver, Reply
 from tests.support.redisproc import RedisProcess
-from tests.test_web_api import Web, assert_error, bury, make_topic, open_web
+from tests.support.web import Web, assert_error, bury, fail_once, make_topic, open_web
 from web.app import bind_host, run
 
 
@@ -64,37 +61,6 @@ async def test_add_get_delete_job(web: Web) -> None:
     assert r.status_code == 200 and r.json()["ok"] is True
     assert_error(await web.api.get("/api/jobs/order/42"), 404, "not_found")
     assert_error(await web.api.delete("/api/jobs/order/42"), 404, "not_found")
-
-
-async def fail_once(settings: Settings, topic: str, job_id: str, reply: Reply) -> None:
-    """Register `topic` with a real receiver that answers `reply`, add `job_id`, and run a
-    real timer and consumer until the consumer has failed one attempt and scheduled the
-    next (`settings.retry_unit` later)."""
-    registry = Registry(settings.db)
-    store = open_store(settings)
-    ctxs = [Context(settings, "timer"), Context(settings, "consumer")]
-    try:
-        async with Receiver() as rcv:
-            rcv.routes["/hook"] = lambda req: reply
-            registry.save_topic(Topic(topic=topic, name=topic, callback=rcv.url("/hook"),
-                                      method="POST", max_attempts=5))
-            await store.add(topic, job_id, {"order": 7}, delay_ms=0)
-            tasks = [asyncio.create_task(timer.run(ctxs[0])),
-                     asyncio.create_task(consumer.run(ctxs[1]))]
-            try:
-                deadline = time.monotonic() + 30
-                while (info := await store.lookup(topic, job_id)) is None or info.attempt < 1:
-                    assert time.monotonic() < deadline, "the consumer made no attempt"
-                    assert not any(t.done() for t in tasks), [t.result() for t in tasks]
-                    await asyncio.sleep(0.1)
-                assert len(rcv.calls(job_id)) == 1
-            finally:
-                for ctx in ctxs:
-                    ctx.stopping.set()
-                await asyncio.gather(*tasks)
-    finally:
-        await store.shards.close()
-        registry.close()
 
 
 async def test_a_retrying_job_shows_its_last_error(redis_server: RedisProcess,
@@ -190,7 +156,6 @@ async def test_dead_letters_and_redrive(web: Web) -> None:
     r = await web.api.post("/api/dead/redrive", params={"topic": "mail"})
     assert r.status_code == 200 and r.json()["detail"].startswith("2 ")
     assert (await web.api.get("/api/dead")).json() == {"dead": []}
-
 
 
 async def test_an_unreadable_dead_letter_is_listed_and_deleted_not_redriven(web: Web) -> None:

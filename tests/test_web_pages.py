@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.support.redisproc import RedisProcess
-from tests.test_web_api import BASE, PW, Web, open_web
+from tests.support.web import BASE, PW, Web, csrf_of, login, open_web
 from web import chart
 from web.auth import SESSION_COOKIE, SESSION_TTL, Keys
 
@@ -19,31 +17,6 @@ from web.auth import SESSION_COOKIE, SESSION_TTL, Keys
 async def web_fixture(redis_server: RedisProcess, db_url: str) -> AsyncIterator[Web]:
     async with open_web(redis_server.url, db_url) as w:
         yield w
-
-
-def csrf_of(html: str) -> str:
-    match = re.search(r'name="csrf" value="([^"]+)"', html)
-    assert match, "page has no CSRF token"
-    return match.group(1)
-
-
-async def login(client: httpx.AsyncClient, password: str = PW) -> str:
-    """Log the client in; returns the CSRF token of its new session."""
-    page = await client.get("/login")
-    r = await client.post("/login", data={"csrf": csrf_of(page.text), "password": password,
-                                          "next": "/"})
-    assert r.status_code == 303, r.text
-    return csrf_of((await client.get("/topics")).text)
-
-
-def flash(r: httpx.Response) -> str:
-    match = re.search(r'<div class="flash (?:ok|error)" role="status">(.*?)</div>', r.text, re.S)
-    return match.group(1).strip() if match else ""
-
-
-async def follow(client: httpx.AsyncClient, r: httpx.Response) -> httpx.Response:
-    assert r.status_code == 303, r.text
-    return await client.get(r.headers["location"])
 
 
 PAGES = ["/", "/topics", "/topics/new", "/topics/x/edit", "/shards", "/alert", "/jobs",

@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.support.procs import free_port, stop
+from tests.support.procs import free_port, start_redis, stop
 
 NODE_TIMEOUT_MS = 2000  # how long a silent master takes to be failed over (+ an election)
 
@@ -40,40 +40,34 @@ def node_port() -> int:
 
 class ClusterNode:
     def __init__(self, home: Path) -> None:
+        self.home = home
         self.port = node_port()
-        self.dir = home / f"node-{self.port}"
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started = False
 
-    def start(self) -> None:
-        """Start on a free port (another, when the one picked was taken meanwhile)."""
-        for _ in range(3):
-            if self._start():
-                return
-            self.port = node_port()
-        raise RuntimeError(f"cluster node on port {self.port} did not start")
+    @property
+    def dir(self) -> Path:
+        return self.home / f"node-{self.port}"
 
-    def _start(self) -> bool:
+    def _launch(self, port: int) -> subprocess.Popen[bytes]:
         binary = shutil.which("redis-server")
         assert binary, "redis-server must be on PATH for the tests"
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--cluster-enabled",
-             "yes", "--cluster-config-file", str(self.dir / "nodes.conf"),
+        data = self.home / f"node-{port}"
+        data.mkdir(parents=True, exist_ok=True)
+        return subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled",
+             "yes", "--cluster-config-file", str(data / "nodes.conf"),
              "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--save", "",
-             "--appendonly", "yes", "--dir", str(self.dir), "--daemonize", "no",
+             "--appendonly", "yes", "--dir", str(data), "--daemonize", "no",
              "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        return True
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        return False
+
+    def start(self) -> None:
+        """Start; the first time on another free port when this one was taken meanwhile, a
+        restart on its own port and data."""
+        pick = None if self.started else node_port
+        self.port, self.proc = start_redis(self._launch, self.port, pick, timeout=20)
+        self.started = True
 
     def cli(self, *args: str) -> str:
         return cli("-p", str(self.port), *args)

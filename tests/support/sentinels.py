@@ -8,29 +8,14 @@ with -9 is replaced within a few seconds.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import hiredis
-
-from tests.support.procs import free_port, stop
+from tests.support.procs import cmd, free_port, start_redis, stop
 
 SERVICE = "mymaster"
-
-
-def cmd(port: int, *args: str, timeout: float = 1.0) -> object:
-    """One command to a local Redis or sentinel; its reply (hiredis: bytes, int, list)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(hiredis.pack_command(args))
-        reader = hiredis.Reader()
-        while (reply := reader.gets()) is False:
-            chunk = s.recv(65536)
-            if not chunk:
-                raise ConnectionResetError(f"redis on port {port} closed the connection")
-            reader.feed(chunk)
-        return reply
 
 
 def info(port: int, section: str = "replication") -> dict[str, str]:
@@ -46,28 +31,27 @@ def info(port: int, section: str = "replication") -> dict[str, str]:
 
 
 class Proc:
-    """A redis-server (or sentinel) on a free loopback port."""
+    """A redis-server (or sentinel) on a free loopback port: `args(port)` are its arguments,
+    run in a directory of its own under `home`."""
 
-    def __init__(self, home: Path, args: list[str], *, port: int = 0) -> None:
-        self.port = port or free_port()
-        self.home = home / str(self.port)
-        self.home.mkdir(parents=True, exist_ok=True)
+    def __init__(self, home: Path, args: Callable[[int], list[str]]) -> None:
+        self.home = home
+        self.port = free_port()
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Proc:
+    def _launch(self, port: int) -> subprocess.Popen[bytes]:
         binary = shutil.which("redis-server")
         assert binary, "redis-server must be on PATH"
-        self.proc = subprocess.Popen([binary, *self.args], cwd=self.home,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if cmd(self.port, "PING", timeout=0.2) == b"PONG":
-                    return self
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError(f"redis on port {self.port} did not start")
+        cwd = self.home / str(port)
+        cwd.mkdir(parents=True, exist_ok=True)
+        return subprocess.Popen([binary, *self.args(port)], cwd=cwd,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def start(self) -> Proc:
+        """Start (on another free port when this one was taken meanwhile)."""
+        self.port, self.proc = start_redis(self._launch, self.port, free_port)
+        return self
 
     def kill(self) -> None:
         """kill -9."""
@@ -109,26 +93,15 @@ class SentinelSetup:
         return f"redis+sentinel://{hosts}/{SERVICE}"
 
     def start(self) -> SentinelSetup:
-        master = Proc(self.home, [])
-        master.args = redis_args(master.port)
-        self.servers.append(master.start())
+        master = Proc(self.home, redis_args).start()
+        self.servers.append(master)
         for _ in range(self.n_replicas):
-            rep = Proc(self.home, [])
-            rep.args = redis_args(rep.port, replicaof=master.port)
+            rep = Proc(self.home, lambda port: redis_args(port, replicaof=master.port))
             self.servers.append(rep.start())
         self._wait(lambda: all("state=online" in info(master.port).get(f"slave{i}", "")
                                for i in range(self.n_replicas)), "the replicas to connect")
         for _ in range(3):
-            port = free_port()
-            conf = self.home / f"sentinel-{port}.conf"
-            conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndaemonize no\ndir {self.home}\n"
-                f"loglevel warning\n"
-                f"sentinel monitor {SERVICE} 127.0.0.1 {master.port} 2\n"
-                f"sentinel down-after-milliseconds {SERVICE} {self.down_after_ms}\n"
-                f"sentinel failover-timeout {SERVICE} {self.failover_timeout_ms}\n"
-                f"sentinel parallel-syncs {SERVICE} 1\n")
-            self.sentinels.append(Proc(self.home, [str(conf), "--sentinel"], port=port).start())
+            self.sentinels.append(Proc(self.home, self._sentinel_args).start())
         # Ready for a failover once every sentinel knows the replicas and the others.
         for s in self.sentinels:
             self._wait(lambda s=s: len(cmd(s.port, "SENTINEL", "replicas", SERVICE))  # type: ignore[arg-type]
@@ -136,6 +109,17 @@ class SentinelSetup:
             self._wait(lambda s=s: len(cmd(s.port, "SENTINEL", "sentinels", SERVICE))  # type: ignore[arg-type]
                        >= 2, "the sentinels to see each other")
         return self
+
+    def _sentinel_args(self, port: int) -> list[str]:
+        conf = self.home / f"sentinel-{port}.conf"
+        conf.write_text(
+            f"port {port}\nbind 127.0.0.1\ndaemonize no\ndir {self.home}\n"
+            f"loglevel warning\n"
+            f"sentinel monitor {SERVICE} 127.0.0.1 {self.servers[0].port} 2\n"
+            f"sentinel down-after-milliseconds {SERVICE} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {SERVICE} {self.failover_timeout_ms}\n"
+            f"sentinel parallel-syncs {SERVICE} 1\n")
+        return [str(conf), "--sentinel"]
 
     def _wait(self, pred: object, what: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

@@ -1,0 +1,78 @@
+"""Which kind a test is, told from what it reaches (its code, its fixtures' code and the test
+helpers they call), so a new test is marked without anyone remembering to:
+
+system       starts processes: a dq-master, a Redis Cluster or Sentinel set-up, a browser, or
+             any other subprocess (python -m dq.cli, an example script, pytest itself)
+integration  talks to real servers in this process's loop: a redis-server of its own, MariaDB,
+             the callback receiver, an SMTP inbox
+unit         the rest: pure code (SQLite files and loopback sockets of its own allowed)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import types
+from collections.abc import Iterable
+from typing import Any
+
+from aiosmtpd.controller import Controller
+
+from tests.support.browser import Browser, LiveConsole
+from tests.support.masters import Master
+from tests.support.receiver import Receiver
+from tests.support.rediscluster import RedisCluster
+from tests.support.redisproc import RedisProcess
+from tests.support.sentinels import SentinelSetup
+
+SYSTEM: tuple[Any, ...] = (Master, RedisCluster, SentinelSetup, LiveConsole, Browser, subprocess,
+                           asyncio.create_subprocess_exec)
+INTEGRATION: tuple[Any, ...] = (RedisProcess, Receiver, Controller)
+INTEGRATION_FIXTURES = frozenset({"redis_server", "redis_factory", "shared_redis",
+                                  "mariadb_url", "receiver", "smtp"})
+
+
+def _codes(code: types.CodeType) -> Iterable[types.CodeType]:
+    yield code
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            yield from _codes(c)
+
+
+def reaches(funcs: Iterable[Any], targets: tuple[Any, ...]) -> bool:
+    """Whether any of `funcs`, or a function of tests/ they name, names one of `targets`
+    (global names and attributes of modules, e.g. asyncio.create_subprocess_exec)."""
+    todo = [getattr(f, "__wrapped__", f) for f in funcs]
+    seen: set[int] = set()
+    while todo:
+        fn = todo.pop()
+        code = getattr(fn, "__code__", None)
+        if code is None or id(code) in seen:
+            continue
+        seen.add(id(code))
+        env = getattr(fn, "__globals__", {})
+        for c in _codes(code):
+            for name in c.co_names:
+                obj = env.get(name, sys.modules.get(name))  # a global, or a local import
+                if obj is None:
+                    continue
+                if any(obj is t for t in targets):
+                    return True
+                if isinstance(obj, types.ModuleType):
+                    if any(getattr(obj, n, None) is t for n in c.co_names for t in targets):
+                        return True
+                elif isinstance(obj, types.FunctionType) and \
+                        obj.__module__.startswith("tests"):
+                    todo.append(obj)
+    return False
+
+
+def kind(test: Any, fixtures: dict[str, Any], fixturenames: Iterable[str]) -> str:
+    """'system', 'integration' or 'unit' for a test function and its fixtures' functions."""
+    funcs = [test, *fixtures.values()]
+    if reaches(funcs, SYSTEM):
+        return "system"
+    if INTEGRATION_FIXTURES & set(fixturenames) or reaches(funcs, INTEGRATION):
+        return "integration"
+    return "unit"
