@@ -15,10 +15,10 @@ from dq.config import Settings
 from dq.registry.core import Registry, Topic
 from dq.runtime.context import open_store
 from dq.storage.store import Store
-from tests.support.kinds import kind
+from tests.support.kinds import kind, needs_own_redis
 from tests.support.procs import free_port
 from tests.support.receiver import Receiver
-from tests.support.redisproc import RedisProcess
+from tests.support.redisproc import RedisDb, RedisProcess, SharedRedis
 from tests.support.roles import Mailbox, Roles
 
 
@@ -48,6 +48,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             getattr(item, "function", None), fixtures, getattr(item, "fixturenames", ()))
         if not given:
             item.add_marker(getattr(pytest.mark, kinds[item.nodeid]))
+        if "redis_server" in getattr(item, "fixturenames", ()) and (
+                kinds[item.nodeid] == "system" or needs_own_redis(item.function, fixtures)):
+            item.add_marker(pytest.mark.own_redis)
     items.sort(key=lambda item: _ORDER[kinds[item.nodeid]])
 
 
@@ -65,9 +68,28 @@ def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisProcess]]:
         r.stop()
 
 
+@pytest.fixture(scope="session")
+def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedRedis]:
+    """One redis-server per xdist worker, lent a database at a time (SharedRedis)."""
+    shared = SharedRedis(tmp_path_factory.mktemp("shared-redis"))
+    yield shared
+    shared.close()
+
+
 @pytest.fixture
-def redis_server(redis_factory: Callable[..., RedisProcess]) -> RedisProcess:
-    return redis_factory()
+def redis_server(request: pytest.FixtureRequest, redis_factory: Callable[..., RedisProcess],
+                 ) -> Iterator[RedisProcess | RedisDb]:
+    """A clean Redis for the test: a database of its worker's shared redis-server, or a
+    redis-server of its own for a test marked `own_redis` (conftest marks the system
+    tests, and those that stop, pause, configure or reach their Redis by port:
+    tests/support/kinds.py)."""
+    if request.node.get_closest_marker("own_redis") is not None:
+        yield redis_factory()
+        return
+    shared: SharedRedis = request.getfixturevalue("shared_redis")
+    db = shared.lend()
+    yield db
+    shared.check()
 
 
 # The MariaDB tests' server: DQ_TEST_MYSQL, a SQLAlchemy URL without a database

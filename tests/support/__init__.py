@@ -1,7 +1,11 @@
 """What the tests share (no test module imports another test module; they import these):
 
-procs        free ports, stopping a process, one command to a local Redis
-redisproc    RedisProcess: a redis-server of a test's own
+procs        free ports (a slice per xdist worker), starting a Redis on one, one command to
+             it, stopping a process
+redisproc    RedisProcess: a redis-server of a test's own; SharedRedis: one per worker,
+             lent a clean database (RedisDb) at a time
+kinds        which tests are system, integration or unit, and which need their own Redis
+waits        wait_until / until: waiting on a condition, not a fixed time
 receiver     a real HTTP/1.1 callback receiver
 roles        timers and consumers as tasks of the test's loop; an SMTP mailbox
 masters      a real dq-master (python -m dq.cli) and its children through /proc

@@ -11,6 +11,8 @@ unit         the rest: pure code (SQLite files and loopback sockets of its own a
 from __future__ import annotations
 
 import asyncio
+import inspect
+import re
 import subprocess
 import sys
 import types
@@ -65,6 +67,48 @@ def reaches(funcs: Iterable[Any], targets: tuple[Any, ...]) -> bool:
                 elif isinstance(obj, types.FunctionType) and \
                         obj.__module__.startswith("tests"):
                     todo.append(obj)
+    return False
+
+
+# What a test does to its redis-server that a database of a shared one would not survive
+# (or the next test would see): stop, restart, pause or kill it, reach it by port (database
+# 0), configure it, flush its scripts, count its commands (server-wide figures).
+_OWN_REDIS = re.compile(r"redis_server\.(?!url\b)\w+|\.proc\b|config_|CONFIG|requirepass"
+                        r"|maxmemory|SIGSTOP|FLUSHALL|flushall|DEBUG|script_flush|SCRIPT"
+                        r"|\.info\(|commandstats|client_kill|client_pause|CLIENT")
+
+
+def reached(funcs: Iterable[Any]) -> list[Any]:
+    """`funcs` and every function of tests/ they name, transitively."""
+    todo = [getattr(f, "__wrapped__", f) for f in funcs]
+    out: list[Any] = []
+    seen: set[int] = set()
+    while todo:
+        fn = todo.pop()
+        code = getattr(fn, "__code__", None)
+        if code is None or id(code) in seen:
+            continue
+        seen.add(id(code))
+        out.append(fn)
+        env = getattr(fn, "__globals__", {})
+        for c in _codes(code):
+            for name in c.co_names:
+                obj = env.get(name)
+                if isinstance(obj, types.FunctionType) and obj.__module__.startswith("tests"):
+                    todo.append(obj)
+    return out
+
+
+def needs_own_redis(test: Any, fixtures: dict[str, Any]) -> bool:
+    """Whether the test's redis_server must be a redis-server of its own (see _OWN_REDIS),
+    not a database of its worker's shared one."""
+    for fn in reached([test, *fixtures.values()]):
+        try:
+            source = inspect.getsource(fn)
+        except (OSError, TypeError):
+            return True
+        if _OWN_REDIS.search(source):
+            return True
     return False
 
 
