@@ -18,7 +18,7 @@ import redis
 
 from dq.client import AsyncDqClient
 from dq.config import load_settings
-from dq.errors import ConfigError
+from dq.errors import UNAVAILABLE, ConfigError, DqError
 from dq.sharding.clusterurl import join_parts, key_slot, parse_url, partition_tags
 from dq.sharding.shards import ShardSet
 from dq.storage.store import Store
@@ -279,6 +279,79 @@ async def test_a_master_killed_9_fails_over_and_dq_goes_on(
             stop.set()
             await asyncio.gather(stream, return_exceptions=True)
             await client.close()
+
+
+async def timed_adds(client: AsyncDqClient, stop: asyncio.Event, prefix: str,
+                     answers: list[tuple[float, float, str]], acked: list[str]) -> None:
+    """One add at a time until `stop`: (when sent, seconds to the answer, 'ok' or the
+    error) for each; the acknowledged ids go to `acked`."""
+    i = 0
+    while not stop.is_set():
+        job_id = f"{prefix}{i}"
+        i += 1
+        t0 = time.monotonic()
+        try:
+            await client.add("cl", job_id, {}, delay=1)
+            answers.append((t0, time.monotonic() - t0, "ok"))
+            acked.append(job_id)
+        except DqError as exc:
+            answers.append((t0, time.monotonic() - t0, exc.err))
+            await asyncio.sleep(0.02)
+
+
+async def test_adds_are_answered_within_the_deadline_while_a_master_hangs_and_fails_over(
+        redis_cluster: RedisCluster, dq_on: Callable[..., Master], tmp_path: Path) -> None:
+    """A master stopped (SIGSTOP: its connections stay open, nothing answers) until the
+    cluster has failed it over: its partitions hang, then the cluster answers CLUSTERDOWN,
+    then the replica takes over. Meanwhile every add is answered well within a second
+    (add_timeout 0.4 s: stored on a partition elsewhere, or `unavailable`), and every
+    acknowledged add is delivered."""
+    seen = Seen()
+    async with Receiver(seen) as rcv:
+        db = register(tmp_path / "reg" / "dq.sqlite3", "cl", rcv.url("/cb"))
+        m = await asyncio.to_thread(dq_on, redis_cluster.url, db)
+        clients = [AsyncDqClient([f"127.0.0.1:{m.port}"], timeout=5.0) for _ in range(8)]
+        for k, c in enumerate(clients):  # the server serves, each client is connected
+            await add_acked(c, [{"topic": "cl", "id": f"warm{k}", "body": {}}], set(),
+                            time.monotonic() + 60)
+        stop, acked = asyncio.Event(), []
+        answers: list[tuple[float, float, str]] = []
+        workers = [asyncio.create_task(timed_adds(c, stop, f"h{k}-", answers, acked))
+                   for k, c in enumerate(clients)]
+        try:
+            await asyncio.sleep(1.5)
+            victim = (await asyncio.to_thread(redis_cluster.masters))[0]
+            victim.pause()
+            paused = time.monotonic()
+            try:
+                await asyncio.to_thread(redis_cluster.wait_failed_over, victim)
+                failed_over = time.monotonic()
+                await asyncio.sleep(2.0)
+            finally:
+                victim.resume()
+            await asyncio.sleep(1.0)
+            stop.set()
+            await asyncio.gather(*workers)
+            during = [a for a in answers if paused <= a[0] < failed_over]
+            slow = sorted((a for a in answers if a[1] >= 1.0), key=lambda a: -a[1])
+            unavailable = sum(1 for a in during if a[2] != "ok")
+            print(f"\nmaster hung {failed_over - paused:.1f} s until failed over: "
+                  f"{len(during)} adds answered meanwhile ({unavailable} unavailable), the "
+                  f"slowest in {max(a[1] for a in answers):.2f} s", file=sys.stderr)
+            assert not slow, f"{len(slow)} adds answered after 1 s or more, e.g. " \
+                f"{[(round(t0 - paused, 2), round(took, 2), what) for t0, took, what in slow[:5]]}"
+            assert all(a[2] in ("ok", UNAVAILABLE) for a in answers), \
+                {a[2] for a in answers}
+            assert sum(1 for a in during if a[2] == "ok") > 0, "no add stored meanwhile"
+            await asyncio.to_thread(redis_cluster.wait_ok)
+            missing = await wait_delivered(seen, set(acked), 90)
+            assert not missing, f"{len(missing)} acknowledged adds never delivered, e.g. " \
+                f"{sorted(missing)[:5]}"
+        finally:
+            stop.set()
+            await asyncio.gather(*workers, return_exceptions=True)
+            for c in clients:
+                await c.close()
 
 
 async def test_console_and_metrics_show_a_cluster_as_one_shard_summed_over_partitions(

@@ -11,11 +11,19 @@ master that serves a fair share of the slots serves partitions.
 
 Routing follows the cluster: the slot map (dq/sharding/clustermap.py) comes from
 `CLUSTER SLOTS` (any node that answers; refreshed on a connection loss, `MOVED` and
-`CLUSTERDOWN`); `MOVED` and `ASK`
-(`ASKING` first) are followed; `TRYAGAIN` (a slot half moved by a reshard) is tried again
-for a while. A command is sent again only when Redis said it did not run it (`MOVED`,
-`ASK`, `TRYAGAIN`, `CLUSTERDOWN`, or a connection that could not be made); a connection
-lost with a command on it fails that command as unavailable, as on a plain shard.
+`CLUSTERDOWN`); `MOVED` and `ASK` (`ASKING` first) are followed; `TRYAGAIN` (a slot half
+moved by a reshard) and `CLUSTERDOWN Hash slot not served` are tried again for a while. A
+command is sent again only when Redis said it did not run it (`MOVED`, `ASK`, `TRYAGAIN`,
+`CLUSTERDOWN`, or a connection that could not be made); a connection lost with a command
+on it fails that command as unavailable, as on a plain shard.
+
+The add path's deadline (add_timeout, dq/storage/fence.py) holds on a cluster too: a
+partition whose commands are held back by `TRYAGAIN` counts as silent (`heard`), so an
+add held there is given up in time and stored on another partition; `CLUSTERDOWN The
+cluster is down` (a failover under way, every slot refuses) fails at once as
+unavailable; and a partition's failure opens the breakers of the partitions that share
+its fate (its node's, or all of them while the cluster is down), so the next adds go to
+a partition elsewhere, or are answered unavailable, at once.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from dq.errors import UNAVAILABLE, DqError
-from dq.sharding.clustermap import ClusterMap, stray_partitions
+from dq.sharding.clustermap import ClusterMap, warn_stray
 from dq.sharding.clusterurl import Addr, key_slot
 from dq.sharding.resp import ReplyCallback, RespConnection, safe_name
 
@@ -39,9 +47,11 @@ log = logging.getLogger("dq.cluster")
 
 REDIRECTS = 16  # MOVED/ASK hops one command may take before it fails
 # How long a command keeps being tried while the cluster says "not now" (TRYAGAIN during a
-# reshard, CLUSTERDOWN during a failover) before it fails as unavailable (the add is then
-# stored on another partition, as on a plain shard that is down).
+# reshard, CLUSTERDOWN for one slot during a failover) before it fails as unavailable (an
+# add is given up sooner, at add_timeout: see `heard`).
 SETTLE_FOR = 3.0
+CLUSTER_DOWN = "CLUSTERDOWN The cluster is down"  # every slot refuses, not one
+DOWN_FRESH = 1.0  # seconds a "cluster is down" makes a partition's failure all of theirs
 
 
 # Commands whose every argument is a key, keyless ones, and the rest: key first.
@@ -103,6 +113,13 @@ class PartitionConnection:
         self.name = name
         self.label = safe_name(name)
         self._tasks: set[asyncio.Future[Any]] = set()
+        # Commands waiting out a TRYAGAIN or CLUSTERDOWN (`_follow`), and the last time one
+        # began to, or a command of the partition was answered, since: see `heard`.
+        self._held = 0
+        self._held_heard = 0.0  # monotonic
+        # The node connections with commands of this partition on them (how many), which
+        # may be other than the current node's after a failover or a move: see `heard`.
+        self._sent: dict[RespConnection, int] = {}
 
     @property
     def node_addr(self) -> Addr | None:
@@ -126,8 +143,44 @@ class PartitionConnection:
     # What dq/storage/fence.py asks of a connection (the add deadline): the node's answers.
     @property
     def heard(self) -> float:
+        """When the partition last answered (monotonic). A node that answers TRYAGAIN or
+        CLUSTERDOWN does not answer the commands it holds back: while any is, this is when
+        that began (or a later real answer), so the add path gives up on an add held there
+        after add_timeout, as on a silent shard, and stores it elsewhere or answers
+        unavailable, instead of waiting out SETTLE_FOR. The node is the one the commands
+        waiting went to (the least recently heard of them): after a failover the slot's new
+        node answers, but not for what went to the old one."""
+        if self._held:
+            return self._held_heard
+        if self._sent:
+            return min(conn.heard for conn in self._sent)
         conn = self._current()
         return 0.0 if conn is None else conn.heard
+
+    def _sending(self, conn: RespConnection) -> None:
+        self._sent[conn] = self._sent.get(conn, 0) + 1
+
+    def _answered(self, conn: RespConnection) -> None:
+        left = self._sent.get(conn, 1) - 1
+        if left > 0:
+            self._sent[conn] = left
+        else:
+            self._sent.pop(conn, None)
+        if self._held:
+            self._held_heard = time.monotonic()
+
+    def fails_with(self, other: object) -> str:
+        """Why a failure of this partition is taken for one of `other` too (its breaker
+        opens with this one's, dq/sharding/shards.py), or '': it lives on the same node,
+        or the cluster said lately that it is down (CLUSTERDOWN: every slot refuses)."""
+        if not isinstance(other, PartitionConnection) or other.map is not self.map:
+            return ""
+        if time.monotonic() - self.map.down_said < DOWN_FRESH:
+            return "the cluster says it is down"
+        addr = self.map.slots[self.slot]
+        if addr is None or self.map.slots[other.slot] != addr:
+            return ""
+        return f"its node {addr[0]}:{addr[1]} failed"
 
     @property
     def command_timeout(self) -> float:
@@ -139,8 +192,8 @@ class PartitionConnection:
         return "" if conn is None else conn.deadline(seconds)
 
     def unread(self) -> bool:
-        conn = self._current()
-        return conn is not None and conn.unread()
+        conns = list(self._sent) or [c for c in (self._current(),) if c is not None]
+        return any(conn.unread() for conn in conns)
 
     def close(self) -> None:
         """Drop the connection to the partition's node (a hung one: the checker's call)."""
@@ -162,6 +215,7 @@ class PartitionConnection:
         tagged = tag_keys(self.tag, args)
 
         def done(res: Any, exc: BaseException | None) -> None:
+            self._answered(conn)
             if isinstance(exc, ResponseError) and (_redirect(str(exc)) or _not_now(str(exc))):
                 task = asyncio.ensure_future(self._follow(tagged, exc))
                 self._tasks.add(task)
@@ -171,7 +225,12 @@ class PartitionConnection:
                 self._refresh_soon()
             callback(res, exc)
 
-        conn.send_then(done, *tagged)
+        self._sending(conn)
+        try:
+            conn.send_then(done, *tagged)
+        except Exception:  # an argument that cannot be sent: nothing was
+            self._answered(conn)
+            raise
 
     def _deliver(self, task: asyncio.Future[Any], callback: ReplyCallback) -> None:
         self._tasks.discard(task)
@@ -200,38 +259,61 @@ class PartitionConnection:
 
     async def _follow(self, tagged: tuple[Any, ...], first: BaseException | None) -> Any:
         """Send a tagged command to the slot's node until it runs: after MOVED to the node
-        named, after ASK with ASKING on the node named, after TRYAGAIN or CLUSTERDOWN again
-        shortly (for SETTLE_FOR seconds)."""
+        named, after ASK with ASKING on the node named, after TRYAGAIN or CLUSTERDOWN (of
+        one slot) again shortly, for SETTLE_FOR seconds (held back meanwhile, see `heard`);
+        a whole cluster down fails it at once."""
         deadline = time.monotonic() + SETTLE_FOR
         asking: Addr | None = None
         pause = 0.02
         err = first
-        for _ in range(REDIRECTS + 200):
-            if err is not None:
-                msg = str(err)
-                where = _redirect(msg)
-                if where is not None and where[0] == "MOVED":
-                    self.map.moved(where[1], where[2])
-                    asking = None
-                elif where is not None:
-                    asking = where[2]
-                elif _not_now(msg):
-                    if time.monotonic() >= deadline:
+        held = False
+        try:
+            for _ in range(REDIRECTS + 200):
+                if err is not None:
+                    msg = str(err)
+                    where = _redirect(msg)
+                    if where is not None and where[0] == "MOVED":
+                        self.map.moved(where[1], where[2])
+                        asking = None
+                    elif where is not None:
+                        asking = where[2]
+                    elif msg.startswith(CLUSTER_DOWN):
+                        # Every slot refuses until a failover ends: no partition can take
+                        # the command meanwhile, and waiting would hold an add past its
+                        # deadline. Unavailable at once; the partitions' breakers open
+                        # together (`fails_with`).
+                        self.map.down_said = time.monotonic()
+                        self._refresh_soon()
                         raise self._unavailable(msg.split("\n")[0][:120])
-                    await asyncio.sleep(pause)
-                    pause = min(pause * 2, 0.25)
-                    if msg.startswith("CLUSTERDOWN"):
-                        await self._try_refresh()
-                    asking = None
-                else:
-                    raise err
-            try:
-                return await self._send(tagged, asking)
-            except ResponseError as exc:
-                if not (_redirect(str(exc)) or _not_now(str(exc))):
-                    raise
-                err = exc
+                    elif _not_now(msg):
+                        if not held:
+                            held = self._hold()
+                        if time.monotonic() >= deadline:
+                            raise self._unavailable(msg.split("\n")[0][:120])
+                        await asyncio.sleep(pause)
+                        pause = min(pause * 2, 0.25)
+                        if msg.startswith("CLUSTERDOWN"):
+                            await self._try_refresh()
+                        asking = None
+                    else:
+                        raise err
+                try:
+                    return await self._send(tagged, asking)
+                except ResponseError as exc:
+                    if not (_redirect(str(exc)) or _not_now(str(exc))):
+                        raise
+                    err = exc
+        finally:
+            if held:
+                self._held -= 1
         raise self._unavailable("too many redirections")
+
+    def _hold(self) -> bool:
+        """A command of the partition is held back by TRYAGAIN or CLUSTERDOWN."""
+        if not self._held:
+            self._held_heard = time.monotonic()
+        self._held += 1
+        return True
 
     async def _try_refresh(self) -> None:
         try:
@@ -253,6 +335,7 @@ class PartitionConnection:
                 addr = asking or await self.map.node(self.slot)
                 conn = self.map.conn(addr)
                 await conn.connect()
+        self._sending(conn)
         try:
             if asking is not None:
                 ask = conn.call_nowait("ASKING")
@@ -264,6 +347,8 @@ class PartitionConnection:
             if exc.err == UNAVAILABLE:
                 self._refresh_soon()
             raise
+        finally:
+            self._answered(conn)
 
 
 class PartitionClient:
@@ -293,30 +378,3 @@ class PartitionClient:
 
     async def aclose(self) -> None:
         await self.map.close()
-
-
-async def warn_stray(shards: Sequence[Any], prefix: str) -> dict[str, dict[str, int]]:
-    """Log an error for each cluster that holds jobs in partitions this process does not
-    read; per cluster label, what `stray_partitions` found."""
-    maps: dict[int, tuple[ClusterMap, list[str]]] = {}
-    for shard in shards:
-        conn = shard.conn
-        if isinstance(conn, PartitionConnection):
-            maps.setdefault(id(conn.map), (conn.map, []))[1].append(conn.tag)
-    out = {}
-    for cmap, tags in maps.values():
-        try:
-            stray = await stray_partitions(cmap, tags, prefix)
-        except (DqError, ResponseError, OSError) as exc:
-            log.warning("redis cluster %s: cannot look for jobs in other partitions (%s)",
-                        cmap.label, exc)
-            continue
-        if stray:
-            log.error("redis cluster %s holds %d job(s) in %d partition(s) that "
-                      "cluster_partitions = %d does not read (%s): it was changed after jobs "
-                      "were stored; set it back to the count they were stored with, or move "
-                      "them (docs: README, 'Plain shards or a Redis Cluster')", cmap.label,
-                      sum(stray.values()), len(stray), len(tags),
-                      ", ".join(sorted(stray)[:5]))
-        out[cmap.label] = stray
-    return out

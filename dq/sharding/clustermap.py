@@ -1,6 +1,7 @@
 """One process's view of one Redis Cluster (dq/sharding/cluster.py routes by it): which
 node serves each slot, read with `CLUSTER SLOTS` from any node that answers, and one
-pipelined connection per node, shared by the partitions that live there."""
+pipelined connection per node, shared by the partitions that live there; and the check
+for jobs stored under another `cluster_partitions` count (`warn_stray`)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,9 @@ class ClusterMap:
         self.clients: dict[Addr, aioredis.Redis] = {}
         self._refreshing: asyncio.Future[None] | None = None
         self._refreshed = 0.0  # monotonic
+        self.down_said = -1e9  # monotonic: when a node last answered that the cluster is down
         self.closed = False
+        self._tasks: set[asyncio.Future[None]] = set()
 
     def node_url(self, addr: Addr) -> str:
         host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
@@ -111,7 +114,26 @@ class ClusterMap:
         if masters != self.masters:
             log.info("redis cluster %s: masters %s", self.label,
                      ", ".join(f"{h}:{p}" for h, p in sorted(masters)))
+            if self.masters:  # a failover or a new master: be connected before it is used
+                for addr in masters - self.masters:
+                    self.connect_soon(addr)
         self.slots, self.masters = slots, masters
+
+    def connect_soon(self, addr: Addr) -> None:
+        """Open the connection to a node now, in the background: commands routed there
+        next find it open (and the add path judges it by its answers, not by a connect
+        nobody is making)."""
+        conn = self.conn(addr)
+        if self.closed or conn.connected:
+            return
+        task = asyncio.ensure_future(conn.connect())
+        self._tasks.add(task)
+        task.add_done_callback(self._connected)
+
+    def _connected(self, task: asyncio.Future[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("%s", task.exception())
 
     async def node(self, slot: int) -> Addr:
         addr = self.slots[slot]
@@ -126,6 +148,7 @@ class ClusterMap:
     def moved(self, slot: int, addr: Addr) -> None:
         self.slots[slot] = addr
         self._refreshed = 0.0  # the next refresh may go ahead at once
+        self.connect_soon(addr)
 
     async def close(self) -> None:
         if self.closed:
@@ -159,3 +182,31 @@ async def stray_partitions(cmap: ClusterMap, tags: Sequence[str], prefix: str,
             if not cursor:
                 break
     return {tag: n for tag, n in found.items() if n}
+
+
+async def warn_stray(shards: Sequence[Any], prefix: str) -> dict[str, dict[str, int]]:
+    """Log an error for each cluster that holds jobs in partitions this process does not
+    read; per cluster label, what `stray_partitions` found."""
+    maps: dict[int, tuple[ClusterMap, list[str]]] = {}
+    for shard in shards:
+        conn = shard.conn  # a cluster partition's (dq/sharding/cluster.py) has a map
+        cmap = getattr(conn, "map", None)
+        if isinstance(cmap, ClusterMap):
+            maps.setdefault(id(cmap), (cmap, []))[1].append(conn.tag)
+    out = {}
+    for cmap, tags in maps.values():
+        try:
+            stray = await stray_partitions(cmap, tags, prefix)
+        except (DqError, ResponseError, OSError) as exc:
+            log.warning("redis cluster %s: cannot look for jobs in other partitions (%s)",
+                        cmap.label, exc)
+            continue
+        if stray:
+            log.error("redis cluster %s holds %d job(s) in %d partition(s) that "
+                      "cluster_partitions = %d does not read (%s): it was changed after jobs "
+                      "were stored; set it back to the count they were stored with, or move "
+                      "them (docs: README, 'Plain shards or a Redis Cluster')", cmap.label,
+                      sum(stray.values()), len(stray), len(tags),
+                      ", ".join(sorted(stray)[:5]))
+        out[cmap.label] = stray
+    return out

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
@@ -111,6 +111,9 @@ class Shard:
         self._cooloff = 0.0
         self._broken = ""  # why the breaker is open, for the fail-fast error
         self._loading: asyncio.Future[Any] | None = None
+        # The other partitions of a Redis Cluster (cluster_shards): those that fail with
+        # this one (its node's, or all while the cluster is down) open their breakers too.
+        self.siblings: Sequence[Shard] = ()
 
     def __repr__(self) -> str:
         return f"<Shard {self.label} {'up' if self.up else 'down'}>"
@@ -204,9 +207,23 @@ class Shard:
         self._cooloff = min(COOLOFF_MAX, self._cooloff * 2) if self._cooloff else COOLOFF_MIN
         self.open_until = now + self._cooloff
         self._broken = exc.msg
+        with_it = self._open_siblings()
         if self._cooloff == COOLOFF_MIN:
-            log.warning("redis shard %s failed: %s; calls fail fast for %.1f s", self.label,
-                        exc, self._cooloff)
+            log.warning("redis shard %s failed: %s; calls fail fast for %.1f s%s", self.label,
+                        exc, self._cooloff, f" (and on {with_it} partition(s) that "
+                        "fail with it)" if with_it else "")
+
+    def _open_siblings(self) -> int:
+        """Open, with this one's, the breakers of the cluster partitions that fail with it
+        (dq/sharding/cluster.py `fails_with`): the next adds go to a partition elsewhere at
+        once, or are answered unavailable at once. How many were opened."""
+        conn, n = cast(Any, self.conn), 0
+        for other in self.siblings:
+            why = conn.fails_with(other.conn) if other.open_until < self.open_until else ""
+            if why and other is not self:
+                other.open_until, n = self.open_until, n + 1
+                other._broken = f"redis shard {other.label} is unavailable ({why}); retry shortly"
+        return n
 
     def _recovered(self) -> None:
         if self.open_until:
@@ -244,6 +261,8 @@ def cluster_shards(name: str, url: str, n: int, *, connect_timeout: float | None
         part = f"{name}#{i}"
         out.append(Shard(part, url, conn=cluster.PartitionConnection(cmap, tag, part),
                          client=cluster.PartitionClient(cmap, tag)))
+    for shard in out:
+        shard.siblings = out
     return out
 
 

@@ -77,7 +77,17 @@ class ClusterNode:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
 
+    def pause(self) -> None:
+        """SIGSTOP: the node hangs, its connections stay open (a hung host)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
+        self.resume()  # a stopped process acts on TERM only once continued
         stop(self.proc)
 
 
@@ -136,6 +146,23 @@ class RedisCluster:
     def masters(self) -> list[ClusterNode]:
         ports = set(self.masters_seen_by(self.alive()[0]))
         return [n for n in self.alive() if n.port in ports]
+
+    def wait_failed_over(self, victim: ClusterNode, timeout: float = 60.0) -> None:
+        """Until another node flags `victim` as failed and says cluster_state:ok again (a
+        replica of it serves its slots)."""
+        other = next(n for n in self.alive() if n is not victim)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                flags = [line.split()[2] for line in other.cli("CLUSTER", "NODES").splitlines()
+                         if f":{victim.port}@" in line.split()[1]]
+                if flags and "fail" in flags[0].split(",") and \
+                        "cluster_state:ok" in other.cli("CLUSTER", "INFO"):
+                    return
+            except (RuntimeError, subprocess.TimeoutExpired):
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"node :{victim.port} was not failed over")
 
     def node_id(self, node: ClusterNode) -> str:
         return node.cli("CLUSTER", "MYID").strip()
