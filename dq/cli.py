@@ -157,13 +157,13 @@ def web_main(argv: list[str] | None = None) -> NoReturn:
     """`dq-web`: only the console, in the foreground."""
     import asyncio
 
-    import setproctitle
+    from dq.runtime.titles import child_name, set_title
 
     args = build_web_parser().parse_args(argv)
     # web=True before validation: a console without a password must be on loopback even
     # when the config file turns the master's console off.
     settings, _ = _settings(args, "dq-web", web=True)
-    setproctitle.setproctitle("dq-web")
+    set_title(child_name("web"))
     asyncio.run(_serve_web(settings))
     sys.exit(0)
 

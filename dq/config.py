@@ -177,6 +177,14 @@ class Settings:
     def embedded(self) -> bool:
         return not self.redis
 
+    @property
+    def web_bind_host(self) -> str:
+        """Where dq-web listens: web_host, else everywhere with a password and loopback
+        without."""
+        if self.web_host:
+            return self.web_host
+        return "0.0.0.0" if self.web_password else "127.0.0.1"
+
     def db_url(self) -> str:
         if self.db:
             return self.db

@@ -18,7 +18,7 @@ from dq.runtime.context import Context
 from tests.support.procs import free_port
 from tests.support.redisproc import RedisProcess
 from tests.support.web import Web, assert_error, bury, fail_once, make_topic, open_web
-from web.app import bind_host, run
+from web.app import run
 
 
 @pytest.fixture(name="web")
@@ -235,9 +235,9 @@ async def test_openapi_and_docs(web: Web) -> None:
 # -- run() ------------------------------------------------------------------------------
 
 def test_bind_host() -> None:
-    assert bind_host(Settings()) == "127.0.0.1"
-    assert bind_host(Settings(web_password="x")) == "0.0.0.0"
-    assert bind_host(Settings(web_host="10.1.2.3")) == "10.1.2.3"
+    assert Settings().web_bind_host == "127.0.0.1"
+    assert Settings(web_password="x").web_bind_host == "0.0.0.0"
+    assert Settings(web_host="10.1.2.3").web_bind_host == "10.1.2.3"
 
 
 async def test_run_serves_until_stopping(redis_server: RedisProcess, tmp_path: Path,

@@ -46,13 +46,6 @@ MAX_BODY: Final = 256 * 1024  # bytes of a request body: a job's body is at most
 _LOOPBACK: Final = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
-def bind_host(settings: Settings) -> str:
-    """Where to listen: web_host, else everywhere with a password and loopback without."""
-    if settings.web_host:
-        return settings.web_host
-    return "0.0.0.0" if settings.web_password else "127.0.0.1"
-
-
 def allowed_hosts(settings: Settings) -> tuple[str, ...] | None:
     """Host names a console without a password answers to (None: any).
 
@@ -184,7 +177,7 @@ def listen_socket(host: str, port: int, *, beside: bool = False) -> socket.socke
     """The console's listening socket. `beside` (under dq-master) adds SO_REUSEPORT, so that
     a reload's new dq-web listens beside the old one, which stops once the new one serves:
     the console is never away. The master checks that the port is free before it forks the
-    first dq-web, or one on another address (dq/master/arbiter.py)."""
+    first dq-web, or one on another address (dq/master/children.py)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -203,7 +196,7 @@ def listen_socket(host: str, port: int, *, beside: bool = False) -> socket.socke
 async def run(ctx: Context) -> None:
     """Serve the console until ctx.stopping is set, then finish open requests and stop."""
     settings = ctx.settings
-    host = bind_host(settings)
+    host = settings.web_bind_host
     if not settings.web_password:
         if not is_loopback(host):  # dq.config refuses it; Settings built in code are not checked
             raise ConfigError(f"web_host {host!r} without a web_password would open the "

@@ -3,7 +3,8 @@
 It opens the registry, which creates missing tables and columns once, before any child
 starts (so children never race each other over the schema), and reports the enabled
 `dq_redis` shards, from which the master makes the generation's shard plan
-(dq/sharding/plan.py). The master imports no SQLAlchemy: only the child does, after the fork.
+(dq/sharding/plan.py, `make_plan`). The master imports no SQLAlchemy: only the child does,
+after the fork.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ import time
 from collections.abc import Iterable
 from typing import Any, NoReturn
 
-import setproctitle
-
 from dq.config import Settings
-from dq.sharding.plan import Named, enabled_shards
+from dq.runtime.titles import BOOT, set_title
+from dq.sharding.plan import Named, ShardPlan, drained_path, enabled_shards, plan_shards
 
 log = logging.getLogger("dq.master")
 
@@ -44,10 +44,10 @@ def _child(settings: Settings, fd: int, keep: Iterable[int]) -> NoReturn:
         for sig in (signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)  # the master's: not for this short step
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        setproctitle.setproctitle("dq-boot")
+        set_title(BOOT)
         from dq.runtime.logs import setup_logging
 
-        setup_logging(settings, "dq-boot")
+        setup_logging(settings, BOOT)
         for other in keep:
             os.close(other)
         try:
@@ -123,3 +123,30 @@ def _wait(pid: int) -> None:
                 os.waitpid(pid, 0)
             return
         time.sleep(0.01)
+
+
+def make_plan(cfg: Settings, *, keep_embedded: bool, start: bool = False,
+              close_fds: Iterable[int] = ()) -> ShardPlan | None:
+    """The shard plan for `cfg`: its `redis` setting and the registry's shards, read by
+    the boot step. A registry that cannot be read at start leaves the `redis` setting
+    alone (the checker reloads once it reads shards there); on a reload it keeps the
+    running generation (None)."""
+    try:
+        rows = read_registry(cfg, close_fds=close_fds)
+    except BootStepError as exc:
+        if not start:
+            log.error("reload refused, the running generation stays: cannot read the "
+                      "registry's shards: %s", exc)
+            return None
+        log.warning("cannot read the registry's shards (%s); starting with %s, and the "
+                    "checker reloads when the registry names shards", exc,
+                    "the redis setting" if cfg.redis else "the embedded redis")
+        rows = []
+    plan = plan_shards(cfg, rows, keep_embedded=keep_embedded)
+    if plan.only_embedded:  # the only shard (again): it takes adds, whatever it held
+        drained_path(cfg).unlink(missing_ok=True)
+    if plan.retired:
+        log.info("the embedded redis in %s/redis holds jobs from before shards were "
+                 "configured: they are delivered from there and moved to the shards; "
+                 "it takes no new jobs", cfg.data_dir)
+    return plan

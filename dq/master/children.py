@@ -1,7 +1,8 @@
-"""The master's children: spawn, reap, murder and retire them, and the embedded Redis.
+"""The master's children: what they are forked with, and spawn, reap, murder and retire.
 
-`WorkerPool` holds everything the master knows about its children and the verb-named
-lifecycle methods (gunicorn's shape); `dq.master.arbiter.Arbiter` adds signals, stop and reload.
+`Children` holds everything the master knows about its children and the verb-named
+lifecycle methods (gunicorn's shape); `Launch` is what the current generation's children
+are forked with, from which each gets a ChildSpec before the fork (dq/runtime/spec.py).
 Plain synchronous code: each child imports its role only after fork.
 """
 
@@ -12,88 +13,102 @@ import os
 import signal
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 from dq.config import Settings
 from dq.errors import EXIT_BOOT
-from dq.master.embedded import EmbeddedError, EmbeddedRedis
+from dq.master.console import ready_line, web_listen_error
+from dq.master.signals import SIGNALS
 from dq.master.supervise import (
     BOOT_STREAK,
     ROLE_ORDER,
     ROLE_PATHS,
-    BootError,
     Counters,
     Slot,
     Worker,
     describe_exit,
 )
 from dq.runtime.shared import LoadBoard
-from dq.sharding.plan import plan_shards
+from dq.runtime.spec import ChildSpec
+from dq.sharding.plan import ShardPlan
 
 log = logging.getLogger("dq.master")
 
 STOP_MARGIN = 5.0  # past settings.grace, a child that has not exited gets SIGKILL
 ABORT_GRACE = 5.0  # between SIGABRT and SIGKILL for a child without heartbeat
 BOOT_TIMEOUT = 60.0  # a booting child (imports, first connections) may be silent this long
-REDIS_READY = 10.0  # seconds the embedded redis-server has to answer PING at start
-SIGNALS = (signal.SIGHUP, signal.SIGQUIT, signal.SIGINT, signal.SIGTERM, signal.SIGTTIN,
-           signal.SIGTTOU, signal.SIGUSR2, signal.SIGCHLD)
 
 
-def web_bind_host(cfg: Settings) -> str:
-    """Where dq-web listens (as web.app.bind_host, which the master must not import)."""
-    if cfg.web_host:
-        return cfg.web_host
-    return "0.0.0.0" if cfg.web_password else "127.0.0.1"
+@dataclass
+class Launch:
+    """What the current generation's children are forked with. The arbiter fills it at
+    start and changes it at a reload; each child gets a ChildSpec made from it."""
+
+    cfg: Settings
+    plan: ShardPlan  # the generation's shards (dq/sharding/plan.py)
+    listener: socket.socket | None = None  # the TCP socket every dq-server shares
+    handover: socket.socket | None = None  # servers pass connections on here (reload)
+    hb_dir: Path = Path()  # the children's heartbeat files, and the hand-over socket
+    pid: int = 0  # the master's
+    pipe: tuple[int, int] = (-1, -1)  # the master's wakeup pipe
+    lock_fd: int = -1  # the embedded Redis's data dir lock, held by the master
+
+    def close_fds(self, *, keep_sockets: bool = False) -> tuple[int, ...]:
+        """The master's descriptors a child closes (a server keeps the two sockets)."""
+        fds = [fd for fd in (*self.pipe, self.lock_fd) if fd >= 0]
+        if not keep_sockets:
+            fds += [s.fileno() for s in (self.listener, self.handover) if s is not None]
+        return tuple(fds)
+
+    def spec(self, role: str, index: int, generation: int, heartbeat: Path,
+             board: LoadBoard | None = None, board_slot: int = -1) -> ChildSpec:
+        """The spec of one child about to be forked."""
+        server = role == "server"
+        return ChildSpec(role, index, generation, self.cfg, self.plan, ROLE_PATHS[role],
+                         heartbeat, self.pid,
+                         listen_sock=self.listener if server else None,
+                         handover_sock=self.handover if server else None,
+                         board=board, board_slot=board_slot,
+                         close_fds=self.close_fds(keep_sockets=server))
 
 
-def ready_line(cfg: Settings, listener: socket.socket | None) -> str:
-    """The one line that says the system is up and what to do next (README's commands)."""
-    host, port = listener.getsockname()[:2] if listener is not None else (cfg.host, cfg.port)
-    here = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    parts = [f"dq is ready: clients add jobs on TCP {host}:{port}"]
-    if cfg.web:
-        web = web_bind_host(cfg)
-        web_here = "127.0.0.1" if web in ("0.0.0.0", "::") else web
-        auth = "-u :$DQ_WEB_PASSWORD " if cfg.web_password else ""
-        parts.append(f"the console is http://{web_here}:{cfg.web_port}/")
-        parts.append(f"register a topic: curl {auth}-H 'content-type: application/json' "
-                     f"{web_here}:{cfg.web_port}/api/topics -d '{{\"topic\": \"demo\", "
-                     f"\"callback\": \"http://127.0.0.1:8000/cb\"}}'")
-    else:
-        parts.append("no console (--no-web): register topics in the registry's dq_topic")
-    parts.append(f"add a job: python3 -c \"from dq.client import DqClient; "
-                 f"DqClient(['{here}:{port}']).add('demo', '1', {{'hello': 'world'}}, "
-                 f"delay=5)\"")
-    return "; ".join(parts)
+def child_main(spec: ChildSpec) -> NoReturn:
+    """In the forked child: hand over to dq.runtime.context.run_child; never return."""
+    try:
+        from dq.runtime.context import run_child
+
+        run_child(spec)
+    except BaseException as exc:
+        try:
+            spec.heartbeat.write_text(f"boot-failed: {type(exc).__name__}: {exc}\n")
+        finally:
+            os._exit(EXIT_BOOT)
+    os._exit(EXIT_BOOT)  # pragma: no cover - run_child never returns
 
 
-class WorkerPool:
+class Children:
     """The children of one master, by pid, with a restart backoff per (role, index) slot."""
 
-    def __init__(self, cfg: Settings) -> None:
-        self.cfg = cfg
-        self.num_consumers = cfg.consumers
+    def __init__(self, launch: Launch) -> None:
+        self.launch = launch
+        self.num_consumers = launch.cfg.consumers
         self.generation = 0
         self.up_generation = -1  # the last generation logged as fully up
         self.workers: dict[int, Worker] = {}
         self.slots: dict[tuple[str, int], Slot] = {}
         self.seq = 0
-        self.pid = os.getpid()
         self.stopping = False
         self.counters = Counters()
-        self.pipe: tuple[int, int] = (-1, -1)
-        self.listener: socket.socket | None = None
-        self.handover: socket.socket | None = None  # servers pass connections on (reload)
-        self.board = LoadBoard(max(64, 4 * cfg.servers))  # the servers' connection counts
+        self.board = LoadBoard(max(64, 4 * launch.cfg.servers))  # the servers' connections
         self.board_slots: dict[int, tuple[LoadBoard, int]] = {}  # server pid -> its slot
-        self.plan = plan_shards(cfg)  # the generation's shards (dq/sharding/plan.py)
         self.announced = False  # the ready line was logged
-        self.redis: EmbeddedRedis | None = None
         self.web_at: tuple[str, int] | None = None  # where the last dq-web forked listens
-        self.redis_slot = Slot()
-        self.hb_dir = Path()
+
+    @property
+    def cfg(self) -> Settings:
+        return self.launch.cfg
 
     def wanted_slots(self) -> list[tuple[str, int]]:
         counts = {"server": self.cfg.servers, "timer": self.cfg.timers,
@@ -112,14 +127,14 @@ class WorkerPool:
         listen with SO_REUSEPORT (web/app.py), so the console stays up through a reload.
         On another address the old one goes first (it may hold what the new one needs)."""
         return any(w.role == "web" for w in self.workers.values()) \
-            and self.web_at == (web_bind_host(self.cfg), self.cfg.web_port)
+            and self.web_at == (self.cfg.web_bind_host, self.cfg.web_port)
 
     def spawn_worker(self, role: str, index: int) -> Worker:
         """Fork one child for (role, index) of the current generation."""
         if role == "web":
-            self.web_at = (web_bind_host(self.cfg), self.cfg.web_port)
+            self.web_at = (self.cfg.web_bind_host, self.cfg.web_port)
         self.seq += 1
-        hb = self.hb_dir / f"{role}-{index}-{self.seq}"
+        hb = self.launch.hb_dir / f"{role}-{index}-{self.seq}"
         hb.write_bytes(b"")
         board, board_slot = self.board, -1
         if role == "server":
@@ -128,11 +143,13 @@ class WorkerPool:
                 log.warning("no free slot for %s-%d on the servers' load board (%d slots): "
                             "it accepts without regard to the others", role, index,
                             board.slots)
+        spec = self.launch.spec(role, index, self.generation, hb,
+                                board if board_slot >= 0 else None, board_slot)
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
             pid = os.fork()
             if pid == 0:
-                self.child_main(role, index, hb, board_slot)
+                child_main(spec)
         except OSError:
             board.release(board_slot)
             raise
@@ -146,31 +163,9 @@ class WorkerPool:
         log.debug("spawned %s (pid %d, generation %d)", worker.name, pid, self.generation)
         return worker
 
-    def child_main(self, role: str, index: int, hb: Path, board_slot: int = -1) -> NoReturn:
-        """In the forked child: hand over to dq.runtime.context.run_child; never return."""
-        try:
-            from dq.runtime.context import run_child
-
-            close = [*self.pipe]
-            if self.redis is not None and self.redis.lock_fd >= 0:
-                close.append(self.redis.lock_fd)
-            if role != "server":
-                close += [s.fileno() for s in (self.listener, self.handover) if s is not None]
-            run_child(self.cfg, role, index, role_path=ROLE_PATHS[role],
-                      heartbeat=str(hb), master_pid=self.pid,
-                      listen_sock=self.listener if role == "server" else None,
-                      handover_sock=self.handover if role == "server" else None,
-                      board=self.board if board_slot >= 0 else None, board_slot=board_slot,
-                      close_fds=close, plan=self.plan)
-        except BaseException as exc:
-            try:
-                hb.write_text(f"boot-failed: {type(exc).__name__}: {exc}\n")
-            finally:
-                os._exit(EXIT_BOOT)
-        os._exit(EXIT_BOOT)  # pragma: no cover - run_child never returns
-
     def spawn_workers(self) -> None:
         """Fork every wanted slot that has no live child and whose backoff has passed."""
+        self.check_web_port()
         now = time.monotonic()
         for role, index in self.wanted_slots():
             if self.current(role, index) is not None:
@@ -187,9 +182,34 @@ class WorkerPool:
                 delay = slot.died(0, now, boot_failed=False)
                 log.error("cannot fork %s: %s; retrying in %.1f s", role, exc, delay)
 
+    def check_web_port(self) -> None:
+        """Before forking a dq-web, see that its port is free: when it is not (something
+        took it, or a reload moved the console to a taken port), count a boot failure for
+        the slot and say so in one line (once more after BOOT_STREAK failures, then only at
+        debug), instead of forking a child that fails with a traceback every 10 s."""
+        if not self.cfg.web or self.current("web", 0) is not None:
+            return  # no console, or this generation's is running
+        beside_old = self.web_shares_port()
+        if not beside_old and any(w.role == "web" for w in self.workers.values()):
+            return  # the old one, on another address, is retired first
+        slot = self.slots.setdefault(("web", 0), Slot())
+        now = time.monotonic()
+        if now < slot.next_at:
+            return
+        why = web_listen_error(self.cfg, beside_old=beside_old)
+        if not why:
+            return
+        delay = slot.died(0, now, boot_failed=True)
+        if slot.boot_failures < BOOT_STREAK:
+            log.warning("%s; retrying in %.1f s", why, delay)
+        elif slot.boot_failures == BOOT_STREAK:
+            log.error("dq-web could not boot %d times in a row (%s); retrying every %.0f s "
+                      "until it boots", slot.boot_failures, why, delay)
+        else:
+            log.debug("dq-web could not boot again: %s", why)
+
     def manage_workers(self) -> None:
         """Keep the configured numbers: respawn, retire the unwanted and the old generation."""
-        self.manage_redis()
         self.spawn_workers()
         wanted = set(self.wanted_slots())
         for w in list(self.workers.values()):
@@ -213,7 +233,8 @@ class WorkerPool:
     def retire(self, worker: Worker, why: str) -> None:
         """Stop one child for good: TERM, or for a server that serves, USR1 (hand your
         connections to the servers that go on serving, then stop; dq/runtime/handover.py)."""
-        hand_over = worker.role == "server" and worker.ready and self.handover is not None
+        hand_over = worker.role == "server" and worker.ready \
+            and self.launch.handover is not None
         log.info("retiring %s (pid %d, generation %d): %s%s", worker.name, worker.pid,
                  worker.generation, why,
                  "; it hands its connections over" if hand_over else "")
@@ -253,26 +274,15 @@ class WorkerPool:
                        if w.generation == self.generation and not w.retiring_at)))
             if not self.announced:
                 self.announced = True
-                log.info("%s", ready_line(self.cfg, self.listener))
+                log.info("%s", ready_line(self.cfg, self.launch.listener))
 
-    def reap_workers(self) -> None:
-        """Collect every exited child and decide what its exit means."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            code = os.waitstatus_to_exitcode(status)
-            if self.redis is not None and pid == self.redis.pid:
-                self.redis_exited(code)
-                continue
-            board, board_slot = self.board_slots.pop(pid, (self.board, -1))
-            board.release(board_slot)
-            worker = self.workers.pop(pid, None)
-            if worker is not None:
-                self.worker_exited(worker, code)
+    def exited(self, pid: int, code: int) -> None:
+        """A child was reaped: free its board slot and decide what its exit means."""
+        board, board_slot = self.board_slots.pop(pid, (self.board, -1))
+        board.release(board_slot)
+        worker = self.workers.pop(pid, None)
+        if worker is not None:
+            self.worker_exited(worker, code)
 
     def worker_exited(self, w: Worker, code: int) -> None:
         status = w.status()
@@ -329,36 +339,29 @@ class WorkerPool:
                 self.kill_worker(w.pid, signal.SIGABRT)
                 w.aborted_at = now
 
-    # embedded redis
+    def booting(self) -> bool:
+        return any(not w.ready for w in self.workers.values())
 
-    def start_redis(self) -> None:
-        assert self.redis is not None
-        try:
-            self.redis.spawn()
-        except (EmbeddedError, OSError) as exc:
-            raise BootError(f"cannot start the embedded redis-server: {exc}") from None
-        if not self.redis.wait_ready(REDIS_READY):
-            raise BootError(f"the embedded redis-server did not answer PING within "
-                            f"{REDIS_READY:.0f} s; see {self.redis.dir / 'redis.log'}")
+    def next_due(self) -> list[float]:
+        """When slots waiting out their backoff may be forked again (monotonic)."""
+        return [s.next_at for s in self.slots.values()]
 
-    def manage_redis(self) -> None:
-        if self.redis is None or self.redis.pid or self.stopping:
-            return
-        if time.monotonic() < self.redis_slot.next_at:
-            return
-        try:
-            self.redis.spawn()
-        except (EmbeddedError, OSError) as exc:
-            delay = self.redis_slot.died(0, time.monotonic(), boot_failed=True)
-            log.error("cannot start the embedded redis-server: %s; retrying in %.1f s",
-                      exc, delay)
+    def reload_waits(self) -> str:
+        """Why a reload now would stack a third generation ('' when it would not): the
+        current one is still starting, or an older one has not stopped yet. A generation
+        that cannot boot is no reason to wait: the reload may be what fixes it."""
+        if any(slot.boot_failures for slot in self.slots.values()):
+            return ""
+        if self.up_generation != self.generation:
+            return f"generation {self.generation} is still starting"
+        old = sum(w.generation != self.generation for w in self.workers.values())
+        if old:
+            return f"{old} children of the generation before are still stopping"
+        return ""
 
-    def redis_exited(self, code: int) -> None:
-        assert self.redis is not None
-        ran = time.monotonic() - self.redis.started
-        pid, self.redis.pid = self.redis.pid, 0
-        if self.stopping:
-            return
-        delay = self.redis_slot.died(ran, time.monotonic(), boot_failed=False)
-        log.warning("embedded redis-server (pid %d) %s after %.1f s; restarting in %.1f s",
-                    pid, describe_exit(code), ran, delay)
+    def next_generation(self) -> None:
+        """A reload's new generation starts: the consumers as configured, fresh backoffs."""
+        self.num_consumers = self.cfg.consumers
+        self.generation += 1
+        self.counters.reloads += 1
+        self.slots.clear()

@@ -18,6 +18,7 @@ from typing import TypeVar
 
 from dq.config import Settings
 from dq.runtime.shared import AddressInUse, BootError, bind_listener
+from dq.runtime.titles import MASTER, child_name
 
 # The role functions, imported by the child after fork (so a missing or broken module
 # fails only that child, and a reload's new generation runs the code on disk now).
@@ -36,11 +37,6 @@ BACKOFF_RESET = 30.0  # a child that ran this long restarts after BACKOFF_MIN ag
 BOOT_STREAK = 3  # boot failures in a row after which the master says so and slows down
 _T = TypeVar("_T")
 ORPHAN_WAIT = 5.0  # seconds a new master waits for a dead master's servers to free the port
-
-
-def child_name(role: str, index: int) -> str:
-    """The process title of a child, as `ps` shows it."""
-    return f"dq-{role}" if role in ("checker", "web") else f"dq-{role}-{index}"
 
 
 @dataclass
@@ -188,7 +184,7 @@ def port_orphans(port: int, title: bytes = b"dq-server-") -> list[int] | None:
             _, parent = _ppid_and_title(ppid)
         except (OSError, ValueError, IndexError):
             parent = b""
-        if not own.startswith(title) or parent.startswith(b"dq-master"):
+        if not own.startswith(title) or parent.startswith(MASTER.encode()):
             return None
     return sorted(holders)
 
@@ -274,7 +270,7 @@ def check_pid_file(path: str) -> None:
     except PermissionError:
         pass
     try:  # a reused pid: the process there now is not a dq-master
-        if not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"dq-master"):
+        if not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(MASTER.encode()):
             return
     except OSError:
         pass

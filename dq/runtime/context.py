@@ -1,9 +1,10 @@
 """What every child process shares: its context, and how it opens the store and registry.
 
 A role (server, timer, consumer, checker, web) is an `async def run(ctx: Context)` that
-returns once `ctx.stopping` is set and its work is drained. The master's child machinery
-(post-fork setup, asyncio.run, signal flags, heartbeat, parent-death check) builds the
-Context and calls it; tests call the same function in-process.
+returns once `ctx.stopping` is set and its work is drained. The master makes a ChildSpec
+before the fork (dq/runtime/spec.py); the child machinery (post-fork setup, asyncio.run,
+signal flags, heartbeat, parent-death check) makes its Context from it and calls the
+role; tests call the same function in-process.
 """
 
 from __future__ import annotations
@@ -17,17 +18,17 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
-
-import setproctitle
 
 from dq.config import Settings
 from dq.errors import EXIT_BOOT, EXIT_ORPHAN
 from dq.runtime.logs import setup_logging
 from dq.runtime.shared import LoadBoard
+from dq.runtime.spec import ChildSpec
+from dq.runtime.titles import child_name, set_title
 from dq.sharding.health import HealthReader, health_path
 from dq.sharding.plan import ShardPlan, embedded_redis_url, enabled_shards, plan_shards
 from dq.sharding.plan import state as embedded_state
@@ -66,9 +67,14 @@ class Context:
 
     @property
     def name(self) -> str:
-        if self.role in ("checker", "web"):
-            return f"dq-{self.role}"
-        return f"dq-{self.role}-{self.index}"
+        return child_name(self.role, self.index)
+
+    @classmethod
+    def of(cls, spec: ChildSpec) -> Context:
+        """The context of a forked child, from the spec its master made before the fork."""
+        return cls(spec.settings, spec.role, spec.index, listen_sock=spec.listen_sock,
+                   handover_sock=spec.handover_sock, board=spec.board,
+                   board_slot=spec.board_slot, master_pid=spec.master_pid, plan=spec.plan)
 
 
 def run_loop(main: Coroutine[Any, Any, _T]) -> _T:
@@ -154,14 +160,14 @@ def load_role(path: str) -> Callable[[Context], Awaitable[None]]:
     return fn
 
 
-def _post_fork(name: str, settings: Settings, close_fds: Iterable[int]) -> None:
+def _post_fork(spec: ChildSpec) -> None:
     """Make a freshly forked child its own process: signals, title, fds, logs."""
     for sig in _IGNORED:
         signal.signal(sig, signal.SIG_IGN)
     for sig in _DEFAULT:
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the master blocked them over fork
-    for fd in close_fds:
+    for fd in spec.close_fds:
         try:
             os.close(fd)
         except OSError:
@@ -169,8 +175,8 @@ def _post_fork(name: str, settings: Settings, close_fds: Iterable[int]) -> None:
     # Our own process group: a terminal's ^C reaches only the master, which then stops
     # the children once, gracefully (a second signal would make them exit at once).
     os.setpgid(0, 0)
-    setproctitle.setproctitle(name)
-    setup_logging(settings, name)
+    set_title(spec.name)
+    setup_logging(spec.settings, spec.name)
     faulthandler.enable(all_threads=True)  # a SIGABRT from the master dumps the stack
 
 
@@ -283,11 +289,7 @@ def _exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
-def run_child(settings: Settings, role: str, index: int, *, role_path: str, heartbeat: str,
-              master_pid: int, listen_sock: socket.socket | None = None,
-              handover_sock: socket.socket | None = None,
-              board: LoadBoard | None = None, board_slot: int = -1,
-              close_fds: Iterable[int] = (), plan: ShardPlan | None = None) -> NoReturn:
+def run_child(spec: ChildSpec) -> NoReturn:
     """Run one role in a just-forked child and exit with its code; never returns.
 
     Exit codes: 0 after a clean stop, EXIT_BOOT when the role cannot start (import error,
@@ -295,18 +297,16 @@ def run_child(settings: Settings, role: str, index: int, *, role_path: str, hear
     1 when it crashed after booting.
     """
     code = EXIT_BOOT
-    hb = Path(heartbeat)
+    hb = spec.heartbeat
     started = time.monotonic()
-    ctx = Context(settings, role, index, listen_sock=listen_sock, master_pid=master_pid,
-                  handover_sock=handover_sock, board=board, board_slot=board_slot,
-                  plan=plan)
+    ctx = Context.of(spec)
     try:
-        _post_fork(ctx.name, settings, close_fds)
-        log.debug("%s started (pid %d, role %s)", ctx.name, os.getpid(), role_path)
+        _post_fork(spec)
+        log.debug("%s started (pid %d, role %s)", ctx.name, os.getpid(), spec.role_path)
         try:
-            fn = load_role(role_path)
+            fn = load_role(spec.role_path)
         except Exception as exc:
-            log.error("%s cannot load %s: %s", ctx.name, role_path, _reason(exc))
+            log.error("%s cannot load %s: %s", ctx.name, spec.role_path, _reason(exc))
             write_status(hb, "boot-failed: " + _reason(exc))
             _exit_now(EXIT_BOOT)
         # What was loaded so far lives as long as the process: keep the collector from
@@ -315,7 +315,7 @@ def run_child(settings: Settings, role: str, index: int, *, role_path: str, hear
         # frequent at Python's default threshold.
         gc.freeze()
         gc.set_threshold(GC_THRESHOLD, 20, 20)
-        code = run_loop(_supervise(ctx, fn, hb, master_pid))
+        code = run_loop(_supervise(ctx, fn, hb, spec.master_pid))
         log.debug("%s exiting with code %d after %.1f s", ctx.name, code,
                  time.monotonic() - started)
     except BaseException as exc:  # a forked child must never return into the master's code
