@@ -259,6 +259,30 @@ async def test_sentinel_graceful_failover_never_writes_to_the_demoted_master(
         await store.shards.close()
 
 
+async def test_sentinel_switch_master_is_followed_before_any_write_fails(
+        sentinel_setup: SentinelSetup) -> None:
+    """An idle shard hears the sentinels' +switch-master and drops its connection to the
+    old master at once: the first add after SENTINEL FAILOVER goes to the new master, with
+    no write error (without the announcement it would meet READONLY, or be written to the
+    old master before its demotion)."""
+    store = await _store(sentinel_setup.url)
+    shard = store.shards.shards[0]
+    try:
+        await store.add("t", "before", {}, delay_ms=600_000)
+        old = sentinel_setup.master_port()
+        assert shard.conn.master == ("127.0.0.1", old) and shard.conn.connected
+        await asyncio.sleep(0.5)  # the subscription is made
+        cmd(sentinel_setup.sentinels[0].port, "SENTINEL", "FAILOVER", SERVICE)
+        new = await asyncio.to_thread(sentinel_setup.wait_failover, old, 60.0)
+        await _until("the connection to the old master dropped on +switch-master",
+                     _async(lambda: not shard.conn.connected), 10)
+        await store.add("t", "after", {}, delay_ms=600_000)  # no error: straight there
+        assert shard.conn.master == ("127.0.0.1", new)
+        assert cmd(new, "HEXISTS", "dq:jobs", "t:after") == 1
+    finally:
+        await store.shards.close()
+
+
 def _async(pred: Callable[[], Any]) -> Callable[[], Any]:
     async def run() -> Any:
         return await asyncio.to_thread(pred)

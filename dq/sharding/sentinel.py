@@ -5,6 +5,10 @@ monitor under `mymaster`, wherever it is now:
 - each new connection asks the sentinels, all at once, `SENTINEL get-master-addr-by-name`
   (the first answer wins), connects there and checks with `ROLE` that it is a master: dq
   never writes to a replica;
+- the sentinels' `+switch-master` announcements are followed (one pub/sub connection to
+  one sentinel at a time, per connection that has been opened): when they name a new
+  master, the connection is closed at once and the next command asks them again, so an
+  idle shard switches before anything is written to the demoted master;
 - a lost connection, or a `READONLY` (the master was demoted) or `LOADING` reply, drops
   the connection: the commands waiting on it fail as "unavailable" (the shard's usual
   failure: adds are retried on another shard or answered unavailable, timers and
@@ -31,6 +35,8 @@ from dq.sharding.resp import RespConnection
 from dq.sharding.shardurl import ShardUrl, parse
 
 log = logging.getLogger("dq.sentinel")
+
+SUBSCRIBE_RETRY = 1.0  # seconds before listening to the next sentinel after one went away
 
 # Replies after which the connection is dropped and the master looked up again.
 _MOVED = (("READONLY", "the master was demoted to a replica (READONLY)"),
@@ -72,6 +78,7 @@ class SentinelConnection(RespConnection):
         # The sentinels get half the connect timeout, the master's connect the other half
         # (an add waits for both when it finds the connection down).
         self.ask_timeout = connect_timeout / 2
+        self._watcher: asyncio.Task[None] | None = None  # follows +switch-master
 
     def _tls(self) -> ssl.SSLContext | None:
         return ssl.create_default_context() if self.target.tls else None
@@ -136,7 +143,7 @@ class SentinelConnection(RespConnection):
                       f"named the master of {self.target.service!r}: {'; '.join(why)}); "
                       "retry shortly")
 
-    async def _verify(self) -> None:
+    async def _check_role(self) -> None:
         """Never write to a replica: the address the sentinels gave must answer ROLE as a
         master (right after a failover a sentinel may still name the old one)."""
         role = await self.call_nowait("ROLE")
@@ -147,6 +154,66 @@ class SentinelConnection(RespConnection):
             if self.transport is not None:
                 self.transport.abort()
             raise self._unavailable(f"{self._why}; a failover is under way")
+
+    async def _verify(self) -> None:
+        await self._check_role()
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.ensure_future(self._follow_switches())
+
+    async def _follow_switches(self) -> None:
+        """Listen to the sentinels' +switch-master, one sentinel after another while the
+        one listened to goes away (a second between tries)."""
+        i = 0
+        while True:
+            host, port = self.sentinels[i % len(self.sentinels)]
+            i += 1
+            try:
+                await self._listen(host, port)
+            except (OSError, TimeoutError, hiredis.ProtocolError) as exc:
+                log.debug("redis shard %s: sentinel %s:%d: %s", self.label, host, port, exc)
+            await asyncio.sleep(SUBSCRIBE_RETRY)
+
+    async def _listen(self, host: str, port: int) -> None:
+        async with asyncio.timeout(self.ask_timeout):
+            reader, writer = await asyncio.open_connection(host, port, ssl=self._tls())
+        try:
+            cmds: list[tuple[Any, ...]] = []
+            if self.target.sentinel_password:
+                cmds.append(("AUTH", self.target.sentinel_password))
+            cmds.append(("SUBSCRIBE", "+switch-master"))
+            writer.write(b"".join(hiredis.pack_command(c) for c in cmds))
+            parser = hiredis.Reader()
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    raise ConnectionResetError("the sentinel closed the connection")
+                parser.feed(data)
+                while (msg := parser.gets()) is not False:
+                    self._switched(msg)
+        finally:
+            writer.close()
+
+    def _switched(self, msg: Any) -> None:
+        """A +switch-master message ("<name> <old ip> <old port> <new ip> <new port>"):
+        for this service and a master other than ours, close the connection now."""
+        if not (isinstance(msg, list) and len(msg) == 3 and msg[0] == b"message"):
+            return
+        parts = msg[2].decode(errors="replace").split()
+        if len(parts) != 5 or parts[0] != self.target.service:
+            return
+        new = (parts[3], int(parts[4]))
+        if new == self.master or self.transport is None or self.transport.is_closing():
+            return
+        log.warning("redis shard %s: the sentinels announce a new master %s:%d "
+                    "(+switch-master); switching", self.label, *new)
+        self._why = "the sentinels announced a new master (+switch-master)"
+        self.transport.close()  # what is written goes out; the next command asks again
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+        super().close()
 
     def refusal(self, msg: str) -> DqError | None:
         for text, why in _MOVED:
