@@ -103,24 +103,8 @@ def create_app(settings: Settings, *, registry: Registry | None = None,
                store: Store | None = None) -> FastAPI:
     """The console and API over `registry` and `store` (opened from settings when None;
     then they are closed with the app)."""
-    own_registry, own_store = registry is None, store is None
-    if registry is None:
-        registry = Registry(settings.db_url())
-    if store is None:
-        store = open_store(settings, read_plan(settings, registry))
-    st = WebState(settings=settings, registry=registry, store=store,
-                  templates=make_templates(settings.zone), keys=Keys(settings.web_password),
-                  own_store=own_store, own_registry=own_registry)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        if st.own_store:
-            await st.store.shards.close()
-        if st.own_registry:
-            st.registry.close()
-
-    app = FastAPI(title="dq admin API", version="1", lifespan=lifespan, docs_url=None,
+    st = _open_state(settings, registry, store)
+    app = FastAPI(title="dq admin API", version="1", lifespan=_lifespan, docs_url=None,
                   redoc_url=None, openapi_url=None,
                   description="Topics, shards, alert settings, jobs and dead letters of a dq "
                   "delay queue. Authenticate with HTTP Basic (any user name, the console "
@@ -133,6 +117,37 @@ def create_app(settings: Settings, *, registry: Registry | None = None,
     app.include_router(pages.router)
     app.include_router(pages_ops.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    _install_guard(app, st, hosts)
+    return app
+
+
+def _open_state(settings: Settings, registry: Registry | None,
+                store: Store | None) -> WebState:
+    """The app's state, opening the registry and store not given (the app then owns them)."""
+    own_registry, own_store = registry is None, store is None
+    if registry is None:
+        registry = Registry(settings.db_url())
+    if store is None:
+        store = open_store(settings, read_plan(settings, registry))
+    return WebState(settings=settings, registry=registry, store=store,
+                    templates=make_templates(settings.zone), keys=Keys(settings.web_password),
+                    own_store=own_store, own_registry=own_registry)
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """When the app stops, close the store and registry it opened itself."""
+    yield
+    st: WebState = app.state.dq
+    if st.own_store:
+        await st.store.shards.close()
+    if st.own_registry:
+        st.registry.close()
+
+
+def _install_guard(app: FastAPI, st: WebState, hosts: tuple[str, ...] | None) -> None:
+    """The middleware every request passes: refusals before routing (host, cross-site,
+    body size), counters, and the headers and session cookie every response carries."""
 
     @app.middleware("http")
     async def guard(request: Request,
@@ -148,18 +163,21 @@ def create_app(settings: Settings, *, registry: Registry | None = None,
             response = await call_next(request)
         if response.status_code >= 500:
             st.counters["errors"] += 1
-        for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
-        if not request.url.path.startswith("/static/"):
-            response.headers.setdefault("Cache-Control", "no-store")
-        new = getattr(request.state, "set_session", None)
-        if new is not None:
-            response.set_cookie(SESSION_COOKIE, new.cookie, max_age=SESSION_TTL, path="/",
-                                httponly=True, samesite="lax",
-                                secure=request.url.scheme == "https")
+        _dress(request, response)
         return response
 
-    return app
+
+def _dress(request: Request, response: Response) -> None:
+    """Security headers, no caching but of static files, and a session cookie to set."""
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if not request.url.path.startswith("/static/"):
+        response.headers.setdefault("Cache-Control", "no-store")
+    new = getattr(request.state, "set_session", None)
+    if new is not None:
+        response.set_cookie(SESSION_COOKIE, new.cookie, max_age=SESSION_TTL, path="/",
+                            httponly=True, samesite="lax",
+                            secure=request.url.scheme == "https")
 
 
 class _Server(uvicorn.Server):

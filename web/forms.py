@@ -210,13 +210,7 @@ def validate_topic(data: Mapping[str, Any], *, existing: Topic | None = None,
     merged = {**base, **{k: v for k, v in data.items() if k in TOPIC_FIELDS and v is not None}}
     f = Fields(merged)
     errors = _unknown(data, TOPIC_FIELDS)
-    topic = f.text("topic")
-    if key is not None and topic != key:
-        f.fail("topic", f"the topic key cannot be changed (this is {key!r}); create a new "
-               "topic instead")
-    elif not TOPIC_KEY.fullmatch(topic) and existing is None:
-        f.fail("topic", "topic key must be 1 to 64 letters, digits, '_', '.' or '-' "
-               "(no ':' or spaces), e.g. order_timeout")
+    topic = _topic_key(f, key, existing)
     name = f.text("name", limit=255)
     callback = f.text("callback", limit=1024)
     if problem := check_callback(callback):
@@ -227,45 +221,70 @@ def validate_topic(data: Mapping[str, Any], *, existing: Topic | None = None,
     secret = f.text("secret", limit=255)
     if not secret and existing is not None and not Fields(data).flag("clear_secret"):
         secret = existing.secret
+    policy = _retry_policy(f)
+    headers = _headers(f, merged, existing)
+    result = Topic(id=existing.id if existing else 0, topic=topic, name=name or topic,
+                   callback=callback, retry_when=retry_when, secret=secret,
+                   retry_policy=policy, headers=headers, **_topic_settings(f, creator))
+    errors.update(f.errors)
+    if errors:
+        raise Invalid(errors)
+    return result
+
+
+def _topic_key(f: Fields, key: str | None, existing: Topic | None) -> str:
+    """The topic key: fixed once created (`key`), and of a safe form when new."""
+    topic = f.text("topic")
+    if key is not None and topic != key:
+        f.fail("topic", f"the topic key cannot be changed (this is {key!r}); create a new "
+               "topic instead")
+    elif not TOPIC_KEY.fullmatch(topic) and existing is None:
+        f.fail("topic", "topic key must be 1 to 64 letters, digits, '_', '.' or '-' "
+               "(no ':' or spaces), e.g. order_timeout")
+    return topic
+
+
+def _retry_policy(f: Fields) -> str:
     policy = f.text("retry_policy", NEW_TOPIC["retry_policy"], limit=255)
     try:
-        policy = normalise(policy)
+        return normalise(policy)
     except RetryPolicyError as exc:
         f.fail("retry_policy", str(exc))
+        return policy
+
+
+def _headers(f: Fields, merged: Mapping[str, Any], existing: Topic | None) -> hdr.Headers:
     try:
-        headers = hdr.parse(merged.get("headers"), existing.headers if existing else ())
+        return hdr.parse(merged.get("headers"), existing.headers if existing else ())
     except hdr.HeaderError as exc:
         f.fail("headers", str(exc))
-        headers = ()
-    result = Topic(
-        id=existing.id if existing else 0, topic=topic, name=name or topic,
+        return ()
+
+
+def _topic_settings(f: Fields, creator: str) -> dict[str, Any]:
+    """The topic's fields that are numbers and choices, each checked against its range (a
+    field left out is NEW_TOPIC's), in the order their problems are reported."""
+    return dict(
         delay=f.integer("delay", NEW_TOPIC["delay"], 0, MAX_DELAY, "1800 for half an hour"),
-        callback=callback, method=f.choice("method", NEW_TOPIC["method"], ("GET", "POST"),
-                                         upper=True),
+        method=f.choice("method", NEW_TOPIC["method"], ("GET", "POST"), upper=True),
         timeout_ms=f.integer("timeout_ms", NEW_TOPIC["timeout_ms"], 1, 60000, "3000"),
-        emails=f.emails("emails"), retry_when=retry_when,
+        emails=f.emails("emails"),
         priority=f.integer("priority", NEW_TOPIC["priority"], 1, 3, "1 high, 2 normal, 3 low"),
         online=f.choice("status", NEW_TOPIC["status"], ("online", "offline")) == "online",
         max_attempts=f.integer("max_attempts", NEW_TOPIC["max_attempts"], 0, 100,
                                "0 for the server's max_attempts setting"),
-        secret=secret, body_format=f.choice("body_format", NEW_TOPIC["body_format"], BODY_FORMATS),
+        body_format=f.choice("body_format", NEW_TOPIC["body_format"], BODY_FORMATS),
         creator=f.text("creator", creator, limit=255) or creator,
         rate_limit=f.integer("rate_limit", NEW_TOPIC["rate_limit"], 0, MAX_RATE,
                              "40 for 40 callbacks a second, 0 for no limit"),
         concurrency=f.integer("concurrency", NEW_TOPIC["concurrency"], 0, MAX_CONCURRENCY,
                               "3 for three callbacks at once, 0 for no limit"),
         paused=f.boolean("paused", NEW_TOPIC["paused"]),
-        retry_policy=policy,
         breaker_threshold=f.integer("breaker_threshold", NEW_TOPIC["breaker_threshold"], 0, 1000,
                                     "5 to stop calling after 5 failures in a row, 0 for none"),
         breaker_cooloff=f.integer("breaker_cooloff", NEW_TOPIC["breaker_cooloff"], 1, 86400,
                                   "60 for a probe a minute after it opened"),
-        headers=headers,
     )
-    errors.update(f.errors)
-    if errors:
-        raise Invalid(errors)
-    return result
 
 
 def mask_url(url: str) -> str:
