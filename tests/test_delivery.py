@@ -24,6 +24,7 @@ from dq.errors import DqError
 from dq.registry.core import AlertConf, Registry, Topic
 from dq.registry.topics import TopicCache
 from dq.roles import consumer
+from dq.roles.consumer import alerts as consumer_alerts
 from dq.roles.consumer import priority_order, retry_delay_ms
 from dq.runtime.context import Context, open_store
 from dq.storage import alerts as alerts_module
@@ -488,7 +489,7 @@ async def test_an_alert_the_mail_server_refused_is_mailed_once_it_answers(
     """A dead letter's alert mail is owed until sent: one the mail server could not take
     is mailed by consumer 0's sweep once it answers, once; one whose dead letter was
     deleted meanwhile is not mailed."""
-    monkeypatch.setattr(consumer, "ALERT_SWEEP", 0.2)
+    monkeypatch.setattr(consumer_alerts, "ALERT_SWEEP", 0.2)
     monkeypatch.setattr(alerts_module, "ALERT_HEAD_START_MS", 300)
     port = free_port()  # nothing listens there yet
     registry.save_alert(AlertConf(host="127.0.0.1", port=port, sender="dq@example.test"))

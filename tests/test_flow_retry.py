@@ -20,8 +20,8 @@ from dq.config import Settings
 from dq.registry import headers as hdr
 from dq.registry.core import AlertConf, Registry, Topic
 from dq.registry.retry_policy import RetryPolicyError, normalise, parse
-from dq.roles import consumer
 from dq.roles.callback import retry_after
+from dq.roles.consumer import alerts as consumer_alerts
 from dq.storage import alerts as alerts_module
 from dq.storage.jobs import JobInfo
 from dq.storage.store import Store
@@ -293,7 +293,7 @@ async def test_a_breaker_mail_the_mail_server_refused_is_mailed_once_it_answers(
         registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
     """The opening's mail is owed in Redis until sent: one the mail server could not take
     is mailed by consumer 0's sweep once it answers, once."""
-    monkeypatch.setattr(consumer, "ALERT_SWEEP", 0.2)
+    monkeypatch.setattr(consumer_alerts, "ALERT_SWEEP", 0.2)
     monkeypatch.setattr(alerts_module, "ALERT_HEAD_START_MS", 300)
     port = free_port()  # nothing listens there yet
     registry.save_alert(AlertConf(host="127.0.0.1", port=port, sender="dq@example.test"))

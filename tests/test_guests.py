@@ -1,5 +1,5 @@
 """Guests: jobs written to another shard while their owner was down, moved home when it is
-back (dq/storage/lua/guest_*.lua, dq/storage/guests.py, Checker.sweep), against real redis-servers.
+back (dq/storage/lua/guest_*.lua, dq/storage/guests.py, sweep_guests), against real redis-servers.
 
 Without the move, a job added during an outage and added again after it would exist on
 two shards and fire twice."""

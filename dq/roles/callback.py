@@ -21,7 +21,7 @@ Headers on every request: `X-Dq-Topic` and `X-Dq-Id`, percent-encoded (`header_v
 text's UTF-8 bytes, every byte but A-Z a-z 0-9 - . _ ~ written %XX, so two ids never share
 a header; `urllib.parse.unquote` or PHP's `rawurldecode` gives the text back), and
 `X-Dq-Attempt`, the 1-based number of this delivery (a delivery cut off by its consumer's
-death counts: see dq/roles/consumer.py), so receivers can be idempotent. The topic's fixed
+death counts: see dq/roles/consumer/), so receivers can be idempotent. The topic's fixed
 `headers` (dq/registry/headers.py, e.g. an Authorization the receiver expects) are sent too.
 When the topic has a secret, also `X-Dq-Timestamp` (Unix seconds) and `X-Dq-Signature`:
 

@@ -4,8 +4,9 @@ Timer `ctx.index` of `settings.timers` owns the buckets b with b % timers == ind
 shard, so timers never compete for a bucket. Per shard one task loops: move what is due
 (again at once while full batches come out), requeue jobs whose consumer lease ran out
 (at most every 100 ms), then sleep until the next due job or `timer_tick`, whichever is
-sooner. Timer 0 also keeps the delayed jobs in the buckets the `buckets` setting gives
-them, should that setting change (Maintenance.rebucket).
+sooner. The timer with Duty.REBUCKET (timer 0, dq/runtime/context.py) also keeps the
+delayed jobs in the buckets the `buckets` setting gives them, should that setting change
+(Maintenance.rebucket).
 
 The sleep is timed here, not by Redis: a BLPOP's own timeout fires on Redis's cron (every
 100 ms at the default hz 10), which would make jobs up to 100 ms late. Instead a second task
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 from redis.exceptions import RedisError
 
 from dq.errors import DqError
-from dq.runtime.context import Context
+from dq.runtime.context import Context, Duty
 from dq.runtime.loops import Backoff, pause
 from dq.runtime.resources import role_resources
 from dq.sharding.shards import Shard
@@ -39,7 +40,7 @@ BACKOFF_MAX = 5.0
 DOWN_WAIT = 0.25  # how often a shard loop looks again at a shard that is down
 MIN_WAIT = 0.001
 REQUEUE_EVERY = 0.1  # seconds; expired leases need no finer check than this
-LAYOUT_EVERY = 60.0  # seconds between timer 0's looks at each shard's bucket layout
+LAYOUT_EVERY = 60.0  # seconds between Duty.REBUCKET's looks at each shard's bucket layout
 SHARD_ERRORS = (DqError, RedisError, OSError, asyncio.TimeoutError)
 
 
@@ -70,7 +71,7 @@ class Timer:
             return
         tasks = [asyncio.create_task(self._shard_loop(s), name=f"timer:{s.name}")
                  for s in self.store.shards.shards]
-        if self.ctx.index == 0:
+        if self.ctx.does(Duty.REBUCKET):
             tasks.append(asyncio.create_task(self._layout_loop(), name="timer:layout"))
         try:
             await asyncio.gather(*tasks)
@@ -137,9 +138,10 @@ class Timer:
             woken.cancel()
 
     async def _layout_loop(self) -> None:
-        """Timer 0 keeps each shard's delayed jobs in the buckets the `buckets` setting
-        gives them (Maintenance.rebucket): at start, after a change of the setting, and then
-        every LAYOUT_EVERY seconds (a shard that did not answer is looked at then)."""
+        """Duty.REBUCKET (timer 0) keeps each shard's delayed jobs in the buckets the
+        `buckets` setting gives them (Maintenance.rebucket): at start, after a change of the
+        setting, and then every LAYOUT_EVERY seconds (a shard that did not answer is looked
+        at then)."""
         while not self.ctx.stopping.is_set():
             for shard in self.store.shards.shards:
                 if self.ctx.stopping.is_set():

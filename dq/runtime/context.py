@@ -20,6 +20,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -39,6 +40,26 @@ if TYPE_CHECKING:
     from dq.registry.core import Registry
 
 _T = TypeVar("_T")
+
+
+class Duty(StrEnum):
+    """A duty one child of a role does for all of them, by name, so that who does what is
+    read here rather than from an `index == 0` somewhere in a role."""
+
+    ALERT_SWEEP = "alert-sweep"  # a consumer mails the alerts still owed (dead letters, breakers)
+    REBUCKET = "rebucket"  # a timer keeps delayed jobs in the buckets the `buckets` setting gives
+
+
+SINGLETON_DUTIES = {("consumer", 0): frozenset({Duty.ALERT_SWEEP}),
+                    ("timer", 0): frozenset({Duty.REBUCKET})}
+
+
+def duties_of(role: str, index: int) -> frozenset[Duty]:
+    """The singleton duties of child `index` of `role`: consumer 0 sweeps the owed alerts,
+    timer 0 rebuckets."""
+    return SINGLETON_DUTIES.get((role, index), frozenset())
+
+
 GC_THRESHOLD = 20_000  # allocations between young-generation collections (Python's: 700)
 
 
@@ -64,6 +85,17 @@ class Context:
     # seconds without failing. The master retires an old generation only when the new one
     # is ready, and a role that fails before it is ready exits with EXIT_BOOT.
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # The singleton duties this child does besides its role's work; None: those of its
+    # role and index (duties_of).
+    duties: frozenset[Duty] | None = None
+
+    def __post_init__(self) -> None:
+        if self.duties is None:
+            self.duties = duties_of(self.role, self.index)
+
+    def does(self, duty: Duty) -> bool:
+        """Whether this child does the singleton `duty`."""
+        return self.duties is not None and duty in self.duties
 
     @property
     def name(self) -> str:

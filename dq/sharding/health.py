@@ -1,6 +1,6 @@
 """The shard health record every process of one dq instance shares.
 
-The checker (dq/roles/checker.py) is its only writer: `<data_dir>/health.json` maps a shard's
+The checker (dq/roles/checker/) is its only writer: `<data_dir>/health.json` maps a shard's
 name (password masked) to `{"up": bool, "since": epoch s, "error": str, "guests": bool}`
 and is replaced atomically (tmp file + rename) when a shard goes down or comes back, or
 starts or stops holding guests (jobs whose owner is another shard, see dq/storage/guests.py:

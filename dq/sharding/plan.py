@@ -78,7 +78,7 @@ def masked(name: str) -> str:
 
 
 def drained_record(settings: Settings) -> Path:
-    """The URLs of retired shards the checker found empty, one a line (dq/roles/checker.py)."""
+    """The URLs of retired shards the checker found empty, one a line (dq/roles/checker/)."""
     return Path(settings.data_dir).resolve() / "drained-shards"
 
 

@@ -2,7 +2,7 @@
 
 An add whose owner shard is down goes to the next shard in the tid's order and is
 recorded in that shard's guests set (dq/storage/lua/add.lua). Left there, a job added during an
-outage and again after it would exist twice and fire twice. The checker (dq/roles/checker.py)
+outage and again after it would exist twice and fire twice. The checker (dq/roles/checker/)
 runs `GuestMover.sweep` on every shard each round; each guest whose owner answers moves
 in four steps, each an atomic script:
 
