@@ -29,21 +29,20 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(4, 3 * (os.cpu_count() or 1))
 
 
-_ORDER = {"system": 0, "integration": 1, "unit": 2}
+_KINDS = ("system", "integration", "unit")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Each test is marked system, integration or unit (tests/support/kinds.py), from what
     it reaches, unless it says so itself (`@pytest.mark.system` where what it starts is out
     of sight, e.g. behind an example's module): `-m "not system"` is the fast subset. The
-    system tests, the longest, go first, so that the run does not end waiting on one of
-    them (xdist hands tests out in this order)."""
+    system tests are spread over the run (xdist hands tests out in this order)."""
     kinds: dict[str, str] = {}
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
         defs = info.name2fixturedefs if info is not None else {}
         fixtures = {name: d[-1].func for name, d in defs.items() if d}
-        given = [m.name for m in item.iter_markers() if m.name in _ORDER]
+        given = [m.name for m in item.iter_markers() if m.name in _KINDS]
         kinds[item.nodeid] = given[0] if given else kind(
             getattr(item, "function", None), fixtures, getattr(item, "fixturenames", ()))
         if not given:
@@ -51,7 +50,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "redis_server" in getattr(item, "fixturenames", ()) and (
                 kinds[item.nodeid] == "system" or needs_own_redis(item.function, fixtures)):
             item.add_marker(pytest.mark.own_redis)
-    items.sort(key=lambda item: _ORDER[kinds[item.nodeid]])
+    spread(items, [kinds[item.nodeid] == "system" for item in items])
+
+
+def spread(items: list[pytest.Item], system: list[bool]) -> None:
+    """The system tests spread evenly over the first three quarters of the run: none of
+    them, the longest, is left for its end, and few run at once (all at once, their
+    processes starved each other into timeouts on 2 cores)."""
+    heavy = [item for item, s in zip(items, system, strict=True) if s]
+    rest = [item for item, s in zip(items, system, strict=True) if not s]
+    every = max(1.0, len(rest) * 3 / 4) / max(1, len(heavy))
+    out: list[pytest.Item] = []
+    for k, item in enumerate(rest):
+        while heavy and (len(out) - k) * every <= k:
+            out.append(heavy.pop(0))
+        out.append(item)
+    items[:] = out + heavy
 
 
 @pytest.fixture
