@@ -25,7 +25,7 @@ from dq.errors import UNAVAILABLE, DqError
 from dq.registry.core import AlertConf, Registry, Topic
 from dq.roles import checker, consumer, server, timer
 from dq.roles.checker import Checker
-from dq.roles.server import log_request
+from dq.roles.server.handler import log_request
 from dq.runtime.context import Context, open_store
 from dq.runtime.logs import JsonFormatter
 from dq.sharding.health import HealthReader, ShardHealth, health_path, read_health, write_health

@@ -34,7 +34,8 @@ from hypothesis import strategies as st
 
 from dq.client import AsyncDqClient
 from dq.errors import ERR_WORDS
-from dq.roles import server as dq_server
+from dq.roles.server import connection as dq_connection
+from dq.roles.server import listener as dq_listener
 from dq.runtime.context import GC_THRESHOLD
 from tests.support.redisproc import RedisProcess
 from tests.support.server import Running, frame, raw_exchange, start_server
@@ -364,7 +365,7 @@ async def test_fuzzed_frames_never_kill_or_stall_the_server(dq: Running) -> None
     # every fuzz connection is gone and left nothing behind
     assert len(dq.server.connections) == 0
     # (the reaper's loop variable may still name the last connection it looked at)
-    alive = [o for o in gc.get_objects() if isinstance(o, dq_server.Connection)]
+    alive = [o for o in gc.get_objects() if isinstance(o, dq_connection.Connection)]
     assert len(alive) <= 1, f"{len(alive)} Connection objects outlived their sockets"
     assert len(asyncio.all_tasks()) <= tasks_before
     assert rss_after - rss_before < 32 * 1024, "server memory grew by more than 32 MiB"
@@ -427,7 +428,7 @@ class Loris:
 
 async def test_slow_loris_is_closed_after_frame_timeout_and_others_unaffected(
         dq: Running, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dq_server, "FRAME_TIMEOUT", 2.0)
+    monkeypatch.setattr(dq_connection, "FRAME_TIMEOUT", 2.0)
     loris = await in_thread(lambda: Loris(dq.port, 200))
     try:
         async with Canary(dq.addr).running() as canary:
@@ -606,7 +607,7 @@ async def test_client_that_never_reads_cannot_grow_server_memory(dq: Running, mi
           f"{buffered / 1e6:.1f} MB of replies buffered, {pending} replies pending; "
           f"RSS {rss_before} -> {rss_after} KiB", file=sys.stderr)
     canary.check("a non-reading pipeliner")
-    assert pending <= dq_server.MAX_OUTSTANDING + (60 if mix == "add-many" else 3 * 2000)
+    assert pending <= dq_connection.MAX_OUTSTANDING + (60 if mix == "add-many" else 3 * 2000)
     assert buffered < 64 * 1024 * 1024
     assert rss_after - rss_before < 128 * 1024
 
@@ -663,10 +664,10 @@ async def test_five_clients_that_never_read_do_not_stall_the_others(dq: Running)
           f"{rss_after} KiB", file=sys.stderr)
     canary.check("five clients pipelining gets without reading")
     # a frame more may be started in the loop turn the cap is reached
-    assert most_frames <= dq_server.MAX_SLOW + 1, \
+    assert most_frames <= dq_connection.MAX_SLOW + 1, \
         f"a non-reading client had {most_frames} gets in progress at once"
     # the high-water mark, plus the replies of the gets in progress then (3 KB each)
-    assert most_unsent <= dq_server.WRITE_HIGH + (dq_server.MAX_SLOW + 1) * 3100, \
+    assert most_unsent <= dq_connection.WRITE_HIGH + (dq_connection.MAX_SLOW + 1) * 3100, \
         f"{most_unsent} bytes of replies were waiting for one client that does not read"
     assert rss_after - rss_before < 16 * 1024, "server memory grew by more than 16 MiB"
 
@@ -767,7 +768,7 @@ async def test_running_out_of_file_descriptors_pauses_accepting_without_spinning
     """With no descriptor left for a new connection, accept() fails (EMFILE) while the
     listening socket stays readable: the server pauses accepting instead of retrying every
     loop turn, keeps serving its connections, and accepts the rest once it can."""
-    monkeypatch.setattr(dq_server, "ACCEPT_RETRY", 0.3)
+    monkeypatch.setattr(dq_listener, "ACCEPT_RETRY", 0.3)
     clients = await asyncio.create_subprocess_exec(
         sys.executable, "-c", CONNECT_AND_PING, str(dq.port), "6",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)

@@ -17,8 +17,8 @@ from dq.client import AsyncDqClient, DqClient
 from dq.config import Settings, load_settings
 from dq.errors import ConfigError, DqError
 from dq.registry.topics import TopicCache
-from dq.roles import server as dq_server
 from dq.roles.server import Server
+from dq.roles.server import connection as dq_connection
 from dq.runtime.context import Context
 from dq.wire.frames import OK_EMPTY
 from tests.support.redisproc import RedisProcess
@@ -332,11 +332,11 @@ async def test_replies_are_written_with_or_without_the_stores_hook(dq: Running) 
     (Server.stop, e.g. a cancelled server), a reply made ready inside a batch's reply is
     still written, at the end of its loop turn."""
     add = frame({"cmd": "add", "topic": "order", "id": "hooked", "body": {}, "delay": 60})
-    assert dq.server.flush_ready in dq.store.batch.on_batch_settled
+    assert dq.server.coalescer.flush_ready in dq.store.batch.on_batch_settled
     assert await asyncio.to_thread(raw_exchange, dq.port, add) == [
         {"code": 1, "msg": "succ", "data": []}]
     dq.server.stop()
-    assert dq.server.flush_ready not in dq.store.batch.on_batch_settled
+    assert dq.server.coalescer.flush_ready not in dq.store.batch.on_batch_settled
     add = frame({"cmd": "add", "topic": "order", "id": "unhooked", "body": {}, "delay": 60})
     assert await asyncio.to_thread(raw_exchange, dq.port, add) == [
         {"code": 1, "msg": "succ", "data": []}]
@@ -355,7 +355,7 @@ async def test_a_server_that_cannot_listen_leaves_no_hook_on_its_store(
     hooks = list(dq.store.batch.on_batch_settled)
     with pytest.raises(BootError, match=f"cannot listen on 127.0.0.1:{dq.port}"):
         await other.start()
-    assert dq.store.batch.on_batch_settled == hooks and not other.hooked
+    assert dq.store.batch.on_batch_settled == hooks and not other.coalescer.hooked
 
 
 def read_frames(s: socket.socket, n: int | None = None) -> list[dict[str, Any]]:
@@ -431,7 +431,7 @@ async def test_a_frame_is_not_stalled_while_the_server_is_not_reading(
     """A pipelining client whose replies it reads slowly makes the server pause reading
     with part of a frame read: that frame's clock stands still meanwhile, and the reaper
     does not close the connection as stalled."""
-    monkeypatch.setattr(dq_server, "FRAME_TIMEOUT", 0.5)
+    monkeypatch.setattr(dq_connection, "FRAME_TIMEOUT", 0.5)
     await dq.store.add("order", "big", {"pad": "x" * 8000}, delay_ms=600_000)
     get = frame({"cmd": "get", "topic": "order", "id": "big"})
     last = frame({"cmd": "ping"})

@@ -21,9 +21,9 @@ class AddressInUse(BootError):
 class LoadBoard:
     """How many connections each dq-server process holds, in memory the master maps before
     forking and every child shares: a server that holds more than the least loaded other
-    one leaves the next connection to it (dq/roles/server.py). A slot is FREE (no process),
-    BOOTING (forked, not accepting yet), DRAINING (no longer accepting) or a count of
-    connections; only counts make others wait."""
+    one leaves the next connection to it (dq/roles/server/listener.py). A slot is FREE
+    (no process), BOOTING (forked, not accepting yet), DRAINING (no longer accepting) or a
+    count of connections; only counts make others wait."""
 
     FREE = -2
     DRAINING = -1

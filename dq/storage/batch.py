@@ -4,8 +4,9 @@ jobs per call (add, ack, evict).
 `Batcher.queue` adds one job's part to its shard's batch without a coroutine (the server's
 hot path); the batch goes out at the end of the loop turn, and each job's `Done` is told
 its reply values, or the error that sent it nowhere. Once a batch's jobs were all told,
-the `on_batch_settled` observers run: whoever acts on those results (dq/roles/server.py
-writes the replies they made ready) can do so once per batch instead of once per job.
+the `on_batch_settled` observers run: whoever acts on those results (the server's
+Coalescer, dq/roles/server/replies.py, writes the replies they made ready) can do so once
+per batch instead of once per job.
 """
 
 from __future__ import annotations
