@@ -180,8 +180,22 @@ def dq_stack(servers: int = 1, shards: int = 2, *, cluster: bool = False,
         for url in found:
             flags += ["--redis", url]
         with dq_master(flags, port, tmp):
+            wait_answers(port)
             time.sleep(1.0)
             yield port, pids
+
+
+def wait_answers(port: int, timeout: float = 60.0) -> None:
+    """Until a dq-server answers a ping on the port: the master listens on it before its
+    server processes are up (seconds on a loaded machine), and a measurement must not
+    count that wait."""
+    from dq.client import DqClient
+
+    client = DqClient([f"127.0.0.1:{port}"], timeout=timeout)
+    try:
+        client.ping()
+    finally:
+        client.close()
 
 
 def dqload_binary() -> str | None:
@@ -189,9 +203,12 @@ def dqload_binary() -> str | None:
     out = ROOT / "bench" / "dqload"
     if out.exists():
         return str(out)
-    src = ROOT.parent / "shared" / "tools" / "dqload.c"
+    # ../shared from the main checkout, ../../shared from a worktree in /work/wt/NAME
+    src = next((p for p in (ROOT.parent / "shared" / "tools" / "dqload.c",
+                            ROOT.parent.parent / "shared" / "tools" / "dqload.c")
+                if p.exists()), None)
     cc = shutil.which("gcc") or shutil.which("cc")
-    if not src.exists() or not cc:
+    if src is None or not cc:
         return None
     subprocess.run([cc, "-O2", "-o", str(out), str(src)], check=True)
     return str(out)
