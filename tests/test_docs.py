@@ -3,6 +3,7 @@ made from the definitions (dq/config.py, dq/registry/values.py), and checked aga
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import dq
 from dq.cli import build_master_parser, overrides_of
 from dq.config import Settings, env_name, flag_name, load_settings
-from dq.docs import README, REGENERATE, render
+from dq.docs import ARCHITECTURE, GENERATED, README, REGENERATE, module_tree, render
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,6 +30,19 @@ def test_readme_tables_are_what_the_definitions_make() -> None:
     assert render(text) == text, (
         f"README.md's settings or topic-fields table is out of date with dq/config.py or "
         f"dq/registry/values.py: run `{REGENERATE}` and commit README.md")
+
+
+def test_architecture_tree_lists_every_module_as_its_docstring_says() -> None:
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    assert render(text, GENERATED[ARCHITECTURE]) == text, (
+        f"docs/ARCHITECTURE.md's module tree is out of date with the modules under dq/ and "
+        f"web/ (a module added, moved or its docstring changed): run `{REGENERATE}`")
+    tree = module_tree()
+    for path in sorted((REPO / "dq").rglob("*.py")):
+        rel = path.relative_to(REPO).as_posix().removesuffix("__init__.py")
+        assert f"\n{rel} " in tree, f"{rel} is missing from the tree"
+        assert ast.get_docstring(ast.parse(path.read_text())), (
+            f"{rel} has no docstring: say in one sentence what it is, for the tree")
 
 
 def test_every_setting_is_documented_in_help_and_readme() -> None:
