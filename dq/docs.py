@@ -88,11 +88,8 @@ def module_tree() -> str:
             lines.append(("dq/storage/lua/", "the job's state changes, one atomic script each: "
                           + ", ".join(lua)))
     width = max(len(rel) for rel, _ in lines) + 2
-    out = []
-    for rel, text in lines:
-        wrapped = textwrap.wrap(text, 100 - width) or [""]
-        out.append(f"{rel:<{width}}{wrapped[0]}".rstrip())
-        out.extend(" " * width + more for more in wrapped[1:])
+    out = [f"{rel:<{width}}{textwrap.shorten(text, 100 - width, placeholder=' …')}".rstrip()
+           for rel, text in lines]
     return "```\n" + "\n".join(out) + "\n```"
 
 

@@ -145,6 +145,31 @@ def test_the_master_imports_no_redis_aiohttp_sqlalchemy_or_event_loop(module: st
     assert out == "", f"importing {module} pulls in {out}"
 
 
+MAX_MODULE, MAX_FUNCTION, MAX_METHODS = 400, 50, 25
+
+
+def test_no_module_function_or_class_is_too_big_to_read() -> None:
+    """No module over 400 lines, no function over 50, no class over 25 methods (issue 18):
+    past those, split along a seam (docs/ARCHITECTURE.md says where things go)."""
+    big = []
+    for path in sources("dq", "web"):
+        text = path.read_text()
+        rel = path.relative_to(ROOT)
+        if len(text.splitlines()) > MAX_MODULE:
+            big.append(f"{rel}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > MAX_FUNCTION:
+                    big.append(f"{rel}:{node.lineno} {node.name}: {length} lines")
+            elif isinstance(node, ast.ClassDef):
+                methods = sum(isinstance(b, ast.FunctionDef | ast.AsyncFunctionDef)
+                              for b in node.body)
+                if methods > MAX_METHODS:
+                    big.append(f"{rel}:{node.lineno} class {node.name}: {methods} methods")
+    assert not big, "too big to read at once:\n" + "\n".join(big)
+
+
 def test_the_check_sees_a_wrong_import(tmp_path: Path) -> None:
     """The checker itself: a storage module importing a role is caught."""
     fake = ROOT / "dq" / "storage" / "store.py"

@@ -1,4 +1,4 @@
-"""Redis shards: connections, auto-pipelining, Lua script loading, rendezvous routing.
+"""Redis shards: connections, auto-pipelining, loading the scripts storage hands in, routing.
 
 Every call a process makes to a shard goes through `Shard.call` on one pipelined
 connection (dq/sharding/resp.py): what is queued in one event-loop turn goes out in one write, and
