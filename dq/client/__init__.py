@@ -18,7 +18,8 @@ from dq.client.frames import _add_frame_of, _add_frame_plain, _add_frames, add_f
 from dq.client.many import MANY_RETRY, _Many
 from dq.client.sync import DqClient
 from dq.errors import DqError
-from dq.wire.protocol import MAX_FRAME, MAX_MANY
+from dq.wire.frames import MAX_FRAME
+from dq.wire.requests import MAX_MANY
 
 __all__ = [
     "DEAD_FOR",

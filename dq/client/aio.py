@@ -21,7 +21,7 @@ from dq.client.core import (
 )
 from dq.client.many import ManyAdd, _Many, lanes_of
 from dq.errors import UNAVAILABLE, DqError
-from dq.wire.protocol import MAX_MANY
+from dq.wire.requests import MAX_MANY
 
 T = TypeVar("T")
 

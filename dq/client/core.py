@@ -14,7 +14,7 @@ from typing import Any, Generic, TypeVar
 
 from dq.client.frames import PING_FRAME, add_frame, cmd_frame
 from dq.errors import NOT_FOUND, UNAVAILABLE, DqError
-from dq.wire.protocol import OK_EMPTY, decode_reply
+from dq.wire.frames import OK_EMPTY, decode_reply
 
 DEAD_FOR = 5.0  # seconds a server that failed is skipped
 WINDOW = 4000  # add_many: requests in flight on the connection at most

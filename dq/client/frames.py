@@ -1,5 +1,5 @@
 """The frames a client sends (add, add_many's parts, get, del, ping), byte for byte what
-dq.wire.protocol.encode_frame writes: PHP's framing, compact JSON in ASCII with "/"
+dq.wire.frames.encode_frame writes: PHP's framing, compact JSON in ASCII with "/"
 escaped, a 4-digit length ahead.
 
 Add frames are the hot path of a bulk load. They are written around the body's JSON
@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from dq.errors import BAD_REQUEST, DqError
-from dq.wire.protocol import MAX_FRAME, encode_frame
+from dq.wire.frames import MAX_FRAME, encode_frame
 
 _json_encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 _MAX_NODES = 5000  # containers a value may hold for orjson (a frame holds fewer)

@@ -11,7 +11,8 @@ from typing import Any
 
 from dq.client.frames import _add_frame_of, _add_frames
 from dq.errors import BAD_REQUEST, TOO_LARGE, UNAVAILABLE, DqError
-from dq.wire.protocol import MAX_FRAME, MAX_MANY
+from dq.wire.frames import MAX_FRAME
+from dq.wire.requests import MAX_MANY
 
 _MANY_SLICE = 5 * MAX_MANY  # add_many: jobs encoded at a time, as the window moves on
 _MANY_HEAD = b'{"cmd":"add_many","jobs":['
