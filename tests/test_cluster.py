@@ -303,9 +303,9 @@ async def test_adds_are_answered_within_the_deadline_while_a_master_hangs_and_fa
         redis_cluster: RedisCluster, dq_on: Callable[..., Master], tmp_path: Path) -> None:
     """A master stopped (SIGSTOP: its connections stay open, nothing answers) until the
     cluster has failed it over: its partitions hang, then the cluster answers CLUSTERDOWN,
-    then the replica takes over. Meanwhile every add is answered well within a second
-    (add_timeout 0.4 s: stored on a partition elsewhere, or `unavailable`), and every
-    acknowledged add is delivered."""
+    then the replica takes over. Meanwhile no add waits out TRYAGAIN retries or the
+    watchdog: each is answered after about add_timeout (0.4 s) at most, stored on a
+    partition elsewhere or `unavailable`, and every acknowledged add is delivered."""
     seen = Seen()
     async with Receiver(seen) as rcv:
         db = register(tmp_path / "reg" / "dq.sqlite3", "cl", rcv.url("/cb"))
@@ -333,12 +333,15 @@ async def test_adds_are_answered_within_the_deadline_while_a_master_hangs_and_fa
             stop.set()
             await asyncio.gather(*workers)
             during = [a for a in answers if paused <= a[0] < failed_over]
-            slow = sorted((a for a in answers if a[1] >= 1.0), key=lambda a: -a[1])
+            # add_timeout is 0.4 s; the bound sits far above it, so a busy machine does not
+            # trip it, and below what this guards against: an add held by TRYAGAIN retries
+            # (3 s) or waiting for the redis_timeout watchdog (5 s) on the hung node.
+            slow = sorted((a for a in answers if a[1] >= 2.5), key=lambda a: -a[1])
             unavailable = sum(1 for a in during if a[2] != "ok")
             print(f"\nmaster hung {failed_over - paused:.1f} s until failed over: "
                   f"{len(during)} adds answered meanwhile ({unavailable} unavailable), the "
                   f"slowest in {max(a[1] for a in answers):.2f} s", file=sys.stderr)
-            assert not slow, f"{len(slow)} adds answered after 1 s or more, e.g. " \
+            assert not slow, f"{len(slow)} adds answered after 2.5 s or more, e.g. " \
                 f"{[(round(t0 - paused, 2), round(took, 2), what) for t0, took, what in slow[:5]]}"
             assert all(a[2] in ("ok", UNAVAILABLE) for a in answers), \
                 {a[2] for a in answers}
