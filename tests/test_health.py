@@ -17,7 +17,6 @@ from typing import Any
 
 import httpx
 import pytest
-from aiosmtpd.controller import Controller
 
 from dq.client import AsyncDqClient
 from dq.config import Settings
@@ -32,35 +31,11 @@ from dq.sharding.health import HealthReader, ShardHealth, health_path, read_heal
 from dq.sharding.shards import COOLOFF_MIN, Shard, ShardSet
 from dq.storage.store import Store
 from tests.support.health import make_settings, prom_samples
-from tests.support.procs import free_port
 from tests.support.receiver import Receiver
 from tests.support.redisproc import RedisProcess
+from tests.support.roles import Mailbox
 
 RoleFn = Callable[[Context], Awaitable[None]]
-
-
-class Mailbox:
-    def __init__(self) -> None:
-        self.messages: list[tuple[list[str], str]] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.messages.append((list(envelope.rcpt_tos),
-                              envelope.content.decode("utf-8", "replace")))
-        return "250 OK"
-
-    def subjects(self) -> list[str]:
-        return [next((line for line in text.splitlines() if line.startswith("Subject:")), "")
-                for _, text in self.messages]
-
-    async def wait_subject(self, part: str, timeout: float) -> float:
-        """Seconds until a mail whose subject contains `part` arrived."""
-        t0 = time.monotonic()
-        while not any(part in s for s in self.subjects()):
-            if time.monotonic() - t0 > timeout:
-                raise AssertionError(f"no mail with {part!r} within {timeout}s: "
-                                     f"{self.subjects()}")
-            await asyncio.sleep(0.05)
-        return time.monotonic() - t0
 
 
 class Roles:
@@ -83,15 +58,6 @@ class Roles:
         for r in results:
             if isinstance(r, BaseException):
                 raise r
-
-
-@pytest.fixture
-def smtp() -> Iterator[tuple[Mailbox, int]]:
-    box, port = Mailbox(), free_port()
-    ctl = Controller(box, hostname="127.0.0.1", port=port)
-    ctl.start()
-    yield box, port
-    ctl.stop()
 
 
 @pytest.fixture

@@ -13,18 +13,15 @@ import redis
 from dq.registry.core import Topic
 from tests.support.procs import free_port
 from tests.support.redisproc import RedisProcess
+from tests.support.roles import Mailbox
 from tests.support.web import (
     GOOD_TOPIC,
     PW,
-    Mailbox,
     Web,
     assert_error,
     make_topic,
     open_web,
-    smtp,
 )
-
-__all__ = ["smtp"]  # the SMTP fixture, used by name
 
 
 @pytest.fixture(name="web")
@@ -323,7 +320,7 @@ async def test_test_mail(web: Web, smtp: tuple[Mailbox, int]) -> None:
     assert_error(await web.api.post("/api/alert/test", json={}), 422, "invalid", "to")
     r = await web.api.post("/api/alert/test", json={"to": "ops@example.com"})
     assert r.status_code == 200, r.text
-    [mail] = box.messages
+    [mail] = box.envelopes
     assert mail.rcpt_tos == ["ops@example.com"] and mail.mail_from == "dq@example.com"
     assert b"test mail from the dq console" in mail.content
 

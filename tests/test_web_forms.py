@@ -11,9 +11,8 @@ import redis
 
 from tests.support.procs import free_port
 from tests.support.redisproc import RedisProcess
-from tests.support.web import Mailbox, Web, bury, flash, follow, login, make_topic, open_web, smtp
-
-__all__ = ["smtp"]  # the SMTP fixture, used by name
+from tests.support.roles import Mailbox
+from tests.support.web import Web, bury, flash, follow, login, make_topic, open_web
 
 TOPIC_FORM = {"topic": "order_timeout", "name": "Cancel unpaid orders", "delay": "1800",
               "callback": "https://shop.example.com/hook", "method": "POST", "timeout_ms": "3000",
@@ -191,7 +190,7 @@ async def test_alert_page(web: Web, smtp: tuple[Mailbox, int]) -> None:
     page = await follow(client, await client.post("/alert/test", data={"csrf": token,
                                                                        "to": "me@example.com"}))
     assert flash(page) == "Test mail sent to me@example.com."
-    assert box.messages[0].rcpt_tos == ["me@example.com"]
+    assert box.envelopes[0].rcpt_tos == ["me@example.com"]
     page = await follow(client, await client.post("/alert/test", data={"csrf": token,
                                                                        "to": "nobody"}))
     assert flash(page).startswith("Test mail not sent: to must be one email address")

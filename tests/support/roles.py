@@ -4,6 +4,7 @@ tests (test_delivery, test_flow, test_flow_retry, test_adopt) share."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from dq.config import Settings
@@ -42,9 +43,27 @@ class Roles:
 
 
 class Mailbox:
+    """An aiosmtpd handler that keeps every mail: (recipients, text), and the envelope."""
+
     def __init__(self) -> None:
         self.messages: list[tuple[list[str], str]] = []
+        self.envelopes: list[Any] = []
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.envelopes.append(envelope)
         self.messages.append((list(envelope.rcpt_tos), envelope.content.decode("utf-8", "replace")))
         return "250 OK"
+
+    def subjects(self) -> list[str]:
+        return [next((line for line in text.splitlines() if line.startswith("Subject:")), "")
+                for _, text in self.messages]
+
+    async def wait_subject(self, part: str, timeout: float) -> float:
+        """Seconds until a mail whose subject contains `part` arrived."""
+        t0 = time.monotonic()
+        while not any(part in s for s in self.subjects()):
+            if time.monotonic() - t0 > timeout:
+                raise AssertionError(f"no mail with {part!r} within {timeout}s: "
+                                     f"{self.subjects()}")
+            await asyncio.sleep(0.05)
+        return time.monotonic() - t0

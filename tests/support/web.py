@@ -7,13 +7,11 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import pytest
-from aiosmtpd.controller import Controller
 from fastapi import FastAPI
 
 from dq.config import Settings
@@ -21,7 +19,6 @@ from dq.registry.core import Registry, Topic
 from dq.roles import consumer, timer
 from dq.runtime.context import Context, open_store
 from dq.storage.store import Store
-from tests.support.procs import free_port
 from tests.support.receiver import Receiver, Reply
 from web.app import create_app
 
@@ -152,19 +149,3 @@ async def fail_once(settings: Settings, topic: str, job_id: str, reply: Reply) -
         registry.close()
 
 
-class Mailbox:
-    def __init__(self) -> None:
-        self.messages: list[Any] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.messages.append(envelope)
-        return "250 OK"
-
-
-@pytest.fixture
-def smtp() -> Iterator[tuple[Mailbox, int]]:
-    box, port = Mailbox(), free_port()
-    ctl = Controller(box, hostname="127.0.0.1", port=port)
-    ctl.start()
-    yield box, port
-    ctl.stop()
