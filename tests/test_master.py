@@ -782,7 +782,7 @@ def test_term_during_slow_callbacks_finishes_them(
                                                     "DQ_GRACE": "10"})
     try:
         m.wait_titles(expected_titles())
-        with DqClient([f"127.0.0.1:{m.port}"]) as client:
+        with DqClient([f"127.0.0.1:{m.port}"], timeout=15, connect_timeout=10) as client:
             for i in range(5):
                 client.add("slow", str(i), {"i": i}, delay=0)
         m.wait("5 callbacks in flight", lambda: len(receiver.arrived) == 5, timeout=15)
