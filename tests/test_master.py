@@ -381,7 +381,8 @@ def test_new_master_binds_right_after_kill_9_of_the_old_one(
                     ORPHANS_WAIT in m.output() or "dq-master started" in m.output()
                     or m.proc.poll() is not None), timeout=40)
                 for pid in orphans:
-                    os.kill(pid, signal.SIGCONT)
+                    with contextlib.suppress(ProcessLookupError):  # gone already: fine
+                        os.kill(pid, signal.SIGCONT)
                 orphans = []
             m.wait_titles(expected_titles(servers=2, web=True), timeout=40)
             m.wait("it serves", lambda: _pings(port) and _http_answers(web_port))
@@ -406,7 +407,8 @@ def test_new_master_binds_right_after_kill_9_of_the_old_one(
         assert started[-1].proc.poll() is None
     finally:
         for pid in orphans:
-            os.kill(pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         for m in started:
             m.stop(timeout=10)
 
