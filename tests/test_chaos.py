@@ -198,7 +198,7 @@ async def test_consumer_killed_mid_callback_does_not_lose_the_job(
                      "--consumers", "1"], {"DQ_LEASE": "2", "DQ_TIMER_TICK": "0.2"})
         await asyncio.to_thread(m.wait_titles, {"dq-server-0", "dq-timer-0", "dq-consumer-0"},
                                 exact=False)
-        async with AsyncDqClient([f"127.0.0.1:{m.port}"]) as client:
+        async with AsyncDqClient([f"127.0.0.1:{m.port}"], timeout=15.0) as client:
             await client.add("held", "only-one", {"order": 1}, delay=0)
         deadline = time.monotonic() + 10
         while not arrivals and time.monotonic() < deadline:
