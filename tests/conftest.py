@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import compileall
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -16,6 +17,7 @@ from dq.registry.core import Registry, Topic
 from dq.runtime.context import open_store
 from dq.storage.store import Store
 from tests.support.kinds import kind, needs_own_redis
+from tests.support.paths import REPO
 from tests.support.procs import free_port
 from tests.support.receiver import Receiver
 from tests.support.redisproc import RedisDb, RedisProcess, SharedRedis
@@ -23,20 +25,41 @@ from tests.support.roles import Mailbox, Roles
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """`-n auto`: 3 workers a core, at least 4. The tests mostly wait (on processes starting,
-    on timers, on failovers), so a core keeps several busy; more than 3 a core made the
-    run slower on a 2-core machine (README: Run the tests)."""
-    return max(4, 3 * (os.cpu_count() or 1))
+    """`-n auto`: 2 workers a core, at least 4: the system tests' lanes (a worker a core)
+    and as many beside them for the rest. The suite is bound by CPU on 2 cores (some 1,000
+    s of it: every system test starts processes), so more workers only starved the lanes."""
+    return max(4, 2 * (os.cpu_count() or 1))
 
 
 _KINDS = ("system", "integration", "unit")
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Compile dq and web once, before the workers start: the tests start some 300 child
+    processes, and where PYTHONDONTWRITEBYTECODE is set (as on CI) each would compile
+    every module it imports again (a quarter of a second a child here)."""
+    if not hasattr(session.config, "workerinput"):
+        for package in ("dq", "web"):
+            compileall.compile_dir(REPO / package, quiet=1)
+
+
+def system_lanes() -> int:
+    """How many system tests run at once under xdist: one a core (DQ_TEST_SYSTEM_LANES)."""
+    return max(1, int(os.environ.get("DQ_TEST_SYSTEM_LANES", "0")) or (os.cpu_count() or 1))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker names each test by its group
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Each test is marked system, integration or unit (tests/support/kinds.py), from what
     it reaches, unless it says so itself (`@pytest.mark.system` where what it starts is out
-    of sight, e.g. behind an example's module): `-m "not system"` is the fast subset. The
-    system tests are spread over the run (xdist hands tests out in this order)."""
+    of sight, e.g. behind an example's module): `-m "not system"` is the fast subset.
+
+    The system tests, and those marked `timing` (they measure the server's loop with a
+    canary), are dealt into `system_lanes()` xdist groups (pyproject's `--dist=loadgroup`
+    runs each group on one worker, in turn) and go first: the other workers take the rest.
+    Each system test starts several processes (a dq-master and its children, Redis nodes, a
+    browser): run as they came, six at once on two cores, they starved each other into
+    timeouts, a different test each run."""
     kinds: dict[str, str] = {}
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
@@ -50,22 +73,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "redis_server" in getattr(item, "fixturenames", ()) and (
                 kinds[item.nodeid] == "system" or needs_own_redis(item.function, fixtures)):
             item.add_marker(pytest.mark.own_redis)
-    spread(items, [kinds[item.nodeid] == "system" for item in items])
-
-
-def spread(items: list[pytest.Item], system: list[bool]) -> None:
-    """The system tests spread evenly over the first three quarters of the run: none of
-    them, the longest, is left for its end, and few run at once (all at once, their
-    processes starved each other into timeouts on 2 cores)."""
-    heavy = [item for item, s in zip(items, system, strict=True) if s]
-    rest = [item for item, s in zip(items, system, strict=True) if not s]
-    every = max(1.0, len(rest) * 3 / 4) / max(1, len(heavy))
-    out: list[pytest.Item] = []
-    for k, item in enumerate(rest):
-        while heavy and (len(out) - k) * every <= k:
-            out.append(heavy.pop(0))
-        out.append(item)
-    items[:] = out + heavy
+    laned = [item for item in items
+             if kinds[item.nodeid] == "system" or item.get_closest_marker("timing")]
+    lanes = system_lanes()
+    for k, item in enumerate(laned):
+        item.add_marker(pytest.mark.xdist_group(f"system-{k % lanes}"))
+    ids = {item.nodeid for item in laned}
+    items[:] = laned + [item for item in items if item.nodeid not in ids]
 
 
 @pytest.fixture

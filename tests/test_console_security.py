@@ -18,7 +18,7 @@ import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -38,11 +38,10 @@ from dq.storage.store import Store
 from tests.support.browser import CHROMEDRIVER, CHROMIUM, Browser, LiveConsole, wait
 from tests.support.procs import free_port
 from tests.support.redisproc import RedisProcess
+from tests.support.web import BASE, PW, Web, open_web
 from web.app import create_app
 from web.forms import TOPIC_FIELDS
 
-PW = "console-sec-pw"
-BASE = "http://127.0.0.1"
 PUBLIC = {("GET", "/healthz"), ("GET", "/login"), ("POST", "/login")}
 SEEDED = Topic(topic="seeded_topic", name="Seeded", delay=60,
                callback="https://seeded.example/hook-private", method="POST",
@@ -75,14 +74,8 @@ pytestmark = pytest.mark.slow
 
 # -- the app over a real registry and Redis -----------------------------------------------
 
-@dataclass
-class Console:
-    app: FastAPI
-    transport: httpx.ASGITransport
-    api: httpx.AsyncClient  # Basic auth with the password
-    anon: httpx.AsyncClient  # nothing
-    registry: Registry
-    store: Store
+class Console(Web):
+    """The app over a real registry (seeded with one topic) and Redis."""
 
     def rows(self) -> int:
         with self.registry.engine.connect() as conn:
@@ -98,20 +91,9 @@ class Console:
 
 @contextlib.asynccontextmanager
 async def open_console(redis_url: str, db_url: str) -> AsyncIterator[Console]:
-    settings = Settings(redis=(redis_url,), web_password=PW, db=db_url)
-    registry = Registry(db_url)
-    registry.save_topic(SEEDED)
-    store = open_store(settings)
-    app = create_app(settings, registry=registry, store=store)
-    transport = httpx.ASGITransport(app)
-    try:
-        async with httpx.AsyncClient(transport=transport, base_url=BASE,
-                                     auth=("admin", PW)) as api, \
-                httpx.AsyncClient(transport=transport, base_url=BASE) as anon:
-            yield Console(app, transport, api, anon, registry, store)
-    finally:
-        await store.shards.close()
-        registry.close()
+    async with open_web(redis_url, db_url) as web:
+        web.registry.save_topic(SEEDED)
+        yield Console(**{f.name: getattr(web, f.name) for f in fields(web)})
 
 
 @pytest.fixture

@@ -192,6 +192,19 @@ async def test_exponential_and_list_policies_end_to_end(
         assert [c.attempt for c in calls] == [1, 2, 3, 4]
 
 
+def ids_on_every_shard(store: Store, topic: str, n: int) -> list[str]:
+    """`n` job ids that between them land on every shard (the shards' names hold their random
+    ports, so which shard an id hashes to differs from run to run)."""
+    by_shard: dict[str, list[str]] = {}
+    for i in range(1000):
+        by_shard.setdefault(store.shards.owner(f"{topic}:k{i}").name, []).append(f"k{i}")
+        if len(by_shard) == len(store.shards.shards) and sum(map(len, by_shard.values())) >= n:
+            break
+    firsts = [ids[0] for ids in by_shard.values()]
+    rest = [k for ids in by_shard.values() for k in ids[1:]]
+    return (firsts + rest)[:n]
+
+
 @pytest.mark.parametrize("settings", [1, 2], indirect=True, ids=["1shard", "2shards"])
 async def test_breaker_opens_holds_without_attempts_probes_and_closes_with_two_mails(
         store: Store, receiver: Receiver, roles: Roles, topic: Callable[..., Topic],
@@ -213,11 +226,12 @@ async def test_breaker_opens_holds_without_attempts_probes_and_closes_with_two_m
         assert time.monotonic() < deadline, "the breaker did not open"
         await asyncio.sleep(0.05)
     opened = time.time()
-    for i in range(5):  # added while open: they must wait, and use no attempt
-        await store.add("brk", f"k{i}", {}, delay_ms=0)
+    ks = ids_on_every_shard(store, "brk", 5)
+    for k in ks:  # added while open: they must wait, and use no attempt
+        await store.add("brk", k, {}, delay_ms=0)
     await asyncio.sleep(2.5)  # the j jobs' retries (after 1 s) fall due meanwhile
     assert len(receiver.calls(path="/brk")) == 3, "called while the breaker was open"
-    infos = [await store.lookup("brk", f"k{i}") for i in range(5)]
+    infos = [await store.lookup("brk", k) for k in ks]
     assert all(info is not None and info.attempt == 0 for info in infos)
     # with 2 shards, jobs on both wait for the one breaker (on the topic's home shard)
     assert len({info.shard for info in infos if info}) == len(store.shards.shards)
@@ -227,7 +241,7 @@ async def test_breaker_opens_holds_without_attempts_probes_and_closes_with_two_m
     assert min(c.at for c in later) >= opened + 4 - 0.3, "probe before the cool-off ended"
     assert sorted(later, key=lambda c: c.at)[0].at < opened + 9
     by_job = {c.job_id: c.attempt for c in later}
-    assert by_job == {**{f"j{i}": 2 for i in range(3)}, **{f"k{i}": 1 for i in range(5)}}
+    assert by_job == {**{f"j{i}": 2 for i in range(3)}, **{k: 1 for k in ks}}
     deadline = time.monotonic() + 10
     while len(box.messages) < 2:
         assert time.monotonic() < deadline, f"mails: {box.messages}"

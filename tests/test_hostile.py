@@ -343,6 +343,7 @@ def fuzz_in_child(port: int, examples: int) -> tuple[int, list[str]]:
     return fuzz_server(port, examples, failures), failures
 
 
+@pytest.mark.timing
 async def test_fuzzed_frames_never_kill_or_stall_the_server(dq: Running) -> None:
     """Hypothesis runs in a spawned process, not a thread of this one: its own garbage
     makes gen-2 collections of 30-140 ms here, which would stall the server's loop and
@@ -427,6 +428,7 @@ class Loris:
             s.close()
 
 
+@pytest.mark.timing
 async def test_slow_loris_is_closed_after_frame_timeout_and_others_unaffected(
         dq: Running, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dq_connection, "FRAME_TIMEOUT", 2.0)
@@ -578,6 +580,7 @@ def pipeline_without_reading(port: int, frames: bytes, seconds: float) -> int:
         pipeline_without_reading.sock = sock  # type: ignore[attr-defined]
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("mix", ["get-add-ping", "amplifying-gets", "add-many"])
 async def test_client_that_never_reads_cannot_grow_server_memory(dq: Running, mix: str) -> None:
     """Reading pauses once replies back up; what stays buffered is bounded by one read's
@@ -625,6 +628,7 @@ def open_non_reader(port: int, frames: bytes, seconds: float) -> socket.socket:
     return sock
 
 
+@pytest.mark.timing
 async def test_five_clients_that_never_read_do_not_stall_the_others(dq: Running) -> None:
     """Five clients pipeline `get` of a 3 KB job and never read. Each one's gets in
     progress stay at MAX_SLOW at most, and its unsent replies near the write buffer's
@@ -711,6 +715,7 @@ class Holders:
             s.close()
 
 
+@pytest.mark.timing
 async def test_2000_connections_and_the_2001st_gets_a_clear_refusal(
         tmp_path: Path, redis_server: RedisProcess) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -550,7 +550,7 @@ async def test_a_failed_write_to_redis_fails_its_commands_once(store: Store) -> 
 
 
 def test_resp_pack_spells_each_argument_type_and_names_a_bad_one() -> None:
-    from dq.sharding.resp import pack
+    from dq.sharding.respproto import pack
 
     assert pack(("SET", "k€", b"\x00\xff", 12, -3, 1.5)) == (
         b"*6\r\n$3\r\nSET\r\n$4\r\nk\xe2\x82\xac\r\n$2\r\n\x00\xff\r\n$2\r\n12\r\n"

@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 
 from dq.errors import DqError
 from dq.registry.core import Topic
-from dq.sharding.resp import safe_name
+from dq.sharding.refusals import safe_name
 from dq.sharding.shards import Shard, ShardSet
 from dq.storage.payload import BadPayload
 from dq.storage.stats import STAT_FIELDS

@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 
 from dq.errors import DqError
 from dq.runtime.context import Context, Duty
-from dq.runtime.loops import Backoff, pause
+from dq.runtime.loops import DOWN_WAIT, pause, shard_backoff
 from dq.runtime.resources import role_resources
 from dq.sharding.shards import Shard
 from dq.storage.store import Store
@@ -35,9 +35,6 @@ log = logging.getLogger("dq.timer")
 
 MOVE_LIMIT = 1000
 REQUEUE_LIMIT = 1000
-BACKOFF_MIN = 0.5
-BACKOFF_MAX = 5.0
-DOWN_WAIT = 0.25  # how often a shard loop looks again at a shard that is down
 MIN_WAIT = 0.001
 REQUEUE_EVERY = 0.1  # seconds; expired leases need no finer check than this
 LAYOUT_EVERY = 60.0  # seconds between Duty.REBUCKET's looks at each shard's bucket layout
@@ -83,7 +80,7 @@ class Timer:
     async def _shard_loop(self, shard: Shard) -> None:
         wake = asyncio.Event()
         waker = asyncio.create_task(self._wake_loop(shard, wake), name=f"wake:{shard.name}")
-        backoff = Backoff(BACKOFF_MIN, BACKOFF_MAX)
+        backoff = shard_backoff()
         stopping = self.ctx.stopping
         try:
             while not stopping.is_set():
@@ -156,7 +153,7 @@ class Timer:
 
     async def _wake_loop(self, shard: Shard, wake: asyncio.Event) -> None:
         """BLPOP the owned wake lists; set `wake` for every pop. Ends when stopping."""
-        backoff = Backoff(BACKOFF_MIN, BACKOFF_MAX)
+        backoff = shard_backoff()
         timeout = min(self.tick, 1.0)
         while not self.ctx.stopping.is_set():
             try:

@@ -6,6 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+SHARD_BACKOFF_MIN = 0.5  # a role's loop over a shard that fails waits this long, doubling
+SHARD_BACKOFF_MAX = 5.0  # up to this
+DOWN_WAIT = 0.25  # how often a role's loop looks again at a shard marked down
+
 
 async def pause(stopping: asyncio.Event, seconds: float) -> bool:
     """Sleep up to `seconds`, less once `stopping` is set; True when it is set."""
@@ -38,3 +42,8 @@ class Backoff:
         was = self.delay > self.low
         self.delay = self.low
         return was
+
+
+def shard_backoff() -> Backoff:
+    """The back-off of a role's loop over one shard (timer and consumer alike)."""
+    return Backoff(SHARD_BACKOFF_MIN, SHARD_BACKOFF_MAX)

@@ -39,7 +39,9 @@ from redis.exceptions import ResponseError
 from dq.errors import UNAVAILABLE, DqError
 from dq.sharding.clustermap import ClusterMap, warn_stray
 from dq.sharding.clusterurl import Addr, key_slot
-from dq.sharding.resp import ReplyCallback, RespConnection, safe_name
+from dq.sharding.refusals import safe_name
+from dq.sharding.resp import RespConnection
+from dq.sharding.respproto import ReplyCallback
 
 __all__ = ["ClusterMap", "PartitionClient", "PartitionConnection", "tag_keys", "warn_stray"]
 

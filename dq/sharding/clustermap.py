@@ -16,7 +16,8 @@ from redis.exceptions import ResponseError
 
 from dq.errors import UNAVAILABLE, DqError
 from dq.sharding.clusterurl import SLOTS, Addr, ClusterUrl
-from dq.sharding.resp import RespConnection, safe_name
+from dq.sharding.refusals import safe_name
+from dq.sharding.resp import RespConnection
 
 log = logging.getLogger("dq.cluster")
 

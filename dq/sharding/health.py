@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dq.config import Settings
-from dq.sharding.resp import safe_name
+from dq.sharding.refusals import safe_name
 
 if TYPE_CHECKING:
     from dq.sharding.shards import Shard

@@ -26,17 +26,11 @@ from dq.errors import UNAVAILABLE, DqError
 from dq.sharding.refusals import (
     REFUSAL_LOG_EVERY,
     REFUSALS,
-    WAIT_MS,
-    ReplicasBehind,
     ShardRefused,
     safe_name,
 )
 from dq.sharding.replicawait import DURABLE, ReplicaWaits
 from dq.sharding.respproto import ReplyCallback, RespProtocol, Waiter, call_back, pack, settle
-
-# Also importable from here, where they were first defined.
-__all__ = ["WAIT_MS", "ReplicasBehind", "ReplyCallback", "RespConnection", "ShardRefused",
-           "pack", "safe_name"]
 
 log = logging.getLogger("dq.resp")
 

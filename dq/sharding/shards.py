@@ -22,7 +22,8 @@ from redis.exceptions import NoScriptError
 
 from dq.errors import UNAVAILABLE, DqError
 from dq.sharding import cluster, clusterurl, shardurl
-from dq.sharding.resp import RespConnection, ShardRefused, safe_name
+from dq.sharding.refusals import ShardRefused, safe_name
+from dq.sharding.resp import RespConnection
 from dq.sharding.sentinel import SentinelConnection, sentinel_client
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import NoScriptError
 
 from dq.errors import DqError
-from dq.sharding.resp import ReplicasBehind
+from dq.sharding.refusals import ReplicasBehind
 from dq.sharding.shards import Shard
 from dq.storage.scripts import SCRIPTS
 from dq.storage.stats import MINUTE_TTL

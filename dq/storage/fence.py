@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import ResponseError
 
 from dq.errors import UNAVAILABLE, DqError
-from dq.sharding.resp import ReplicasBehind, RespConnection, ShardRefused
+from dq.sharding.refusals import ReplicasBehind, ShardRefused
+from dq.sharding.resp import RespConnection
 from dq.sharding.shards import Shard
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 
 from dq import fastjson
 from dq.errors import UNAVAILABLE, DqError
-from dq.sharding.resp import ShardRefused
+from dq.sharding.refusals import ShardRefused
 from dq.sharding.shards import Shard, ShardSet
 from dq.storage import alerts, payload
 from dq.storage.alerts import Alerts

@@ -35,7 +35,8 @@ def register(db_path: Path, topic: str, callback: str, **kw: Any) -> str:
 @dataclass
 class Flaky:
     """Answers each callback after 0..max_ms, with 500 (and a body that *looks* like success)
-    for `fail` of them; records when each job got a 2xx."""
+    for `fail` of them; records when each request that got a 2xx arrived (the answer goes
+    out later: after the random wait, and on a loaded machine later still)."""
 
     fail: float = 0.2
     max_ms: float = 50.0
@@ -46,6 +47,7 @@ class Flaky:
     attempts_after_500: int = 0
 
     async def __call__(self, req: Request) -> Reply:
+        arrived = time.time()
         await asyncio.sleep(self.rng.uniform(0, self.max_ms / 1000))
         jid = req.job_id
         self.calls[jid] += 1
@@ -54,7 +56,7 @@ class Flaky:
         if self.rng.random() < self.fail:
             self.failed[jid] += 1
             return 500, b'{"code":0,"msg":"succ"}'
-        self.ok_at[jid].append(time.time())
+        self.ok_at[jid].append(arrived)
         return 200, b'{"code":0}'
 
     def delivered(self) -> set[str]:

@@ -43,6 +43,7 @@ class Web:
     registry: Registry
     store: Store
     settings: Settings
+    transport: httpx.ASGITransport  # for more clients of the same app (another session)
 
 
 def web_settings(redis_url: str, **kw: Any) -> Settings:
@@ -61,7 +62,7 @@ async def open_web(redis_url: str, db_url: str, **settings: Any) -> AsyncIterato
         async with httpx.AsyncClient(transport=transport, base_url=BASE,
                                      auth=("admin", PW)) as api, \
                 httpx.AsyncClient(transport=transport, base_url=BASE) as anon:
-            yield Web(app, api, anon, registry, store, conf)
+            yield Web(app, api, anon, registry, store, conf, transport)
     finally:
         await store.shards.close()
         registry.close()

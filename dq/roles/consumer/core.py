@@ -17,7 +17,7 @@ from dq.roles.consumer.priority import priority_order
 from dq.roles.flow import shard_limits
 from dq.roles.netpolicy import CallbackPolicy
 from dq.runtime.context import Context, Duty
-from dq.runtime.loops import Backoff, pause
+from dq.runtime.loops import DOWN_WAIT, Backoff, pause, shard_backoff
 from dq.runtime.resources import RoleResources, role_resources
 from dq.sharding.shards import Shard
 from dq.storage.store import FlowLimit, Store
@@ -26,9 +26,6 @@ log = logging.getLogger("dq.consumer")
 
 IDLE_MIN = 0.005
 IDLE_MAX = 0.05
-BACKOFF_MIN = 0.5
-BACKOFF_MAX = 5.0
-DOWN_WAIT = 0.25  # how often a claim loop looks again at a shard that is down
 HELD_LOOK = 1.0  # seconds between a claim loop's looks at which topics have held jobs
 
 
@@ -111,7 +108,7 @@ class Consumer(Delivery):
             await asyncio.gather(*self.writes, return_exceptions=True)
 
     async def _claim_loop(self, shard: Shard) -> None:
-        idle, backoff = Backoff(IDLE_MIN, IDLE_MAX), Backoff(BACKOFF_MIN, BACKOFF_MAX)
+        idle, backoff = Backoff(IDLE_MIN, IDLE_MAX), shard_backoff()
         weights = self.settings.priority_weights
         # A claim holds its slots until Redis answers: one on a shard that hangs must
         # leave slots to the other shards' loops (a loop with work claims again at once).

@@ -30,7 +30,7 @@ from dq.registry.core import Topic
 from dq.registry.topics import TopicCache
 from dq.roles.server.replies import Pending, _Many
 from dq.runtime.context import Context
-from dq.sharding.resp import ReplicasBehind, ShardRefused
+from dq.sharding.refusals import ReplicasBehind, ShardRefused
 from dq.sharding.shards import Shard
 from dq.storage.store import AddJob, Store
 from dq.wire.frames import OK_EMPTY, Frame, error_reply, ok_reply

@@ -22,7 +22,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from dq.errors import UNAVAILABLE, DqError
-from dq.sharding.resp import ReplicasBehind
+from dq.sharding.refusals import ReplicasBehind
 from dq.sharding.shards import Shard
 from dq.storage.store import AddJob, Store
 from dq.wire.frames import error_reply, many_reply
