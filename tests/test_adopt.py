@@ -96,7 +96,7 @@ def settings(two_shards: tuple[RedisProcess, RedisProcess], tmp_path: Path) -> S
     return Settings(redis=tuple(s.url for s in two_shards),
                     db=f"sqlite:///{tmp_path / 'dq.sqlite3'}", buckets=4, timers=1,
                     retry_unit=1.0, lease=5.0, timer_tick=0.2, grace=5.0,
-                    registry_refresh=0.2)
+                    registry_refresh=0.2, add_timeout=5.0)  # see tests/test_add_path.py
 
 
 async def test_original_jobs_adopted_once_by_racing_adopters_and_delivered(

@@ -26,7 +26,8 @@ from tests.support.roles import Roles
 def base_settings(urls: tuple[str, ...], tmp_path: Path) -> Settings:
     return Settings(redis=urls, db=f"sqlite:///{tmp_path / 'dq.sqlite3'}", buckets=4, timers=1,
                     concurrency=64, retry_unit=1.0, lease=5.0, timer_tick=0.2, grace=5.0,
-                    registry_refresh=0.2, max_attempts=5)
+                    registry_refresh=0.2, max_attempts=5,
+                    add_timeout=5.0)  # 0.4 s is for a shard with a core; tests/test_add_path.py
 
 
 @pytest.fixture

@@ -114,7 +114,8 @@ def settings(redis_server: RedisProcess, redis_factory: Callable[..., RedisProce
     extra = tuple(redis_factory().url for _ in range(getattr(request, "param", 1) - 1))
     return Settings(redis=(redis_server.url, *extra), db=f"sqlite:///{tmp_path / 'dq.sqlite3'}",
                     buckets=4, timers=1, concurrency=64, retry_unit=1.0, lease=10.0,
-                    timer_tick=0.2, grace=5.0, registry_refresh=0.2, max_attempts=5)
+                    timer_tick=0.2, grace=5.0, registry_refresh=0.2, max_attempts=5,
+                    add_timeout=5.0)  # 0.4 s is for a shard with a core; tests/test_add_path.py
 
 
 def first_then(first: Reply, then: Reply = (200, b'{"code":0}')) -> Callable[[Request], Reply]:
