@@ -37,7 +37,8 @@ from tests.support.chaos import Flaky, receiving, register
 from tests.support.masters import Master
 from tests.support.procs import free_port
 from tests.support.redisproc import RedisProcess
-from tests.support.sentinels import SERVICE, SentinelSetup, cmd, info
+from tests.support.sentinels import SERVICE, SentinelSetup, TlsSentinelSetup, cmd, info
+from tests.support.tls import make_certs
 
 
 @pytest.fixture
@@ -263,6 +264,45 @@ async def test_sentinel_graceful_failover_never_writes_to_the_demoted_master(
                      _async(lambda: cmd(old, "HEXISTS", "dq:jobs", "t:after") == 1), 60)
     finally:
         await store.shards.close()
+
+
+async def test_rediss_sentinel_finds_its_master_over_tls_and_follows_a_failover(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rediss+sentinel://: dq asks the sentinels over TLS, and talks to the master they name,
+    its TLS port (which answers nothing but TLS), over TLS; after a failover, to the new
+    one. The certificates are a throwaway CA's, trusted through SSL_CERT_FILE."""
+    tls = make_certs(tmp_path / "tls")
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls.ca))
+    setup = TlsSentinelSetup(tmp_path / "sentinel", tls)
+    try:
+        await asyncio.to_thread(setup.start)
+        store = await _store(setup.url)
+        shard = store.shards.shards[0]
+        try:
+            for i in range(20):
+                await store.add("t", f"b{i}", {"i": i}, delay_ms=600_000)
+            old = setup.master_port()
+            assert shard.conn.master == ("127.0.0.1", setup.tls_port(old))
+            assert cmd(old, "HLEN", "dq:jobs") == 20
+            cmd(setup.sentinels[0].port, "SENTINEL", "FAILOVER", SERVICE)
+            new = await asyncio.to_thread(setup.wait_failover, old, 60.0)
+            # (as in the graceful failover above: the old master takes writes until the
+            # sentinels have made it a replica)
+            await _until("the old master to be a replica",
+                         _async(lambda: info(old).get("role") == "slave"), 60)
+
+            async def stored() -> bool:
+                await store.add("t", "after", {}, delay_ms=600_000)
+                return True
+            await _until("an add over TLS after the failover", stored, 30)
+            assert shard.conn.master == ("127.0.0.1", setup.tls_port(new))
+            assert cmd(new, "HEXISTS", "dq:jobs", "t:after") == 1
+            for i in range(20):
+                assert (await store.get("t", f"b{i}") or {}).get("i") == i
+        finally:
+            await store.shards.close()
+    finally:
+        setup.stop()
 
 
 async def test_sentinel_switch_master_is_followed_before_any_write_fails(

@@ -12,8 +12,10 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.support.procs import cmd, free_port, start_redis, stop
+from tests.support.tls import TlsFiles
 
 SERVICE = "mymaster"
 
@@ -93,10 +95,10 @@ class SentinelSetup:
         return f"redis+sentinel://{hosts}/{SERVICE}"
 
     def start(self) -> SentinelSetup:
-        master = Proc(self.home, redis_args).start()
+        master = Proc(self.home, self._server_args).start()
         self.servers.append(master)
         for _ in range(self.n_replicas):
-            rep = Proc(self.home, lambda port: redis_args(port, replicaof=master.port))
+            rep = Proc(self.home, lambda port: self._server_args(port, self._link(master)))
             self.servers.append(rep.start())
         self._wait(lambda: all("state=online" in info(master.port).get(f"slave{i}", "")
                                for i in range(self.n_replicas)), "the replicas to connect")
@@ -115,11 +117,27 @@ class SentinelSetup:
         conf.write_text(
             f"port {port}\nbind 127.0.0.1\ndaemonize no\ndir {self.home}\n"
             f"loglevel warning\n"
-            f"sentinel monitor {SERVICE} 127.0.0.1 {self.servers[0].port} 2\n"
+            f"{self._sentinel_extra(port)}"
+            f"sentinel monitor {SERVICE} 127.0.0.1 {self._link(self.servers[0])} 2\n"
             f"sentinel down-after-milliseconds {SERVICE} {self.down_after_ms}\n"
             f"sentinel failover-timeout {SERVICE} {self.failover_timeout_ms}\n"
             f"sentinel parallel-syncs {SERVICE} 1\n")
         return [str(conf), "--sentinel"]
+
+    # What a TLS set-up (TlsSentinelSetup) does otherwise:
+    def _server_args(self, port: int, replicaof: int | None = None) -> list[str]:
+        return redis_args(port, replicaof=replicaof)
+
+    def _link(self, proc: Proc) -> int:
+        """The port replicas and sentinels reach `proc` on (and the sentinels name)."""
+        return proc.port
+
+    def _plain(self, port: int) -> int:
+        """The plain port of the server the sentinels name by `port`."""
+        return port
+
+    def _sentinel_extra(self, port: int) -> str:
+        return ""
 
     def _wait(self, pred: object, what: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -133,14 +151,14 @@ class SentinelSetup:
         raise RuntimeError(f"timed out waiting for {what}")
 
     def master_port(self) -> int:
-        """The master's port as the first sentinel that answers sees it."""
+        """The master's (plain) port as the first sentinel that answers sees it."""
         for s in self.sentinels:
             try:
                 reply = cmd(s.port, "SENTINEL", "get-master-addr-by-name", SERVICE)
             except OSError:
                 continue
             if isinstance(reply, list) and len(reply) == 2:
-                return int(reply[1])
+                return self._plain(int(reply[1]))
         raise RuntimeError("no sentinel names a master")
 
     def master(self) -> Proc:
@@ -156,3 +174,34 @@ class SentinelSetup:
     def stop(self) -> None:
         for p in [*self.sentinels, *self.servers]:
             p.stop()
+
+
+class TlsSentinelSetup(SentinelSetup):
+    """The same over TLS: servers and sentinels listen on a TLS port beside their plain one
+    (which this class's own checks use), replicate and link over TLS, and the sentinels name
+    the TLS ports; `url` is a rediss+sentinel:// URL of the sentinels' TLS ports."""
+
+    def __init__(self, home: Path, tls: TlsFiles, **kw: Any) -> None:
+        super().__init__(home, **kw)
+        self.tls = tls
+        self.tls_ports: dict[int, int] = {}  # plain port -> TLS port
+
+    def tls_port(self, port: int) -> int:
+        return self.tls_ports.setdefault(port, free_port())
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{self.tls_port(s.port)}" for s in self.sentinels)
+        return f"rediss+sentinel://{hosts}/{SERVICE}"
+
+    def _server_args(self, port: int, replicaof: int | None = None) -> list[str]:
+        return redis_args(port, replicaof=replicaof) + self.tls.server_args(self.tls_port(port))
+
+    def _link(self, proc: Proc) -> int:
+        return self.tls_port(proc.port)
+
+    def _plain(self, port: int) -> int:
+        return next(plain for plain, tls in self.tls_ports.items() if tls == port)
+
+    def _sentinel_extra(self, port: int) -> str:
+        return self.tls.conf_lines(self.tls_port(port))
