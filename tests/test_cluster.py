@@ -27,6 +27,7 @@ from tests.support.masters import Master
 from tests.support.receiver import Receiver, Reply, Request
 from tests.support.rediscluster import RedisCluster, cli
 from tests.support.redisproc import RedisProcess
+from tests.support.tls import make_certs
 
 pytestmark = pytest.mark.slow
 
@@ -176,6 +177,34 @@ async def test_jobs_are_stored_on_every_master_and_delivered(
             assert got is None or got.get("i") == 7
         finally:
             await client.close()
+
+
+async def test_rediss_cluster_stores_on_every_master_over_tls(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rediss+cluster://: the nodes listen for clients and for each other on TLS ports only
+    (the plain ports are this harness's), the cluster's map names those ports, and dq
+    follows it over TLS to every master. The CA is a throwaway one, trusted through
+    SSL_CERT_FILE."""
+    tls = make_certs(tmp_path / "tls")
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls.ca))
+    cluster = RedisCluster(tmp_path / "cluster", tls=tls)
+    try:
+        await asyncio.to_thread(cluster.start)
+        assert cluster.url.startswith("rediss+cluster://")
+        store = Store(ShardSet.from_urls([cluster.url], cluster_partitions=PARTITIONS))
+        try:
+            await asyncio.gather(*(store.add("cl", f"t{i}", {"i": i}, delay_ms=600_000)
+                                   for i in range(300)))
+            per_master = await asyncio.to_thread(keys_per_master, cluster)
+            assert len(per_master) == 3 and all(n > 0 for n in per_master.values()), \
+                per_master
+            for i in range(0, 300, 7):
+                info = await store.lookup("cl", f"t{i}")
+                assert info is not None and info.body["i"] == i
+        finally:
+            await store.shards.close()
+    finally:
+        cluster.stop()
 
 
 async def add_stream(client: AsyncDqClient, stop: asyncio.Event, acked: list[str],

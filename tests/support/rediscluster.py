@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from tests.support.procs import free_port, start_redis, stop
+from tests.support.tls import TlsFiles
 
 NODE_TIMEOUT_MS = 2000  # how long a silent master takes to be failed over (+ an election)
 
@@ -39,11 +40,21 @@ def node_port() -> int:
 
 
 class ClusterNode:
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, tls: TlsFiles | None = None) -> None:
         self.home = home
         self.port = node_port()
+        # with TLS: the port clients over TLS reach the node on (its bus port, +10000, is
+        # TLS too); `port` stays plain for this harness's own checks (Redis names each node
+        # by the plain port to a plain client, by the TLS port to a TLS client)
+        self.tls = tls
+        self.tls_port = node_port() if tls else 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = False
+
+    @property
+    def link(self) -> int:
+        """The port the cluster (and a client following its map) reaches the node on."""
+        return self.tls_port or self.port
 
     @property
     def dir(self) -> Path:
@@ -59,7 +70,9 @@ class ClusterNode:
              "yes", "--cluster-config-file", str(data / "nodes.conf"),
              "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--save", "",
              "--appendonly", "yes", "--dir", str(data), "--daemonize", "no",
-             "--loglevel", "warning"],
+             "--loglevel", "warning",
+             *([*self.tls.server_args(self.tls_port), "--tls-cluster", "yes"]
+               if self.tls else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def start(self) -> None:
@@ -94,17 +107,20 @@ class ClusterNode:
 class RedisCluster:
     """`redis-cli --cluster create` over 6 nodes with --cluster-replicas 1."""
 
-    def __init__(self, home: Path, nodes: int = 6) -> None:
-        self.nodes = [ClusterNode(home) for _ in range(nodes)]
+    def __init__(self, home: Path, nodes: int = 6, tls: TlsFiles | None = None) -> None:
+        self.tls = tls
+        self.nodes = [ClusterNode(home, tls) for _ in range(nodes)]
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:3])
+        scheme = "rediss+cluster" if self.tls else "redis+cluster"
+        return f"{scheme}://" + ",".join(f"127.0.0.1:{n.link}" for n in self.nodes[:3])
 
     def start(self) -> RedisCluster:
         for n in self.nodes:
             n.start()
-        cli("--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+        over = ["--tls", "--cacert", str(self.tls.ca)] if self.tls else []
+        cli(*over, "--cluster", "create", *(f"127.0.0.1:{n.link}" for n in self.nodes),
             "--cluster-replicas", "1", "--cluster-yes")
         self.wait_ok()
         return self
