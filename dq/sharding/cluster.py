@@ -151,11 +151,14 @@ class PartitionConnection:
         after add_timeout, as on a silent shard, and stores it elsewhere or answers
         unavailable, instead of waiting out SETTLE_FOR. The node is the one the commands
         waiting went to (the least recently heard of them): after a failover the slot's new
-        node answers, but not for what went to the old one."""
+        node answers, but not for what went to the old one. Both at once: the older (a
+        command held back while another still waits on the old, hung node: the answers to
+        the held ones must not hide that one's silence)."""
+        heard = [conn.heard for conn in self._sent]
         if self._held:
-            return self._held_heard
-        if self._sent:
-            return min(conn.heard for conn in self._sent)
+            heard.append(self._held_heard)
+        if heard:
+            return min(heard)
         conn = self._current()
         return 0.0 if conn is None else conn.heard
 
