@@ -22,6 +22,7 @@ from dq.sharding.resp import RespConnection
 log = logging.getLogger("dq.cluster")
 
 REFRESH_GAP = 0.2  # seconds between two CLUSTER SLOTS of one map (a storm asks once)
+SILENT = 0.25  # seconds a node owing replies may say nothing before a map refresh asks it last
 
 
 class ClusterMap:
@@ -80,6 +81,12 @@ class ClusterMap:
             fut.add_done_callback(self._refresh_done)
         await asyncio.shield(self._refreshing)
 
+    def _silent(self, addr: Addr) -> bool:
+        """Whether the node at `addr` owes replies and has sent none for SILENT seconds."""
+        conn = self.conns.get(addr)
+        return conn is not None and bool(conn.waiting) and \
+            time.monotonic() - conn.heard > SILENT
+
     def _refresh_done(self, fut: asyncio.Future[None]) -> None:
         self._refreshing = None
         self._refreshed = time.monotonic()
@@ -87,8 +94,11 @@ class ClusterMap:
             fut.exception()  # retrieved here; the awaiting callers see it too
 
     async def _refresh(self) -> None:
-        # Masters we know first (they see the newest map soonest), then the seeds.
-        candidates = list(dict.fromkeys([*sorted(self.masters), *self.conns, *self.cu.seeds]))
+        # Masters we know first (they see the newest map soonest), then the seeds; a node that
+        # owes replies and has said nothing for a while (a hung master, just failed over)
+        # last: asked first, it held every add waiting on this map past its deadline.
+        candidates = sorted(dict.fromkeys([*sorted(self.masters), *self.conns, *self.cu.seeds]),
+                            key=self._silent)
         why: list[str] = []
         for addr in candidates:
             try:
