@@ -19,6 +19,7 @@ import redis
 from dq.client import AsyncDqClient
 from dq.config import load_settings
 from dq.errors import UNAVAILABLE, ConfigError, DqError
+from dq.sharding.clustermap import SILENT, ClusterMap
 from dq.sharding.clusterurl import join_parts, key_slot, parse_url, partition_tags
 from dq.sharding.shards import ShardSet
 from dq.storage.store import Store
@@ -60,6 +61,24 @@ def test_cluster_urls_from_every_source_and_bad_ones_say_what_to_write(tmp_path:
     with pytest.raises(ConfigError) as err:
         load_settings({"redis": ["redis+cluster://:secret@h:x"]}, env={})
     assert "secret" not in str(err.value)
+
+
+def test_a_map_refresh_asks_a_silent_node_last() -> None:
+    """After a failover the old master, hung, is still among the masters the map knows:
+    asked first for the slot map, it held every add waiting on the map until it woke
+    (1.05-1.56 s). A node that owes replies and has said nothing for SILENT s goes last."""
+    cmap = ClusterMap(parse_url("redis+cluster://127.0.0.1:7001"), connect_timeout=1.0,
+                      command_timeout=5.0)
+    hung, busy, idle = ("127.0.0.1", 7000), ("127.0.0.1", 7002), ("127.0.0.1", 7003)
+    cmap.masters = {hung, busy, idle}
+    now = time.monotonic()
+    for addr, heard in ((hung, now - 2 * SILENT), (busy, now)):
+        conn = cmap.conn(addr)
+        conn.waiting.append(lambda *_: None)  # a reply it owes
+        conn.heard = heard
+    assert cmap.candidates() == [busy, idle, ("127.0.0.1", 7001), hung]
+    cmap.conn(hung).heard = now  # it answered again
+    assert cmap.candidates()[0] == hung
 
 
 def test_partition_tags_spread_over_the_slots() -> None:

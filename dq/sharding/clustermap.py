@@ -93,14 +93,17 @@ class ClusterMap:
         if not fut.cancelled():
             fut.exception()  # retrieved here; the awaiting callers see it too
 
+    def candidates(self) -> list[Addr]:
+        """The nodes a refresh asks for the map, in turn: masters we know first (they see the
+        newest map soonest), then the seeds; a node that owes replies and has said nothing
+        for a while (a hung master, just failed over) last: asked first, it held every add
+        waiting on this map past its deadline."""
+        return sorted(dict.fromkeys([*sorted(self.masters), *self.conns, *self.cu.seeds]),
+                      key=self._silent)
+
     async def _refresh(self) -> None:
-        # Masters we know first (they see the newest map soonest), then the seeds; a node that
-        # owes replies and has said nothing for a while (a hung master, just failed over)
-        # last: asked first, it held every add waiting on this map past its deadline.
-        candidates = sorted(dict.fromkeys([*sorted(self.masters), *self.conns, *self.cu.seeds]),
-                            key=self._silent)
         why: list[str] = []
-        for addr in candidates:
+        for addr in self.candidates():
             try:
                 async with asyncio.timeout(self.connect_timeout + 1.0):
                     reply = await self.conn(addr).call("CLUSTER", "SLOTS")
