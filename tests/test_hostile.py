@@ -137,7 +137,10 @@ async def dq(tmp_path: Path, redis_server: RedisProcess) -> AsyncIterator[Runnin
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, 20, 20)
-    running, ctx, task = await start_server(tmp_path, [redis_server.url], max_frame=MAX_FRAME)
+    # add_timeout 5 s: the canary measures the server's loop, and a shard that another test
+    # process starves for 0.4 s must not fail it (the add deadline: tests/test_add_path.py)
+    running, ctx, task = await start_server(tmp_path, [redis_server.url], max_frame=MAX_FRAME,
+                                            add_timeout=5.0)
     yield running
     assert not task.done(), "the server role ended by itself"
     ctx.stopping.set()
