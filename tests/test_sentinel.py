@@ -238,6 +238,21 @@ async def test_sentinel_shard_follows_its_master_across_a_kill_9_failover(
         await plain.shards.close()
 
 
+async def _graceful_failover(setup: SentinelSetup, store: Store, old: int) -> int:
+    """SENTINEL FAILOVER; once the old master is a replica (it takes writes until the
+    sentinels have made it one), an add "t:after" that succeeds. The new master's port."""
+    cmd(setup.sentinels[0].port, "SENTINEL", "FAILOVER", SERVICE)
+    new = await asyncio.to_thread(setup.wait_failover, old, 60.0)
+    await _until("the old master to be a replica",
+                 _async(lambda: info(old).get("role") == "slave"), 60)
+
+    async def stored() -> bool:
+        await store.add("t", "after", {}, delay_ms=600_000)
+        return True
+    await _until("an add after the failover", stored, 30)
+    return new
+
+
 async def test_sentinel_graceful_failover_never_writes_to_the_demoted_master(
         sentinel_setup: SentinelSetup) -> None:
     store = await _store(sentinel_setup.url)
@@ -247,15 +262,7 @@ async def test_sentinel_graceful_failover_never_writes_to_the_demoted_master(
         old = sentinel_setup.master_port()
         assert shard.conn.master == ("127.0.0.1", old)
         # the old master stays up and becomes a replica
-        cmd(sentinel_setup.sentinels[0].port, "SENTINEL", "FAILOVER", SERVICE)
-        new = await asyncio.to_thread(sentinel_setup.wait_failover, old, 60.0)
-        await _until("the old master to be a replica",
-                     _async(lambda: info(old).get("role") == "slave"), 60)
-
-        async def stored() -> bool:
-            await store.add("t", "after", {}, delay_ms=600_000)
-            return True
-        await _until("an add after the failover", stored, 30)
+        new = await _graceful_failover(sentinel_setup, store, old)
         assert shard.conn.master == ("127.0.0.1", new)
         assert await store.get("t", "before") is not None
         # the old master (a replica now) holds only what it replicated from the new one
@@ -284,17 +291,7 @@ async def test_rediss_sentinel_finds_its_master_over_tls_and_follows_a_failover(
             old = setup.master_port()
             assert shard.conn.master == ("127.0.0.1", setup.tls_port(old))
             assert cmd(old, "HLEN", "dq:jobs") == 20
-            cmd(setup.sentinels[0].port, "SENTINEL", "FAILOVER", SERVICE)
-            new = await asyncio.to_thread(setup.wait_failover, old, 60.0)
-            # (as in the graceful failover above: the old master takes writes until the
-            # sentinels have made it a replica)
-            await _until("the old master to be a replica",
-                         _async(lambda: info(old).get("role") == "slave"), 60)
-
-            async def stored() -> bool:
-                await store.add("t", "after", {}, delay_ms=600_000)
-                return True
-            await _until("an add over TLS after the failover", stored, 30)
+            new = await _graceful_failover(setup, store, old)
             assert shard.conn.master == ("127.0.0.1", setup.tls_port(new))
             assert cmd(new, "HEXISTS", "dq:jobs", "t:after") == 1
             for i in range(20):

@@ -45,28 +45,22 @@ def _codes(code: types.CodeType) -> Iterable[types.CodeType]:
 def reaches(funcs: Iterable[Any], targets: tuple[Any, ...]) -> bool:
     """Whether any of `funcs`, or a function of tests/ they name, names one of `targets`
     (global names and attributes of modules, e.g. asyncio.create_subprocess_exec)."""
-    todo = [getattr(f, "__wrapped__", f) for f in funcs]
-    seen: set[int] = set()
-    while todo:
-        fn = todo.pop()
-        code = getattr(fn, "__code__", None)
-        if code is None or id(code) in seen:
-            continue
-        seen.add(id(code))
-        env = getattr(fn, "__globals__", {})
-        for c in _codes(code):
-            for name in c.co_names:
-                obj = env.get(name, sys.modules.get(name))  # a global, or a local import
-                if obj is None:
-                    continue
-                if any(obj is t for t in targets):
-                    return True
-                if isinstance(obj, types.ModuleType):
-                    if any(getattr(obj, n, None) is t for n in c.co_names for t in targets):
-                        return True
-                elif isinstance(obj, types.FunctionType) and \
-                        obj.__module__.startswith("tests"):
-                    todo.append(obj)
+    return any(_names(fn, targets) for fn in reached(funcs))
+
+
+def _names(fn: Any, targets: tuple[Any, ...]) -> bool:
+    """Whether `fn`'s own code names one of `targets`."""
+    env = getattr(fn, "__globals__", {})
+    for c in _codes(fn.__code__):
+        for name in c.co_names:
+            obj = env.get(name, sys.modules.get(name))  # a global, or a local import
+            if obj is None:
+                continue
+            if any(obj is t for t in targets):
+                return True
+            if isinstance(obj, types.ModuleType) and \
+                    any(getattr(obj, n, None) is t for n in c.co_names for t in targets):
+                return True
     return False
 
 
