@@ -235,10 +235,12 @@ async def test_adds_are_answered_within_a_second_while_a_shard_hangs_and_fire_on
 class HoldingProxy:
     """A TCP proxy in front of a real redis-server that can hold back Redis's replies
     (`hold`) while passing commands on at once: a shard that ran a command in time but
-    whose answer comes late (a network that stalls one way)."""
+    whose answer comes late (a network that stalls one way). With `lag`, every reply is
+    passed on that many seconds after it came: a shard that answers, slowly."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, lag: float = 0.0) -> None:
         self.target_port = target_port
+        self.lag = lag
         self.port = 0
         self.held = asyncio.Event()
         self.held.set()  # set: replies flow
@@ -270,18 +272,32 @@ class HoldingProxy:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
 
+        lagged: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
                        gate: asyncio.Event | None) -> None:
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 while data := await src.read(65536):
+                    if gate is not None and self.lag:
+                        lagged.put_nowait((time.monotonic() + self.lag, data))
+                        continue
                     if gate is not None:
                         await gate.wait()
                     dst.write(data)
                     await dst.drain()
             dst.close()
 
+        async def pass_lagged() -> None:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                while True:
+                    at, data = await lagged.get()
+                    await asyncio.sleep(at - time.monotonic())
+                    writer.write(data)
+                    await writer.drain()
+
         for t in (asyncio.create_task(pump(reader, up_w, None)),
-                  asyncio.create_task(pump(up_r, writer, self.held))):
+                  asyncio.create_task(pump(up_r, writer, self.held)),
+                  asyncio.create_task(pass_lagged())):
             self._tasks.add(t)
 
 
@@ -316,6 +332,69 @@ async def test_an_add_stored_in_time_but_answered_late_leaves_no_second_copy(
         finally:
             await direct_a.aclose()
             await store.shards.close()
+
+
+async def _keep_talking(store: Store, shard_index: int, stop: asyncio.Event) -> None:
+    """PING the shard on its connection every 50 ms: its replies keep coming (it is not
+    silent), each one `lag` late."""
+    shard = store.shards.shards[shard_index]
+    calls: set[asyncio.Task[Any]] = set()
+    while not stop.is_set():
+        task = asyncio.ensure_future(shard.call("PING"))
+        calls.add(task)
+        task.add_done_callback(calls.discard)
+        await asyncio.sleep(0.05)
+    await asyncio.gather(*calls, return_exceptions=True)
+
+
+async def test_a_shard_that_answers_too_slowly_for_the_deadline_is_passed_over_in_time(
+        redis_factory: Any) -> None:
+    """A shard whose every answer comes 1.5 s late but keeps coming (not silent: the
+    fence waits for a slow shard, not a silent one) still cannot hold an add past its
+    budget, add_timeout plus ADD_SPARE: the add goes to the next shard within it, and
+    the copy the slow shard wrote in time is removed when its answer comes. With no
+    other shard, the add is answered "unavailable" within it too. (Before, the add
+    waited for the slow answer, 1.5 s.)"""
+    from dq.errors import DqError
+    from dq.storage.fence import ADD_SPARE
+
+    a, b = redis_factory(), redis_factory()
+    async with HoldingProxy(a.port) as proxy:
+        store = Store(ShardSet.from_urls([proxy.url, b.url]), buckets=4, add_timeout=0.3)
+        lone = Store(ShardSet.from_urls([proxy.url]), buckets=4, add_timeout=0.3)
+        direct_a = aioredis.Redis.from_url(a.url)
+        stop = asyncio.Event()
+        talk: list[asyncio.Task[None]] = []
+        try:
+            sa, sb = store.shards.shards
+            job = next(f"j{i}" for i in range(100) if store.shards.owner(f"t:j{i}") is sa)
+            await store.shards.load_scripts()
+            await lone.shards.load_scripts()
+            proxy.lag = 1.5
+            talk = [asyncio.create_task(_keep_talking(s, 0, stop)) for s in (store, lone)]
+            await asyncio.sleep(1.7)  # the lagged PINGs' answers are coming in now
+            t0 = time.monotonic()
+            res = await store.add("t", job, {"x": 1}, delay_ms=60_000)
+            took = time.monotonic() - t0
+            assert res.shard == sb.name, res
+            assert took < 0.3 + ADD_SPARE + 0.5, took  # budget 0.38 s; the answer: 1.5 s
+            assert await direct_a.hexists("dq:jobs", f"t:{job}")  # A ran it, in time
+            # its answer comes 1.5 s late: the copy on A goes then
+            assert await until(lambda: store.fence.undone == 1, 10, "the late copy undone")
+            assert not await direct_a.hexists("dq:jobs", f"t:{job}")
+            t0 = time.monotonic()
+            with pytest.raises(DqError, match=r"add_timeout") as info:
+                await lone.add("t", "alone", {"x": 2}, delay_ms=60_000)
+            took = time.monotonic() - t0
+            assert info.value.err == "unavailable"
+            assert took < 0.3 + ADD_SPARE + 0.5, took
+        finally:
+            stop.set()
+            await asyncio.gather(*talk, return_exceptions=True)
+            await direct_a.aclose()
+            for s in (store, lone):
+                await s.fence.close()
+                await s.shards.close()
 
 
 async def test_a_replacing_add_answered_late_with_no_copy_elsewhere_keeps_the_job(

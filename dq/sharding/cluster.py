@@ -196,6 +196,13 @@ class PartitionConnection:
         conn = self._current()
         return "" if conn is None else conn.deadline(seconds)
 
+    def silent(self) -> None:
+        """An add found the partition silent for add_timeout: read the slot map again (the
+        silent node asked last). A failover may have given the slot to a replica, and
+        nothing else would say so while the old node hangs: its MOVED comes when it wakes,
+        and until then every add sent there waits out add_timeout."""
+        self._refresh_soon()
+
     def unread(self) -> bool:
         conns = list(self._sent) or [c for c in (self._current(),) if c is not None]
         return any(conn.unread() for conn in conns)

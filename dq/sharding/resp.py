@@ -158,6 +158,11 @@ class RespConnection:
             self.clock_ms = int(reply[0]) * 1000 + int(reply[1]) / 1000 - now * 1000
             self._clock_at = now
 
+    def silent(self) -> None:
+        """An add found this connection silent for add_timeout (dq/storage/fence.py). A
+        plain shard has nothing to learn from that; a Sentinel shard hears of a failover
+        from the sentinels (+switch-master)."""
+
     def unread(self) -> bool:
         """Whether the socket holds bytes this side has not read yet (or has reached its
         end): the shard answered, and only this process's busy loop is behind."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from redis.exceptions import NoScriptError
 from dq.errors import DqError
 from dq.sharding.refusals import ReplicasBehind
 from dq.sharding.shards import Shard
+from dq.storage.fence import GivenUp
 from dq.storage.scripts import SCRIPTS
 from dq.storage.stats import MINUTE_TTL
 
@@ -140,9 +142,10 @@ class Batcher:
                 except Exception:
                     log.exception("an after_settle hook failed")
 
-    async def call(self, script: str, shard: Shard, part: Part) -> Any:
+    async def call(self, script: str, shard: Shard, part: Part, end: float = math.inf) -> Any:
         """One job's call of a batched script, sharing the loop turn's call when the
-        shard's connection is up; otherwise (or when that fails) on its own."""
+        shard's connection is up; otherwise (or when that fails) on its own (an add by `end`,
+        its budget: dq/storage/fence.py)."""
         if shard.conn.connected and not shard.open_until:
             fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             self.queue(script, shard, part, _to_future(fut))
@@ -150,10 +153,12 @@ class Batcher:
                 return await fut
             except ReplicasBehind:
                 raise  # done on the master: doing it again alone would wait once more
+            except GivenUp:
+                raise  # silent or too slow for this add: the caller tries the next shard
             except (NoScriptError, DqError):
                 pass  # Shard.evalsha below reloads scripts, reconnects, marks health
         if script == "add":
-            return await self.store.add_once(shard, part)
+            return await self.store.add_once(shard, part, end)
         return await shard.evalsha(self.args(script, [part]))
 
     def evict(self, shard: Shard, part: Part) -> None:

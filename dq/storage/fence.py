@@ -24,6 +24,13 @@ things keep that late run from leaving a second live copy of the job:
   a call whose connection was dropped before it answered is treated the same as soon as
   the shard answers again (for up to UNDO_FOR seconds).
 
+The whole add has a budget too (`Fence.budget_end`): add_timeout plus ADD_SPARE from when the
+server read it. A shard that answers, but too slowly to meet it (one that wakes from a
+stall and works through its backlog, or answers MOVED after its failover) is waited for
+SLOW_SPARE past the timeout at most; a second try, on the same shard or the next, gets
+what is left of the budget, and none when it is spent: the client is told "unavailable"
+within about add_timeout + ADD_SPARE (0.48 s by default), never after a chain of waits.
+
 What stays: in that last case, both copies exist until the removal (a round trip), and a
 shard that ran an add in time, then stayed silent past UNDO_FOR (or a server process killed
 meanwhile) keeps that copy; the guest mover (dq/storage/guests.py) keeps the later of the two
@@ -35,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -56,6 +64,14 @@ UNDO_FOR = 600.0  # seconds a late add's copies are waited for, to be removed
 UNDO_RETRY = 1.0  # seconds between tries while the shard does not answer
 LATE_TRIES = 3  # an add the shard refused as late is sent again this many times in all
 RECHECK = 0.02  # seconds to look again at a shard not yet known to be silent
+SLOW_SPARE = 0.04  # seconds past the timeout a shard that answers, slowly, is waited for
+ADD_SPARE = 0.08  # seconds past the timeout in which a whole add (and its retries) is answered
+
+
+class GivenUp(DqError):
+    """An add given up on its shard ("unavailable"): silent, too slow, or it ran the add
+    after its deadline. The add is not tried on that shard again; the next one may take
+    it, within what is left of the add's budget."""
 
 
 @dataclass(eq=False)
@@ -86,27 +102,38 @@ class Fence:
     _given_up: dict[str, float] = field(default_factory=dict)  # shard -> monotonic
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
+    def budget_end(self, t0: float) -> float:
+        """When an add the server read at `t0` (monotonic) must have its answer, retries
+        included (inf without an add_timeout)."""
+        return t0 + self.timeout + ADD_SPARE if self.timeout else math.inf
+
     def _why(self) -> str:
         return f"did not answer an add within add_timeout ({self.timeout:g} s)"
 
-    def _silence_left(self, shard: Shard, since: float) -> float:
-        """Seconds until `shard` counts as silent: connected, nothing heard on its
-        connection for the timeout (since `since` or its last reply, whichever is later)
-        and nothing waiting in its socket unread; <= 0: it does. A shard that answers
-        slowly (replies keep coming), a connection still being made (its own timeout
-        bounds it) and a loop too busy to read what came are waited for."""
-        left = max(shard.conn.heard, since) + self.timeout - time.monotonic()
-        if left <= 0 and (not shard.conn.connected or shard.conn.unread()):
+    def _wait_left(self, shard: Shard, since: float, end: float = math.inf) -> float:
+        """Seconds a call sent at `since` is still waited for; <= 0: give it up. It is
+        given up when `shard` is silent (connected, nothing heard on its connection for the
+        timeout since `since` or its last reply, whichever is later), when it answers but
+        too slowly (SLOW_SPARE past the timeout), or at `end` (the add's budget); never
+        while an answer waits in the socket unread (a loop too busy to read what came).
+        A connection still being made is waited for until `end` (its own timeout bounds
+        it)."""
+        now = time.monotonic()
+        silent = max(shard.conn.heard, since) + self.timeout - now
+        left = min(silent, since + self.timeout + SLOW_SPARE - now, end - now)
+        if left <= 0 and (shard.conn.unread() or (
+                not shard.conn.connected and silent <= 0 and end > now)):
             return RECHECK
         return left
 
-    def _give_up(self, shard: Shard) -> DqError:
+    def _give_up(self, shard: Shard) -> GivenUp:
         """The shard is silent: pass it over for a while when another shard can take its
         adds (with none, it is still tried: a stall may end)."""
         self._given_up[shard.name] = time.monotonic()
+        shard.conn.silent()  # a cluster partition reads its slot map again
         if any(s.up for s in self.store.shards.shards if s is not shard):
             shard.suspect(self._why())
-        return DqError(UNAVAILABLE, f"redis shard {shard.label} {self._why()}; retry shortly")
+        return GivenUp(UNAVAILABLE, f"redis shard {shard.label} {self._why()}; retry shortly")
 
     def _deadline(self, shard: Shard) -> str:
         # The earliest this process may give up on the call: the shard must have been
@@ -132,7 +159,7 @@ class Fence:
             return
         batch.answered = True
         if _late_error(exc):
-            exc = DqError(UNAVAILABLE, f"redis shard {batch.shard.label} ran an add after "
+            exc = GivenUp(UNAVAILABLE, f"redis shard {batch.shard.label} ran an add after "
                           "its deadline and refused it; retry shortly")
         self.store.batch.settle(batch.done, 2, res, exc)
 
@@ -140,7 +167,7 @@ class Fence:
         if batch.answered:
             return
         loop = batch.shard.conn.loop or asyncio.get_running_loop()
-        left = self._silence_left(batch.shard, batch.sent)
+        left = self._wait_left(batch.shard, batch.sent)
         if left > 0:  # it answers, slowly: wait on
             batch.timer = loop.call_later(left, self._overdue, batch, False)
             return
@@ -153,27 +180,33 @@ class Fence:
         batch.given_up = True
         self.store.batch.settle(batch.done, 2, None, self._give_up(batch.shard))
 
-    async def add_once(self, shard: Shard, job: AddJob) -> Any:
+    async def add_once(self, shard: Shard, job: AddJob, end: float = math.inf) -> Any:
         """One add on `shard` on its own (not batched): its reply values, or DqError
         "unavailable" when the shard fails, is passed over, is still silent since an add
-        was given up there, or is silent for the timeout now."""
+        was given up there, is silent for the timeout now, or the add's budget runs out
+        (`end`, monotonic: see budget_end)."""
         if not self.timeout:
             return await shard.evalsha(self.store.batch.add_args([job]))
         if shard.conn.heard < self._given_up.get(shard.name, 0.0):
-            raise DqError(UNAVAILABLE, f"redis shard {shard.label} {self._why()}; retry "
+            raise GivenUp(UNAVAILABLE, f"redis shard {shard.label} {self._why()}; retry "
                           "shortly")
+        if end <= time.monotonic():
+            raise self._spent(shard)
 
         async def attempt() -> Any:
             if not shard.conn.connected and isinstance(shard.conn, RespConnection):
                 await shard.connect()  # compares the clocks: the deadline needs them
-            return await shard.evalsha(self.store.batch.add_args([job], self._deadline(shard)))
+            # run by the shard no later than the add may wait for it
+            ahead = min(self.timeout, end - time.monotonic())
+            return await shard.evalsha(self.store.batch.add_args(
+                [job], shard.conn.deadline(max(ahead, 0.0))))
 
         start = time.monotonic()
         task = asyncio.ensure_future(attempt())
         tries = 1
         try:
             while True:
-                left = self._silence_left(shard, start)
+                left = self._wait_left(shard, start, end)
                 if left <= 0:
                     break
                 done, _ = await asyncio.wait({task}, timeout=left)
@@ -184,7 +217,7 @@ class Fence:
                         if not _late_error(exc):
                             raise
                         if tries >= LATE_TRIES:
-                            raise DqError(UNAVAILABLE, f"redis shard {shard.label} ran an add "
+                            raise GivenUp(UNAVAILABLE, f"redis shard {shard.label} ran an add "
                                           "after its deadline and refused it; retry shortly"
                                           ) from None
                     # Run late, so not written: a slow shard, or a busy loop that sent it
@@ -195,7 +228,16 @@ class Fence:
             task.add_done_callback(functools.partial(self._late_task, shard, [job]))
             raise
         task.add_done_callback(functools.partial(self._late_task, shard, [job]))
+        if time.monotonic() >= end:
+            raise self._spent(shard)
         raise self._give_up(shard)
+
+    def _spent(self, shard: Shard) -> GivenUp:
+        """The add's budget ran out (its first shard was given up on, or answered too
+        slowly): "unavailable", without passing `shard` over for it."""
+        return GivenUp(UNAVAILABLE, f"an add was not stored within add_timeout "
+                       f"({self.timeout:g} s) and its retry on redis shard {shard.label} ran "
+                       "out of time; retry shortly")
 
     def _late_task(self, shard: Shard, parts: list[AddJob], task: asyncio.Future[Any]) -> None:
         if task.cancelled():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from dq.storage import alerts, payload
 from dq.storage.alerts import Alerts
 from dq.storage.batch import ADD_BATCH, AddDone, AddJob, Batcher, Done, Part
 from dq.storage.clock import Clock
-from dq.storage.fence import Fence
+from dq.storage.fence import Fence, GivenUp
 from dq.storage.jobs import AddResult, Claimed, FlowLimit, JobInfo, JobState, make_tid, split_tid
 from dq.storage.keys import Keys
 from dq.storage.maintenance import Maintenance
@@ -37,7 +38,7 @@ from dq.storage.stats import MINUTE_TTL, Stats, observe
 
 # Names callers take from here (the job types are dq/storage/jobs.py's).
 __all__ = ["ADD_BATCH", "AddDone", "AddJob", "AddResult", "Claimed", "Done", "FlowLimit",
-           "JobInfo", "JobState", "Part", "Store", "make_tid", "split_tid"]
+           "GivenUp", "JobInfo", "JobState", "Part", "Store", "make_tid", "split_tid"]
 
 # After this process writes a guest to a shard, its adds evict older copies there for this
 # long (ms) even before the checker's record says the shard holds guests.
@@ -101,10 +102,10 @@ class Store:
                        (tid, text, "" if due_ms is None else due_ms, delay_ms or 0,
                         0 if owned else 1))
 
-    async def add_once(self, shard: Shard, job: AddJob) -> Any:
-        """One add on `shard` on its own, within add_timeout (dq/storage/fence.py): its reply
-        values, or DqError "unavailable"."""
-        return await self.fence.add_once(shard, job)
+    async def add_once(self, shard: Shard, job: AddJob, end: float = math.inf) -> Any:
+        """One add on `shard` on its own, within add_timeout and by `end` (monotonic; the
+        add's budget, dq/storage/fence.py): its reply values, or DqError "unavailable"."""
+        return await self.fence.add_once(shard, job, end)
 
     def add_nowait(self, shard: Shard, job: AddJob, done: AddDone) -> None:
         """Queue an add; `done` gets (replaced 0|1, due ms). See `Batcher.queue`."""
@@ -114,11 +115,12 @@ class Store:
                   due_ms: int | None = None, delay_ms: int | None = None) -> AddResult:
         """Store or replace a job; it falls due at due_ms, else delay_ms from now. When the
         chosen shard is unavailable, the add is tried once more on the next healthy one."""
+        end = self.fence.budget_end(time.monotonic())
         shard, job = self.add_job(topic, job_id, body, priority=priority, due_ms=due_ms,
                                   delay_ms=delay_ms)
         try:
             try:
-                res = await self.batch.call("add", shard, job)
+                res = await self.batch.call("add", shard, job, end)
             except DqError as exc:
                 if exc.err != UNAVAILABLE or isinstance(exc, ShardRefused):
                     raise
@@ -128,7 +130,7 @@ class Store:
                                           exclude=(failed.name,))
                 if shard is failed:
                     raise
-                res = await self.add_once(shard, job)
+                res = await self.add_once(shard, job, end)
         except ShardRefused as exc:
             raise exc.for_add() from None
         return AddResult(replaced=bool(res[0]), due_ms=int(res[1]), shard=shard.name)

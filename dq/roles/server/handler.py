@@ -32,7 +32,7 @@ from dq.roles.server.replies import Pending, _Many
 from dq.runtime.context import Context
 from dq.sharding.refusals import ReplicasBehind, ShardRefused
 from dq.sharding.shards import Shard
-from dq.storage.store import AddJob, Store
+from dq.storage.store import AddJob, GivenUp, Store
 from dq.wire.frames import OK_EMPTY, Frame, error_reply, ok_reply
 from dq.wire.requests import (
     AddRequest,
@@ -114,7 +114,7 @@ class Handler:
                 reply.set(error_reply(self._behind(req, shard, t0, exc)))
                 return
             # scripts not loaded yet, or an error: the ordinary path retries or explains
-            slow = Pending.of(self._add_slow(shard, job, req, t0))
+            slow = Pending.of(self._add_slow(shard, job, req, t0, exc))
             slow.on_set = lambda: reply.set(slow.data or b"")
 
         self.store.add_nowait(shard, job, done)
@@ -150,7 +150,7 @@ class Handler:
             if shard.conn.connected:
                 add_nowait(shard, job, functools.partial(many.stored, i))
             else:
-                self._many_slow(many, i)
+                self._many_slow(many, i, None)
         return many.reply if many.reply.data is None else many.reply.data
 
     def _behind(self, req: AddRequest, shard: Shard, t0: float,
@@ -163,8 +163,9 @@ class Handler:
         log_request("add", req.topic, req.id, error.err, t0, shard.label, error.msg)
         return error
 
-    def _many_slow(self, many: _Many, i: int) -> None:
-        """A job of an add_many frame the batch could not store, tried once more alone."""
+    def _many_slow(self, many: _Many, i: int, exc: BaseException | None) -> None:
+        """A job of an add_many frame the batch could not store (`exc`), tried once more
+        alone."""
         sent = many.sent[i]
         assert sent is not None
         req, shard, job = sent
@@ -174,7 +175,8 @@ class Handler:
             many.set(i, DqError(UNAVAILABLE, "the server is stopping; retry on another dq "
                                 "server") if task.cancelled() else task.result())
 
-        asyncio.ensure_future(self._add_retry(shard, job, req, many.t0)).add_done_callback(done)
+        asyncio.ensure_future(self._add_retry(shard, job, req, many.t0, exc)
+                              ).add_done_callback(done)
 
     def _many_stored(self, many: _Many) -> None:
         """Count (and log) an add_many frame's jobs its batches stored, once they all have
@@ -186,28 +188,36 @@ class Handler:
             for req, shard, _ in added:
                 log_request("add", req.topic, req.id, "ok", many.t0, shard.label)
 
-    async def _add_slow(self, shard: Shard, job: AddJob, req: AddRequest, t0: float) -> bytes:
-        error = await self._add_retry(shard, job, req, t0)
+    async def _add_slow(self, shard: Shard, job: AddJob, req: AddRequest, t0: float,
+                        failed: BaseException | None = None) -> bytes:
+        error = await self._add_retry(shard, job, req, t0, failed)
         return OK_EMPTY if error is None else error_reply(error)
 
-    async def _add_retry(self, shard: Shard, job: AddJob, req: AddRequest,
-                         t0: float) -> DqError | None:
-        """An add the batch could not store (scripts not loaded, an error, a shard down),
-        tried once more on its own: None when stored, else the error for its client."""
+    async def _add_retry(self, shard: Shard, job: AddJob, req: AddRequest, t0: float,
+                         failed: BaseException | None = None) -> DqError | None:
+        """An add the batch could not store (`failed`: scripts not loaded, an error, a
+        shard down), tried once more on its own: None when stored, else the error for its
+        client. An add given up on its shard (GivenUp: silent or too slow) goes to the
+        next shard at once. The tries share the add's budget (Fence.budget_end) from `t0`."""
+        end = self.store.fence.budget_end(t0)
         try:
-            try:
-                await self.store.add_once(shard, job)
-            except DqError as exc:
-                if exc.err != UNAVAILABLE or isinstance(exc, ShardRefused):
-                    raise
+            error: DqError | None = failed if isinstance(failed, GivenUp) else None
+            if error is None:
+                try:
+                    await self.store.add_once(shard, job, end)
+                except DqError as exc:
+                    if exc.err != UNAVAILABLE or isinstance(exc, ShardRefused):
+                        raise
+                    error = exc
+            if error is not None:
                 # Its shard is down (and maybe not yet known to be): write to the next
                 # healthy shard in the tid's order instead, once; get/del look there too.
-                failed = shard
-                shard, job = self._add_job(req, exclude=(failed.name,))
-                if shard is failed:
-                    raise
+                owner = shard
+                shard, job = self._add_job(req, exclude=(owner.name,))
+                if shard is owner:
+                    raise error
                 self.stats["failover"] += 1
-                await self.store.add_once(shard, job)
+                await self.store.add_once(shard, job, end)
         except DqError as exc:
             if isinstance(exc, ShardRefused):
                 exc = exc.for_add()  # logged once per shard every few seconds by dq.sharding.resp

@@ -91,7 +91,7 @@ class _Many:
             assert sent is not None
             self.set(i, self.handler._behind(sent[0], sent[1], self.t0, exc))
         elif exc is not None:
-            self.handler._many_slow(self, i)
+            self.handler._many_slow(self, i, exc)
         else:
             self.set(i, None)
 
