@@ -159,8 +159,7 @@ class Fence:
             return
         batch.answered = True
         if _late_error(exc):
-            exc = GivenUp(UNAVAILABLE, f"redis shard {batch.shard.label} ran an add after "
-                          "its deadline and refused it; retry shortly")
+            exc = self._ran_late(batch.shard)
         self.store.batch.settle(batch.done, 2, res, exc)
 
     def _overdue(self, batch: _Batch, again: bool) -> None:
@@ -189,9 +188,14 @@ class Fence:
             return await shard.evalsha(self.store.batch.add_args([job]))
         if shard.conn.heard < self._given_up.get(shard.name, 0.0):
             raise GivenUp(UNAVAILABLE, f"redis shard {shard.label} {self._why()}; retry "
-                          "shortly")
+                          "shortly")  # still silent since an add was given up there
         if end <= time.monotonic():
             raise self._spent(shard)
+        return await self._attempts(shard, job, end)
+
+    async def _attempts(self, shard: Shard, job: AddJob, end: float) -> Any:
+        """add_once's tries: again with a new deadline while the shard refuses one as
+        run late (up to LATE_TRIES), until it is silent or too slow, or `end`."""
 
         async def attempt() -> Any:
             if not shard.conn.connected and isinstance(shard.conn, RespConnection):
@@ -217,9 +221,7 @@ class Fence:
                         if not _late_error(exc):
                             raise
                         if tries >= LATE_TRIES:
-                            raise GivenUp(UNAVAILABLE, f"redis shard {shard.label} ran an add "
-                                          "after its deadline and refused it; retry shortly"
-                                          ) from None
+                            raise self._ran_late(shard) from None
                     # Run late, so not written: a slow shard, or a busy loop that sent it
                     # late (or after reloading the scripts). Again, with a new deadline.
                     tries += 1
@@ -231,6 +233,11 @@ class Fence:
         if time.monotonic() >= end:
             raise self._spent(shard)
         raise self._give_up(shard)
+
+    @staticmethod
+    def _ran_late(shard: Shard) -> GivenUp:
+        return GivenUp(UNAVAILABLE, f"redis shard {shard.label} ran an add after its deadline "
+                       "and refused it; retry shortly")
 
     def _spent(self, shard: Shard) -> GivenUp:
         """The add's budget ran out (its first shard was given up on, or answered too
