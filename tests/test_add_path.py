@@ -471,3 +471,33 @@ async def test_a_lone_shard_that_hangs_gets_unavailable_within_a_second(
         client.close()
     finally:
         await stop(running, ctx, task)
+
+
+async def test_a_batch_on_a_partition_whose_slot_moved_is_given_up_at_its_cap() -> None:
+    """A batch of adds went out to a cluster partition's node, which hangs; meanwhile the
+    slot map has moved the slot to a node not yet connected to. The batch is given up at
+    add_timeout + SLOW_SPARE all the same (before, "a connection still being made" kept
+    it waiting until one was: 1.5-1.7 s seen during a failover), and the partition's
+    slot map is read again."""
+    from dq.errors import UNAVAILABLE
+    from dq.sharding.cluster import PartitionConnection
+    from dq.storage.fence import SLOW_SPARE, GivenUp, _Batch
+
+    store = Store(ShardSet.from_urls(["redis+cluster://127.0.0.1:1"], cluster_partitions=4),
+                  buckets=4, add_timeout=0.4)
+    try:
+        shard = store.shards.shards[0]
+        assert not shard.conn.connected  # its slot's node: none yet
+        told: list[BaseException | None] = []
+        sent = time.monotonic() - 0.4 - SLOW_SPARE - 0.01  # sent, then nothing heard
+        batch = _Batch(shard, [], [lambda _res, exc: told.append(exc)], sent)
+        store.fence._overdue(batch, True)
+        assert batch.given_up
+        assert len(told) == 1 and isinstance(told[0], GivenUp), told
+        assert told[0].err == UNAVAILABLE
+        conn = shard.conn
+        assert isinstance(conn, PartitionConnection)
+        assert conn._tasks, "the slot map is not being read again"
+    finally:
+        await store.fence.close()
+        await store.shards.close()

@@ -110,7 +110,7 @@ class Fence:
     def _why(self) -> str:
         return f"did not answer an add within add_timeout ({self.timeout:g} s)"
 
-    def _wait_left(self, shard: Shard, since: float, end: float = math.inf) -> float:
+    def _wait_left(self, shard: Shard, since: float, end: float) -> float:
         """Seconds a call sent at `since` is still waited for; <= 0: give it up. It is
         given up when `shard` is silent (connected, nothing heard on its connection for the
         timeout since `since` or its last reply, whichever is later), when it answers but
@@ -166,7 +166,11 @@ class Fence:
         if batch.answered:
             return
         loop = batch.shard.conn.loop or asyncio.get_running_loop()
-        left = self._wait_left(batch.shard, batch.sent)
+        # A batch went out on a live connection: none is being made for it. (A cluster
+        # partition's current connection may be another node's, not yet opened, once its
+        # map has moved the slot: the batch is not waited for on that account.)
+        left = self._wait_left(batch.shard, batch.sent,
+                               batch.sent + self.timeout + SLOW_SPARE)
         if left > 0:  # it answers, slowly: wait on
             batch.timer = loop.call_later(left, self._overdue, batch, False)
             return
