@@ -16,6 +16,7 @@ from dq.config import Settings
 from dq.registry.core import Registry, Topic
 from dq.runtime.context import open_store
 from dq.storage.store import Store
+from tests.support import lanes
 from tests.support.kinds import kind, needs_own_redis
 from tests.support.paths import REPO
 from tests.support.procs import free_port
@@ -25,10 +26,11 @@ from tests.support.roles import Mailbox, Roles
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """`-n auto`: 2 workers a core, at least 4: the system tests' lanes (a worker a core)
-    and as many beside them for the rest. The suite is bound by CPU on 2 cores (some 1,000
-    s of it: every system test starts processes), so more workers only starved the lanes."""
-    return max(4, 2 * (os.cpu_count() or 1))
+    """`-n auto`: the system tests' lanes (2 a core) and a worker a core beside them for
+    the rest, at least 4 in all. On 2 cores (6 workers) the suite took 5:39 with 2 lanes,
+    4:30 with 3 and 4:16 with 4 (before the lanes were dealt by time): a system test
+    mostly waits (for a failover, a reload, a child to boot), so 4 at once fit."""
+    return max(4, system_lanes() + (os.cpu_count() or 1))
 
 
 _KINDS = ("system", "integration", "unit")
@@ -44,8 +46,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def system_lanes() -> int:
-    """How many system tests run at once under xdist: one a core (DQ_TEST_SYSTEM_LANES)."""
-    return max(1, int(os.environ.get("DQ_TEST_SYSTEM_LANES", "0")) or (os.cpu_count() or 1))
+    """How many system tests run at once under xdist: two a core (DQ_TEST_SYSTEM_LANES)."""
+    return max(1, int(os.environ.get("DQ_TEST_SYSTEM_LANES", "0"))
+               or 2 * (os.cpu_count() or 1))
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's worker names each test by its group
@@ -56,7 +59,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
     The system tests, and those marked `timing` (they measure the server's loop with a
     canary), are dealt into `system_lanes()` xdist groups (pyproject's `--dist=loadgroup`
-    runs each group on one worker, in turn) and go first: the other workers take the rest.
+    runs each group on one worker, in turn), longest first to the lane with the least time
+    so far (tests/support/lanes.py), and go first: the other workers take the rest.
     Each system test starts several processes (a dq-master and its children, Redis nodes, a
     browser): run as they came, six at once on two cores, they starved each other into
     timeouts, a different test each run."""
@@ -75,9 +79,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.own_redis)
     laned = [item for item in items
              if kinds[item.nodeid] == "system" or item.get_closest_marker("timing")]
-    lanes = system_lanes()
-    for k, item in enumerate(laned):
-        item.add_marker(pytest.mark.xdist_group(f"system-{k % lanes}"))
+    dealt = lanes.deal([item.nodeid for item in laned], system_lanes(), lanes.load())
+    for item in laned:
+        item.add_marker(pytest.mark.xdist_group(f"system-{dealt[item.nodeid]}"))
     ids = {item.nodeid for item in laned}
     items[:] = laned + [item for item in items if item.nodeid not in ids]
 
