@@ -30,6 +30,7 @@ from tests.support.receiver import Receiver, Reply, Request
 from tests.support.rediscluster import RedisCluster, cli
 from tests.support.redisproc import RedisProcess
 from tests.support.tls import make_certs
+from tests.support.waits import until
 
 pytestmark = pytest.mark.slow
 
@@ -251,7 +252,7 @@ async def test_a_reshard_under_load_loses_nothing(
         stop, acked = asyncio.Event(), []
         stream = asyncio.create_task(add_stream(client, stop, acked, "r"))
         try:
-            await asyncio.sleep(2)
+            await until(lambda: len(acked) >= 300, 30, "adds flowing")
             masters = await asyncio.to_thread(redis_cluster.masters)
             src, dst = masters[0], masters[1]
             before = await asyncio.to_thread(partitions_per_master, redis_cluster)
@@ -262,7 +263,8 @@ async def test_a_reshard_under_load_loses_nothing(
                 "--cluster-slots", "3000", "--cluster-yes", "--cluster-pipeline", "5",
                 timeout=180)
             after = await asyncio.to_thread(partitions_per_master, redis_cluster)
-            await asyncio.sleep(2)
+            n = len(acked)
+            await until(lambda: len(acked) >= n + 300, 30, "adds after the reshard")
             stop.set()
             await stream
             moved = before[src.port] - after[src.port]
@@ -294,7 +296,7 @@ async def test_a_master_killed_9_fails_over_and_dq_goes_on(
         stop, acked = asyncio.Event(), []
         stream = asyncio.create_task(add_stream(client, stop, acked, "f"))
         try:
-            await asyncio.sleep(2)
+            await until(lambda: len(acked) >= 300, 30, "adds flowing")
             victim = (await asyncio.to_thread(redis_cluster.masters))[0]
             await asyncio.sleep(0.5)  # let the replicas catch up (no replica_acks here)
             victim.kill9()
@@ -312,7 +314,8 @@ async def test_a_master_killed_9_fails_over_and_dq_goes_on(
                 await asyncio.sleep(max(0.0, killed + 3 - time.monotonic()))
                 await asyncio.to_thread(victim.start)
             await asyncio.to_thread(redis_cluster.wait_ok)
-            await asyncio.sleep(2)
+            n = len(acked)
+            await until(lambda: len(acked) >= n + 300, 30, "adds after the failover")
             stop.set()
             await stream
             missing = await wait_delivered(seen, set(acked), 90)

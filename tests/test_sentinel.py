@@ -39,6 +39,7 @@ from tests.support.procs import free_port
 from tests.support.redisproc import RedisProcess
 from tests.support.sentinels import SERVICE, SentinelSetup, TlsSentinelSetup, cmd, info
 from tests.support.tls import make_certs
+from tests.support.waits import until
 
 
 @pytest.fixture
@@ -364,9 +365,11 @@ async def test_dq_master_adds_and_delivers_through_a_kill_9_failover_losing_no_a
             refused: list[float] = []
             slowest = [0.0]  # the longest wait for an add_many's answer
 
-            async def adder(client: AsyncDqClient, name: str, seconds: float) -> None:
-                end, i = time.monotonic() + seconds, 0
-                while time.monotonic() < end:
+            stop = asyncio.Event()
+
+            async def adder(client: AsyncDqClient, name: str) -> None:
+                i = 0
+                while not stop.is_set():
                     jobs: list[dict[str, Any]] = [
                         {"topic": "ha", "id": f"{name}-{i + k}", "body": {},
                          "due_ms": int((time.time() + 1.0) * 1000)} for k in range(10)]
@@ -387,12 +390,15 @@ async def test_dq_master_adds_and_delivers_through_a_kill_9_failover_losing_no_a
                             refused.append(time.monotonic())
                     await asyncio.sleep(0.05)
 
-            tasks = [asyncio.create_task(adder(c, f"c{n}", 14.0))
-                     for n, c in enumerate(clients)]
-            await asyncio.sleep(4.0)
+            tasks = [asyncio.create_task(adder(c, f"c{n}")) for n, c in enumerate(clients)]
+            await until(lambda: len(acked) >= 300, 30, "adds flowing")
             old = setup.master()
             old.kill()
             killed = time.monotonic()
+            # adds go on: until 300 more are acknowledged after the kill, 15 s at most
+            await until(lambda: sum(1 for t in acked.values() if t > killed) >= 300
+                        or time.monotonic() - killed > 15, 30, "15 s")
+            stop.set()
             await asyncio.gather(*tasks)
             after = sorted(t for t in acked.values() if t > killed)
             assert after, "no add was acknowledged after the kill"
