@@ -372,7 +372,7 @@ async def test_adds_are_answered_within_the_deadline_while_a_master_hangs_and_fa
         workers = [asyncio.create_task(timed_adds(c, stop, f"h{k}-", answers, acked))
                    for k, c in enumerate(clients)]
         try:
-            await asyncio.sleep(1.5)
+            await until(lambda: len(answers) >= 500, 30, "adds flowing")
             victim = (await asyncio.to_thread(redis_cluster.masters))[0]
             victim.pause()
             paused = time.monotonic()

@@ -19,6 +19,7 @@ from dq.sharding.shards import Shard, ShardSet
 from dq.storage.guests import GuestMover
 from dq.storage.store import Store
 from tests.support.redisproc import RedisProcess
+from tests.support.waits import until
 
 
 @dataclass
@@ -306,9 +307,10 @@ async def test_add_on_the_owner_evicts_the_older_guest_at_once(pair: Pair) -> No
     other.has_guests = True  # as dq/sharding/health.py sets it from the checker's record
     for job in (a, b, c, d):
         await pair.store.add("t", job, {"gen": 2}, delay_ms=0)
-    await asyncio.sleep(0.05)  # the evictions went out in the adds' loop turn
-    for job in (a, b, c, d):
-        assert await pair.holds(pair.other, job) is None, job
+    async def evicted() -> bool:  # the evictions went out in the adds' loop turn
+        return all([await pair.holds(pair.other, job) is None for job in (a, b, c, d)])
+
+    await until(evicted, 5, "the older copies evicted")
     # the call under way finishes, but the replaced job is neither acked nor retried there
     assert not await pair.store.ack(claimed)
     assert await pair.guests(pair.other) == set()
@@ -325,8 +327,11 @@ async def test_a_guest_written_here_lately_is_evicted_before_the_record_says_so(
     pair.shard(pair.owner)._recovered()
     assert not pair.shard(pair.other).has_guests  # the record never said so
     await pair.store.add("t", job, {"gen": 2}, delay_ms=0)
-    await asyncio.sleep(0.05)
-    assert await pair.holds(pair.other, job) is None
+
+    async def evicted() -> bool:
+        return await pair.holds(pair.other, job) is None
+
+    await until(evicted, 5, "the guest evicted")
     assert await pair.deliver_all() == [(job, 2)]
 
 

@@ -34,6 +34,7 @@ from tests.support.health import make_settings, prom_samples
 from tests.support.receiver import Receiver
 from tests.support.redisproc import RedisProcess
 from tests.support.roles import Mailbox
+from tests.support.waits import until
 
 RoleFn = Callable[[Context], Awaitable[None]]
 
@@ -92,8 +93,8 @@ async def test_breaker_fails_fast_then_closes(redis_server: RedisProcess) -> Non
         await asyncio.to_thread(redis_server.start)
         with pytest.raises(DqError):  # still cooling off
             await shard.call("PING")
-        await asyncio.sleep(COOLOFF_MIN + 0.05)
-        assert shard.up  # the cool-off is over: a trial call may go
+        # the cool-off (COOLOFF_MIN) ends: a trial call may go
+        await until(lambda: shard.up, 5 + COOLOFF_MIN, "the cool-off over")
         assert await shard.call("PING") == b"PONG"
         assert shard.up and shard.open_until == 0.0
     finally:
@@ -128,7 +129,7 @@ async def test_a_hung_shard_fails_its_commands_after_redis_timeout(
             # at the timeout or after it, not when the hang ends (asyncio.timeout's 5 s)
             assert 0.55 < took < 4.0, took
             assert not shard.up  # the breaker is open: callers go elsewhere meanwhile
-        await asyncio.sleep(COOLOFF_MIN + 0.05)
+        await until(lambda: shard.up, 5 + COOLOFF_MIN, "the cool-off over")
         assert await shard.call("PING") == b"PONG"  # a new connection, once it answers
         # A quiet connection is never dropped: the clock runs only while commands wait.
         await asyncio.sleep(1.0)

@@ -15,11 +15,12 @@ What these show:
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -315,7 +316,12 @@ async def test_sentinel_switch_master_is_followed_before_any_write_fails(
         await store.add("t", "before", {}, delay_ms=600_000)
         old = sentinel_setup.master_port()
         assert shard.conn.master == ("127.0.0.1", old) and shard.conn.connected
-        await asyncio.sleep(0.5)  # the subscription is made
+
+        def subscribed() -> bool:  # dq listens to a sentinel's +switch-master
+            return any(re.search(rb"\bsub=[1-9]", cast(bytes, cmd(x.port, "CLIENT", "LIST")))
+                       for x in sentinel_setup.sentinels)
+
+        await until(subscribed, 10, "dq subscribed to +switch-master")
         cmd(sentinel_setup.sentinels[0].port, "SENTINEL", "FAILOVER", SERVICE)
         new = await asyncio.to_thread(sentinel_setup.wait_failover, old, 60.0)
         await _until("the connection to the old master dropped on +switch-master",

@@ -23,6 +23,7 @@ from dq.runtime.context import Context
 from dq.wire.frames import OK_EMPTY
 from tests.support.redisproc import RedisProcess
 from tests.support.server import Running, frame, raw_exchange, start_server
+from tests.support.waits import until
 
 
 @pytest.fixture
@@ -160,12 +161,12 @@ async def test_connection_limit_refuses_excess_with_clear_error(
         tmp_path: Path, redis_server: RedisProcess) -> None:
     running, ctx, task = await start_server(tmp_path, [redis_server.url], max_connections=3)
     held = [socket.create_connection(("127.0.0.1", running.port)) for _ in range(3)]
-    await asyncio.sleep(0.2)
+    await until(lambda: len(running.server.connections) == 3, 5, "3 connections accepted")
     [reply] = await asyncio.to_thread(raw_exchange, running.port, b"", read=1)
     assert reply["err"] == "too_many_connections"
     for s in held:
         s.close()
-    await asyncio.sleep(0.2)
+    await until(lambda: not running.server.connections, 5, "the 3 connections closed")
     [pong] = await asyncio.to_thread(raw_exchange, running.port, frame({"cmd": "ping"}))
     assert pong["code"] == 1
     ctx.stopping.set()
