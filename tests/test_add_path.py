@@ -377,7 +377,7 @@ async def test_a_shard_that_answers_too_slowly_for_the_deadline_is_passed_over_i
             res = await store.add("t", job, {"x": 1}, delay_ms=60_000)
             took = time.monotonic() - t0
             assert res.shard == sb.name, res
-            assert took < 0.3 + ADD_SPARE + 0.5, took  # budget 0.38 s; the answer: 1.5 s
+            assert took < 0.3 + ADD_SPARE + 0.5, took  # budget 0.4 s; the answer: 1.5 s
             assert await direct_a.hexists("dq:jobs", f"t:{job}")  # A ran it, in time
             # its answer comes 1.5 s late: the copy on A goes then
             assert await until(lambda: store.fence.undone == 1, 10, "the late copy undone")

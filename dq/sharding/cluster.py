@@ -196,6 +196,17 @@ class PartitionConnection:
         conn = self._current()
         return "" if conn is None else conn.deadline(seconds)
 
+    async def connect(self) -> None:
+        """Open the connection to the partition's node (reading the slot map first when
+        it names none), its clock compared: what a fenced add needs before it is sent
+        (dq/storage/fence.py)."""
+        if self.map.slots[self.slot] is None:
+            await self.map.refresh()
+        conn = self._current()
+        if conn is None:
+            raise self._unavailable("no node serves its slot")
+        await conn.connect()
+
     def silent(self) -> None:
         """An add found the partition silent for add_timeout: read the slot map again (the
         silent node asked last). A failover may have given the slot to a replica, and

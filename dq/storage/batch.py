@@ -153,8 +153,8 @@ class Batcher:
                 return await fut
             except ReplicasBehind:
                 raise  # done on the master: doing it again alone would wait once more
-            except GivenUp:
-                raise  # silent or too slow for this add: the caller tries the next shard
+            except GivenUp as exc:  # silent or too slow: the caller tries the next shard
+                raise GivenUp(exc.err, exc.msg) from None  # (exc is its whole batch's)
             except (NoScriptError, DqError):
                 pass  # Shard.evalsha below reloads scripts, reconnects, marks health
         if script == "add":

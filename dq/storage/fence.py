@@ -15,7 +15,8 @@ things keep that late run from leaving a second live copy of the job:
   after it was sent, built from a comparison of the clocks that can only err early
   (dq/sharding/resp.py `deadline`). A call can only be given up after that, so a shard that wakes
   and runs it then writes nothing (LATE). (A slow shard that runs it late, not given up,
-  refuses it too: it is sent again, with a new deadline.)
+  refuses it too: a batch's jobs then go to the next shard; a lone add is sent again,
+  with a new deadline, within the add's budget.)
 - a call that ran in time but whose answer came after it was given up (the shard stopped
   between running it and answering) has the copies it wrote removed at once, each only if
   it is still the version that call wrote (guest_land.lua 'undo'), so a later add of the
@@ -27,9 +28,11 @@ things keep that late run from leaving a second live copy of the job:
 The whole add has a budget too (`Fence.budget_end`): add_timeout plus ADD_SPARE from when the
 server read it. A shard that answers, but too slowly to meet it (one that wakes from a
 stall and works through its backlog, or answers MOVED after its failover) is waited for
-SLOW_SPARE past the timeout at most; a second try, on the same shard or the next, gets
-what is left of the budget, and none when it is spent: the client is told "unavailable"
-within about add_timeout + ADD_SPARE (0.48 s by default), never after a chain of waits.
+SLOW_SPARE past the timeout at most; a second try on the same shard gets what is left of
+the budget, and one on the next shard that, but NEXT_TRY at least: the client is told
+"unavailable" (or that the add was stored on the next shard) within about add_timeout +
+ADD_SPARE (0.5 s by default), never after a chain of waits. An add given up on its shard
+(silent, too slow, or run there after its deadline: GivenUp) is not tried there again.
 
 What stays: in that last case, both copies exist until the removal (a round trip), and a
 shard that ran an add in time, then stayed silent past UNDO_FOR (or a server process killed
@@ -51,7 +54,6 @@ from redis.exceptions import ResponseError
 
 from dq.errors import UNAVAILABLE, DqError
 from dq.sharding.refusals import ReplicasBehind, ShardRefused
-from dq.sharding.resp import RespConnection
 from dq.sharding.shards import Shard
 
 if TYPE_CHECKING:
@@ -65,7 +67,8 @@ UNDO_RETRY = 1.0  # seconds between tries while the shard does not answer
 LATE_TRIES = 3  # an add the shard refused as late is sent again this many times in all
 RECHECK = 0.02  # seconds to look again at a shard not yet known to be silent
 SLOW_SPARE = 0.04  # seconds past the timeout a shard that answers, slowly, is waited for
-ADD_SPARE = 0.08  # seconds past the timeout in which a whole add (and its retries) is answered
+ADD_SPARE = 0.1  # seconds past the timeout in which a whole add (and its retries) is answered
+NEXT_TRY = 0.05  # seconds a try on the next shard has at least, the budget spent or not
 
 
 class GivenUp(DqError):
@@ -107,6 +110,12 @@ class Fence:
         included (inf without an add_timeout)."""
         return t0 + self.timeout + ADD_SPARE if self.timeout else math.inf
 
+    def next_end(self, end: float) -> float:
+        """The end of a try on the next shard, once the add's own shard failed: the
+        budget's, but at least NEXT_TRY from now (a healthy shard answers in a
+        millisecond; a loop running late must not turn a storable add away)."""
+        return max(end, time.monotonic() + NEXT_TRY) if self.timeout else end
+
     def _why(self) -> str:
         return f"did not answer an add within add_timeout ({self.timeout:g} s)"
 
@@ -145,7 +154,12 @@ class Fence:
         """Send one batch of adds, each job told its result by the answer or, when the
         shard is silent for the timeout, "unavailable" (and the shard is passed over)."""
         batch = _Batch(shard, parts, done, time.monotonic())
-        args = self.store.batch.args("add", parts, self._deadline(shard))
+        deadline = self._deadline(shard)
+        if not deadline:  # its clock not compared (a connection just made elsewhere)
+            self.store.batch.settle(done, 2, None, DqError(
+                UNAVAILABLE, f"redis shard {shard.label}: its clock is not compared yet"))
+            return  # each add is tried again alone, which connects and compares
+        args = self.store.batch.args("add", parts, deadline)
         shard.conn.send_then(functools.partial(self._answered, batch), "EVALSHA", *args)
         if not batch.answered:  # not connected: told at once
             loop = shard.conn.loop or asyncio.get_running_loop()
@@ -199,22 +213,32 @@ class Fence:
 
     async def _attempts(self, shard: Shard, job: AddJob, end: float) -> Any:
         """add_once's tries: again with a new deadline while the shard refuses one as
-        run late (up to LATE_TRIES), until it is silent or too slow, or `end`."""
+        run late (up to LATE_TRIES), until it is silent or too slow, or `end`. Each try is
+        waited for from when it went out, its deadline built then, so that it is never
+        given up before the shard would refuse to run it; before it goes out (its
+        connection being made), only `end` bounds it."""
+        sent: list[float] = []  # when the current try went out
 
         async def attempt() -> Any:
-            if not shard.conn.connected and isinstance(shard.conn, RespConnection):
+            sent.clear()
+            if not shard.conn.connected:
                 await shard.connect()  # compares the clocks: the deadline needs them
-            # run by the shard no later than the add may wait for it
-            ahead = min(self.timeout, end - time.monotonic())
-            return await shard.evalsha(self.store.batch.add_args(
-                [job], shard.conn.deadline(max(ahead, 0.0))))
+            now = time.monotonic()
+            # run by the shard no later than this try may be waited for
+            deadline = shard.conn.deadline(max(min(self.timeout, end - now), 0.0))
+            if not deadline:
+                raise DqError(UNAVAILABLE, f"redis shard {shard.label}: its clock is not "
+                              "compared yet, so an add there could not be fenced; retry "
+                              "shortly")
+            sent.append(now)
+            return await shard.evalsha(self.store.batch.add_args([job], deadline))
 
-        start = time.monotonic()
         task = asyncio.ensure_future(attempt())
         tries = 1
         try:
             while True:
-                left = self._wait_left(shard, start, end)
+                left = (self._wait_left(shard, sent[0], end) if sent
+                        else end - time.monotonic())
                 if left <= 0:
                     break
                 done, _ = await asyncio.wait({task}, timeout=left)

@@ -130,7 +130,7 @@ class Store:
                                           exclude=(failed.name,))
                 if shard is failed:
                     raise
-                res = await self.add_once(shard, job, end)
+                res = await self.add_once(shard, job, self.fence.next_end(end))
         except ShardRefused as exc:
             raise exc.for_add() from None
         return AddResult(replaced=bool(res[0]), due_ms=int(res[1]), shard=shard.name)

@@ -214,10 +214,10 @@ class Handler:
                 # healthy shard in the tid's order instead, once; get/del look there too.
                 owner = shard
                 shard, job = self._add_job(req, exclude=(owner.name,))
-                if shard is owner:
-                    raise error
+                if shard is owner:  # a fresh error: `failed` is every job's of its batch
+                    raise DqError(error.err, error.msg) from None
                 self.stats["failover"] += 1
-                await self.store.add_once(shard, job, end)
+                await self.store.add_once(shard, job, self.store.fence.next_end(end))
         except DqError as exc:
             if isinstance(exc, ShardRefused):
                 exc = exc.for_add()  # logged once per shard every few seconds by dq.sharding.resp
