@@ -197,21 +197,18 @@ class PartitionConnection:
         return "" if conn is None else conn.deadline(seconds)
 
     async def connect(self) -> None:
-        """Open the connection to the partition's node (reading the slot map first when
-        it names none), its clock compared: what a fenced add needs before it is sent
-        (dq/storage/fence.py)."""
+        """Connect to the partition's node (the map read first if it names none), its clock
+        compared: a fenced add needs that before it is sent (dq/storage/fence.py)."""
         if self.map.slots[self.slot] is None:
             await self.map.refresh()
-        conn = self._current()
-        if conn is None:
+        if (conn := self._current()) is None:
             raise self._unavailable("no node serves its slot")
         await conn.connect()
 
     def silent(self) -> None:
         """An add found the partition silent for add_timeout: read the slot map again (the
-        silent node asked last). A failover may have given the slot to a replica, and
-        nothing else would say so while the old node hangs: its MOVED comes when it wakes,
-        and until then every add sent there waits out add_timeout."""
+        silent node asked last). A failover may have moved the slot, and while the old node
+        hangs nothing else says so (its MOVED comes when it wakes)."""
         self._refresh_soon()
 
     def unread(self) -> bool:
