@@ -36,7 +36,8 @@ BACKOFF_MAX = 10.0
 BACKOFF_RESET = 30.0  # a child that ran this long restarts after BACKOFF_MIN again
 BOOT_STREAK = 3  # boot failures in a row after which the master says so and slows down
 _T = TypeVar("_T")
-ORPHAN_WAIT = 5.0  # seconds a new master waits for a dead master's servers to free the port
+ORPHAN_WAIT = 10.0  # seconds a new master waits for a dead master's servers to free the port
+# (they notice within a second, but a loaded host was seen to need more than 5 s)
 
 
 @dataclass
