@@ -27,11 +27,8 @@ from tests.support.roles import Mailbox, Roles
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`-n auto`: the system tests' lanes (3 on 2 cores) and a worker a core beside them
-    for the rest, at least 4 in all. On 2 cores the suite took 5:39 with 2 lanes, 4:30
-    with 3 and 4:16 with 4 (dealt in turn), 3:44-4:27 with 4 dealt by time; but with 4,
-    three of five runs had a test fail that waits on a process under load (each fixed
-    since), so 3: a system test mostly waits (for a failover, a reload, a child to boot),
-    but each starts processes that import for a second of CPU."""
+    for the rest, at least 4 in all. More lanes were faster but starved tests that wait on
+    processes (README: Run the tests, for the figures)."""
     return max(4, system_lanes() + (os.cpu_count() or 1))
 
 
